@@ -1,0 +1,25 @@
+//! kiln's intermediate representation: element types, tensors, symbolic shapes,
+//! the typed operator set and graphs. Every later stage (optimizer, backends,
+//! runtime) works on these types; nothing here knows about ONNX protobufs or
+//! about hardware.
+
+mod dtype;
+mod graph;
+pub mod infer;
+mod op;
+mod shape;
+mod tensor;
+
+pub use dtype::DType;
+pub use graph::{Graph, Node, ValueInfo};
+pub use op::*;
+pub use shape::{broadcast_shapes, format_shape, known_shape, Dim, DimExpr, Shape, ValueType};
+pub use tensor::{checked_numel, Element, Tensor, TensorData};
+
+/// Errors about the IR itself: malformed graphs, tensors that do not fit their
+/// shape, type clashes found by inference.
+#[derive(Debug, thiserror::Error)]
+pub enum IrError {
+    #[error("{0}")]
+    Invalid(String),
+}
