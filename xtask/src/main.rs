@@ -1,1 +1,134 @@
-fn main() {}
+//! `cargo xtask <command>`: developer chores that need more than cargo.
+//!
+//! - `test`: the whole test suite. Creates the Python venv with the oracle
+//!   (onnxruntime) and the test-model builder (onnx, numpy) if missing, runs the
+//!   Rust tests, builds the test models and compares kiln with ONNX Runtime on
+//!   them, then checks that malformed models fail cleanly.
+//! - `venv`: only create/update the venv and print its path.
+//! - `models [NAME...]`: build the generated test models.
+//!
+//! The venv, the generated models and (under CI) the cargo target folder live in
+//! `$KILN_CACHE` (default `~/.cache/kiln`), outside the clone, so warm runs are fast.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Pinned so the oracle and the test models are the same everywhere.
+const PY_PACKAGES: &[&str] = &["onnx==1.23.2", "onnxruntime==1.32.0", "numpy==2.4.6"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("venv") => venv().map(|p| println!("{}", p.display())),
+        Some("models") => venv().and_then(|py| models(&py, &args[1..])),
+        _ => {
+            eprintln!("usage: cargo xtask <test [--quick] | venv | models [NAME...]>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cache() -> PathBuf {
+    if let Ok(c) = std::env::var("KILN_CACHE") {
+        return PathBuf::from(c);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    Path::new(&home).join(".cache").join("kiln")
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
+}
+
+/// Ensures the venv exists with the pinned packages; returns its python.
+fn venv() -> Result<PathBuf, String> {
+    let dir = cache().join("venv");
+    let python = dir.join("bin").join("python");
+    let stamp = dir.join("kiln-packages.txt");
+    let wanted = PY_PACKAGES.join("\n");
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(python);
+    }
+    std::fs::create_dir_all(cache()).map_err(|e| e.to_string())?;
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    }
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PY_PACKAGES))?;
+    std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
+fn models(python: &Path, names: &[String]) -> Result<(), String> {
+    let mut cmd = Command::new(python);
+    cmd.arg("scripts/make_models.py")
+        .arg(cache().join("models"));
+    if !names.is_empty() {
+        cmd.arg("--only").args(names);
+    }
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let python = venv()?;
+    run(Command::new("cargo").args(["test", "--release", "--workspace"]))?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "kiln-cli"]))?;
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"));
+    let kiln = target.join("release").join("kiln");
+    run(Command::new(&python)
+        .arg("scripts/test_cli_errors.py")
+        .arg("--kiln")
+        .arg(&kiln))?;
+    let mut only: Vec<&str> = Vec::new();
+    if quick {
+        only.extend(["tiny_cnn", "mobilenetv3_small_ish", "lstm_if", "mixed_ops"]);
+    }
+    models(
+        &python,
+        &only.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )?;
+    let mut cmp = Command::new(&python);
+    cmp.arg("scripts/compare_with_ort.py")
+        .arg("--kiln")
+        .arg(&kiln)
+        .arg("--models-dir")
+        .arg(cache().join("models"));
+    if !only.is_empty() {
+        cmp.arg("--only").args(&only);
+    }
+    run(&mut cmp)
+}

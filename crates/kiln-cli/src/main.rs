@@ -1,1 +1,101 @@
-fn main() {}
+//! The `kiln` command: run and inspect ONNX models.
+
+mod inspect;
+mod npy;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Compile and run ONNX models on the hardware you have"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a model on inputs from files, or on random inputs when none are given.
+    Run(run::RunArgs),
+    /// Show a model's inputs, outputs, opsets, op types, parameters and FLOPs.
+    Inspect(inspect::InspectArgs),
+}
+
+/// A failure with the exit code the CLI contract gives it.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    /// Exit 1: invalid model, bad input, I/O.
+    pub fn error(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+
+    /// Exit 2: the command line itself is wrong.
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<kiln_runtime::Error> for Failure {
+    fn from(e: kiln_runtime::Error) -> Failure {
+        // Exit 3: the model needs something kiln does not support yet.
+        Failure {
+            code: if e.is_unsupported() { 3 } else { 1 },
+            message: e.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    // A bug must still end in one clear line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal error (please report): {msg}{at}");
+    }));
+
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Inspect(args) => inspect::inspect(args),
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(f)) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+        Err(_) => ExitCode::from(1),
+    }
+}

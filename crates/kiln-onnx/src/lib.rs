@@ -1,1 +1,159 @@
-pub fn _placeholder() {}
+//! ONNX frontend: reads a ModelProto (from a file or bytes), resolves opset
+//! differences and external data, and produces a kiln [`Graph`]. Nothing after
+//! this crate knows about protobufs or opset versions.
+
+mod attrs;
+mod convert;
+#[allow(clippy::all, missing_docs)]
+pub mod proto;
+mod tensor_proto;
+
+pub use tensor_proto::{
+    dtype_from_onnx, dtype_to_onnx, read_tensor_pb, tensor_from_proto, tensor_to_proto,
+    write_tensor_pb, TensorLimits,
+};
+
+use kiln_ir::Graph;
+use prost::Message;
+use std::path::Path;
+
+/// The newest default-domain opset kiln knows (the `onnx` 1.23 package defines 25..28
+/// depending on the operator; models importing newer opsets are refused).
+pub const MAX_OPSET: i64 = 28;
+/// The oldest default-domain opset kiln accepts.
+pub const MIN_OPSET: i64 = 7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a valid ONNX model: {0}")]
+    Decode(String),
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    /// An operator kiln does not implement (message format is part of the CLI contract).
+    #[error("unsupported: {op} (opset {opset}) at node {node}")]
+    UnsupportedOp {
+        op: String,
+        opset: i64,
+        node: String,
+    },
+    /// A dtype, attribute value or model feature kiln does not implement.
+    #[error("unsupported: {0}")]
+    UnsupportedFeature(String),
+}
+
+pub type Result<T> = std::result::Result<T, OnnxError>;
+
+/// Loader limits.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Largest single tensor (initializer or constant) accepted, in bytes.
+    pub max_tensor_bytes: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_tensor_bytes: 16 << 30,
+        }
+    }
+}
+
+/// A loaded model: the graph plus the metadata `kiln inspect` shows.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub graph: Graph,
+    pub ir_version: i64,
+    /// Version of the default (`ai.onnx`) opset.
+    pub opset: i64,
+    /// Every imported opset: (domain, version).
+    pub opset_imports: Vec<(String, i64)>,
+    pub producer: String,
+}
+
+/// Loads a model file. External data paths are resolved in the file's folder.
+pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Model> {
+    let bytes = std::fs::read(path).map_err(|e| OnnxError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let dir = path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
+    load_model_bytes(&bytes, dir, options)
+}
+
+/// Loads a model from bytes. `base_dir` is where external data files live; with
+/// `None`, a model with external data is refused.
+pub fn load_model_bytes(
+    bytes: &[u8],
+    base_dir: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<Model> {
+    let proto = proto::ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    let graph_proto = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::Decode("the file has no graph (is it an ONNX model?)".into()))?;
+    let mut opset = None;
+    let mut opset_imports = Vec::new();
+    for o in &proto.opset_import {
+        let domain = o.domain.clone().unwrap_or_default();
+        let version = o.version.unwrap_or(0);
+        if domain.is_empty() || domain == "ai.onnx" {
+            opset = Some(version);
+        }
+        opset_imports.push((domain, version));
+    }
+    let opset = opset.ok_or_else(|| {
+        if opset_imports.is_empty() {
+            OnnxError::Invalid("the model imports no opset".into())
+        } else {
+            OnnxError::UnsupportedFeature(format!(
+                "models without the default ai.onnx opset (imports: {opset_imports:?})"
+            ))
+        }
+    })?;
+    if opset < MIN_OPSET {
+        return Err(OnnxError::UnsupportedFeature(format!(
+            "opset {opset} (kiln supports {MIN_OPSET}..={MAX_OPSET})"
+        )));
+    }
+    if opset > MAX_OPSET {
+        return Err(OnnxError::UnsupportedFeature(format!(
+            "opset {opset} is newer than kiln knows (up to {MAX_OPSET})"
+        )));
+    }
+    if !proto.functions.is_empty() {
+        // Model-local functions are only needed if a node calls one; nodes in
+        // unknown domains are reported as unsupported ops by the converter.
+        tracing::debug!("model has {} local functions", proto.functions.len());
+    }
+    let limits = TensorLimits {
+        base_dir: base_dir.map(|p| p.to_path_buf()),
+        max_tensor_bytes: options.max_tensor_bytes,
+    };
+    let mut conv = convert::Converter::new(opset, limits);
+    let graph = conv.graph(graph_proto, true)?;
+    Ok(Model {
+        graph,
+        ir_version: proto.ir_version.unwrap_or(0),
+        opset,
+        opset_imports,
+        producer: format!(
+            "{} {}",
+            proto.producer_name.unwrap_or_default(),
+            proto.producer_version.unwrap_or_default()
+        )
+        .trim()
+        .to_string(),
+    })
+}

@@ -1,0 +1,267 @@
+//! `kiln run`: bind inputs (files or random), run, print and save outputs.
+
+use crate::{npy, Failure};
+use clap::{Args, ValueEnum};
+use half::{bf16, f16};
+use kiln_ir::{DType, Dim, Tensor, TensorData};
+use kiln_runtime::{IoInfo, Session, SessionOptions};
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// `DIR/<name>.npy` per output.
+    Npy,
+    /// `DIR/output_<i>.pb` (ONNX TensorProto, the layout of the ONNX test data).
+    Pb,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The ONNX model file.
+    pub model: PathBuf,
+    /// An input as `[NAME=]PATH` (.npy or TensorProto .pb). Inputs without a name
+    /// bind to the model's inputs in order. Repeat for several inputs.
+    #[arg(long = "input", short = 'i', value_name = "[NAME=]PATH")]
+    pub inputs: Vec<String>,
+    /// Value of a symbolic dimension for random inputs, as NAME=VALUE (default 1).
+    #[arg(long = "dim", value_name = "NAME=VALUE")]
+    pub dims: Vec<String>,
+    /// Write every output into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// File format for --output-dir.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Npy)]
+    pub output_format: OutputFormat,
+    /// Seed for random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// How many values of each output to print.
+    #[arg(long, default_value_t = 8)]
+    pub show: usize,
+}
+
+pub fn run(args: RunArgs) -> Result<(), Failure> {
+    let dims = parse_dims(&args.dims)?;
+    let t0 = Instant::now();
+    let session = Session::load(&args.model, &SessionOptions::default())?;
+    let load_time = t0.elapsed();
+
+    let random = args.inputs.is_empty();
+    let inputs = if random {
+        random_inputs(session.inputs(), &dims, args.seed)?
+    } else {
+        file_inputs(session.inputs(), &args.inputs)?
+    };
+    let t1 = Instant::now();
+    let outputs = session.run(inputs)?;
+    let run_time = t1.elapsed();
+
+    for (name, t) in &outputs {
+        println!(
+            "{name}: {} {:?} = {}",
+            t.dtype(),
+            t.shape(),
+            preview(t, args.show)
+        );
+    }
+    if random {
+        println!(
+            "ran on random inputs: load {:.1} ms, run {:.1} ms",
+            load_time.as_secs_f64() * 1e3,
+            run_time.as_secs_f64() * 1e3
+        );
+    }
+    if let Some(dir) = &args.output_dir {
+        write_outputs(dir, args.output_format, &outputs)?;
+    }
+    Ok(())
+}
+
+fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failure> {
+    specs
+        .iter()
+        .map(|s| {
+            let (name, value) = s
+                .split_once('=')
+                .ok_or_else(|| Failure::usage(format!("--dim '{s}' must be NAME=VALUE")))?;
+            let value = value.parse::<usize>().map_err(|_| {
+                Failure::usage(format!(
+                    "--dim '{s}': '{value}' is not a non-negative integer"
+                ))
+            })?;
+            Ok((name.to_string(), value))
+        })
+        .collect()
+}
+
+/// Reads a `.npy` or TensorProto `.pb` file.
+pub fn read_tensor_file(path: &Path) -> Result<Tensor, Failure> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::error(format!("cannot read {}: {e}", path.display())))?;
+    let is_npy = bytes.starts_with(b"\x93NUMPY");
+    let parsed = if is_npy {
+        npy::read(&bytes)
+    } else {
+        kiln_onnx::read_tensor_pb(&bytes).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| Failure::error(format!("{}: {e}", path.display())))
+}
+
+fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Tensor)>, Failure> {
+    // Positional inputs bind to the inputs without defaults first, in order.
+    let mut positional = infos
+        .iter()
+        .filter(|i| !i.has_default)
+        .chain(infos.iter().filter(|i| i.has_default));
+    let mut out = Vec::new();
+    for spec in specs {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) if !n.is_empty() && !Path::new(spec).exists() => {
+                (n.to_string(), p.to_string())
+            }
+            _ => {
+                let info = positional.next().ok_or_else(|| {
+                    Failure::usage(format!(
+                        "too many inputs: the model takes {} ({spec} is extra)",
+                        infos.len()
+                    ))
+                })?;
+                (info.name.clone(), spec.clone())
+            }
+        };
+        out.push((name, read_tensor_file(Path::new(&path))?));
+    }
+    Ok(out)
+}
+
+/// Largest random input kiln makes (elements): guards against absurd declared dims.
+const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
+
+fn random_inputs(
+    infos: &[IoInfo],
+    dims: &[(String, usize)],
+    seed: u64,
+) -> Result<Vec<(String, Tensor)>, Failure> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for info in infos.iter().filter(|i| !i.has_default) {
+        let shape: Vec<usize> = match &info.shape {
+            Some(s) => s
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(v) => *v,
+                    Dim::Named(n) => dims
+                        .iter()
+                        .find(|(k, _)| k == n)
+                        .map(|(_, v)| *v)
+                        .unwrap_or(1),
+                    _ => 1,
+                })
+                .collect(),
+            None => {
+                return Err(Failure::usage(format!(
+                    "input '{}' has unknown rank; give it with --input",
+                    info.name
+                )))
+            }
+        };
+        let numel = kiln_ir::checked_numel(&shape)
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| {
+                Failure::error(format!(
+                    "input '{}' would have shape {shape:?}, too large for a random input; give it with --input",
+                    info.name
+                ))
+            })?;
+        // Floats in [0, 1); integers in [0, 10) so they are valid indices and ids
+        // for most models.
+        let data = match info.dtype {
+            DType::F32 => TensorData::F32((0..numel).map(|_| rng.gen::<f32>()).collect()),
+            DType::F64 => TensorData::F64((0..numel).map(|_| rng.gen::<f64>()).collect()),
+            DType::F16 => TensorData::F16((0..numel).map(|_| f16::from_f32(rng.gen())).collect()),
+            DType::BF16 => {
+                TensorData::BF16((0..numel).map(|_| bf16::from_f32(rng.gen())).collect())
+            }
+            DType::Bool => TensorData::Bool((0..numel).map(|_| rng.gen()).collect()),
+            DType::String => TensorData::String((0..numel).map(|i| format!("s{i}")).collect()),
+            int => {
+                let v: Vec<i64> = (0..numel).map(|_| rng.gen_range(0..10)).collect();
+                let t = Tensor::from_vec(shape.clone(), v)
+                    .map_err(|e| Failure::error(e.to_string()))?;
+                cast_int(&t, int)?
+            }
+        };
+        out.push((
+            info.name.clone(),
+            Tensor::new(shape, data).map_err(|e| Failure::error(e.to_string()))?,
+        ));
+    }
+    Ok(out)
+}
+
+fn cast_int(t: &Tensor, to: DType) -> Result<TensorData, Failure> {
+    let v = t.as_slice::<i64>().unwrap_or(&[]);
+    Ok(match to {
+        DType::I8 => TensorData::I8(v.iter().map(|&x| x as i8).collect()),
+        DType::I16 => TensorData::I16(v.iter().map(|&x| x as i16).collect()),
+        DType::I32 => TensorData::I32(v.iter().map(|&x| x as i32).collect()),
+        DType::I64 => TensorData::I64(v.to_vec()),
+        DType::U8 => TensorData::U8(v.iter().map(|&x| x as u8).collect()),
+        DType::U16 => TensorData::U16(v.iter().map(|&x| x as u16).collect()),
+        DType::U32 => TensorData::U32(v.iter().map(|&x| x as u32).collect()),
+        DType::U64 => TensorData::U64(v.iter().map(|&x| x as u64).collect()),
+        other => return Err(Failure::error(format!("cannot make random {other} values"))),
+    })
+}
+
+fn preview(t: &Tensor, n: usize) -> String {
+    let items: Vec<String> =
+        kiln_ir::with_data!(t.data(), v => v.iter().take(n).map(|x| format!("{x:?}")).collect());
+    let more = if t.len() > n { ", ..." } else { "" };
+    format!("[{}{more}]", items.join(", "))
+}
+
+/// Output names become file names: characters outside `[A-Za-z0-9._-]` become `_`.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn write_outputs(
+    dir: &Path,
+    format: OutputFormat,
+    outputs: &[(String, Tensor)],
+) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
+    for (i, (name, t)) in outputs.iter().enumerate() {
+        let (path, bytes) = match format {
+            OutputFormat::Npy => (dir.join(format!("{}.npy", sanitize(name))), npy::write(t)),
+            OutputFormat::Pb => (
+                dir.join(format!("output_{i}.pb")),
+                kiln_onnx::write_tensor_pb(t, name),
+            ),
+        };
+        std::fs::write(&path, bytes)
+            .map_err(|e| Failure::error(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sanitize_names() {
+        assert_eq!(super::sanitize("logits"), "logits");
+        assert_eq!(super::sanitize("out:0/a b"), "out_0_a_b");
+    }
+}

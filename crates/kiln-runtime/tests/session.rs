@@ -1,0 +1,310 @@
+//! Session API behaviour on small hand-built graphs: input checking, threads,
+//! control flow with outer-scope reads, overridable defaults.
+
+use kiln_ir::*;
+use kiln_onnx::Model;
+use kiln_runtime::{Error, Session};
+use std::sync::Arc;
+
+fn vi(name: &str, dtype: DType, shape: Vec<Dim>) -> ValueInfo {
+    ValueInfo {
+        name: name.into(),
+        ty: ValueType::new(dtype, Some(shape)),
+    }
+}
+
+fn node(name: &str, op: Op, inputs: &[&str], outputs: &[&str]) -> Node {
+    let opt = |s: &&str| {
+        if s.is_empty() {
+            None
+        } else {
+            Some(s.to_string())
+        }
+    };
+    Node {
+        name: name.into(),
+        op,
+        inputs: inputs.iter().map(opt).collect(),
+        outputs: outputs.iter().map(opt).collect(),
+    }
+}
+
+fn session(graph: Graph) -> Result<Session, Error> {
+    Session::from_model(Model {
+        graph,
+        ir_version: 8,
+        opset: 17,
+        opset_imports: vec![(String::new(), 17)],
+        producer: "test".into(),
+    })
+}
+
+/// y = relu(x + b), x: [N, 3] f32, b: initializer that is also an input (a default).
+fn add_relu() -> Graph {
+    let mut g = Graph {
+        inputs: vec![
+            vi("x", DType::F32, vec![Dim::named("N"), Dim::Known(3)]),
+            vi("b", DType::F32, vec![Dim::Known(3)]),
+        ],
+        outputs: vec![vi("y", DType::F32, vec![Dim::named("N"), Dim::Known(3)])],
+        nodes: vec![
+            node("add", Op::Binary(BinaryOp::Add), &["x", "b"], &["s"]),
+            node("relu", Op::Unary(UnaryOp::Relu), &["s"], &["y"]),
+        ],
+        ..Default::default()
+    };
+    g.initializers.insert(
+        "b".into(),
+        Arc::new(Tensor::vector(vec![1.0f32, -10.0, 0.5])),
+    );
+    g
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.as_slice::<f32>().unwrap().to_vec()
+}
+
+#[test]
+fn runs_and_overrides_defaults() {
+    let s = session(add_relu()).unwrap();
+    assert_eq!(s.inputs().len(), 2);
+    assert!(s.inputs()[1].has_default);
+    let x = Tensor::from_vec(vec![2, 3], vec![1.0f32, 2.0, 3.0, -4.0, 5.0, -6.0]).unwrap();
+    let out = s.run(vec![("x".into(), x.clone())]).unwrap();
+    assert_eq!(out[0].0, "y");
+    assert_eq!(out[0].1.shape(), &[2, 3]);
+    assert_eq!(f32s(&out[0].1), vec![2.0, 0.0, 3.5, 0.0, 0.0, 0.0]);
+    let out = s
+        .run(vec![
+            ("x".into(), x),
+            ("b".into(), Tensor::vector(vec![0.0f32; 3])),
+        ])
+        .unwrap();
+    assert_eq!(f32s(&out[0].1), vec![1.0, 2.0, 3.0, 0.0, 5.0, 0.0]);
+}
+
+#[test]
+fn input_errors_name_the_input_and_the_expectation() {
+    let s = session(add_relu()).unwrap();
+    let msg = |r: Result<Vec<(String, Tensor)>, Error>| r.unwrap_err().to_string();
+    let e = msg(s.run(vec![("z".into(), Tensor::scalar(1.0f32))]));
+    assert!(e.contains("'z'") && e.contains("x, b"), "{e}");
+    let e = msg(s.run(vec![(
+        "x".into(),
+        Tensor::from_vec(vec![1, 3], vec![1i64, 2, 3]).unwrap(),
+    )]));
+    assert!(
+        e.contains("'x'") && e.contains("f32") && e.contains("i64"),
+        "{e}"
+    );
+    let e = msg(s.run(vec![(
+        "x".into(),
+        Tensor::from_vec(vec![3, 1], vec![1.0f32; 3]).unwrap(),
+    )]));
+    assert!(e.contains("'x'") && e.contains("[N, 3]"), "{e}");
+    let e = msg(s.run(vec![]));
+    assert!(e.contains("missing input 'x'"), "{e}");
+}
+
+#[test]
+fn symbolic_dims_must_agree_across_inputs() {
+    let g = Graph {
+        inputs: vec![
+            vi("a", DType::F32, vec![Dim::named("N")]),
+            vi("b", DType::F32, vec![Dim::named("N")]),
+        ],
+        outputs: vec![vi("y", DType::F32, vec![Dim::named("N")])],
+        nodes: vec![node("add", Op::Binary(BinaryOp::Add), &["a", "b"], &["y"])],
+        ..Default::default()
+    };
+    let s = session(g).unwrap();
+    let e = s
+        .run(vec![
+            ("a".into(), Tensor::vector(vec![1.0f32, 2.0])),
+            ("b".into(), Tensor::vector(vec![1.0f32; 3])),
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("N=3") && e.contains("N=2"), "{e}");
+}
+
+#[test]
+fn one_session_many_threads() {
+    let s = Arc::new(session(add_relu()).unwrap());
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    let v = i as f32;
+                    let x = Tensor::from_vec(vec![1, 3], vec![v, v, v]).unwrap();
+                    let out = s.run(vec![("x".into(), x)]).unwrap();
+                    assert_eq!(f32s(&out[0].1), vec![v + 1.0, 0.0, v + 0.5]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn if_branches_read_outer_scope_values() {
+    // cond = sum(x) > 0; then: x * w (w outer initializer); else: neg(x2) (x2 outer node output).
+    let then_g = Graph {
+        outputs: vec![vi("t_out", DType::F32, vec![Dim::Known(2)])],
+        nodes: vec![node(
+            "mul",
+            Op::Binary(BinaryOp::Mul),
+            &["x", "w"],
+            &["t_out"],
+        )],
+        ..Default::default()
+    };
+    let else_g = Graph {
+        outputs: vec![vi("e_out", DType::F32, vec![Dim::Known(2)])],
+        nodes: vec![node("neg", Op::Unary(UnaryOp::Neg), &["x2"], &["e_out"])],
+        ..Default::default()
+    };
+    let mut g = Graph {
+        inputs: vec![vi("x", DType::F32, vec![Dim::Known(2)])],
+        outputs: vec![vi("y", DType::F32, vec![Dim::Known(2)])],
+        nodes: vec![
+            node("double", Op::Binary(BinaryOp::Add), &["x", "x"], &["x2"]),
+            node(
+                "sum",
+                Op::Reduce {
+                    op: ReduceOp::Sum,
+                    keepdims: false,
+                    noop_with_empty_axes: false,
+                },
+                &["x"],
+                &["total"],
+            ),
+            node(
+                "gt",
+                Op::Binary(BinaryOp::Greater),
+                &["total", "zero"],
+                &["cond"],
+            ),
+            node(
+                "if",
+                Op::If {
+                    then_branch: Box::new(then_g),
+                    else_branch: Box::new(else_g),
+                },
+                &["cond"],
+                &["y"],
+            ),
+        ],
+        ..Default::default()
+    };
+    g.initializers
+        .insert("w".into(), Arc::new(Tensor::vector(vec![10.0f32, 100.0])));
+    g.initializers
+        .insert("zero".into(), Arc::new(Tensor::scalar(0.0f32)));
+    let s = session(g).unwrap();
+    let out = s
+        .run(vec![("x".into(), Tensor::vector(vec![1.0f32, 2.0]))])
+        .unwrap();
+    assert_eq!(f32s(&out[0].1), vec![10.0, 200.0]);
+    let out = s
+        .run(vec![("x".into(), Tensor::vector(vec![-1.0f32, -2.0]))])
+        .unwrap();
+    assert_eq!(f32s(&out[0].1), vec![2.0, 4.0]);
+}
+
+#[test]
+fn loop_carries_values_and_stacks_scan_outputs() {
+    // for i in 0..M: acc = acc + x ; scan out acc
+    let body = Graph {
+        inputs: vec![
+            vi("i", DType::I64, vec![]),
+            vi("c_in", DType::Bool, vec![]),
+            vi("acc_in", DType::F32, vec![Dim::Known(2)]),
+        ],
+        outputs: vec![
+            vi("c_out", DType::Bool, vec![]),
+            vi("acc_out", DType::F32, vec![Dim::Known(2)]),
+            vi("scan", DType::F32, vec![Dim::Known(2)]),
+        ],
+        nodes: vec![
+            node("keep", Op::Identity, &["c_in"], &["c_out"]),
+            node(
+                "acc",
+                Op::Binary(BinaryOp::Add),
+                &["acc_in", "x"],
+                &["acc_out"],
+            ),
+            node("copy", Op::Identity, &["acc_out"], &["scan"]),
+        ],
+        ..Default::default()
+    };
+    let mut g = Graph {
+        inputs: vec![vi("x", DType::F32, vec![Dim::Known(2)])],
+        outputs: vec![
+            vi("final", DType::F32, vec![Dim::Known(2)]),
+            vi("all", DType::F32, vec![Dim::Unknown, Dim::Known(2)]),
+        ],
+        nodes: vec![node(
+            "loop",
+            Op::Loop {
+                body: Box::new(body),
+            },
+            &["m", "", "init"],
+            &["final", "all"],
+        )],
+        ..Default::default()
+    };
+    g.initializers
+        .insert("m".into(), Arc::new(Tensor::scalar(3i64)));
+    g.initializers
+        .insert("init".into(), Arc::new(Tensor::vector(vec![0.0f32, 1.0])));
+    let s = session(g).unwrap();
+    let out = s
+        .run(vec![("x".into(), Tensor::vector(vec![1.0f32, 2.0]))])
+        .unwrap();
+    assert_eq!(f32s(&out[0].1), vec![3.0, 7.0]);
+    assert_eq!(out[1].1.shape(), &[3, 2]);
+    assert_eq!(f32s(&out[1].1), vec![1.0, 3.0, 2.0, 5.0, 3.0, 7.0]);
+}
+
+#[test]
+fn malformed_graphs_are_rejected_with_the_node_name() {
+    let g = Graph {
+        inputs: vec![vi("x", DType::F32, vec![Dim::Known(2)])],
+        outputs: vec![vi("y", DType::F32, vec![Dim::Known(2)])],
+        nodes: vec![node("lonely", Op::Unary(UnaryOp::Relu), &["ghost"], &["y"])],
+        ..Default::default()
+    };
+    let e = session(g).err().unwrap().to_string();
+    assert!(e.contains("lonely") && e.contains("ghost"), "{e}");
+}
+
+#[test]
+fn kernel_failures_name_the_node() {
+    let mut g = Graph {
+        inputs: vec![vi("idx", DType::I64, vec![Dim::Known(1)])],
+        outputs: vec![vi("y", DType::F32, vec![Dim::Known(1)])],
+        nodes: vec![node(
+            "pick",
+            Op::Gather { axis: 0 },
+            &["data", "idx"],
+            &["y"],
+        )],
+        ..Default::default()
+    };
+    g.initializers
+        .insert("data".into(), Arc::new(Tensor::vector(vec![1.0f32, 2.0])));
+    let s = session(g).unwrap();
+    let e = s
+        .run(vec![("idx".into(), Tensor::vector(vec![7i64]))])
+        .unwrap_err();
+    assert!(matches!(e, Error::Node { .. }));
+    let e = e.to_string();
+    assert!(
+        e.contains("pick") && e.contains("Gather") && e.contains('7'),
+        "{e}"
+    );
+}
