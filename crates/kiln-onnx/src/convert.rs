@@ -187,8 +187,14 @@ impl Converter {
                 tanh_approx: a.string("approximate", "none")? == "tanh",
             }),
 
-            "Add" | "Sub" | "Mul" | "Div" | "Pow" if opset < 7 && a.bool("broadcast", false) => {
-                return Err(unsupported())
+            // Before opset 7, broadcasting was opt-in and could align B at `axis`;
+            // trailing alignment (no axis) is numpy broadcasting, anything else is refused.
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "And" | "Or" | "Xor" | "Equal" | "Less" | "Greater"
+                if opset < 7 && a.bool("broadcast", false) && a.has("axis") =>
+            {
+                return Err(OnnxError::UnsupportedFeature(format!(
+                    "legacy {op_type} broadcast with an axis (opset {opset}) at node {name}"
+                )))
             }
             "Add" => Op::Binary(BinaryOp::Add),
             "Sub" => Op::Binary(BinaryOp::Sub),
@@ -297,9 +303,6 @@ impl Converter {
             "GlobalAveragePool" => Op::GlobalAveragePool,
             "GlobalMaxPool" => Op::GlobalMaxPool,
             "Gemm" => {
-                if opset < 7 && a.bool("broadcast", false) {
-                    return Err(unsupported());
-                }
                 Op::Gemm {
                     alpha: a.float("alpha", 1.0),
                     beta: a.float("beta", 1.0),
@@ -369,9 +372,12 @@ impl Converter {
                 Op::Unsqueeze
             }
             "Concat" => Op::Concat {
-                axis: a
-                    .int_opt("axis")
-                    .ok_or_else(|| invalid("the 'axis' attribute is required".into()))?,
+                // Concat-1 defaulted to axis 1; from opset 4 the axis is required.
+                axis: match a.int_opt("axis") {
+                    Some(axis) => axis,
+                    None if opset < 4 => 1,
+                    None => return Err(invalid("the 'axis' attribute is required".into())),
+                },
             },
             "Split" => {
                 if opset < 13 {
@@ -576,8 +582,10 @@ fn tensor_type(t: &crate::proto::type_proto::Tensor, name: &str) -> Result<Value
                 {
                     Dim::Known(*v as usize)
                 }
+                // "?" is how several exporters (paddle2onnx, tf2onnx) spell "unknown";
+                // two "?" dims are not the same symbol.
                 Some(crate::proto::tensor_shape_proto::dimension::Value::DimParam(p))
-                    if !p.is_empty() =>
+                    if !p.is_empty() && p != "?" =>
                 {
                     Dim::Named(p.clone())
                 }

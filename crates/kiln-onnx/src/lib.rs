@@ -20,8 +20,9 @@ use std::path::Path;
 /// The newest default-domain opset kiln knows (the `onnx` 1.23 package defines 25..28
 /// depending on the operator; models importing newer opsets are refused).
 pub const MAX_OPSET: i64 = 28;
-/// The oldest default-domain opset kiln accepts.
-pub const MIN_OPSET: i64 = 7;
+/// The oldest default-domain opset kiln accepts. Pre-7 forms (opt-in broadcasting,
+/// attribute-form parameters) are normalized or refused per op by the converter.
+pub const MIN_OPSET: i64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {

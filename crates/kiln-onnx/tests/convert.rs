@@ -136,17 +136,6 @@ fn reduce_axes_attribute_until_opset_18() {
 #[test]
 fn clip_attributes_become_inputs_before_opset_11() {
     let m = load(
-        6,
-        vec![node(
-            "Clip",
-            &["x"],
-            &["y"],
-            vec![float_attr("min", 0.0), float_attr("max", 6.0)],
-        )],
-    );
-    // Opset 6 is below kiln's minimum of 7.
-    assert!(matches!(m, Err(OnnxError::UnsupportedFeature(_))));
-    let m = load(
         9,
         vec![node(
             "Clip",

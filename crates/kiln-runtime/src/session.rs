@@ -180,9 +180,14 @@ impl Session {
                         Dim::Known(v) if *v != actual => return Err(mismatch()),
                         Dim::Named(sym) => match bindings.get(sym) {
                             Some((bound, by)) if *bound != actual => {
+                                let other = if *by == name {
+                                    "another of its dims has".to_string()
+                                } else {
+                                    format!("input '{by}' has")
+                                };
                                 return Err(Error::Input(format!(
-                                    "input '{name}' has {sym}={actual} but input '{by}' has {sym}={bound}"
-                                )))
+                                    "input '{name}' has {sym}={actual} but {other} {sym}={bound}"
+                                )));
                             }
                             Some(_) => {}
                             None => {
