@@ -1,63 +1,250 @@
-//! STUB: being written.
-use crate::{unsupported, Result};
-use kiln_ir::{ConvAttrs, ConvTransposeAttrs, PoolAttrs, Tensor};
-pub fn conv(_a: &ConvAttrs, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+//! Neural-network kernels: convolution, pooling, normalization, GEMM/MatMul and
+//! softmax.
+//!
+//! Float kernels are generic over [`Real`] (f32 and f64). f16 and bf16 tensors are
+//! computed in f32 and converted back. The GEMM core ([`gemm_acc`]) is also used
+//! by integer MatMul, Conv (im2col), ConvTranspose, LSTM and Resize.
+
+mod conv;
+mod matmul;
+mod norm;
+mod pool;
+
+pub use conv::{conv, conv_transpose};
+pub use matmul::{gemm, matmul};
+pub(crate) use matmul::{gemm_acc, transpose};
+pub use norm::{batch_norm, instance_norm, layer_norm, softmax};
+pub use pool::{avg_pool, global_pool, max_pool};
+
+use crate::{invalid, unsupported, Result};
+use half::{bf16, f16};
+use kiln_ir::{DType, Tensor, TensorData};
+use std::borrow::Cow;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// An element type the GEMM core can multiply-accumulate. Floats use plain
+/// `acc + a * b`; integers wrap on overflow (exact modular arithmetic, like numpy).
+pub(crate) trait MatElem: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    fn madd(acc: Self, a: Self, b: Self) -> Self;
 }
-pub fn conv_transpose(
-    _a: &ConvTransposeAttrs,
-    _x: &Tensor,
-    _w: &Tensor,
-    _b: Option<&Tensor>,
-) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+
+macro_rules! float_mat_elem {
+    ($($t:ty),*) => {$(
+        impl MatElem for $t {
+            const ZERO: Self = 0.0;
+            #[inline(always)]
+            fn madd(acc: Self, a: Self, b: Self) -> Self {
+                acc + a * b
+            }
+        }
+    )*};
 }
-pub fn batch_norm(
-    _eps: f32,
-    _x: &Tensor,
-    _s: &Tensor,
-    _b: &Tensor,
-    _m: &Tensor,
-    _v: &Tensor,
-) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+float_mat_elem!(f32, f64);
+
+macro_rules! int_mat_elem {
+    ($($t:ty),*) => {$(
+        impl MatElem for $t {
+            const ZERO: Self = 0;
+            #[inline(always)]
+            fn madd(acc: Self, a: Self, b: Self) -> Self {
+                acc.wrapping_add(a.wrapping_mul(b))
+            }
+        }
+    )*};
 }
-pub fn instance_norm(_eps: f32, _x: &Tensor, _s: &Tensor, _b: &Tensor) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+int_mat_elem!(i32, i64, u32, u64);
+
+/// A float type the reference kernels compute in (f32 or f64).
+pub(crate) trait Real:
+    MatElem
+    + PartialOrd
+    + Debug
+    + Default
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
+    /// The tensor's elements as `Self` when that needs no conversion (or only the
+    /// f16/bf16 -> f32 widening); `None` for other dtypes.
+    fn view(data: &TensorData) -> Option<Cow<'_, [Self]>>;
+    /// Wraps a result computed in `Self` as a buffer of `dtype` (narrowing f32
+    /// back to f16/bf16 when the inputs were half precision).
+    fn into_data(v: Vec<Self>, dtype: DType) -> TensorData;
 }
-pub fn layer_norm(
-    _axis: i64,
-    _eps: f32,
-    _x: &Tensor,
-    _s: &Tensor,
-    _b: Option<&Tensor>,
-    _n: usize,
-) -> Result<Vec<Tensor>> {
-    Err(unsupported!("todo"))
+
+impl Real for f32 {
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    fn view(data: &TensorData) -> Option<Cow<'_, [Self]>> {
+        match data {
+            TensorData::F32(v) => Some(Cow::Borrowed(v.as_slice())),
+            TensorData::F16(v) => Some(Cow::Owned(v.iter().map(|x| x.to_f32()).collect())),
+            TensorData::BF16(v) => Some(Cow::Owned(v.iter().map(|x| x.to_f32()).collect())),
+            _ => None,
+        }
+    }
+    fn into_data(v: Vec<Self>, dtype: DType) -> TensorData {
+        match dtype {
+            DType::F16 => TensorData::F16(v.into_iter().map(f16::from_f32).collect()),
+            DType::BF16 => TensorData::BF16(v.into_iter().map(bf16::from_f32).collect()),
+            _ => TensorData::F32(v),
+        }
+    }
 }
-pub fn max_pool(_a: &PoolAttrs, _x: &Tensor, _n: usize) -> Result<Vec<Tensor>> {
-    Err(unsupported!("todo"))
+
+impl Real for f64 {
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    fn view(data: &TensorData) -> Option<Cow<'_, [Self]>> {
+        match data {
+            TensorData::F64(v) => Some(Cow::Borrowed(v.as_slice())),
+            _ => None,
+        }
+    }
+    fn into_data(v: Vec<Self>, _dtype: DType) -> TensorData {
+        TensorData::F64(v)
+    }
 }
-pub fn avg_pool(_a: &PoolAttrs, _x: &Tensor) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+
+/// The precision a float kernel runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Prec {
+    F32,
+    F64,
 }
-pub fn global_pool(_x: &Tensor, _is_max: bool) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+
+/// Picks the compute precision for a float input of `op`, or an `Unsupported`
+/// error naming the dtype.
+pub(crate) fn float_prec(t: &Tensor, op: &str) -> Result<Prec> {
+    match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(Prec::F32),
+        DType::F64 => Ok(Prec::F64),
+        d => Err(unsupported!("{op} on {d} tensors")),
+    }
 }
-pub fn gemm(
-    _alpha: f32,
-    _beta: f32,
-    _ta: bool,
-    _tb: bool,
-    _a: &Tensor,
-    _b: &Tensor,
-    _c: Option<&Tensor>,
-) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+
+/// The elements of a float tensor as `T`: borrowed when the dtype already is
+/// `T`, converted otherwise (any float dtype is accepted, so e.g. f32 scale
+/// parameters work with f64 data).
+pub(crate) fn values<'a, T: Real>(t: &'a Tensor, what: &str) -> Result<Cow<'a, [T]>> {
+    if let Some(v) = T::view(t.data()) {
+        return Ok(v);
+    }
+    if !t.dtype().is_float() {
+        return Err(invalid!(
+            "{what}: expected a float tensor, got {} {:?}",
+            t.dtype(),
+            t.shape()
+        ));
+    }
+    let v = t.to_f64_vec().map_err(|e| invalid!("{what}: {e}"))?;
+    Ok(Cow::Owned(v.into_iter().map(T::from_f64).collect()))
 }
-pub fn matmul(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+
+/// Builds the output tensor of a float kernel computed in `T`, in the dtype of
+/// the original input.
+pub(crate) fn float_tensor<T: Real>(shape: Vec<usize>, v: Vec<T>, dtype: DType) -> Result<Tensor> {
+    crate::util::tensor(shape, T::into_data(v, dtype))
 }
-pub fn softmax(_x: &Tensor, _axis: i64, _coerce_2d: bool, _log: bool) -> Result<Tensor> {
-    Err(unsupported!("todo"))
+
+/// Product of dims, or an error when it overflows.
+pub(crate) fn numel(shape: &[usize]) -> Result<usize> {
+    kiln_ir::checked_numel(shape).ok_or_else(|| invalid!("shape {shape:?} is too large"))
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use kiln_ir::Tensor;
+
+    /// A small deterministic pseudo-random generator (xorshift) for tests.
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        pub fn next_u64(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        /// Uniform in [-1, 1).
+        pub fn f32(&mut self) -> f32 {
+            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+        pub fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f32()).collect()
+        }
+    }
+
+    pub fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v).unwrap()
+    }
+
+    pub fn f32s(t: &Tensor) -> Vec<f32> {
+        t.as_slice::<f32>().unwrap().to_vec()
+    }
+
+    #[track_caller]
+    pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let ok = (g - w).abs() <= tol * (1.0 + w.abs()) || (g.is_nan() && w.is_nan());
+            assert!(
+                ok,
+                "element {i}: got {g}, want {w}\n got {got:?}\nwant {want:?}"
+            );
+        }
+    }
 }

@@ -189,7 +189,8 @@ impl Converter {
 
             // Before opset 7, broadcasting was opt-in and could align B at `axis`;
             // trailing alignment (no axis) is numpy broadcasting, anything else is refused.
-            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "And" | "Or" | "Xor" | "Equal" | "Less" | "Greater"
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "And" | "Or" | "Xor" | "Equal" | "Less"
+            | "Greater"
                 if opset < 7 && a.bool("broadcast", false) && a.has("axis") =>
             {
                 return Err(OnnxError::UnsupportedFeature(format!(
@@ -302,14 +303,12 @@ impl Converter {
             "AveragePool" => Op::AveragePool(pool_attrs(&a)?),
             "GlobalAveragePool" => Op::GlobalAveragePool,
             "GlobalMaxPool" => Op::GlobalMaxPool,
-            "Gemm" => {
-                Op::Gemm {
-                    alpha: a.float("alpha", 1.0),
-                    beta: a.float("beta", 1.0),
-                    trans_a: a.bool("transA", false),
-                    trans_b: a.bool("transB", false),
-                }
-            }
+            "Gemm" => Op::Gemm {
+                alpha: a.float("alpha", 1.0),
+                beta: a.float("beta", 1.0),
+                trans_a: a.bool("transA", false),
+                trans_b: a.bool("transB", false),
+            },
             "MatMul" => Op::MatMul,
             "Softmax" | "LogSoftmax" => {
                 let coerce_2d = opset < 13;

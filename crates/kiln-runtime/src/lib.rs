@@ -2,7 +2,6 @@
 //! value slots, liveness) and runs it. [`Session`] is the public API.
 
 mod control_flow;
-mod infer_shim;
 mod plan;
 mod session;
 

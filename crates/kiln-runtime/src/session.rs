@@ -60,7 +60,7 @@ impl Session {
 
     pub fn from_model(model: Model) -> Result<Session> {
         let mut graph = model.graph;
-        let report = crate::infer_shim::infer_graph(&mut graph, &HashMap::new())
+        let report = kiln_ir::infer::infer_graph(&mut graph, &HashMap::new())
             .map_err(|e| Error::InvalidModel(e.to_string()))?;
         for w in &report.warnings {
             tracing::warn!("{w}");

@@ -1,0 +1,1360 @@
+//! Conv (im2col + GEMM per group, direct path when each output channel reads a
+//! single input channel) and ConvTranspose (GEMM + col2im), N-D.
+
+use super::matmul::transpose;
+use super::{float_prec, float_tensor, gemm_acc, numel, values, Prec, Real};
+use crate::{invalid, Result};
+use kiln_ir::{AutoPad, ConvAttrs, ConvTransposeAttrs, Tensor};
+
+/// Resolved per-axis geometry of a sliding window (Conv and the pools).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Window {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pad_begin: Vec<usize>,
+    pub pad_end: Vec<usize>,
+    pub out: Vec<usize>,
+}
+
+/// An attribute list that is either empty (every axis `default`) or has one
+/// entry per spatial axis; zero entries are rejected when `positive`.
+fn per_axis(
+    op: &str,
+    name: &str,
+    v: &[usize],
+    nsp: usize,
+    default: usize,
+    positive: bool,
+) -> Result<Vec<usize>> {
+    if v.is_empty() {
+        return Ok(vec![default; nsp]);
+    }
+    if v.len() != nsp {
+        return Err(invalid!(
+            "{op}: {name} has {} values {v:?}, expected {nsp} (one per spatial axis)",
+            v.len()
+        ));
+    }
+    if positive && v.contains(&0) {
+        return Err(invalid!("{op}: {name} {v:?} must be positive"));
+    }
+    Ok(v.to_vec())
+}
+
+/// Output size and pads of every spatial axis, per the ONNX Conv/pool rules.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn resolve_window(
+    op: &str,
+    input: &[usize],
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+    pads: &[usize],
+    auto_pad: AutoPad,
+    ceil_mode: bool,
+) -> Result<Window> {
+    let nsp = input.len();
+    let kernel = per_axis(op, "kernel_shape", kernel, nsp, 1, true)?;
+    let strides = per_axis(op, "strides", strides, nsp, 1, true)?;
+    let dilations = per_axis(op, "dilations", dilations, nsp, 1, true)?;
+    let pads = if pads.is_empty() {
+        vec![0; 2 * nsp]
+    } else if pads.len() == 2 * nsp {
+        pads.to_vec()
+    } else {
+        return Err(invalid!(
+            "{op}: pads has {} values {pads:?}, expected {} (begin and end per spatial axis)",
+            pads.len(),
+            2 * nsp
+        ));
+    };
+    let mut w = Window {
+        kernel,
+        strides,
+        dilations,
+        pad_begin: vec![0; nsp],
+        pad_end: vec![0; nsp],
+        out: vec![0; nsp],
+    };
+    for a in 0..nsp {
+        let (inp, s) = (input[a], w.strides[a]);
+        let dk = (w.kernel[a] - 1)
+            .saturating_mul(w.dilations[a])
+            .saturating_add(1);
+        match auto_pad {
+            AutoPad::NotSet => {
+                let (pb, pe) = (pads[a], pads[nsp + a]);
+                let padded = inp.saturating_add(pb).saturating_add(pe);
+                if padded < dk {
+                    return Err(invalid!(
+                        "{op}: spatial axis {a} has size {inp} (+ pads {pb}+{pe}), smaller than the dilated kernel extent {dk}"
+                    ));
+                }
+                let span = padded - dk;
+                let mut out = if ceil_mode {
+                    span.div_ceil(s)
+                } else {
+                    span / s
+                } + 1;
+                // A last window that would start inside the right padding is dropped.
+                if ceil_mode && (out - 1) * s >= inp + pb {
+                    out -= 1;
+                }
+                w.out[a] = out;
+                w.pad_begin[a] = pb;
+                w.pad_end[a] = pe;
+            }
+            AutoPad::Valid => {
+                if inp < dk {
+                    return Err(invalid!(
+                        "{op}: spatial axis {a} has size {inp}, smaller than the dilated kernel extent {dk} (auto_pad VALID)"
+                    ));
+                }
+                w.out[a] = (inp - dk) / s + 1;
+            }
+            AutoPad::SameUpper | AutoPad::SameLower => {
+                let out = inp.div_ceil(s);
+                let total = out
+                    .saturating_sub(1)
+                    .saturating_mul(s)
+                    .saturating_add(dk)
+                    .saturating_sub(inp);
+                let small = total / 2;
+                let (pb, pe) = if auto_pad == AutoPad::SameUpper {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+                w.out[a] = out;
+                w.pad_begin[a] = pb;
+                w.pad_end[a] = pe;
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// The range `[lo, hi)` of positions `p < p_len` whose target `p*stride + off`
+/// lies in `[0, q_len)`.
+pub(crate) fn valid_range(p_len: usize, stride: usize, off: isize, q_len: usize) -> (usize, usize) {
+    let s = stride as isize;
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+    let lim = q_len as isize - off;
+    let hi = if lim <= 0 { 0 } else { (lim + s - 1) / s };
+    let hi = (hi as usize).min(p_len);
+    let lo = (lo as usize).min(hi);
+    (lo, hi)
+}
+
+/// Visits every row (all spatial axes but the last) of a "p" grid whose mapped
+/// "q" row (`q = p*stride + off` on each of those axes) is in bounds, calling
+/// `f(p_row_start, q_row_start)` with flat offsets of the rows' first elements.
+fn for_each_row(
+    p_shape: &[usize],
+    q_shape: &[usize],
+    strides: &[usize],
+    offs: &[isize],
+    mut f: impl FnMut(usize, usize),
+) {
+    let nd = p_shape.len();
+    if nd == 0 || p_shape.contains(&0) {
+        return;
+    }
+    let outer = nd - 1;
+    let (p_last, q_last) = (p_shape[outer], q_shape[outer]);
+    let mut idx = vec![0usize; outer];
+    loop {
+        let mut prow = 0;
+        let mut qrow = 0;
+        let mut ok = true;
+        for a in 0..outer {
+            prow = prow * p_shape[a] + idx[a];
+            let q = idx[a] as isize * strides[a] as isize + offs[a];
+            if q < 0 || q >= q_shape[a] as isize {
+                ok = false;
+                break;
+            }
+            qrow = qrow * q_shape[a] + q as usize;
+        }
+        if ok {
+            f(prow * p_last, qrow * q_last);
+        }
+        let mut a = outer;
+        loop {
+            if a == 0 {
+                return;
+            }
+            a -= 1;
+            idx[a] += 1;
+            if idx[a] < p_shape[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+}
+
+/// Advances a multi-index over `shape` (row-major); false after the last one.
+fn next_index(idx: &mut [usize], shape: &[usize]) -> bool {
+    for a in (0..idx.len()).rev() {
+        idx[a] += 1;
+        if idx[a] < shape[a] {
+            return true;
+        }
+        idx[a] = 0;
+    }
+    false
+}
+
+/// Per-axis offsets `tap*dilation - pad_begin` of one kernel tap.
+fn tap_offsets(tap: &[usize], dil: &[usize], pad_begin: &[isize]) -> Vec<isize> {
+    tap.iter()
+        .zip(dil)
+        .zip(pad_begin)
+        .map(|((&t, &d), &p)| (t * d) as isize - p)
+        .collect()
+}
+
+/// Conv. X `[N, C, D1..Dn]`, W `[M, C/group, k1..kn]`, B `[M]`.
+pub fn conv(a: &ConvAttrs, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match float_prec(x, "Conv")? {
+        Prec::F32 => conv_impl::<f32>(a, x, w, b),
+        Prec::F64 => conv_impl::<f64>(a, x, w, b),
+    }
+}
+
+fn conv_impl<T: Real>(a: &ConvAttrs, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.len() < 3 {
+        return Err(invalid!(
+            "Conv expects X of rank >= 3 [N, C, spatial...], got {xs:?}"
+        ));
+    }
+    if ws.len() != xs.len() {
+        return Err(invalid!(
+            "Conv: W {ws:?} must have the same rank as X {xs:?}"
+        ));
+    }
+    let group = a.group;
+    if group == 0 {
+        return Err(invalid!("Conv: group must be >= 1, got 0"));
+    }
+    let (n, c) = (xs[0], xs[1]);
+    let (m, cg) = (ws[0], ws[1]);
+    if cg * group != c {
+        return Err(invalid!(
+            "Conv: X {xs:?} has {c} channels but W {ws:?} with group {group} expects {} (W.shape[1] * group)",
+            cg * group
+        ));
+    }
+    if m % group != 0 {
+        return Err(invalid!(
+            "Conv: W {ws:?} has {m} output channels, not divisible by group {group}"
+        ));
+    }
+    let kshape = &ws[2..];
+    if !a.kernel_shape.is_empty() && a.kernel_shape != kshape {
+        return Err(invalid!(
+            "Conv: kernel_shape {:?} does not match W {ws:?}",
+            a.kernel_shape
+        ));
+    }
+    let in_sp = &xs[2..];
+    let win = resolve_window(
+        "Conv",
+        in_sp,
+        kshape,
+        &a.strides,
+        &a.dilations,
+        &a.pads,
+        a.auto_pad,
+        false,
+    )?;
+    let bias = match b {
+        Some(b) => {
+            if b.shape() != [m] {
+                return Err(invalid!(
+                    "Conv: bias B must have shape [{m}], got {:?}",
+                    b.shape()
+                ));
+            }
+            Some(values::<T>(b, "Conv B")?)
+        }
+        None => None,
+    };
+    let mut out_shape = vec![n, m];
+    out_shape.extend_from_slice(&win.out);
+    let out_n = numel(&win.out)?;
+    let in_n = numel(in_sp)?;
+    let kn = numel(kshape)?;
+    let mut y = vec![T::ZERO; numel(&out_shape)?];
+    if let Some(bias) = &bias {
+        for (i, plane) in y.chunks_exact_mut(out_n.max(1)).enumerate() {
+            plane.fill(bias[i % m]);
+        }
+    }
+    if y.is_empty() || kn == 0 || cg == 0 {
+        return float_tensor(out_shape, y, x.dtype());
+    }
+    let xv = values::<T>(x, "Conv X")?;
+    let wv = values::<T>(w, "Conv W")?;
+    let mg = m / group;
+    let nsp = in_sp.len();
+    let pb: Vec<isize> = win.pad_begin.iter().map(|&p| p as isize).collect();
+    let last = nsp - 1;
+    let (s_last, out_last) = (win.strides[last], win.out[last]);
+
+    // Every kernel tap with its per-axis offsets.
+    let mut taps = Vec::with_capacity(kn);
+    let mut tap = vec![0usize; nsp];
+    loop {
+        taps.push(tap_offsets(&tap, &win.dilations, &pb));
+        if !next_index(&mut tap, kshape) {
+            break;
+        }
+    }
+
+    if cg == 1 {
+        // Direct path (depthwise and channel multipliers): each output channel
+        // reads one input channel; accumulate tap by tap.
+        for ni in 0..n {
+            for mi in 0..m {
+                let gi = mi / mg;
+                let plane = &xv[(ni * c + gi) * in_n..][..in_n];
+                let yo = (ni * m + mi) * out_n;
+                let yplane = &mut y[yo..yo + out_n];
+                let wrow = &wv[mi * kn..(mi + 1) * kn];
+                for (offs, &wt) in taps.iter().zip(wrow) {
+                    let off = offs[last];
+                    let (lo, hi) = valid_range(out_last, s_last, off, in_sp[last]);
+                    if lo >= hi {
+                        continue;
+                    }
+                    for_each_row(&win.out, in_sp, &win.strides, offs, |orow, irow| {
+                        let dst = &mut yplane[orow + lo..orow + hi];
+                        let src0 = (irow as isize + lo as isize * s_last as isize + off) as usize;
+                        if s_last == 1 {
+                            let src = &plane[src0..src0 + (hi - lo)];
+                            for (d, &s) in dst.iter_mut().zip(src) {
+                                *d += wt * s;
+                            }
+                        } else {
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                *d += wt * plane[src0 + j * s_last];
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        return float_tensor(out_shape, y, x.dtype());
+    }
+
+    let pointwise = win.kernel.iter().all(|&k| k == 1)
+        && win.strides.iter().all(|&s| s == 1)
+        && pb.iter().all(|&p| p == 0)
+        && win.out == in_sp;
+    let rows = cg * kn;
+    let mut col: Vec<T> = if pointwise {
+        Vec::new()
+    } else {
+        vec![T::ZERO; rows * out_n]
+    };
+    for ni in 0..n {
+        for gi in 0..group {
+            let xg = &xv[(ni * c + gi * cg) * in_n..][..cg * in_n];
+            let bmat: &[T] = if pointwise {
+                xg
+            } else {
+                // im2col: row (ci, tap) holds the input seen by that tap at every
+                // output position (zeros where it falls in the padding; those
+                // cells are the same for every (n, g), so they stay zero).
+                for ci in 0..cg {
+                    let plane = &xg[ci * in_n..(ci + 1) * in_n];
+                    for (ti, offs) in taps.iter().enumerate() {
+                        let row = &mut col[(ci * kn + ti) * out_n..][..out_n];
+                        let off = offs[last];
+                        let (lo, hi) = valid_range(out_last, s_last, off, in_sp[last]);
+                        if lo >= hi {
+                            continue;
+                        }
+                        for_each_row(&win.out, in_sp, &win.strides, offs, |orow, irow| {
+                            let dst = &mut row[orow + lo..orow + hi];
+                            let src0 =
+                                (irow as isize + lo as isize * s_last as isize + off) as usize;
+                            if s_last == 1 {
+                                dst.copy_from_slice(&plane[src0..src0 + (hi - lo)]);
+                            } else {
+                                for (j, d) in dst.iter_mut().enumerate() {
+                                    *d = plane[src0 + j * s_last];
+                                }
+                            }
+                        });
+                    }
+                }
+                &col
+            };
+            let wg = &wv[gi * mg * rows..(gi + 1) * mg * rows];
+            let yg = &mut y[(ni * m + gi * mg) * out_n..][..mg * out_n];
+            gemm_acc(mg, rows, out_n, wg, bmat, yg);
+        }
+    }
+    float_tensor(out_shape, y, x.dtype())
+}
+
+/// ConvTranspose. X `[N, C, D1..Dn]`, W `[C, M/group, k1..kn]`, B `[M]`.
+pub fn conv_transpose(
+    a: &ConvTransposeAttrs,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    match float_prec(x, "ConvTranspose")? {
+        Prec::F32 => conv_transpose_impl::<f32>(a, x, w, b),
+        Prec::F64 => conv_transpose_impl::<f64>(a, x, w, b),
+    }
+}
+
+/// Resolved ConvTranspose geometry per spatial axis.
+struct TransposeGeometry {
+    out: Vec<usize>,
+    /// Begin pads; negative when output_shape asks for more than the full extent.
+    pad_begin: Vec<isize>,
+    strides: Vec<usize>,
+    dilations: Vec<usize>,
+}
+
+/// Output sizes and begin pads of ConvTranspose.
+fn conv_transpose_geometry(
+    a: &ConvTransposeAttrs,
+    in_sp: &[usize],
+    kshape: &[usize],
+) -> Result<TransposeGeometry> {
+    const OP: &str = "ConvTranspose";
+    let nsp = in_sp.len();
+    let ca = &a.conv;
+    let strides = per_axis(OP, "strides", &ca.strides, nsp, 1, true)?;
+    let dil = per_axis(OP, "dilations", &ca.dilations, nsp, 1, true)?;
+    let out_pad = per_axis(OP, "output_padding", &a.output_padding, nsp, 0, false)?;
+    // output_shape may list only the spatial dims or the full output shape.
+    let out_shape_attr: Option<&[usize]> = match a.output_shape.len() {
+        0 => None,
+        l if l == nsp => Some(&a.output_shape),
+        l if l == nsp + 2 => Some(&a.output_shape[2..]),
+        l => {
+            return Err(invalid!(
+                "{OP}: output_shape {:?} has {l} values, expected {nsp} (one per spatial axis)",
+                a.output_shape
+            ))
+        }
+    };
+    let mut out = vec![0usize; nsp];
+    let mut pad_begin = vec![0isize; nsp];
+    let full = |i: usize| -> isize {
+        (strides[i] * in_sp[i].saturating_sub(1) + out_pad[i] + (kshape[i] - 1) * dil[i] + 1)
+            as isize
+    };
+    let same = matches!(ca.auto_pad, AutoPad::SameUpper | AutoPad::SameLower);
+    if out_shape_attr.is_some() || same {
+        for i in 0..nsp {
+            let target = match out_shape_attr {
+                Some(os) => os[i],
+                None => in_sp[i] * strides[i],
+            };
+            let total = full(i) - target as isize;
+            let half = total.div_euclid(2);
+            pad_begin[i] = if ca.auto_pad == AutoPad::SameUpper {
+                half
+            } else {
+                total - half
+            };
+            out[i] = target;
+        }
+    } else {
+        let pads = if ca.auto_pad == AutoPad::Valid || ca.pads.is_empty() {
+            vec![0; 2 * nsp]
+        } else if ca.pads.len() == 2 * nsp {
+            ca.pads.clone()
+        } else {
+            return Err(invalid!(
+                "{OP}: pads has {} values {:?}, expected {}",
+                ca.pads.len(),
+                ca.pads,
+                2 * nsp
+            ));
+        };
+        for i in 0..nsp {
+            let o = full(i) - (pads[i] + pads[nsp + i]) as isize;
+            if o < 0 {
+                return Err(invalid!(
+                    "{OP}: pads {pads:?} exceed the full output extent {} on spatial axis {i}",
+                    full(i)
+                ));
+            }
+            out[i] = o as usize;
+            pad_begin[i] = pads[i] as isize;
+        }
+    }
+    Ok(TransposeGeometry {
+        out,
+        pad_begin,
+        strides,
+        dilations: dil,
+    })
+}
+
+fn conv_transpose_impl<T: Real>(
+    a: &ConvTransposeAttrs,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.len() < 3 {
+        return Err(invalid!(
+            "ConvTranspose expects X of rank >= 3 [N, C, spatial...], got {xs:?}"
+        ));
+    }
+    if ws.len() != xs.len() {
+        return Err(invalid!(
+            "ConvTranspose: W {ws:?} must have the same rank as X {xs:?}"
+        ));
+    }
+    let group = a.conv.group;
+    if group == 0 {
+        return Err(invalid!("ConvTranspose: group must be >= 1, got 0"));
+    }
+    let (n, c) = (xs[0], xs[1]);
+    if ws[0] != c {
+        return Err(invalid!(
+            "ConvTranspose: X {xs:?} has {c} channels but W {ws:?} expects {} (W.shape[0])",
+            ws[0]
+        ));
+    }
+    if c % group != 0 {
+        return Err(invalid!(
+            "ConvTranspose: {c} input channels (X {xs:?}) not divisible by group {group}"
+        ));
+    }
+    let mg = ws[1];
+    let m = mg * group;
+    let cg = c / group;
+    let kshape = &ws[2..];
+    if kshape.contains(&0) {
+        return Err(invalid!("ConvTranspose: W {ws:?} has an empty kernel"));
+    }
+    if !a.conv.kernel_shape.is_empty() && a.conv.kernel_shape != kshape {
+        return Err(invalid!(
+            "ConvTranspose: kernel_shape {:?} does not match W {ws:?}",
+            a.conv.kernel_shape
+        ));
+    }
+    let in_sp = &xs[2..];
+    let TransposeGeometry {
+        out: out_sp,
+        pad_begin,
+        strides,
+        dilations: dil,
+    } = conv_transpose_geometry(a, in_sp, kshape)?;
+    let bias = match b {
+        Some(b) => {
+            if b.shape() != [m] {
+                return Err(invalid!(
+                    "ConvTranspose: bias B must have shape [{m}], got {:?}",
+                    b.shape()
+                ));
+            }
+            Some(values::<T>(b, "ConvTranspose B")?)
+        }
+        None => None,
+    };
+    let mut out_shape = vec![n, m];
+    out_shape.extend_from_slice(&out_sp);
+    let out_n = numel(&out_sp)?;
+    let in_n = numel(in_sp)?;
+    let kn = numel(kshape)?;
+    let mut y = vec![T::ZERO; numel(&out_shape)?];
+    if let Some(bias) = &bias {
+        for (i, plane) in y.chunks_exact_mut(out_n.max(1)).enumerate() {
+            plane.fill(bias[i % m]);
+        }
+    }
+    if y.is_empty() || in_n == 0 || cg == 0 {
+        return float_tensor(out_shape, y, x.dtype());
+    }
+    let xv = values::<T>(x, "ConvTranspose X")?;
+    let wv = values::<T>(w, "ConvTranspose W")?;
+    let nsp = in_sp.len();
+    let last = nsp - 1;
+    let mut taps = Vec::with_capacity(kn);
+    let mut tap = vec![0usize; nsp];
+    loop {
+        taps.push(tap_offsets(&tap, &dil, &pad_begin));
+        if !next_index(&mut tap, kshape) {
+            break;
+        }
+    }
+    let rows = mg * kn;
+    // W^T per group: [mg*kn, cg].
+    let wt: Vec<Vec<T>> = (0..group)
+        .map(|g| transpose(&wv[g * cg * rows..(g + 1) * cg * rows], cg, rows))
+        .collect();
+    let mut col = vec![T::ZERO; rows * in_n];
+    let s_last = strides[last];
+    for ni in 0..n {
+        for (gi, wtg) in wt.iter().enumerate() {
+            let xg = &xv[(ni * c + gi * cg) * in_n..][..cg * in_n];
+            col.fill(T::ZERO);
+            gemm_acc(rows, cg, in_n, wtg, xg, &mut col);
+            // col2im: scatter-add each (m, tap) row into the output.
+            for mi in 0..mg {
+                let yo = (ni * m + gi * mg + mi) * out_n;
+                let yplane = &mut y[yo..yo + out_n];
+                for (ti, offs) in taps.iter().enumerate() {
+                    let crow = &col[(mi * kn + ti) * in_n..][..in_n];
+                    let off = offs[last];
+                    let (lo, hi) = valid_range(in_sp[last], s_last, off, out_sp[last]);
+                    if lo >= hi {
+                        continue;
+                    }
+                    for_each_row(in_sp, &out_sp, &strides, offs, |irow, orow| {
+                        let dst0 = (orow as isize + lo as isize * s_last as isize + off) as usize;
+                        let src = &crow[irow + lo..irow + hi];
+                        for (j, &v) in src.iter().enumerate() {
+                            yplane[dst0 + j * s_last] += v;
+                        }
+                    });
+                }
+            }
+        }
+    }
+    float_tensor(out_shape, y, x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::*;
+
+    fn attrs(
+        auto_pad: AutoPad,
+        group: usize,
+        dil: &[usize],
+        pads: &[usize],
+        strides: &[usize],
+    ) -> ConvAttrs {
+        ConvAttrs {
+            auto_pad,
+            dilations: dil.to_vec(),
+            group,
+            kernel_shape: vec![],
+            pads: pads.to_vec(),
+            strides: strides.to_vec(),
+        }
+    }
+
+    fn plain() -> ConvAttrs {
+        attrs(AutoPad::NotSet, 1, &[], &[], &[])
+    }
+
+    /// Straightforward N-D convolution reference: for every output element,
+    /// loop over input channels of its group and kernel taps.
+    fn naive_conv(
+        xs: &[usize],
+        xv: &[f32],
+        ws: &[usize],
+        wv: &[f32],
+        bias: Option<&[f32]>,
+        group: usize,
+        win: &Window,
+    ) -> (Vec<usize>, Vec<f32>) {
+        let nsp = xs.len() - 2;
+        let (n, c, m) = (xs[0], xs[1], ws[0]);
+        let cg = c / group;
+        let mg = m / group;
+        let mut out_shape = vec![n, m];
+        out_shape.extend_from_slice(&win.out);
+        let total: usize = out_shape.iter().product();
+        let mut y = vec![0.0f32; total];
+        let kshape = &ws[2..];
+        let kn: usize = kshape.iter().product();
+        let in_sp = &xs[2..];
+        for (flat, yv) in y.iter_mut().enumerate() {
+            // Decompose the flat output index.
+            let mut rem = flat;
+            let mut oidx = vec![0; nsp];
+            for a in (0..nsp).rev() {
+                oidx[a] = rem % win.out[a];
+                rem /= win.out[a];
+            }
+            let mi = rem % m;
+            let ni = rem / m;
+            let g = mi / mg;
+            let mut acc = bias.map_or(0.0, |b| b[mi]) as f64;
+            for ci in 0..cg {
+                for t in 0..kn {
+                    let mut trem = t;
+                    let mut tidx = vec![0; nsp];
+                    for a in (0..nsp).rev() {
+                        tidx[a] = trem % kshape[a];
+                        trem /= kshape[a];
+                    }
+                    let mut inside = true;
+                    let mut xoff = 0usize;
+                    for a in 0..nsp {
+                        let p = (oidx[a] * win.strides[a] + tidx[a] * win.dilations[a]) as isize
+                            - win.pad_begin[a] as isize;
+                        if p < 0 || p >= in_sp[a] as isize {
+                            inside = false;
+                            break;
+                        }
+                        xoff = xoff * in_sp[a] + p as usize;
+                    }
+                    if !inside {
+                        continue;
+                    }
+                    let xi = ((ni * c + g * cg + ci) * in_sp.iter().product::<usize>()) + xoff;
+                    let wi = (mi * cg + ci) * kn + t;
+                    acc += xv[xi] as f64 * wv[wi] as f64;
+                }
+            }
+            *yv = acc as f32;
+        }
+        (out_shape, y)
+    }
+
+    #[test]
+    fn one_channel_3x3_by_hand() {
+        // X = 1..9 (3x3), W = [[1,0,0],[0,1,0],[0,0,1]] -> trace-ish sums.
+        let x = t(&[1, 1, 3, 3], (1..=9).map(|v| v as f32).collect());
+        let w = t(&[1, 1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let y = conv(&plain(), &x, &w, None).unwrap();
+        assert_eq!(y.shape(), &[1, 1, 2, 2]);
+        // [1 2;4 5].[1 2;3 4] = 1+4+12+20 = 37, etc.
+        assert_eq!(f32s(&y), vec![37.0, 47.0, 67.0, 77.0]);
+        // With bias and pads 1: corners see a single input cell.
+        let b = t(&[1], vec![0.5]);
+        let y = conv(
+            &attrs(AutoPad::NotSet, 1, &[], &[1, 1, 1, 1], &[]),
+            &x,
+            &w,
+            Some(&b),
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[1, 1, 4, 4]);
+        let v = f32s(&y);
+        assert_eq!(v[0], 4.0 * 1.0 + 0.5); // only x[0,0] under w[1,1]
+        assert_eq!(v[15], 1.0 * 9.0 + 0.5); // only x[2,2] under w[0,0]
+    }
+
+    #[test]
+    fn onnx_example_stride2_with_pads() {
+        // ONNX Conv example: 5x7 input 0..35, 3x3 ones kernel, strides 2, pads 1.
+        let x = t(&[1, 1, 7, 5], (0..35).map(|v| v as f32).collect());
+        let w = t(&[1, 1, 3, 3], vec![1.0; 9]);
+        let y = conv(
+            &attrs(AutoPad::NotSet, 1, &[], &[1, 1, 1, 1], &[2, 2]),
+            &x,
+            &w,
+            None,
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[1, 1, 4, 3]);
+        assert_eq!(
+            f32s(&y),
+            vec![12.0, 27.0, 24.0, 63.0, 108.0, 81.0, 123.0, 198.0, 141.0, 112.0, 177.0, 124.0]
+        );
+        // Pads only on the height axis.
+        let y = conv(
+            &attrs(AutoPad::NotSet, 1, &[], &[1, 0, 1, 0], &[2, 2]),
+            &x,
+            &w,
+            None,
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[1, 1, 4, 2]);
+        assert_eq!(
+            f32s(&y),
+            vec![21.0, 33.0, 99.0, 117.0, 189.0, 207.0, 171.0, 183.0]
+        );
+    }
+
+    #[test]
+    fn same_upper_vs_same_lower_odd_padding() {
+        // 1-D, input 4, kernel 2, stride 1: total pad 1.
+        let x = t(&[1, 1, 4], vec![1.0, 2.0, 3.0, 4.0]);
+        let w = t(&[1, 1, 2], vec![1.0, 10.0]);
+        let up = conv(&attrs(AutoPad::SameUpper, 1, &[], &[], &[]), &x, &w, None).unwrap();
+        // Pad at the end: [1 2 3 4 0]
+        assert_eq!(f32s(&up), vec![21.0, 32.0, 43.0, 4.0]);
+        let lo = conv(&attrs(AutoPad::SameLower, 1, &[], &[], &[]), &x, &w, None).unwrap();
+        // Pad at the start: [0 1 2 3 4]
+        assert_eq!(f32s(&lo), vec![10.0, 21.0, 32.0, 43.0]);
+        // VALID.
+        let v = conv(&attrs(AutoPad::Valid, 1, &[], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&v), vec![21.0, 32.0, 43.0]);
+        // SAME with stride 2 on 5: out 3, total = (3-1)*2+3-5 = 2.
+        let x = t(&[1, 1, 5], vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        let w = t(&[1, 1, 3], vec![1.0, 1.0, 1.0]);
+        let y = conv(&attrs(AutoPad::SameUpper, 1, &[], &[], &[2]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![3.0, 9.0, 9.0]);
+    }
+
+    #[test]
+    fn groups_depthwise_and_dilation() {
+        // groups = 2: channel 0 uses filter 0, channel 1 uses filter 1.
+        let x = t(&[1, 2, 1, 3], vec![1.0, 2.0, 3.0, 10.0, 20.0, 30.0]);
+        let w = t(&[2, 1, 1, 2], vec![1.0, 1.0, 1.0, -1.0]);
+        let y = conv(&attrs(AutoPad::NotSet, 2, &[], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(y.shape(), &[1, 2, 1, 2]);
+        assert_eq!(f32s(&y), vec![3.0, 5.0, -10.0, -10.0]);
+        // Dilation 2: taps 0 and 2.
+        let x = t(&[1, 1, 5], vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        let w = t(&[1, 1, 2], vec![1.0, 100.0]);
+        let y = conv(&attrs(AutoPad::NotSet, 1, &[2], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![301.0, 402.0, 503.0]);
+    }
+
+    #[test]
+    fn channel_validation_errors_state_shapes() {
+        let x = t(&[1, 3, 4, 4], vec![0.0; 48]);
+        let w = t(&[4, 2, 3, 3], vec![0.0; 72]);
+        let e = conv(&attrs(AutoPad::NotSet, 1, &[], &[], &[]), &x, &w, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[1, 3, 4, 4]") && e.contains("[4, 2, 3, 3]"),
+            "{e}"
+        );
+        let x = t(&[1, 4, 4, 4], vec![0.0; 64]);
+        let w = t(&[3, 2, 3, 3], vec![0.0; 54]);
+        let e = conv(&attrs(AutoPad::NotSet, 2, &[], &[], &[]), &x, &w, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("divisible by group 2"), "{e}");
+        let w = t(&[2, 4, 5, 5], vec![0.0; 200]);
+        assert!(conv(&plain(), &x, &w, None).is_err()); // kernel bigger than input
+        let i = Tensor::from_vec(vec![1, 1, 1], vec![1i32]).unwrap();
+        let e = conv(&plain(), &i, &i, None).unwrap_err();
+        assert!(matches!(e, crate::KernelError::Unsupported(_)));
+        assert!(e.to_string().contains("Conv on i32"));
+    }
+
+    #[test]
+    fn im2col_matches_naive_on_random_shapes() {
+        let mut rng = Rng::new(42);
+        // (N, C, M, group, in spatial, kernel, strides, dilations, pads, auto_pad)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            AutoPad,
+        );
+        let mut cases: Vec<Case> = vec![
+            (
+                1,
+                1,
+                1,
+                1,
+                vec![1],
+                vec![1],
+                vec![1],
+                vec![1],
+                vec![0, 0],
+                AutoPad::NotSet,
+            ),
+            (
+                2,
+                3,
+                4,
+                1,
+                vec![7],
+                vec![3],
+                vec![2],
+                vec![1],
+                vec![1, 2],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                4,
+                6,
+                2,
+                vec![5, 6],
+                vec![3, 2],
+                vec![1, 2],
+                vec![2, 1],
+                vec![1, 0, 2, 1],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                3,
+                5,
+                1,
+                vec![1, 1],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1, 1],
+                vec![0; 4],
+                AutoPad::NotSet,
+            ),
+            (
+                2,
+                3,
+                5,
+                1,
+                vec![4, 5],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1, 1],
+                vec![0; 4],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                3,
+                5,
+                1,
+                vec![9, 7],
+                vec![1, 1],
+                vec![2, 3],
+                vec![1, 1],
+                vec![0; 4],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                6,
+                6,
+                6,
+                vec![5, 5],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1; 4],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                3,
+                6,
+                3,
+                vec![6, 5],
+                vec![3, 3],
+                vec![2, 2],
+                vec![1, 2],
+                vec![1, 2, 0, 1],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                2,
+                3,
+                1,
+                vec![4, 5, 3],
+                vec![2, 3, 2],
+                vec![1, 2, 1],
+                vec![1, 1, 2],
+                vec![1, 0, 1, 0, 1, 1],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                2,
+                2,
+                2,
+                vec![3, 4, 5],
+                vec![2, 2, 2],
+                vec![2, 1, 1],
+                vec![1, 1, 1],
+                vec![0; 6],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                3,
+                2,
+                1,
+                vec![7, 6],
+                vec![3, 4],
+                vec![2, 3],
+                vec![1, 1],
+                vec![],
+                AutoPad::SameUpper,
+            ),
+            (
+                1,
+                3,
+                2,
+                1,
+                vec![7, 6],
+                vec![3, 4],
+                vec![2, 3],
+                vec![1, 1],
+                vec![],
+                AutoPad::SameLower,
+            ),
+            (
+                1,
+                3,
+                2,
+                1,
+                vec![7, 6],
+                vec![2, 3],
+                vec![3, 1],
+                vec![2, 1],
+                vec![],
+                AutoPad::Valid,
+            ),
+            (
+                1,
+                1,
+                1,
+                1,
+                vec![11],
+                vec![4],
+                vec![3],
+                vec![3],
+                vec![5, 5],
+                AutoPad::NotSet,
+            ),
+        ];
+        // Plus random ones.
+        for _ in 0..30 {
+            let nsp = 1 + rng.below(3);
+            let group = 1 + rng.below(3);
+            let cg = 1 + rng.below(3);
+            let mg = 1 + rng.below(3);
+            let mut ins = vec![];
+            let mut ks = vec![];
+            let mut ss = vec![];
+            let mut ds = vec![];
+            let mut ps = vec![0; 2 * nsp];
+            for a in 0..nsp {
+                let k = 1 + rng.below(3);
+                let d = 1 + rng.below(2);
+                let pb = rng.below(2);
+                let pe = rng.below(3);
+                let ext = (k - 1) * d + 1;
+                let i = (ext + rng.below(5)).saturating_sub(pb + pe).max(1);
+                ins.push(i);
+                ks.push(k);
+                ss.push(1 + rng.below(3));
+                ds.push(d);
+                ps[a] = pb;
+                ps[nsp + a] = pe;
+            }
+            cases.push((
+                1 + rng.below(2),
+                cg * group,
+                mg * group,
+                group,
+                ins,
+                ks,
+                ss,
+                ds,
+                ps,
+                AutoPad::NotSet,
+            ));
+        }
+        for (n, c, m, group, ins, ks, ss, ds, ps, ap) in cases {
+            let mut xs = vec![n, c];
+            xs.extend(&ins);
+            let mut ws = vec![m, c / group];
+            ws.extend(&ks);
+            let xv = rng.vec(xs.iter().product());
+            let wv = rng.vec(ws.iter().product());
+            let bv = rng.vec(m);
+            let a = ConvAttrs {
+                auto_pad: ap,
+                dilations: ds.clone(),
+                group,
+                kernel_shape: ks.clone(),
+                pads: ps.clone(),
+                strides: ss.clone(),
+            };
+            let x = t(&xs, xv.clone());
+            let w = t(&ws, wv.clone());
+            let b = t(&[m], bv.clone());
+            let y = conv(&a, &x, &w, Some(&b)).unwrap();
+            let win = resolve_window("Conv", &ins, &ks, &ss, &ds, &ps, ap, false).unwrap();
+            let (shape, want) = naive_conv(&xs, &xv, &ws, &wv, Some(&bv), group, &win);
+            assert_eq!(y.shape(), &shape[..], "case x{xs:?} w{ws:?}");
+            assert_close(&f32s(&y), &want, 1e-4);
+            // f64 path agrees.
+            let x64 = Tensor::from_vec(xs.clone(), xv.iter().map(|&v| v as f64).collect()).unwrap();
+            let w64 = Tensor::from_vec(ws.clone(), wv.iter().map(|&v| v as f64).collect()).unwrap();
+            let y64 = conv(&a, &x64, &w64, Some(&b)).unwrap();
+            let y64: Vec<f32> = y64
+                .as_slice::<f64>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            assert_close(&y64, &want, 1e-4);
+        }
+    }
+
+    #[test]
+    fn empty_batch_and_f16() {
+        let x = t(&[0, 2, 4, 4], vec![]);
+        let w = t(&[3, 2, 3, 3], vec![0.5; 54]);
+        let y = conv(&plain(), &x, &w, None).unwrap();
+        assert_eq!(y.shape(), &[0, 3, 2, 2]);
+        let y = conv_transpose(
+            &tattrs(&[], &[], &[], &[]),
+            &x,
+            &t(&[2, 3, 3, 3], vec![0.0; 54]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[0, 3, 6, 6]);
+        let h = |v: Vec<f32>| v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>();
+        let x = Tensor::from_vec(vec![1, 1, 2], h(vec![1.0, 2.0])).unwrap();
+        let w = Tensor::from_vec(vec![1, 1, 1], h(vec![3.0])).unwrap();
+        let y = conv(&plain(), &x, &w, None).unwrap();
+        assert_eq!(y.dtype(), kiln_ir::DType::F16);
+        assert_eq!(y.as_slice::<half::f16>().unwrap()[1].to_f32(), 6.0);
+    }
+
+    fn tattrs(
+        pads: &[usize],
+        strides: &[usize],
+        output_padding: &[usize],
+        output_shape: &[usize],
+    ) -> ConvTransposeAttrs {
+        ConvTransposeAttrs {
+            conv: attrs(AutoPad::NotSet, 1, &[], pads, strides),
+            output_padding: output_padding.to_vec(),
+            output_shape: output_shape.to_vec(),
+        }
+    }
+
+    /// ConvTranspose reference: scatter every input element through the kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_conv_transpose_1d(
+        x: &[f32],
+        c: usize,
+        len: usize,
+        w: &[f32],
+        mg: usize,
+        k: usize,
+        group: usize,
+        s: usize,
+        d: usize,
+        pb: isize,
+        out_len: usize,
+    ) -> Vec<f32> {
+        let cg = c / group;
+        let m = mg * group;
+        let mut y = vec![0.0f32; m * out_len];
+        for ci in 0..c {
+            let g = ci / cg;
+            for i in 0..len {
+                for mi in 0..mg {
+                    for kk in 0..k {
+                        let o = (i * s + kk * d) as isize - pb;
+                        if o >= 0 && (o as usize) < out_len {
+                            y[(g * mg + mi) * out_len + o as usize] +=
+                                x[ci * len + i] * w[(ci * mg + mi) * k + kk];
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn conv_transpose_1d_by_hand() {
+        // ONNX example: x = [0,1,2], w = [[1,1,1],[1,1,1]] (2 output channels).
+        let x = t(&[1, 1, 3], vec![0.0, 1.0, 2.0]);
+        let w = t(&[1, 2, 3], vec![1.0; 6]);
+        let y = conv_transpose(&tattrs(&[], &[], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(y.shape(), &[1, 2, 5]);
+        assert_eq!(
+            f32s(&y),
+            vec![0.0, 1.0, 3.0, 3.0, 2.0, 0.0, 1.0, 3.0, 3.0, 2.0]
+        );
+        // Stride 2, kernel [1, 10]: y[2i] += x, y[2i+1] += 10x.
+        let x = t(&[1, 1, 3], vec![1.0, 2.0, 3.0]);
+        let w = t(&[1, 1, 2], vec![1.0, 10.0]);
+        let b = t(&[1], vec![0.5]);
+        let y = conv_transpose(&tattrs(&[], &[2], &[], &[]), &x, &w, Some(&b)).unwrap();
+        assert_eq!(f32s(&y), vec![1.5, 10.5, 2.5, 20.5, 3.5, 30.5]);
+        // pads crop begin/end; output_padding extends the end.
+        let y = conv_transpose(&tattrs(&[1, 1], &[2], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![10.0, 2.0, 20.0, 3.0]);
+        let y = conv_transpose(&tattrs(&[], &[2], &[1], &[]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 0.0]);
+    }
+
+    #[test]
+    fn conv_transpose_output_shape_and_auto_pad() {
+        let x = t(&[1, 1, 3], vec![1.0, 2.0, 3.0]);
+        let w = t(&[1, 1, 3], vec![1.0, 2.0, 3.0]);
+        // Full extent: 2*(3-1)+3 = 7: [1, 2, 5, 4, 9, 6, 9].
+        let full = conv_transpose(&tattrs(&[], &[2], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&full), vec![1.0, 2.0, 5.0, 4.0, 9.0, 6.0, 9.0]);
+        // output_shape 6 (NOTSET): total pad 1 -> begin 1, end 0.
+        let y = conv_transpose(&tattrs(&[], &[2], &[], &[6]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![2.0, 5.0, 4.0, 9.0, 6.0, 9.0]);
+        // output_shape given with the full [N, C, L] form works too.
+        let y = conv_transpose(&tattrs(&[], &[2], &[], &[1, 1, 6]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![2.0, 5.0, 4.0, 9.0, 6.0, 9.0]);
+        // SAME_UPPER: output 3*2 = 6, total 1 -> begin 0, end 1.
+        let mut a = tattrs(&[], &[2], &[], &[]);
+        a.conv.auto_pad = AutoPad::SameUpper;
+        let y = conv_transpose(&a, &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![1.0, 2.0, 5.0, 4.0, 9.0, 6.0]);
+        a.conv.auto_pad = AutoPad::SameLower;
+        let y = conv_transpose(&a, &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![2.0, 5.0, 4.0, 9.0, 6.0, 9.0]);
+        // output_shape larger than the full extent: zeros appended at the end.
+        let y = conv_transpose(&tattrs(&[], &[2], &[], &[8]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y), vec![1.0, 2.0, 5.0, 4.0, 9.0, 6.0, 9.0, 0.0]);
+    }
+
+    #[test]
+    fn conv_transpose_onnx_2d_example() {
+        // ONNX ConvTranspose example: X 3x3 = 0..8, W [1, 2, 3, 3] ones.
+        let x = t(&[1, 1, 3, 3], (0..9).map(|v| v as f32).collect());
+        let w = t(&[1, 2, 3, 3], vec![1.0; 18]);
+        let y = conv_transpose(&tattrs(&[], &[], &[], &[]), &x, &w, None).unwrap();
+        assert_eq!(y.shape(), &[1, 2, 5, 5]);
+        let want = [
+            0.0, 1.0, 3.0, 3.0, 2.0, 3.0, 8.0, 15.0, 12.0, 7.0, 9.0, 21.0, 36.0, 27.0, 15.0, 9.0,
+            20.0, 33.0, 24.0, 13.0, 6.0, 13.0, 21.0, 15.0, 8.0,
+        ];
+        let v = f32s(&y);
+        assert_eq!(&v[..25], &want);
+        assert_eq!(&v[25..], &want);
+        // strides [3, 2], output_shape [10, 8] -> trailing zero row/col.
+        let a = tattrs(&[], &[3, 2], &[], &[10, 8]);
+        let y = conv_transpose(&a, &x, &w, None).unwrap();
+        assert_eq!(y.shape(), &[1, 2, 10, 8]);
+        let v = f32s(&y);
+        assert_eq!(&v[0..8], &[0.0, 0.0, 1.0, 1.0, 3.0, 2.0, 2.0, 0.0]);
+        assert_eq!(&v[72..80], &[0.0; 8]);
+        // Same with output_padding [1, 1] instead of output_shape.
+        let y2 = conv_transpose(&tattrs(&[], &[3, 2], &[1, 1], &[]), &x, &w, None).unwrap();
+        assert_eq!(f32s(&y2), v);
+    }
+
+    #[test]
+    fn conv_transpose_random_1d_against_naive() {
+        let mut rng = Rng::new(7);
+        for _ in 0..40 {
+            let group = 1 + rng.below(2);
+            let cg = 1 + rng.below(3);
+            let mg = 1 + rng.below(3);
+            let c = cg * group;
+            let len = 1 + rng.below(6);
+            let k = 1 + rng.below(4);
+            let s = 1 + rng.below(3);
+            let d = 1 + rng.below(2);
+            let pb = rng.below(2);
+            let pe = rng.below(2);
+            let full = s * (len - 1) + (k - 1) * d + 1;
+            if full < pb + pe + 1 {
+                continue;
+            }
+            let out_len = full - pb - pe;
+            let xv = rng.vec(c * len);
+            let wv = rng.vec(c * mg * k);
+            let mut a = tattrs(&[pb, pe], &[s], &[], &[]);
+            a.conv.dilations = vec![d];
+            a.conv.group = group;
+            let y = conv_transpose(
+                &a,
+                &t(&[1, c, len], xv.clone()),
+                &t(&[c, mg, k], wv.clone()),
+                None,
+            )
+            .unwrap();
+            assert_eq!(y.shape(), &[1, mg * group, out_len]);
+            let want =
+                naive_conv_transpose_1d(&xv, c, len, &wv, mg, k, group, s, d, pb as isize, out_len);
+            assert_close(&f32s(&y), &want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn conv_transpose_is_adjoint_of_conv_2d() {
+        // <conv(x), y> == <x, conv_transpose(y)> for the same weights/geometry.
+        let mut rng = Rng::new(11);
+        let x = t(&[1, 2, 5, 6], rng.vec(60));
+        let w = t(&[3, 2, 3, 2], rng.vec(36));
+        let ca = attrs(AutoPad::NotSet, 1, &[1, 2], &[1, 0, 1, 1], &[2, 1]);
+        let cx = conv(&ca, &x, &w, None).unwrap();
+        let yv = rng.vec(cx.len());
+        let y = t(cx.shape(), yv.clone());
+        let ta = ConvTransposeAttrs {
+            conv: ca.clone(),
+            output_padding: vec![],
+            output_shape: vec![],
+        };
+        let ty = conv_transpose(&ta, &y, &w, None).unwrap();
+        assert_eq!(ty.shape(), x.shape());
+        let lhs: f32 = f32s(&cx).iter().zip(&yv).map(|(a, b)| a * b).sum();
+        let rhs: f32 = f32s(&x).iter().zip(f32s(&ty)).map(|(a, b)| a * b).sum();
+        assert!((lhs - rhs).abs() < 1e-3, "{lhs} vs {rhs}");
+    }
+
+    /// Rough Conv speed on ResNet-50-like layers: `cargo test -p kiln-cpu
+    /// --release -- --ignored conv_speed --nocapture`.
+    #[test]
+    #[ignore]
+    fn conv_speed() {
+        let mut rng = Rng::new(5);
+        // (C, M, H, k, stride, pad, group)
+        for &(c, m, h, k, s, p, g) in &[
+            (3, 64, 224, 7, 2, 3, 1),
+            (64, 64, 56, 3, 1, 1, 1),
+            (256, 64, 56, 1, 1, 0, 1),
+            (512, 512, 7, 3, 1, 1, 1),
+            (128, 128, 56, 3, 1, 1, 128),
+        ] {
+            let x = t(&[1, c, h, h], rng.vec(c * h * h));
+            let w = t(&[m, c / g, k, k], rng.vec(m * (c / g) * k * k));
+            let a = attrs(AutoPad::NotSet, g, &[], &[p; 4], &[s, s]);
+            let y = conv(&a, &x, &w, None).unwrap();
+            let start = std::time::Instant::now();
+            let reps = 3;
+            for _ in 0..reps {
+                std::hint::black_box(conv(&a, &x, &w, None).unwrap());
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            let flops = 2.0 * y.len() as f64 * (c / g * k * k) as f64;
+            println!(
+                "conv C={c} M={m} {h}x{h} k={k} s={s} g={g}: {:.2} ms, {:.2} GFLOP/s",
+                secs * 1e3,
+                flops / secs / 1e9
+            );
+        }
+    }
+
+    #[test]
+    fn window_ceil_mode_drops_window_starting_in_padding() {
+        // in 5, k 2, s 2, pads 0/1, ceil: span (5+1-2)=4 -> ceil(4/2)+1 = 3; last
+        // window starts at 4 < 5 -> kept.
+        let w = resolve_window("P", &[5], &[2], &[2], &[], &[0, 1], AutoPad::NotSet, true).unwrap();
+        assert_eq!(w.out, vec![3]);
+        // in 4, k 2, s 2, pads 1/1, ceil: span 4 -> 3; last start (3-1)*2=4 >= 4+1? no -> 3.
+        let w = resolve_window("P", &[4], &[2], &[2], &[], &[1, 1], AutoPad::NotSet, true).unwrap();
+        assert_eq!(w.out, vec![3]);
+        // in 4, k 3, s 3, pads 0/2, ceil: span 3 -> 2; last start 3 < 4 -> 2.
+        // in 3, k 1, s 2, pads 0/1, ceil: span 3 -> 3; last start 4 >= 3 -> dropped -> 2.
+        let w = resolve_window("P", &[3], &[1], &[2], &[], &[0, 1], AutoPad::NotSet, true).unwrap();
+        assert_eq!(w.out, vec![2]);
+        assert!(resolve_window("P", &[3], &[2, 2], &[], &[], &[], AutoPad::NotSet, false).is_err());
+    }
+}

@@ -1,0 +1,695 @@
+//! The GEMM core plus the Gemm and MatMul operators.
+
+use super::{float_prec, float_tensor, numel, values, MatElem, Prec, Real};
+use crate::util::{broadcast_indices, broadcast_shape, tensor};
+use crate::{invalid, unsupported, Result};
+use kiln_ir::{Tensor, TensorData};
+use std::borrow::Cow;
+
+/// Depth of one k-block: a `KC x NC` block of B stays cache-resident while all
+/// rows of A stream past it.
+const KC: usize = 256;
+/// Width of one n-block (columns of B and C).
+const NC: usize = 512;
+
+/// `c[m x n] += a[m x k] * b[k x n]`, all row-major and contiguous.
+///
+/// Loop order i-k-j over contiguous rows of B and C (the inner loop
+/// auto-vectorizes), four rows of C at a time so each loaded row of B is used
+/// four times, blocked over k and n to stay in cache.
+pub(crate) fn gemm_acc<T: MatElem>(m: usize, k: usize, n: usize, a: &[T], b: &[T], c: &mut [T]) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let (a, b, c) = (&a[..m * k], &b[..k * n], &mut c[..m * n]);
+    for p0 in (0..k).step_by(KC) {
+        let p1 = (p0 + KC).min(k);
+        for j0 in (0..n).step_by(NC) {
+            let j1 = (j0 + NC).min(n);
+            let mut rows = c.chunks_exact_mut(n);
+            let mut i = 0;
+            while i + 4 <= m {
+                let (Some(r0), Some(r1), Some(r2), Some(r3)) =
+                    (rows.next(), rows.next(), rows.next(), rows.next())
+                else {
+                    break;
+                };
+                let (c0, c1, c2, c3) = (
+                    &mut r0[j0..j1],
+                    &mut r1[j0..j1],
+                    &mut r2[j0..j1],
+                    &mut r3[j0..j1],
+                );
+                let (a0, a1, a2, a3) = (
+                    &a[i * k..(i + 1) * k],
+                    &a[(i + 1) * k..(i + 2) * k],
+                    &a[(i + 2) * k..(i + 3) * k],
+                    &a[(i + 3) * k..(i + 4) * k],
+                );
+                for p in p0..p1 {
+                    let (x0, x1, x2, x3) = (a0[p], a1[p], a2[p], a3[p]);
+                    let br = &b[p * n + j0..p * n + j1];
+                    for ((((y0, y1), y2), y3), &bv) in c0
+                        .iter_mut()
+                        .zip(c1.iter_mut())
+                        .zip(c2.iter_mut())
+                        .zip(c3.iter_mut())
+                        .zip(br)
+                    {
+                        *y0 = T::madd(*y0, x0, bv);
+                        *y1 = T::madd(*y1, x1, bv);
+                        *y2 = T::madd(*y2, x2, bv);
+                        *y3 = T::madd(*y3, x3, bv);
+                    }
+                }
+                i += 4;
+            }
+            for r in rows {
+                let cr = &mut r[j0..j1];
+                let ar = &a[i * k..(i + 1) * k];
+                for p in p0..p1 {
+                    let x = ar[p];
+                    let br = &b[p * n + j0..p * n + j1];
+                    for (y, &bv) in cr.iter_mut().zip(br) {
+                        *y = T::madd(*y, x, bv);
+                    }
+                }
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Row-major transpose of a `rows x cols` matrix.
+pub(crate) fn transpose<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for j in 0..cols {
+        out.extend((0..rows).map(|i| v[i * cols + j]));
+    }
+    out
+}
+
+/// Gemm: `alpha * A' * B' + beta * C`, A' = A or A^T, B' = B or B^T, C
+/// unidirectionally broadcast to `[M, N]`.
+pub fn gemm(
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<&Tensor>,
+) -> Result<Tensor> {
+    if a.rank() != 2 || b.rank() != 2 {
+        return Err(invalid!(
+            "Gemm expects 2-D A and B, got A {:?} and B {:?}",
+            a.shape(),
+            b.shape()
+        ));
+    }
+    if a.dtype() != b.dtype() {
+        return Err(invalid!("Gemm: A is {} but B is {}", a.dtype(), b.dtype()));
+    }
+    let (m, ka) = if trans_a {
+        (a.shape()[1], a.shape()[0])
+    } else {
+        (a.shape()[0], a.shape()[1])
+    };
+    let (kb, n) = if trans_b {
+        (b.shape()[1], b.shape()[0])
+    } else {
+        (b.shape()[0], b.shape()[1])
+    };
+    if ka != kb {
+        return Err(invalid!(
+            "Gemm: inner dimensions differ: A {:?} (trans_a={trans_a}) gives K={ka}, B {:?} (trans_b={trans_b}) gives K={kb}",
+            a.shape(),
+            b.shape()
+        ));
+    }
+    let c = c.filter(|_| beta != 0.0);
+    let c_idx = match c {
+        Some(c) => {
+            let bs = broadcast_shape(c.shape(), &[m, n])?;
+            if bs != [m, n] {
+                return Err(invalid!(
+                    "Gemm: C {:?} does not broadcast to the output [{m}, {n}]",
+                    c.shape()
+                ));
+            }
+            Some(broadcast_indices(c.shape(), &[m, n]))
+        }
+        None => None,
+    };
+    match a.dtype() {
+        kiln_ir::DType::I32 | kiln_ir::DType::I64 | kiln_ir::DType::U32 | kiln_ir::DType::U64 => {
+            return gemm_int(alpha, beta, trans_a, trans_b, a, b, c, c_idx, m, ka, n);
+        }
+        _ => {}
+    }
+    match float_prec(a, "Gemm")? {
+        Prec::F32 => gemm_float::<f32>(alpha, beta, trans_a, trans_b, a, b, c, c_idx, m, ka, n),
+        Prec::F64 => gemm_float::<f64>(alpha, beta, trans_a, trans_b, a, b, c, c_idx, m, ka, n),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_float<T: Real>(
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<&Tensor>,
+    c_idx: Option<Vec<usize>>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Tensor> {
+    let av = values::<T>(a, "Gemm A")?;
+    let bv = values::<T>(b, "Gemm B")?;
+    let av: Cow<[T]> = if trans_a {
+        Cow::Owned(transpose(&av, k, m))
+    } else {
+        av
+    };
+    let bv: Cow<[T]> = if trans_b {
+        Cow::Owned(transpose(&bv, n, k))
+    } else {
+        bv
+    };
+    let mut y = vec![T::ZERO; numel(&[m, n])?];
+    gemm_acc(m, k, n, &av, &bv, &mut y);
+    let alpha_t = T::from_f64(alpha as f64);
+    if alpha != 1.0 {
+        y.iter_mut().for_each(|v| *v *= alpha_t);
+    }
+    if let (Some(c), Some(idx)) = (c, c_idx) {
+        let cv = values::<T>(c, "Gemm C")?;
+        let beta_t = T::from_f64(beta as f64);
+        for (v, &i) in y.iter_mut().zip(&idx) {
+            *v += beta_t * cv[i];
+        }
+    }
+    float_tensor(vec![m, n], y, a.dtype())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_int(
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<&Tensor>,
+    c_idx: Option<Vec<usize>>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Tensor> {
+    fn run<T: MatElem + std::ops::Add<Output = T> + TryFrom<i64>>(
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+        av: &[T],
+        bv: &[T],
+        c: Option<(&[T], Vec<usize>)>,
+        m: usize,
+        k: usize,
+        n: usize,
+        to_f64: fn(T) -> f64,
+        from_f64: fn(f64) -> T,
+    ) -> Vec<T> {
+        let at;
+        let av = if trans_a {
+            at = transpose(av, k, m);
+            &at[..]
+        } else {
+            av
+        };
+        let bt;
+        let bv = if trans_b {
+            bt = transpose(bv, n, k);
+            &bt[..]
+        } else {
+            bv
+        };
+        let mut y = vec![T::ZERO; m * n];
+        gemm_acc(m, k, n, av, bv, &mut y);
+        if alpha != 1.0 {
+            y.iter_mut()
+                .for_each(|v| *v = from_f64(to_f64(*v) * alpha as f64));
+        }
+        if let Some((cv, idx)) = c {
+            for (v, &i) in y.iter_mut().zip(&idx) {
+                *v = if beta == 1.0 {
+                    *v + cv[i]
+                } else {
+                    from_f64(to_f64(*v) + to_f64(cv[i]) * beta as f64)
+                };
+            }
+        }
+        y
+    }
+    macro_rules! go {
+        ($t:ty, $variant:ident) => {{
+            let (Some(av), Some(bv)) = (a.as_slice::<$t>(), b.as_slice::<$t>()) else {
+                return Err(invalid!("Gemm: A and B must have the same dtype"));
+            };
+            let cc = match (c, c_idx) {
+                (Some(c), Some(idx)) => {
+                    let cv = c.as_slice::<$t>().ok_or_else(|| {
+                        invalid!("Gemm: C is {} but A is {}", c.dtype(), a.dtype())
+                    })?;
+                    Some((cv, idx))
+                }
+                _ => None,
+            };
+            let y = run::<$t>(
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+                av,
+                bv,
+                cc,
+                m,
+                k,
+                n,
+                |x| x as f64,
+                |x| x as $t,
+            );
+            tensor(vec![m, n], TensorData::$variant(y))
+        }};
+    }
+    match a.dtype() {
+        kiln_ir::DType::I32 => go!(i32, I32),
+        kiln_ir::DType::I64 => go!(i64, I64),
+        kiln_ir::DType::U32 => go!(u32, U32),
+        kiln_ir::DType::U64 => go!(u64, U64),
+        d => Err(unsupported!("Gemm on {d} tensors")),
+    }
+}
+
+/// Shapes of a numpy-style matmul: batch shape of the output, M, K, N, the
+/// batch shapes of A and B, and the final output shape.
+struct MatmulShape {
+    out_batch: Vec<usize>,
+    a_batch: Vec<usize>,
+    b_batch: Vec<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+    out_shape: Vec<usize>,
+}
+
+fn matmul_shape(a: &[usize], b: &[usize]) -> Result<MatmulShape> {
+    if a.is_empty() || b.is_empty() {
+        return Err(invalid!(
+            "MatMul does not accept scalars: got A {a:?} and B {b:?}"
+        ));
+    }
+    // Promote 1-D operands: A [K] -> [1, K], B [K] -> [K, 1].
+    let a2: Vec<usize> = if a.len() == 1 {
+        vec![1, a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2: Vec<usize> = if b.len() == 1 {
+        vec![b[0], 1]
+    } else {
+        b.to_vec()
+    };
+    let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+    let (kb, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
+    if k != kb {
+        return Err(invalid!("MatMul: A {a:?} has K={k} but B {b:?} has K={kb}"));
+    }
+    let a_batch = a2[..a2.len() - 2].to_vec();
+    let b_batch = b2[..b2.len() - 2].to_vec();
+    let out_batch = broadcast_shape(&a_batch, &b_batch).map_err(|_| {
+        invalid!("MatMul: batch dims of A {a:?} and B {b:?} cannot be broadcast together")
+    })?;
+    let mut out_shape = out_batch.clone();
+    if a.len() > 1 {
+        out_shape.push(m);
+    }
+    if b.len() > 1 {
+        out_shape.push(n);
+    }
+    Ok(MatmulShape {
+        out_batch,
+        a_batch,
+        b_batch,
+        m,
+        k,
+        n,
+        out_shape,
+    })
+}
+
+/// Batched matmul over slices; see [`matmul`].
+fn matmul_slices<T: MatElem>(s: &MatmulShape, a: &[T], b: &[T]) -> Result<Vec<T>> {
+    let (m, k, n) = (s.m, s.k, s.n);
+    let batch = numel(&s.out_batch)?;
+    let mut y = vec![T::ZERO; numel(&s.out_shape)?];
+    if y.is_empty() {
+        return Ok(y);
+    }
+    let b_count = numel(&s.b_batch)?;
+    let a_count = numel(&s.a_batch)?;
+    // B shared by every batch and A's batches all distinct and contiguous: one
+    // tall matmul [batch*M, K] x [K, N].
+    if b_count == 1 && a_count == batch {
+        gemm_acc(batch * m, k, n, a, b, &mut y);
+        return Ok(y);
+    }
+    let ai = broadcast_indices(&s.a_batch, &s.out_batch);
+    let bi = broadcast_indices(&s.b_batch, &s.out_batch);
+    for (i, out) in y.chunks_exact_mut(m * n).enumerate() {
+        let ao = ai[i] * m * k;
+        let bo = bi[i] * k * n;
+        gemm_acc(m, k, n, &a[ao..ao + m * k], &b[bo..bo + k * n], out);
+    }
+    Ok(y)
+}
+
+/// MatMul with numpy semantics: 1-D operands are promoted (and the added dim
+/// removed from the result), batch dims broadcast. Floats and i32/i64/u32/u64
+/// (integers exact, wrapping on overflow).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let s = matmul_shape(a.shape(), b.shape())?;
+    if a.dtype() != b.dtype() {
+        return Err(invalid!(
+            "MatMul: A is {} {:?} but B is {} {:?}",
+            a.dtype(),
+            a.shape(),
+            b.dtype(),
+            b.shape()
+        ));
+    }
+    macro_rules! int {
+        ($t:ty, $variant:ident) => {{
+            let (Some(av), Some(bv)) = (a.as_slice::<$t>(), b.as_slice::<$t>()) else {
+                return Err(invalid!("MatMul: mismatched dtypes"));
+            };
+            let y = matmul_slices(&s, av, bv)?;
+            tensor(s.out_shape.clone(), TensorData::$variant(y))
+        }};
+    }
+    match a.dtype() {
+        kiln_ir::DType::I32 => return int!(i32, I32),
+        kiln_ir::DType::I64 => return int!(i64, I64),
+        kiln_ir::DType::U32 => return int!(u32, U32),
+        kiln_ir::DType::U64 => return int!(u64, U64),
+        _ => {}
+    }
+    match float_prec(a, "MatMul")? {
+        Prec::F32 => {
+            let y = matmul_slices(
+                &s,
+                &values::<f32>(a, "MatMul A")?,
+                &values::<f32>(b, "MatMul B")?,
+            )?;
+            float_tensor(s.out_shape, y, a.dtype())
+        }
+        Prec::F64 => {
+            let y = matmul_slices(
+                &s,
+                &values::<f64>(a, "MatMul A")?,
+                &values::<f64>(b, "MatMul B")?,
+            )?;
+            float_tensor(s.out_shape, y, a.dtype())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::*;
+
+    /// Naive triple loop reference.
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    s += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn gemm_acc_matches_naive_on_odd_sizes() {
+        let mut rng = Rng::new(1);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (4, 4, 4),
+            (5, 1, 9),
+            (9, 300, 5),
+            (7, 257, 513),
+            (13, 3, 1030),
+            (1, 600, 1),
+        ] {
+            let a = rng.vec(m * k);
+            let b = rng.vec(k * n);
+            let mut c = vec![0.0; m * n];
+            gemm_acc(m, k, n, &a, &b, &mut c);
+            assert_close(&c, &naive(m, k, n, &a, &b), 1e-4);
+        }
+    }
+
+    #[test]
+    fn gemm_acc_accumulates() {
+        let mut c = vec![1.0f32, 2.0];
+        gemm_acc(1, 2, 2, &[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0], &mut c);
+        assert_eq!(c, vec![1.0 + 7.0, 2.0 + 10.0]);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ref(
+        alpha: f32,
+        beta: f32,
+        ta: bool,
+        tb: bool,
+        a: &Tensor,
+        b: &Tensor,
+        c: &[f32],
+        c_shape: &[usize],
+    ) -> Vec<f32> {
+        let (av, bv) = (f32s(a), f32s(b));
+        let (m, k) = if ta {
+            (a.shape()[1], a.shape()[0])
+        } else {
+            (a.shape()[0], a.shape()[1])
+        };
+        let n = if tb { b.shape()[0] } else { b.shape()[1] };
+        let ci = broadcast_indices(c_shape, &[m, n]);
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    let x = if ta { av[p * m + i] } else { av[i * k + p] };
+                    let w = if tb { bv[j * k + p] } else { bv[p * n + j] };
+                    s += x * w;
+                }
+                y[i * n + j] = alpha * s + beta * c[ci[i * n + j]];
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn gemm_all_transpose_combos_and_broadcast_c() {
+        let mut rng = Rng::new(2);
+        let (m, k, n) = (3, 4, 5);
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let a = t(&if ta { [k, m] } else { [m, k] }, rng.vec(m * k));
+                let b = t(&if tb { [n, k] } else { [k, n] }, rng.vec(k * n));
+                for c_shape in [vec![], vec![n], vec![1, n], vec![m, 1], vec![m, n]] {
+                    let cn: usize = c_shape.iter().product();
+                    let cv = rng.vec(cn);
+                    let c = t(&c_shape, cv.clone());
+                    let y = gemm(0.5, 2.0, ta, tb, &a, &b, Some(&c)).unwrap();
+                    assert_eq!(y.shape(), &[m, n]);
+                    assert_close(
+                        &f32s(&y),
+                        &gemm_ref(0.5, 2.0, ta, tb, &a, &b, &cv, &c_shape),
+                        1e-5,
+                    );
+                }
+                // No C.
+                let y = gemm(1.0, 1.0, ta, tb, &a, &b, None).unwrap();
+                let zero = vec![0.0];
+                assert_close(
+                    &f32s(&y),
+                    &gemm_ref(1.0, 0.0, ta, tb, &a, &b, &zero, &[]),
+                    1e-5,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_hand_checked_and_errors() {
+        let a = t(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let b = t(&[2, 2], vec![5.0, 6.0, 7.0, 8.0]);
+        let c = t(&[2], vec![1.0, -1.0]);
+        let y = gemm(1.0, 1.0, false, false, &a, &b, Some(&c)).unwrap();
+        assert_eq!(f32s(&y), vec![20.0, 21.0, 44.0, 49.0]);
+        // A^T B: [[1,3],[2,4]] x [[5,6],[7,8]] = [[26,30],[38,44]]
+        let y = gemm(1.0, 0.0, true, false, &a, &b, Some(&c)).unwrap();
+        assert_eq!(f32s(&y), vec![26.0, 30.0, 38.0, 44.0]);
+        let bad = t(&[3, 2], vec![0.0; 6]);
+        let e = gemm(1.0, 1.0, false, false, &a, &bad, None).unwrap_err();
+        assert!(e.to_string().contains("K=2"), "{e}");
+        let badc = t(&[3], vec![0.0; 3]);
+        assert!(gemm(1.0, 1.0, false, false, &a, &b, Some(&badc)).is_err());
+        let ai = Tensor::from_vec(vec![1, 2], vec![2i64, 3]).unwrap();
+        let bi = Tensor::from_vec(vec![2, 1], vec![4i64, 5]).unwrap();
+        let ci = Tensor::from_vec(vec![1], vec![100i64]).unwrap();
+        let y = gemm(1.0, 1.0, false, false, &ai, &bi, Some(&ci)).unwrap();
+        assert_eq!(y.as_slice::<i64>().unwrap(), &[123]);
+    }
+
+    #[test]
+    fn matmul_1d_and_2d() {
+        let v = t(&[3], vec![1.0, 2.0, 3.0]);
+        let m = t(&[3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let y = matmul(&v, &m).unwrap();
+        assert_eq!(y.shape(), &[2]);
+        assert_eq!(f32s(&y), vec![22.0, 28.0]);
+        let mt = t(&[2, 3], vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
+        let y = matmul(&mt, &v).unwrap();
+        assert_eq!(y.shape(), &[2]);
+        assert_eq!(f32s(&y), vec![22.0, 28.0]);
+        let y = matmul(&v, &v).unwrap();
+        assert_eq!(y.shape(), &[] as &[usize]);
+        assert_eq!(f32s(&y), vec![14.0]);
+        // 1-D x batched 3-D.
+        let bm = t(&[2, 3, 1], vec![1.0, 1.0, 1.0, 0.0, 1.0, 2.0]);
+        let y = matmul(&v, &bm).unwrap();
+        assert_eq!(y.shape(), &[2, 1]);
+        assert_eq!(f32s(&y), vec![6.0, 8.0]);
+    }
+
+    #[test]
+    fn matmul_batched_broadcast() {
+        let mut rng = Rng::new(3);
+        let a = t(&[2, 1, 3, 4], rng.vec(24));
+        let b = t(&[5, 4, 2], rng.vec(40));
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.shape(), &[2, 5, 3, 2]);
+        let (av, bv, yv) = (f32s(&a), f32s(&b), f32s(&y));
+        for i in 0..2 {
+            for j in 0..5 {
+                let want = naive(3, 4, 2, &av[i * 12..i * 12 + 12], &bv[j * 8..j * 8 + 8]);
+                let o = (i * 5 + j) * 6;
+                assert_close(&yv[o..o + 6], &want, 1e-5);
+            }
+        }
+        // Shared 2-D B folds the batch.
+        let b2 = t(&[4, 2], rng.vec(8));
+        let y = matmul(&a, &b2).unwrap();
+        assert_eq!(y.shape(), &[2, 1, 3, 2]);
+        let b2v = f32s(&b2);
+        assert_close(&f32s(&y), &naive(6, 4, 2, &av, &b2v), 1e-5);
+        // Errors name both shapes.
+        let e = matmul(&a, &t(&[3, 2], vec![0.0; 6]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[2, 1, 3, 4]") && e.contains("[3, 2]"), "{e}");
+        let e = matmul(&t(&[2, 1, 2], vec![0.0; 4]), &t(&[3, 2, 1], vec![0.0; 6]));
+        assert!(e.is_err());
+        let y = matmul(
+            &t(&[2, 1, 2], vec![1.0; 4]),
+            &t(&[3, 2, 2, 1], vec![1.0; 12]),
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[3, 2, 1, 1]);
+        assert_eq!(f32s(&y), vec![2.0; 6]);
+    }
+
+    #[test]
+    fn matmul_integers_exact_and_f64_f16() {
+        let a = Tensor::from_vec(vec![2, 2], vec![1i32, 2, 3, 4]).unwrap();
+        let b = Tensor::from_vec(vec![2, 2], vec![5i32, 6, 7, 8]).unwrap();
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.as_slice::<i32>().unwrap(), &[19, 22, 43, 50]);
+        let a = Tensor::from_vec(vec![1, 2], vec![1u64 << 40, 3]).unwrap();
+        let b = Tensor::from_vec(vec![2, 1], vec![3u64, 1 << 41]).unwrap();
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.as_slice::<u64>().unwrap(), &[(3u64 << 40) + (3u64 << 41)]);
+        let a = Tensor::from_vec(vec![1, 2], vec![1i64 << 40, -3]).unwrap();
+        let b = Tensor::from_vec(vec![2, 1], vec![3i64, 1 << 41]).unwrap();
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.as_slice::<i64>().unwrap(), &[(3i64 << 40) - (3i64 << 41)]);
+        let a = Tensor::from_vec(vec![1, 1], vec![7u32]).unwrap();
+        let y = matmul(&a, &a).unwrap();
+        assert_eq!(y.as_slice::<u32>().unwrap(), &[49]);
+        let a = Tensor::from_vec(vec![1, 2], vec![0.5f64, 2.0]).unwrap();
+        let b = Tensor::from_vec(vec![2], vec![2.0f64, 3.0]).unwrap();
+        assert_eq!(matmul(&a, &b).unwrap().as_slice::<f64>().unwrap(), &[7.0]);
+        let h = |v: &[f32]| {
+            v.iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>()
+        };
+        let a = Tensor::from_vec(vec![1, 2], h(&[1.0, 2.0])).unwrap();
+        let b = Tensor::from_vec(vec![2, 1], h(&[3.0, 4.0])).unwrap();
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.dtype(), kiln_ir::DType::F16);
+        assert_eq!(y.as_slice::<half::f16>().unwrap()[0].to_f32(), 11.0);
+        let a = Tensor::from_vec(vec![1, 1], vec![1u8]).unwrap();
+        assert!(matches!(
+            matmul(&a, &a),
+            Err(crate::KernelError::Unsupported(_))
+        ));
+        assert!(matmul(&Tensor::scalar(1.0f32), &t(&[1], vec![1.0])).is_err());
+    }
+
+    #[test]
+    fn matmul_empty_dims() {
+        let a = t(&[0, 3], vec![]);
+        let b = t(&[3, 2], vec![0.0; 6]);
+        assert_eq!(matmul(&a, &b).unwrap().shape(), &[0, 2]);
+        let a = t(&[2, 0], vec![]);
+        let b = t(&[0, 2], vec![]);
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(f32s(&y), vec![0.0; 4]);
+    }
+
+    /// Rough speed of a 1024^3 f32 matmul: `cargo test -p kiln-cpu --release
+    /// -- --ignored matmul_speed --nocapture`.
+    #[test]
+    #[ignore]
+    fn matmul_speed() {
+        let n = 1024;
+        let mut rng = Rng::new(9);
+        let a = t(&[n, n], rng.vec(n * n));
+        let b = t(&[n, n], rng.vec(n * n));
+        let _ = matmul(&a, &b).unwrap();
+        let reps = 3;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(matmul(&a, &b).unwrap());
+        }
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        let gflops = 2.0 * (n * n * n) as f64 / secs / 1e9;
+        println!(
+            "1024^3 f32 matmul: {:.1} ms, {gflops:.2} GFLOP/s",
+            secs * 1e3
+        );
+    }
+}

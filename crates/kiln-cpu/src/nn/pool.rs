@@ -1,0 +1,438 @@
+//! MaxPool, AveragePool and the global pools, N-D.
+
+use super::conv::resolve_window;
+use super::{float_prec, float_tensor, numel, values, Prec, Real};
+use crate::util::{strides, tensor};
+use crate::{invalid, Result};
+use kiln_ir::{DType, PoolAttrs, Tensor, TensorData};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Max,
+    Avg,
+}
+
+/// Output of the generic pool: shape, values, and (max pool) flat indices.
+type Pooled<T> = (Vec<usize>, Vec<T>, Option<Vec<i64>>);
+
+fn pool_impl<T: Real>(
+    op: &str,
+    a: &PoolAttrs,
+    x: &Tensor,
+    kind: Kind,
+    want_indices: bool,
+) -> Result<Pooled<T>> {
+    let xs = x.shape();
+    if xs.len() < 3 {
+        return Err(invalid!(
+            "{op} expects X of rank >= 3 [N, C, spatial...], got {xs:?}"
+        ));
+    }
+    let in_sp = &xs[2..];
+    let nsp = in_sp.len();
+    if a.kernel_shape.len() != nsp {
+        return Err(invalid!(
+            "{op}: kernel_shape {:?} must have one entry per spatial axis of X {xs:?}",
+            a.kernel_shape
+        ));
+    }
+    let ceil = a.ceil_mode && a.auto_pad == kiln_ir::AutoPad::NotSet;
+    let win = resolve_window(
+        op,
+        in_sp,
+        &a.kernel_shape,
+        &a.strides,
+        &a.dilations,
+        &a.pads,
+        a.auto_pad,
+        ceil,
+    )?;
+    // Per axis and output position: the in-bounds input indices of the window,
+    // and how many of its taps lie inside the padded extent.
+    let mut valid: Vec<Vec<Vec<usize>>> = Vec::with_capacity(nsp);
+    let mut padded: Vec<Vec<usize>> = Vec::with_capacity(nsp);
+    for (ax, &len) in in_sp.iter().enumerate() {
+        let (len, pb, pe) = (
+            len as isize,
+            win.pad_begin[ax] as isize,
+            win.pad_end[ax] as isize,
+        );
+        let mut v_ax = Vec::with_capacity(win.out[ax]);
+        let mut p_ax = Vec::with_capacity(win.out[ax]);
+        for o in 0..win.out[ax] {
+            let start = (o * win.strides[ax]) as isize - pb;
+            let mut v = Vec::with_capacity(win.kernel[ax]);
+            let mut cnt = 0;
+            for j in 0..win.kernel[ax] {
+                let p = start + (j * win.dilations[ax]) as isize;
+                if p >= 0 && p < len {
+                    v.push(p as usize);
+                }
+                if p >= -pb && p < len + pe {
+                    cnt += 1;
+                }
+            }
+            v_ax.push(v);
+            p_ax.push(cnt);
+        }
+        valid.push(v_ax);
+        padded.push(p_ax);
+    }
+    let (n, c) = (xs[0], xs[1]);
+    let mut out_shape = vec![n, c];
+    out_shape.extend_from_slice(&win.out);
+    let out_n = numel(&win.out)?;
+    let in_n = numel(in_sp)?;
+    let total = numel(&out_shape)?;
+    let mut y = vec![T::ZERO; total];
+    let mut ind = if want_indices {
+        Some(vec![0i64; total])
+    } else {
+        None
+    };
+    if total == 0 {
+        return Ok((out_shape, y, ind));
+    }
+    let xv = values::<T>(x, op)?;
+    let in_str = strides(in_sp);
+    // Every output position's window as in-plane offsets (CSR layout), plus
+    // the average's divisor.
+    let mut offsets: Vec<usize> = Vec::new();
+    let mut starts: Vec<usize> = Vec::with_capacity(out_n + 1);
+    let mut divisors: Vec<T> = Vec::with_capacity(out_n);
+    let mut oidx = vec![0usize; nsp];
+    let mut tap = vec![0usize; nsp];
+    for o_flat in 0..out_n {
+        if o_flat > 0 {
+            for ax in (0..nsp).rev() {
+                oidx[ax] += 1;
+                if oidx[ax] < win.out[ax] {
+                    break;
+                }
+                oidx[ax] = 0;
+            }
+        }
+        starts.push(offsets.len());
+        let lists: Vec<&[usize]> = (0..nsp).map(|ax| &valid[ax][oidx[ax]][..]).collect();
+        let count: usize = if a.count_include_pad {
+            (0..nsp).map(|ax| padded[ax][oidx[ax]]).product()
+        } else {
+            lists.iter().map(|l| l.len()).product()
+        };
+        divisors.push(T::from_f64(count as f64));
+        if lists.iter().any(|l| l.is_empty()) {
+            continue;
+        }
+        tap.iter_mut().for_each(|t| *t = 0);
+        'taps: loop {
+            offsets.push((0..nsp).map(|ax| lists[ax][tap[ax]] * in_str[ax]).sum());
+            for ax in (0..nsp).rev() {
+                tap[ax] += 1;
+                if tap[ax] < lists[ax].len() {
+                    continue 'taps;
+                }
+                tap[ax] = 0;
+            }
+            break;
+        }
+    }
+    starts.push(offsets.len());
+    for (plane, (yp, xp)) in y
+        .chunks_exact_mut(out_n)
+        .zip(xv.chunks_exact(in_n.max(1)))
+        .enumerate()
+    {
+        let base = plane * in_n;
+        for (o, yv) in yp.iter_mut().enumerate() {
+            let win_offs = &offsets[starts[o]..starts[o + 1]];
+            match kind {
+                Kind::Max => {
+                    let mut best = T::NEG_INFINITY;
+                    let mut best_i = win_offs.first().copied().unwrap_or(0);
+                    for &off in win_offs {
+                        let v = xp[off];
+                        if v > best {
+                            best = v;
+                            best_i = off;
+                        }
+                    }
+                    *yv = best;
+                    if let Some(ind) = ind.as_mut() {
+                        ind[plane * out_n + o] = (base + best_i) as i64;
+                    }
+                }
+                Kind::Avg => {
+                    let mut sum = T::ZERO;
+                    for &off in win_offs {
+                        sum += xp[off];
+                    }
+                    *yv = sum / divisors[o];
+                }
+            }
+        }
+    }
+    Ok((out_shape, y, ind))
+}
+
+/// MaxPool; a second output (when `num_outputs > 1`) holds the i64 flat
+/// row-major index of each maximum in X (storage_order 0).
+pub fn max_pool(a: &PoolAttrs, x: &Tensor, num_outputs: usize) -> Result<Vec<Tensor>> {
+    let want = num_outputs > 1;
+    // Small integer types are exact in f32.
+    let (shape, data, ind) = match x.dtype() {
+        DType::I8 | DType::U8 => {
+            let xf = tensor(
+                x.shape().to_vec(),
+                TensorData::F32(
+                    x.to_f64_vec()
+                        .map_err(|e| invalid!("MaxPool: {e}"))?
+                        .into_iter()
+                        .map(|v| v as f32)
+                        .collect(),
+                ),
+            )?;
+            let (s, y, i) = pool_impl::<f32>("MaxPool", a, &xf, Kind::Max, want)?;
+            let data = if x.dtype() == DType::I8 {
+                TensorData::I8(y.into_iter().map(|v| v as i8).collect())
+            } else {
+                TensorData::U8(y.into_iter().map(|v| v as u8).collect())
+            };
+            (s, data, i)
+        }
+        _ => match float_prec(x, "MaxPool")? {
+            Prec::F32 => {
+                let (s, y, i) = pool_impl::<f32>("MaxPool", a, x, Kind::Max, want)?;
+                (s, f32::into_data(y, x.dtype()), i)
+            }
+            Prec::F64 => {
+                let (s, y, i) = pool_impl::<f64>("MaxPool", a, x, Kind::Max, want)?;
+                (s, f64::into_data(y, x.dtype()), i)
+            }
+        },
+    };
+    let mut outs = vec![tensor(shape.clone(), data)?];
+    if let Some(ind) = ind {
+        outs.push(tensor(shape, TensorData::I64(ind))?);
+    }
+    Ok(outs)
+}
+
+/// AveragePool (count_include_pad, ceil_mode, dilations, auto_pad).
+pub fn avg_pool(a: &PoolAttrs, x: &Tensor) -> Result<Tensor> {
+    match float_prec(x, "AveragePool")? {
+        Prec::F32 => {
+            let (s, y, _) = pool_impl::<f32>("AveragePool", a, x, Kind::Avg, false)?;
+            float_tensor(s, y, x.dtype())
+        }
+        Prec::F64 => {
+            let (s, y, _) = pool_impl::<f64>("AveragePool", a, x, Kind::Avg, false)?;
+            float_tensor(s, y, x.dtype())
+        }
+    }
+}
+
+/// GlobalAveragePool / GlobalMaxPool: reduce every spatial axis to 1.
+pub fn global_pool(x: &Tensor, is_max: bool) -> Result<Tensor> {
+    let op = if is_max {
+        "GlobalMaxPool"
+    } else {
+        "GlobalAveragePool"
+    };
+    match float_prec(x, op)? {
+        Prec::F32 => global_impl::<f32>(op, x, is_max),
+        Prec::F64 => global_impl::<f64>(op, x, is_max),
+    }
+}
+
+fn global_impl<T: Real>(op: &str, x: &Tensor, is_max: bool) -> Result<Tensor> {
+    let xs = x.shape();
+    if xs.len() < 2 {
+        return Err(invalid!(
+            "{op} expects X of rank >= 2 [N, C, ...], got {xs:?}"
+        ));
+    }
+    let planes = xs[0] * xs[1];
+    let inner = numel(&xs[2..])?;
+    let mut out_shape = xs[..2].to_vec();
+    out_shape.resize(xs.len(), 1);
+    let xv = values::<T>(x, op)?;
+    let y: Vec<T> = (0..planes)
+        .map(|p| {
+            let s = &xv[p * inner..(p + 1) * inner];
+            if is_max {
+                s.iter().fold(T::NEG_INFINITY, |m, &v| {
+                    if v > m || v.partial_cmp(&v).is_none() {
+                        v
+                    } else {
+                        m
+                    }
+                })
+            } else {
+                let sum = s.iter().fold(0.0f64, |acc, &v| acc + v.to_f64());
+                T::from_f64(sum / inner as f64)
+            }
+        })
+        .collect();
+    float_tensor(out_shape, y, x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::*;
+    use kiln_ir::AutoPad;
+
+    fn pa(kernel: &[usize], strides: &[usize], pads: &[usize]) -> PoolAttrs {
+        PoolAttrs {
+            auto_pad: AutoPad::NotSet,
+            ceil_mode: false,
+            dilations: vec![],
+            kernel_shape: kernel.to_vec(),
+            pads: pads.to_vec(),
+            strides: strides.to_vec(),
+            count_include_pad: false,
+        }
+    }
+
+    fn x4x4() -> Tensor {
+        t(&[1, 1, 4, 4], (1..=16).map(|v| v as f32).collect())
+    }
+
+    #[test]
+    fn maxpool_basic_and_indices() {
+        let y = max_pool(&pa(&[2, 2], &[2, 2], &[]), &x4x4(), 2).unwrap();
+        assert_eq!(y[0].shape(), &[1, 1, 2, 2]);
+        assert_eq!(f32s(&y[0]), vec![6.0, 8.0, 14.0, 16.0]);
+        assert_eq!(y[1].as_slice::<i64>().unwrap(), &[5, 7, 13, 15]);
+        // Indices include the batch/channel offset.
+        let x = t(&[2, 1, 1, 2], vec![1.0, 0.0, 0.0, 1.0]);
+        let y = max_pool(&pa(&[1, 2], &[], &[]), &x, 2).unwrap();
+        assert_eq!(y[1].as_slice::<i64>().unwrap(), &[0, 3]);
+        assert_eq!(
+            max_pool(&pa(&[2, 2], &[2, 2], &[]), &x4x4(), 1)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn maxpool_ceil_mode() {
+        // ONNX example: 4x4 (1..16), kernel 3, stride 2, ceil_mode.
+        let mut a = pa(&[3, 3], &[2, 2], &[]);
+        a.ceil_mode = true;
+        let y = max_pool(&a, &x4x4(), 1).unwrap();
+        assert_eq!(y[0].shape(), &[1, 1, 2, 2]);
+        assert_eq!(f32s(&y[0]), vec![11.0, 12.0, 15.0, 16.0]);
+        a.ceil_mode = false;
+        let y = max_pool(&a, &x4x4(), 1).unwrap();
+        assert_eq!(f32s(&y[0]), vec![11.0]);
+    }
+
+    #[test]
+    fn maxpool_pads_dilation_same_and_1d_3d() {
+        // Pads are ignored cells (-inf), not zeros.
+        let x = t(&[1, 1, 3], vec![-1.0, -2.0, -3.0]);
+        let y = max_pool(&pa(&[2], &[1], &[1, 1]), &x, 1).unwrap();
+        assert_eq!(f32s(&y[0]), vec![-1.0, -1.0, -2.0, -3.0]);
+        // Dilation 2 on 1..16 4x4 with kernel 2: taps (0,0),(0,2),(2,0),(2,2).
+        let mut a = pa(&[2, 2], &[1, 1], &[]);
+        a.dilations = vec![2, 2];
+        let y = max_pool(&a, &x4x4(), 1).unwrap();
+        assert_eq!(f32s(&y[0]), vec![11.0, 12.0, 15.0, 16.0]);
+        // SAME_UPPER: 5 -> ceil(5/2) = 3, kernel 2 total pad 1 at the end.
+        let x = t(&[1, 1, 5], vec![1.0, 5.0, 2.0, 4.0, 3.0]);
+        let mut a = pa(&[2], &[2], &[]);
+        a.auto_pad = AutoPad::SameUpper;
+        assert_eq!(f32s(&max_pool(&a, &x, 1).unwrap()[0]), vec![5.0, 4.0, 3.0]);
+        a.auto_pad = AutoPad::SameLower;
+        assert_eq!(f32s(&max_pool(&a, &x, 1).unwrap()[0]), vec![1.0, 5.0, 4.0]);
+        // 3-D.
+        let x = t(&[1, 1, 2, 2, 2], (0..8).map(|v| v as f32).collect());
+        let y = max_pool(&pa(&[2, 2, 2], &[], &[]), &x, 2).unwrap();
+        assert_eq!(f32s(&y[0]), vec![7.0]);
+        assert_eq!(y[1].as_slice::<i64>().unwrap(), &[7]);
+        // u8 stays u8.
+        let x = Tensor::from_vec(vec![1, 1, 3], vec![3u8, 200, 7]).unwrap();
+        let y = max_pool(&pa(&[2], &[], &[]), &x, 1).unwrap();
+        assert_eq!(y[0].as_slice::<u8>().unwrap(), &[200, 200]);
+        assert!(max_pool(&pa(&[2], &[], &[]), &t(&[1, 3], vec![0.0; 3]), 1).is_err());
+    }
+
+    #[test]
+    fn avgpool_count_include_pad_both_ways() {
+        // ONNX example: 5x5 (1..25), kernel 3, pads 2.
+        let x = t(&[1, 1, 5, 5], (1..=25).map(|v| v as f32).collect());
+        let mut a = pa(&[3, 3], &[], &[2, 2, 2, 2]);
+        let y = avg_pool(&a, &x).unwrap();
+        assert_eq!(y.shape(), &[1, 1, 7, 7]);
+        let v = f32s(&y);
+        assert_eq!(v[0], 1.0); // only x[0,0] is inside
+        assert_eq!(v[1], 1.5); // (1+2)/2
+        assert_eq!(v[24], 13.0); // centre
+        a.count_include_pad = true;
+        let y = avg_pool(&a, &x).unwrap();
+        let v = f32s(&y);
+        assert!((v[0] - 1.0 / 9.0).abs() < 1e-6);
+        assert!((v[1] - 3.0 / 9.0).abs() < 1e-6);
+        assert_eq!(v[24], 13.0);
+    }
+
+    #[test]
+    fn avgpool_ceil_mode_and_last_window_in_padding() {
+        let mut a = pa(&[3, 3], &[2, 2], &[]);
+        a.ceil_mode = true;
+        let y = avg_pool(&a, &x4x4()).unwrap();
+        assert_eq!(f32s(&y), vec![6.0, 7.5, 12.0, 13.5]);
+        // 1-D: in 3, kernel 1, stride 2, pads 0/1, ceil_mode: the window that would
+        // start at 4 (inside the end padding) is dropped -> 2 outputs.
+        let x = t(&[1, 1, 3], vec![1.0, 2.0, 3.0]);
+        let mut a = pa(&[1], &[2], &[0, 1]);
+        a.ceil_mode = true;
+        let y = avg_pool(&a, &x).unwrap();
+        assert_eq!(f32s(&y), vec![1.0, 3.0]);
+        // count_include_pad counts only taps within the padded extent, not the
+        // ceil-mode overhang: in 4, k 3, s 2, ceil -> windows [0,3) and [2,5).
+        let x = t(&[1, 1, 4], vec![1.0, 2.0, 3.0, 4.0]);
+        let mut a = pa(&[3], &[2], &[]);
+        a.ceil_mode = true;
+        a.count_include_pad = true;
+        assert_eq!(f32s(&avg_pool(&a, &x).unwrap()), vec![2.0, 3.5]);
+        // Dilated average.
+        let mut a = pa(&[2], &[1], &[]);
+        a.dilations = vec![2];
+        assert_eq!(f32s(&avg_pool(&a, &x).unwrap()), vec![2.0, 3.0]);
+    }
+
+    #[test]
+    fn global_pools() {
+        let x = t(
+            &[1, 2, 2, 2],
+            vec![1.0, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0],
+        );
+        let y = global_pool(&x, false).unwrap();
+        assert_eq!(y.shape(), &[1, 2, 1, 1]);
+        assert_eq!(f32s(&y), vec![2.5, -2.5]);
+        let y = global_pool(&x, true).unwrap();
+        assert_eq!(f32s(&y), vec![4.0, -1.0]);
+        let y = global_pool(&t(&[0, 3, 4], vec![]), true).unwrap();
+        assert_eq!(y.shape(), &[0, 3, 1]);
+        let x64 = Tensor::from_vec(vec![1, 1, 3], vec![1.0f64, 2.0, 6.0]).unwrap();
+        assert_eq!(
+            global_pool(&x64, false).unwrap().as_slice::<f64>().unwrap(),
+            &[3.0]
+        );
+    }
+
+    #[test]
+    fn empty_batch() {
+        let x = t(&[0, 3, 4, 4], vec![]);
+        let y = max_pool(&pa(&[2, 2], &[2, 2], &[]), &x, 2).unwrap();
+        assert_eq!(y[0].shape(), &[0, 3, 2, 2]);
+        assert_eq!(y[1].shape(), &[0, 3, 2, 2]);
+        assert_eq!(
+            avg_pool(&pa(&[2, 2], &[], &[]), &x).unwrap().shape(),
+            &[0, 3, 3, 3]
+        );
+    }
+}
