@@ -6,6 +6,8 @@
 //!   them, then checks that malformed models fail cleanly.
 //! - `venv`: only create/update the venv and print its path.
 //! - `models [NAME...]`: build the generated test models.
+//! - `conformance [ARGS...]`: the ONNX backend test suite through `kiln run`
+//!   (`scripts/conformance.py`; e.g. `--ort --report docs/conformance.md`).
 //!
 //! The venv, the generated models and (under CI) the cargo target folder live in
 //! `$KILN_CACHE` (default `~/.cache/kiln`), outside the clone, so warm runs are fast.
@@ -22,8 +24,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("venv") => venv().map(|p| println!("{}", p.display())),
         Some("models") => venv().and_then(|py| models(&py, &args[1..])),
+        Some("conformance") => conformance(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [--quick] | venv | models [NAME...]>");
+            eprintln!("usage: cargo xtask <test [--quick] | venv | models [NAME...] | conformance [ARGS...]>");
             return ExitCode::from(2);
         }
     };
@@ -98,6 +101,23 @@ fn models(python: &Path, names: &[String]) -> Result<(), String> {
         cmd.arg("--only").args(names);
     }
     run(&mut cmd)
+}
+
+fn kiln_binary() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"));
+    target.join("release").join("kiln")
+}
+
+fn conformance(args: &[String]) -> Result<(), String> {
+    let python = venv()?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "kiln-cli"]))?;
+    run(Command::new(&python)
+        .arg("scripts/conformance.py")
+        .arg("--kiln")
+        .arg(kiln_binary())
+        .args(args))
 }
 
 fn test(args: &[String]) -> Result<(), String> {
