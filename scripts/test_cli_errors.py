@@ -53,7 +53,7 @@ def build_cases(d):
     raw = open(good, "rb").read()
     trunc = os.path.join(d, "truncated.onnx")
     open(trunc, "wb").write(raw[: len(raw) // 2])
-    cases.append(("truncated file", ["run", trunc, "--input", x], 1, ["onnx"]))
+    cases.append(("truncated file", ["run", trunc, "--input", x], 1, ["ONNX"]))
 
     # Not a model at all.
     junk = os.path.join(d, "junk.onnx")
@@ -134,7 +134,7 @@ def build_cases(d):
     cases.append(("wrong shape", ["run", good, "--input", npy("xs.npy", np.ones((3, 2), np.float32))], 1,
                   ["'x'", "[2, 3]"]))
     cases.append(("wrong name", ["run", good, "--input", "nope=" + x], 1, ["nope", "x"]))
-    cases.append(("bad npy", ["run", good, "--input", junk], 1, []))
+    cases.append(("bad input file", ["run", good, "--input", junk], 1, ["not a .npy file", "TensorProto"]))
 
     # Usage errors exit 2.
     cases.append(("unknown flag", ["run", good, "--frobnicate"], 2, []))

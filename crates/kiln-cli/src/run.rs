@@ -104,7 +104,7 @@ pub fn read_tensor_file(path: &Path) -> Result<Tensor, Failure> {
     let parsed = if is_npy {
         npy::read(&bytes)
     } else {
-        kiln_onnx::read_tensor_pb(&bytes).map_err(|e| e.to_string())
+        kiln_onnx::read_tensor_pb(&bytes).map_err(|e| format!("not a .npy file, and {e}"))
     };
     parsed.map_err(|e| Failure::error(format!("{}: {e}", path.display())))
 }

@@ -35,6 +35,9 @@ pub enum OnnxError {
     Decode(String),
     #[error("invalid model: {0}")]
     Invalid(String),
+    /// A serialized TensorProto (an input or output `.pb` file) that does not decode.
+    #[error("not a valid ONNX TensorProto: {0}")]
+    TensorDecode(String),
     /// An operator kiln does not implement (message format is part of the CLI contract).
     #[error("unsupported: {op} (opset {opset}) at node {node}")]
     UnsupportedOp {

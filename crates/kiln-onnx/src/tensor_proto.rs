@@ -330,8 +330,7 @@ pub fn tensor_to_proto(t: &Tensor, name: &str) -> TensorProto {
 /// Reads a serialized TensorProto (a `.pb` file of the ONNX test data layout).
 pub fn read_tensor_pb(bytes: &[u8]) -> Result<Tensor> {
     use prost::Message;
-    let p =
-        TensorProto::decode(bytes).map_err(|e| OnnxError::Decode(format!("TensorProto: {e}")))?;
+    let p = TensorProto::decode(bytes).map_err(|e| OnnxError::TensorDecode(e.to_string()))?;
     tensor_from_proto(
         &p,
         &TensorLimits {
