@@ -6,13 +6,18 @@
 //! number of outputs the node uses, and returns the output tensors. Control flow
 //! (If, Loop) is the runtime's job, since it needs to execute subgraphs.
 
+mod attn;
 mod elementwise;
+mod index;
 mod nn;
+mod quant;
 mod reduce;
 mod resize;
 mod rnn;
 mod shape_ops;
+mod text;
 pub mod util;
+mod vision;
 
 use kiln_ir::{Op, Tensor};
 
@@ -232,7 +237,12 @@ pub fn run_op(op: &Op, inputs: &[Option<&Tensor>], num_outputs: usize) -> Result
             *select_last_index,
             false,
         )?),
-        Op::If { .. } | Op::Loop { .. } => Err(invalid!(
+        Op::Quant(o) => quant::run(o, inputs, num_outputs),
+        Op::Index(o) => index::run(o, inputs, num_outputs),
+        Op::Vision(o) => vision::run(o, inputs, num_outputs),
+        Op::Attn(o) => attn::run(o, inputs, num_outputs),
+        Op::Text(o) => text::run(o, inputs, num_outputs),
+        Op::If { .. } | Op::Loop { .. } | Op::Seq(_) => Err(invalid!(
             "{} is control flow and is executed by the runtime, not a kernel",
             op.name()
         )),

@@ -1057,6 +1057,32 @@ impl Ctx<'_> {
         self.simple(n)
     }
 
+    /// Inference for the op families that keep their rule beside their enum.
+    fn family(
+        &self,
+        n: &Node,
+        rule: impl FnOnce(
+            &[Option<ValueType>],
+            &[Option<&Tensor>],
+            usize,
+        ) -> Result<Vec<Option<ValueType>>, String>,
+    ) -> Result<NodeOut, IrError> {
+        let types: Vec<Option<ValueType>> = (0..n.inputs.len())
+            .map(|i| self.ty(n, i).cloned())
+            .collect();
+        let consts: Vec<Option<&Tensor>> = n
+            .inputs
+            .iter()
+            .map(|o| {
+                o.as_deref()
+                    .and_then(|name| self.scope.consts.get(name))
+                    .map(|t| &**t)
+            })
+            .collect();
+        let out = rule(&types, &consts, n.outputs.len()).map_err(|m| nerr(n, m))?;
+        Ok(NodeOut::many(out))
+    }
+
     fn simple(&self, n: &Node) -> Result<NodeOut, IrError> {
         let t0 = self.ty(n, 0);
         let dt0 = t0.map(|t| t.dtype);
@@ -1183,6 +1209,12 @@ impl Ctx<'_> {
             }
             Op::Resize(a) => self.resize(n, a)?,
             Op::Lstm(a) => self.lstm(n, a)?,
+            Op::Quant(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
+            Op::Index(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
+            Op::Vision(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
+            Op::Attn(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
+            Op::Seq(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
+            Op::Text(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
             Op::Reshape { allowzero } => self.reshape(n, *allowzero)?,
             Op::Flatten { axis } => {
                 let shape = match &s0 {

@@ -7,12 +7,24 @@ mod dtype;
 mod graph;
 pub mod infer;
 mod op;
+mod op_attn;
+mod op_index;
+mod op_quant;
+mod op_seq;
+mod op_text;
+mod op_vision;
 mod shape;
 mod tensor;
 
 pub use dtype::DType;
 pub use graph::{Graph, Node, ValueInfo};
 pub use op::*;
+pub use op_attn::AttnOp;
+pub use op_index::IndexOp;
+pub use op_quant::QuantOp;
+pub use op_seq::SeqOp;
+pub use op_text::TextOp;
+pub use op_vision::VisionOp;
 pub use shape::{broadcast_shapes, format_shape, known_shape, Dim, DimExpr, Shape, ValueType};
 pub use tensor::{checked_numel, Element, Tensor, TensorData};
 

@@ -3,7 +3,7 @@
 //! inputs (axes, pads, split sizes, clip bounds, scales) always arrive as inputs,
 //! so later stages never look at opset versions.
 
-use crate::{DType, Graph, Tensor};
+use crate::{AttnOp, DType, Graph, IndexOp, QuantOp, SeqOp, Tensor, TextOp, VisionOp};
 
 /// Element-wise operators of one input.
 #[derive(Clone, Debug, PartialEq)]
@@ -405,6 +405,14 @@ pub enum Op {
     Loop {
         body: Box<Graph>,
     },
+
+    // Op families, each in its own module (see `op_*.rs`).
+    Quant(QuantOp),
+    Index(IndexOp),
+    Vision(VisionOp),
+    Attn(AttnOp),
+    Seq(SeqOp),
+    Text(TextOp),
 }
 
 impl Op {
@@ -537,6 +545,12 @@ impl Op {
             Op::ArgMin { .. } => "ArgMin",
             Op::If { .. } => "If",
             Op::Loop { .. } => "Loop",
+            Op::Quant(o) => o.name(),
+            Op::Index(o) => o.name(),
+            Op::Vision(o) => o.name(),
+            Op::Attn(o) => o.name(),
+            Op::Seq(o) => o.name(),
+            Op::Text(o) => o.name(),
         }
     }
 
@@ -548,6 +562,7 @@ impl Op {
                 else_branch,
             } => vec![then_branch, else_branch],
             Op::Loop { body } => vec![body],
+            Op::Seq(s) => s.subgraphs(),
             _ => vec![],
         }
     }

@@ -521,7 +521,21 @@ impl Converter {
             "Loop" => Op::Loop {
                 body: Box::new(self.graph(a.graph("body")?, false)?),
             },
-            _ => return Err(unsupported()),
+            _ => {
+                let mut ctx = NodeCtx {
+                    opset,
+                    name: &name,
+                    attrs: &a,
+                    inputs: &mut inputs,
+                    num_outputs: outputs.len(),
+                    graph,
+                    conv: self,
+                };
+                match family_op(op_type, &mut ctx)? {
+                    Some(op) => op,
+                    None => return Err(unsupported()),
+                }
+            }
         };
         graph.nodes.push(Node {
             name,
@@ -531,6 +545,76 @@ impl Converter {
         });
         Ok(())
     }
+}
+
+/// What a family converter (`convert_*.rs`) sees of the node it parses.
+#[allow(dead_code)] // fields and helpers are for the family converters as they grow
+pub(crate) struct NodeCtx<'a, 'b> {
+    /// The model's default-domain opset.
+    pub opset: i64,
+    pub name: &'a str,
+    pub attrs: &'a Attrs<'b>,
+    /// The node's inputs; a converter may normalize them (e.g. attribute -> input).
+    pub inputs: &'a mut Vec<Option<String>>,
+    pub num_outputs: usize,
+    pub graph: &'a mut Graph,
+    pub conv: &'a mut Converter,
+}
+
+#[allow(dead_code)]
+impl NodeCtx<'_, '_> {
+    /// Adds a constant to the graph and returns its name (for normalizing
+    /// attribute-form parameters into inputs).
+    pub fn constant(&mut self, hint: &str, t: Tensor) -> Option<String> {
+        self.conv.constant(self.graph, hint, t)
+    }
+
+    /// Sets input `slot`, growing the input list as needed.
+    pub fn set_input(&mut self, slot: usize, v: Option<String>) {
+        set_input(self.inputs, slot, v)
+    }
+
+    /// Converts a graph-valued attribute (a Scan or SequenceMap body).
+    pub fn subgraph(&mut self, attr: &str) -> Result<Graph> {
+        let g = self.attrs.graph(attr)?;
+        self.conv.graph(g, false)
+    }
+
+    /// Decodes a tensor-valued attribute.
+    pub fn tensor_attr(&self, attr: &str) -> Result<Option<Tensor>> {
+        self.attrs
+            .tensor(attr)
+            .map(|t| tensor_from_proto(t, &self.conv.limits))
+            .transpose()
+    }
+
+    /// An "invalid model" error naming this node.
+    pub fn invalid(&self, msg: impl std::fmt::Display) -> OnnxError {
+        OnnxError::Invalid(format!("node '{}': {msg}", self.name))
+    }
+
+    /// An "unsupported feature" error naming this node.
+    pub fn unsupported(&self, what: impl std::fmt::Display) -> OnnxError {
+        OnnxError::UnsupportedFeature(format!("{what} at node {}", self.name))
+    }
+}
+
+/// Tries each op family's converter in turn.
+fn family_op(op_type: &str, ctx: &mut NodeCtx) -> Result<Option<Op>> {
+    let families: [fn(&str, &mut NodeCtx) -> Result<Option<Op>>; 6] = [
+        crate::convert_quant::convert,
+        crate::convert_index::convert,
+        crate::convert_vision::convert,
+        crate::convert_attn::convert,
+        crate::convert_seq::convert,
+        crate::convert_text::convert,
+    ];
+    for f in families {
+        if let Some(op) = f(op_type, ctx)? {
+            return Ok(Some(op));
+        }
+    }
+    Ok(None)
 }
 
 fn set_input(inputs: &mut Vec<Option<String>>, slot: usize, v: Option<String>) {

@@ -4,6 +4,12 @@
 
 mod attrs;
 mod convert;
+mod convert_attn;
+mod convert_index;
+mod convert_quant;
+mod convert_seq;
+mod convert_text;
+mod convert_vision;
 #[allow(clippy::all, missing_docs)]
 pub mod proto;
 mod tensor_proto;
