@@ -63,12 +63,15 @@ pub type Result<T> = std::result::Result<T, OnnxError>;
 pub struct LoadOptions {
     /// Largest single tensor (initializer or constant) accepted, in bytes.
     pub max_tensor_bytes: usize,
+    /// Most nodes accepted in the main graph (a guard against hostile files).
+    pub max_nodes: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_tensor_bytes: 16 << 30,
+            max_nodes: 1_000_000,
         }
     }
 }
@@ -146,6 +149,13 @@ pub fn load_model_bytes(
         // Model-local functions are only needed if a node calls one; nodes in
         // unknown domains are reported as unsupported ops by the converter.
         tracing::debug!("model has {} local functions", proto.functions.len());
+    }
+    if graph_proto.node.len() > options.max_nodes {
+        return Err(OnnxError::Invalid(format!(
+            "the graph has {} nodes, over the limit of {}",
+            graph_proto.node.len(),
+            options.max_nodes
+        )));
     }
     let limits = TensorLimits {
         base_dir: base_dir.map(|p| p.to_path_buf()),
