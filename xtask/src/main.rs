@@ -16,7 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Pinned so the oracle and the test models are the same everywhere.
-const PY_PACKAGES: &[&str] = &["onnx==1.23.2", "onnxruntime==1.32.0", "numpy==2.4.6"];
+const PY_PACKAGES: &[&str] = &[
+    "onnx==1.23.2",
+    "onnxruntime==1.32.0",
+    "numpy==2.4.6",
+    // The official Triton/KServe client, for the `kiln serve` end-to-end tests.
+    "tritonclient[http,grpc]==2.73.0",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -125,14 +131,22 @@ fn test(args: &[String]) -> Result<(), String> {
     let python = venv()?;
     run(Command::new("cargo").args(["test", "--release", "--workspace"]))?;
     run(Command::new("cargo").args(["build", "--release", "-p", "kiln-cli"]))?;
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("target"));
-    let kiln = target.join("release").join("kiln");
+    let kiln = kiln_binary();
     run(Command::new(&python)
         .arg("scripts/test_cli_errors.py")
         .arg("--kiln")
         .arg(&kiln))?;
+    // The ONNX backend suite, gated on the committed baseline: a case that passed
+    // there and fails now is a regression.
+    run(Command::new(&python)
+        .arg("scripts/conformance.py")
+        .arg("--kiln")
+        .arg(&kiln)
+        .args([
+            "--exclude-random",
+            "--baseline",
+            "docs/conformance-baseline.json",
+        ]))?;
     let mut only: Vec<&str> = Vec::new();
     if quick {
         only.extend(["tiny_cnn", "mobilenetv3_small_ish", "lstm_if", "mixed_ops"]);
@@ -150,5 +164,18 @@ fn test(args: &[String]) -> Result<(), String> {
     if !only.is_empty() {
         cmp.arg("--only").args(&only);
     }
-    run(&mut cmp)
+    run(&mut cmp)?;
+    // `kiln serve` end to end with tritonclient (HTTP, gRPC), bad input, load, SIGTERM.
+    // The short load test: the long one is a benchmark (docs/serving.md).
+    run(Command::new(&python)
+        .arg("scripts/test_serve.py")
+        .arg("--kiln")
+        .arg(&kiln)
+        .arg("--quick"))?;
+    // Real published models shipped inside PyPI wheels (PP-OCR, YOLOv8n, Silero VAD, MiniLM).
+    run(Command::new(&python)
+        .arg("scripts/real_models.py")
+        .arg("--kiln")
+        .arg(&kiln))?;
+    Ok(())
 }

@@ -3,6 +3,7 @@
 mod inspect;
 mod npy;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ enum Command {
     Run(run::RunArgs),
     /// Show a model's inputs, outputs, opsets, op types, parameters and FLOPs.
     Inspect(inspect::InspectArgs),
+    /// Serve models over the KServe Open Inference Protocol v2 (HTTP + gRPC).
+    Serve(serve::ServeArgs),
 }
 
 /// A failure with the exit code the CLI contract gives it.
@@ -61,10 +64,17 @@ impl From<kiln_runtime::Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs its lifecycle at info; the one-shot commands stay quiet.
+    let default_log = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_log.into()),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -85,10 +95,10 @@ fn main() -> ExitCode {
         eprintln!("error: internal error (please report): {msg}{at}");
     }));
 
-    let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Serve(args) => serve::serve(args),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

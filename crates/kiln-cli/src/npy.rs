@@ -228,6 +228,21 @@ pub fn write(t: &Tensor) -> Vec<u8> {
             }
             format!("<U{width}")
         }
+        // npy has no low-precision types: small floats are written as their f32
+        // values (like bf16), 4- and 2-bit integers as one byte each.
+        TensorData::Bits(d, v) if d.is_small_int() => {
+            body.extend(v.iter().map(|&b| d.decode_bits(b) as i8 as u8));
+            if d.is_signed_small_int() {
+                "|i1".into()
+            } else {
+                "|u1".into()
+            }
+        }
+        TensorData::Bits(d, v) => {
+            v.iter()
+                .for_each(|&b| body.extend_from_slice(&d.decode_bits(b).to_le_bytes()));
+            "<f4".into()
+        }
     };
     let shape = match t.shape() {
         [] => "()".to_string(),

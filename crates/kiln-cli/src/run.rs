@@ -3,17 +3,20 @@
 use crate::{npy, Failure};
 use clap::{Args, ValueEnum};
 use half::{bf16, f16};
-use kiln_ir::{DType, Dim, Tensor, TensorData};
-use kiln_runtime::{IoInfo, Session, SessionOptions};
+use kiln_ir::{DType, Dim, Tensor, TensorData, ValueKind};
+use kiln_runtime::{IoInfo, Session, SessionOptions, Value};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
-    /// `DIR/<name>.npy` per output.
+    /// `DIR/<name>.npy` per tensor output; a sequence output writes one
+    /// `DIR/<name>_<k>.npy` per element (none when empty); an optional output
+    /// writes its content, or nothing when empty.
     Npy,
-    /// `DIR/output_<i>.pb` (ONNX TensorProto, the layout of the ONNX test data).
+    /// `DIR/output_<i>.pb`: a TensorProto, or a SequenceProto / OptionalProto
+    /// for sequence / optional outputs (the layout of the ONNX test data).
     Pb,
 }
 
@@ -21,8 +24,10 @@ pub enum OutputFormat {
 pub struct RunArgs {
     /// The ONNX model file.
     pub model: PathBuf,
-    /// An input as `[NAME=]PATH` (.npy or TensorProto .pb). Inputs without a name
-    /// bind to the model's inputs in order. Repeat for several inputs.
+    /// An input as `[NAME=]PATH` (.npy, or a .pb holding a TensorProto, or a
+    /// SequenceProto / OptionalProto for a sequence / optional input, as the
+    /// model declares it). Inputs without a name bind to the model's inputs in
+    /// order. Repeat for several inputs.
     #[arg(long = "input", short = 'i', value_name = "[NAME=]PATH")]
     pub inputs: Vec<String>,
     /// Value of a symbolic dimension for random inputs, as NAME=VALUE (default 1).
@@ -55,16 +60,11 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         file_inputs(session.inputs(), &args.inputs)?
     };
     let t1 = Instant::now();
-    let outputs = session.run(inputs)?;
+    let outputs = session.run_values(inputs)?;
     let run_time = t1.elapsed();
 
-    for (name, t) in &outputs {
-        println!(
-            "{name}: {} {:?} = {}",
-            t.dtype(),
-            t.shape(),
-            preview(t, args.show)
-        );
+    for (name, v) in &outputs {
+        print_value(name, v, args.show);
     }
     if random {
         println!(
@@ -96,20 +96,59 @@ fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failure> {
         .collect()
 }
 
-/// Reads a `.npy` or TensorProto `.pb` file.
-pub fn read_tensor_file(path: &Path) -> Result<Tensor, Failure> {
+fn print_value(name: &str, v: &Value, show: usize) {
+    match v {
+        Value::Tensor(t) => println!(
+            "{name}: {} {:?} = {}",
+            t.dtype(),
+            t.shape(),
+            preview(t, show)
+        ),
+        Value::Sequence { dtype, tensors } => {
+            println!("{name}: sequence of {} {dtype} tensors", tensors.len());
+            for (k, t) in tensors.iter().enumerate() {
+                print_value(&format!("  {name}[{k}]"), &Value::Tensor(t.clone()), show);
+            }
+        }
+        Value::Optional(None) => println!("{name}: empty optional"),
+        Value::Optional(Some(inner)) => print_value(&format!("{name} (optional)"), inner, show),
+    }
+}
+
+/// Reads an input file for `info` (when known): `.npy` (a tensor), or a `.pb`
+/// decoded as the input's declared kind (TensorProto, SequenceProto or
+/// OptionalProto; TensorProto when the input is not known).
+fn read_value_file(path: &Path, info: Option<&IoInfo>) -> Result<Value, Failure> {
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::error(format!("cannot read {}: {e}", path.display())))?;
     let is_npy = bytes.starts_with(b"\x93NUMPY");
+    let kind = info.map(|i| i.kind.clone()).unwrap_or_default();
     let parsed = if is_npy {
-        npy::read(&bytes)
+        if matches!(kind, ValueKind::Sequence(_)) {
+            Err(format!(
+                "input '{}' is a sequence ({}); give it as a SequenceProto .pb file",
+                info.map(|i| i.name.as_str()).unwrap_or("?"),
+                info.map(|i| i.type_string()).unwrap_or_default()
+            ))
+        } else {
+            npy::read(&bytes).map(Value::Tensor)
+        }
     } else {
-        kiln_onnx::read_tensor_pb(&bytes).map_err(|e| format!("not a .npy file, and {e}"))
+        let dtype = info.map(|i| i.dtype).unwrap_or(DType::F32);
+        match kind {
+            ValueKind::Tensor => kiln_onnx::read_tensor_pb(&bytes)
+                .map(Value::Tensor)
+                .map_err(|e| format!("not a .npy file, and {e}")),
+            kind => kiln_runtime::read_value_pb(&bytes, &kind, dtype).map_err(|e| {
+                let e = e.to_string();
+                e.strip_prefix("bad input: ").unwrap_or(&e).to_string()
+            }),
+        }
     };
     parsed.map_err(|e| Failure::error(format!("{}: {e}", path.display())))
 }
 
-fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Tensor)>, Failure> {
+fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Value)>, Failure> {
     // Positional inputs bind to the inputs without defaults first, in order.
     let mut positional = infos
         .iter()
@@ -131,7 +170,8 @@ fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Tensor
                 (info.name.clone(), spec.clone())
             }
         };
-        out.push((name, read_tensor_file(Path::new(&path))?));
+        let info = infos.iter().find(|i| i.name == name);
+        out.push((name, read_value_file(Path::new(&path), info)?));
     }
     Ok(out)
 }
@@ -143,10 +183,17 @@ fn random_inputs(
     infos: &[IoInfo],
     dims: &[(String, usize)],
     seed: u64,
-) -> Result<Vec<(String, Tensor)>, Failure> {
+) -> Result<Vec<(String, Value)>, Failure> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     for info in infos.iter().filter(|i| !i.has_default) {
+        if info.kind != ValueKind::Tensor {
+            return Err(Failure::usage(format!(
+                "input '{}' is a {}, not a tensor: kiln makes random tensors only; give it with --input",
+                info.name,
+                info.type_string()
+            )));
+        }
         let shape: Vec<usize> = match &info.shape {
             Some(s) => s
                 .iter()
@@ -195,7 +242,7 @@ fn random_inputs(
         };
         out.push((
             info.name.clone(),
-            Tensor::new(shape, data).map_err(|e| Failure::error(e.to_string()))?,
+            Value::Tensor(Tensor::new(shape, data).map_err(|e| Failure::error(e.to_string()))?),
         ));
     }
     Ok(out)
@@ -239,29 +286,63 @@ pub fn sanitize(name: &str) -> String {
 fn write_outputs(
     dir: &Path,
     format: OutputFormat,
-    outputs: &[(String, Tensor)],
+    outputs: &[(String, Value)],
 ) -> Result<(), Failure> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Failure::error(format!("cannot create {}: {e}", dir.display())))?;
-    for (i, (name, t)) in outputs.iter().enumerate() {
-        let (path, bytes) = match format {
-            OutputFormat::Npy => (dir.join(format!("{}.npy", sanitize(name))), npy::write(t)),
-            OutputFormat::Pb => (
+    for (i, (name, v)) in outputs.iter().enumerate() {
+        let files: Vec<(PathBuf, Vec<u8>)> = match format {
+            OutputFormat::Npy => npy_files(dir, &sanitize(name), v),
+            OutputFormat::Pb => vec![(
                 dir.join(format!("output_{i}.pb")),
-                kiln_onnx::write_tensor_pb(t, name),
-            ),
+                kiln_runtime::write_value_pb(v, name),
+            )],
         };
-        std::fs::write(&path, bytes)
-            .map_err(|e| Failure::error(format!("cannot write {}: {e}", path.display())))?;
+        for (path, bytes) in files {
+            std::fs::write(&path, bytes)
+                .map_err(|e| Failure::error(format!("cannot write {}: {e}", path.display())))?;
+        }
     }
     Ok(())
 }
 
+/// The `.npy` files of one output: `<stem>.npy` for a tensor, `<stem>_<k>.npy`
+/// per sequence element, an optional's content (nothing when empty).
+fn npy_files(dir: &Path, stem: &str, v: &Value) -> Vec<(PathBuf, Vec<u8>)> {
+    match v {
+        Value::Tensor(t) => vec![(dir.join(format!("{stem}.npy")), npy::write(t))],
+        Value::Sequence { tensors, .. } => tensors
+            .iter()
+            .enumerate()
+            .map(|(k, t)| (dir.join(format!("{stem}_{k}.npy")), npy::write(t)))
+            .collect(),
+        Value::Optional(None) => Vec::new(),
+        Value::Optional(Some(inner)) => npy_files(dir, stem, inner),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn sanitize_names() {
         assert_eq!(super::sanitize("logits"), "logits");
         assert_eq!(super::sanitize("out:0/a b"), "out_0_a_b");
+    }
+
+    #[test]
+    fn npy_files_per_sequence_element_and_optional_content() {
+        let dir = Path::new("/out");
+        let seq = Value::sequence(
+            DType::F32,
+            vec![Tensor::vector(vec![1.0f32]), Tensor::vector(vec![2.0f32])],
+        )
+        .unwrap();
+        let names: Vec<PathBuf> = npy_files(dir, "s", &seq).into_iter().map(|f| f.0).collect();
+        assert_eq!(names, vec![dir.join("s_0.npy"), dir.join("s_1.npy")]);
+        assert!(npy_files(dir, "o", &Value::Optional(None)).is_empty());
+        let opt = Value::Optional(Some(Box::new(Value::Tensor(Tensor::scalar(1i64)))));
+        assert_eq!(npy_files(dir, "o", &opt)[0].0, dir.join("o.npy"));
     }
 }

@@ -379,9 +379,11 @@ pub(crate) trait IntElem: Element + Copy + Ord {
     fn band(self, o: Self) -> Self;
     fn bor(self, o: Self) -> Self;
     fn bxor(self, o: Self) -> Self;
-    /// Shift left by `by` bits; shifting by the bit width or more gives 0.
+    /// Shift left by `by` bits, dropping bits shifted out; shifting by a negative
+    /// amount or the bit width or more gives 0.
     fn shl(self, by: Self) -> Self;
-    /// Logical shift right by `by` bits; the bit width or more gives 0.
+    /// Shift right by `by` bits (arithmetic for signed types); shifting by a
+    /// negative amount or the bit width or more gives 0 (-1 for negative values).
     fn shr(self, by: Self) -> Self;
     fn to_i128(self) -> i128;
     /// Truncating (wrapping) conversion.
@@ -436,7 +438,9 @@ macro_rules! impl_int {
                 u32::try_from(by as i128).ok().and_then(|n| self.checked_shl(n)).unwrap_or(0)
             }
             fn shr(self, by: Self) -> Self {
-                u32::try_from(by as i128).ok().and_then(|n| self.checked_shr(n)).unwrap_or(0)
+                // Out-of-range shifts give the sign fill: 0, or -1 for negative values.
+                let fill = (if (self as i128) < 0 { -1i128 } else { 0 }) as $t;
+                u32::try_from(by as i128).ok().and_then(|n| self.checked_shr(n)).unwrap_or(fill)
             }
             fn to_i128(self) -> i128 {
                 self as i128
@@ -769,7 +773,7 @@ pub fn unary(op: &UnaryOp, x: &Tensor) -> Result<Tensor> {
         TensorData::Bool(v) if *op == UnaryOp::Not => {
             Some(TensorData::Bool(v.iter().map(|b| !b).collect()))
         }
-        TensorData::Bool(_) | TensorData::String(_) => None,
+        TensorData::Bool(_) | TensorData::String(_) | TensorData::Bits(..) => None,
     }
     .ok_or_else(|| unsupported!("{} on {} tensors", unary_name(op), x.dtype()))?;
     tensor(x.shape().to_vec(), data)
@@ -933,16 +937,12 @@ fn int_binary<I: IntElem>(
         BinaryOp::LessOrEqual => icmp(sh, x, y, |p, q| p <= q),
         BinaryOp::Greater => icmp(sh, x, y, |p, q| p > q),
         BinaryOp::GreaterOrEqual => icmp(sh, x, y, |p, q| p >= q),
-        BinaryOp::BitShiftLeft if !I::SIGNED => iarith(sh, x, y, |p, q| p.shl(q)),
-        BinaryOp::BitShiftRight if !I::SIGNED => iarith(sh, x, y, |p, q| p.shr(q)),
+        BinaryOp::BitShiftLeft => iarith(sh, x, y, |p, q| p.shl(q)),
+        BinaryOp::BitShiftRight => iarith(sh, x, y, |p, q| p.shr(q)),
         BinaryOp::BitwiseAnd => iarith(sh, x, y, |p, q| p.band(q)),
         BinaryOp::BitwiseOr => iarith(sh, x, y, |p, q| p.bor(q)),
         BinaryOp::BitwiseXor => iarith(sh, x, y, |p, q| p.bxor(q)),
-        BinaryOp::BitShiftLeft
-        | BinaryOp::BitShiftRight
-        | BinaryOp::And
-        | BinaryOp::Or
-        | BinaryOp::Xor => return Ok(None),
+        BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => return Ok(None),
     };
     if bad.get() {
         return Err(if op == BinaryOp::Pow {
@@ -1040,7 +1040,7 @@ fn pow(a: &Tensor, b: &Tensor, sh: Shapes, name: &str) -> Result<TensorData> {
         TensorData::U16(x) => int_base(x, b, sh, name),
         TensorData::U32(x) => int_base(x, b, sh, name),
         TensorData::U64(x) => int_base(x, b, sh, name),
-        TensorData::Bool(_) | TensorData::String(_) => {
+        TensorData::Bool(_) | TensorData::String(_) | TensorData::Bits(..) => {
             Err(unsupported!("{name} on {} tensors", a.dtype()))
         }
     }
@@ -1200,7 +1200,7 @@ pub fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Result<Te
         TensorData::U16(v) => TensorData::U16(clip_vals(v, min, max)),
         TensorData::U32(v) => TensorData::U32(clip_vals(v, min, max)),
         TensorData::U64(v) => TensorData::U64(clip_vals(v, min, max)),
-        TensorData::Bool(_) | TensorData::String(_) => {
+        TensorData::Bool(_) | TensorData::String(_) | TensorData::Bits(..) => {
             return Err(unsupported!("Clip on {} tensors", x.dtype()))
         }
     };
@@ -1503,6 +1503,12 @@ fn cast_from<S: CastSrc>(v: &[S], to: DType) -> TensorData {
         DType::U64 => each!(U64, c_u64),
         DType::Bool => each!(Bool, c_bool),
         DType::String => each!(String, c_string),
+        // Low-precision targets are handled by `cast_with`; this covers the
+        // rest through f64 (exact for floats and for integers below 2^53).
+        d => TensorData::Bits(
+            d,
+            v.iter().map(|&x| d.encode_f64(x.c_f64(), true)).collect(),
+        ),
     }
 }
 
@@ -1570,6 +1576,12 @@ fn cast_strings(v: &[String], to: DType) -> Result<TensorData> {
             }
         })?),
         DType::String => TensorData::String(v.to_vec()),
+        d => TensorData::Bits(
+            d,
+            each(v, to, |s| {
+                s.parse::<f64>().ok().map(|f| d.encode_f64(f, true))
+            })?,
+        ),
     })
 }
 
@@ -1577,8 +1589,64 @@ fn cast_strings(v: &[String], to: DType) -> Result<TensorData> {
 /// shortest decimal that round-trips, in plain notation; NaN and infinities as
 /// "NaN", "INF", "-INF"; bools as "1"/"0".
 pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
+    cast_with(x, to, true, "up")
+}
+
+/// [`cast`] with Cast's `saturate` (float8 targets: out-of-range values and
+/// infinities become the largest finite value instead of infinity or NaN) and
+/// `round_mode` (e8m0 targets: "up", "down" or "nearest").
+///
+/// Low-precision sources convert through their exact value (f32 for the small
+/// floats, i64 for the small integers). Low-precision targets: floats round to
+/// nearest even (e8m0 per `round_mode`); to 4- and 2-bit integers values
+/// truncate toward zero and wrap, like `astype` in ml_dtypes.
+pub fn cast_with(x: &Tensor, to: DType, saturate: bool, round_mode: &str) -> Result<Tensor> {
     if x.dtype() == to {
         return Ok(x.clone());
+    }
+    if !matches!(round_mode, "up" | "down" | "nearest") {
+        return Err(invalid!(
+            "Cast: round_mode must be \"up\", \"down\" or \"nearest\", got {round_mode:?}"
+        ));
+    }
+    if let TensorData::Bits(d, v) = x.data() {
+        let wide = if d.is_small_int() {
+            let w: Vec<i64> = v.iter().map(|&b| d.decode_bits(b) as i64).collect();
+            tensor(x.shape().to_vec(), TensorData::I64(w))?
+        } else {
+            let w: Vec<f32> = v.iter().map(|&b| d.decode_bits(b)).collect();
+            tensor(x.shape().to_vec(), TensorData::F32(w))?
+        };
+        return cast_with(&wide, to, saturate, round_mode);
+    }
+    if to.is_bits() {
+        let from = x.dtype();
+        let bits: Vec<u8> = if from == DType::String {
+            let wide = cast(x, DType::F64)?;
+            return cast_with(&wide, to, saturate, round_mode);
+        } else if from.is_int() || from == DType::Bool {
+            let ints = x.to_i64_vec().map_err(|e| invalid!("{e}"))?;
+            if to.is_small_int() {
+                let mask = if to.bit_width() == 4 { 0xF } else { 0x3 };
+                ints.iter().map(|&i| (i as u8) & mask).collect()
+            } else {
+                let floats: Vec<f64> = match x.data() {
+                    TensorData::U64(u) => u.iter().map(|&q| q as f64).collect(),
+                    _ => ints.iter().map(|&i| i as f64).collect(),
+                };
+                floats
+                    .iter()
+                    .map(|&f| encode_small(to, f, saturate, round_mode))
+                    .collect()
+            }
+        } else {
+            let floats = x.to_f64_vec().map_err(|e| invalid!("{e}"))?;
+            floats
+                .iter()
+                .map(|&f| encode_small(to, f, saturate, round_mode))
+                .collect()
+        };
+        return tensor(x.shape().to_vec(), TensorData::Bits(to, bits));
     }
     let data = match x.data() {
         TensorData::F32(v) => cast_from(v, to),
@@ -1595,8 +1663,18 @@ pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
         TensorData::U64(v) => cast_from(v, to),
         TensorData::Bool(v) => cast_from(v, to),
         TensorData::String(v) => cast_strings(v, to)?,
+        TensorData::Bits(..) => return Err(invalid!("Cast: unexpected packed source")),
     };
     tensor(x.shape().to_vec(), data)
+}
+
+/// One value to a low-precision type (see [`cast_with`]).
+fn encode_small(to: DType, f: f64, saturate: bool, round_mode: &str) -> u8 {
+    if to == DType::F8E8M0 {
+        DType::encode_e8m0(f as f32, saturate, round_mode)
+    } else {
+        to.encode_f64(f, saturate)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2326,10 +2404,22 @@ mod tests {
             vals::<u64>(&bin(BinaryOp::BitShiftLeft, &w, &Tensor::scalar(64u64))),
             [0]
         );
-        let i = Tensor::vector(vec![1i32]);
+        // Signed: left shifts wrap, right shifts are arithmetic; shifts out of
+        // range (negative, or >= the width) give the sign fill.
+        let i = Tensor::vector(vec![64i8, 1, -64, -8, 4, -1, -8]);
+        let n = Tensor::vector(vec![1i8, 7, 1, 8, 9, 127, -1]);
         assert_eq!(
-            is_unsupported(binary(BinaryOp::BitShiftLeft, &i, &i)),
-            "BitShift on i32 tensors"
+            vals::<i8>(&bin(BinaryOp::BitShiftLeft, &i, &n)),
+            [-128, -128, -128, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            vals::<i8>(&bin(BinaryOp::BitShiftRight, &i, &n)),
+            [32, 0, -32, -1, 0, -1, -1]
+        );
+        let f = Tensor::vector(vec![1.0f32]);
+        assert_eq!(
+            is_unsupported(binary(BinaryOp::BitShiftLeft, &f, &f)),
+            "BitShift on f32 tensors"
         );
         let p = Tensor::vector(vec![0b1100i32, -1]);
         let q = Tensor::vector(vec![0b1010i32, 5]);
@@ -2674,8 +2764,19 @@ mod tests {
                 assert_eq!(y.shape(), &[4]);
                 // Back to f32: 0 and 1 survive every round trip (bool included).
                 let back = cast(&y, DType::F32).unwrap();
+                // e8m0 has no zero: its smallest value is 2^-127.
+                if from == DType::F8E8M0 || to == DType::F8E8M0 {
+                    let v = vals::<f32>(&back);
+                    assert!(
+                        (v[0] < 1e-30 || to == DType::Bool) && v[1] == 1.0,
+                        "{from} -> {to}"
+                    );
+                    continue;
+                }
                 assert_eq!(vals::<f32>(&back)[..2], [0.0, 1.0], "{from} -> {to}");
-                if to != DType::Bool && from != DType::Bool {
+                // Not every type holds 2 and 3: bool, int2 (wraps).
+                let small = |d: DType| matches!(d, DType::Bool | DType::I2);
+                if !small(to) && !small(from) {
                     assert_eq!(vals::<f32>(&back), [0.0, 1.0, 2.0, 3.0], "{from} -> {to}");
                 }
             }

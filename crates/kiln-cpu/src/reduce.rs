@@ -239,7 +239,7 @@ pub fn reduce(
             let r = reduce_int(op, &bytes, &g, name)?;
             TensorData::Bool(r.into_iter().map(|b| b != 0).collect())
         }
-        TensorData::Bool(_) | TensorData::String(_) => {
+        TensorData::Bool(_) | TensorData::String(_) | TensorData::Bits(..) => {
             return Err(unsupported!("{name} on {dtype} tensors"))
         }
     };
@@ -333,7 +333,9 @@ pub fn arg_extreme(
         TensorData::U32(v) => arg_scan(v, dims, last, is_max, |_| false),
         TensorData::U64(v) => arg_scan(v, dims, last, is_max, |_| false),
         TensorData::Bool(v) => arg_scan(v, dims, last, is_max, |_| false),
-        TensorData::String(_) => return Err(unsupported!("{name} on {} tensors", x.dtype())),
+        TensorData::String(_) | TensorData::Bits(..) => {
+            return Err(unsupported!("{name} on {} tensors", x.dtype()))
+        }
     };
     tensor(out_shape, TensorData::I64(idx))
 }

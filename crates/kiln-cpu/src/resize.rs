@@ -264,9 +264,10 @@ fn fill_masked(data: &mut TensorData, mask: &[bool], v: f32) -> Result<()> {
         TensorData::U32(d) => fill!(d, v as u32),
         TensorData::U64(d) => fill!(d, v as u64),
         TensorData::Bool(d) => fill!(d, v != 0.0),
-        TensorData::String(_) => {
+        TensorData::String(_) | TensorData::Bits(..) => {
             return Err(unsupported!(
-                "Resize tf_crop_and_resize extrapolation on string tensors"
+                "Resize tf_crop_and_resize extrapolation on {} tensors",
+                data.dtype()
             ))
         }
     }

@@ -7,7 +7,7 @@
 
 use crate::nn::{float_prec, float_tensor, gemm_acc, values, Prec, Real};
 use crate::{invalid, Result};
-use kiln_ir::{Activation, LstmAttrs, RnnDirection, Tensor};
+use kiln_ir::{Activation, DType, LstmAttrs, RnnDirection, Tensor, TensorData};
 
 fn act<T: Real>(a: Activation, v: T) -> T {
     match a {
@@ -321,6 +321,276 @@ fn lstm_impl<T: Real>(
         float_tensor(vec![bs, dirs, hs], to_batch_major(&yh), dt)?,
         float_tensor(vec![bs, dirs, hs], to_batch_major(&yc), dt)?,
     ])
+}
+
+/// RNN and GRU (`AttnOp::Recurrent`). Inputs: X, W, R, B?, sequence_lens?,
+/// initial_h?. Outputs Y, Y_h, truncated to `num_outputs`.
+///
+/// Computed in f64 and rounded to X's type. Gate order in W, R and B is z, r, h
+/// for GRU. Steps past a batch element's `sequence_lens` leave Y zero and the
+/// state unchanged; reverse directions run from the element's last valid step.
+pub fn recurrent(
+    op: &kiln_ir::AttnOp,
+    inputs: &[Option<&Tensor>],
+    num_outputs: usize,
+) -> Result<Vec<Tensor>> {
+    let kiln_ir::AttnOp::Recurrent {
+        gru,
+        direction,
+        hidden_size,
+        activations,
+        clip,
+        layout,
+        linear_before_reset,
+    } = op
+    else {
+        return Err(invalid!("{} is not RNN or GRU", op.name()));
+    };
+    let name = op.name();
+    let get = |i: usize| inputs.get(i).copied().flatten();
+    let x = get(0).ok_or_else(|| invalid!("{name}: missing required input 0 (X)"))?;
+    let w = get(1).ok_or_else(|| invalid!("{name}: missing required input 1 (W)"))?;
+    let r = get(2).ok_or_else(|| invalid!("{name}: missing required input 2 (R)"))?;
+    let (b, seq_lens, h0) = (get(3), get(4), get(5));
+    if num_outputs > 2 {
+        return Err(invalid!(
+            "{name} has 2 outputs (Y, Y_h), the node declares {num_outputs}"
+        ));
+    }
+    let dt = x.dtype();
+    if !dt.is_float() {
+        return Err(crate::unsupported!("{name} on {dt} tensors"));
+    }
+    let gates = if *gru { 3 } else { 1 };
+    let dirs = if *direction == RnnDirection::Bidirectional {
+        2
+    } else {
+        1
+    };
+    let xs = x.shape();
+    if xs.len() != 3 {
+        return Err(invalid!("{name}: X must be 3-D, got {xs:?}"));
+    }
+    let (sl, bs, isz) = match layout {
+        0 => (xs[0], xs[1], xs[2]),
+        1 => (xs[1], xs[0], xs[2]),
+        l => return Err(invalid!("{name}: layout must be 0 or 1, got {l}")),
+    };
+    let hs = match hidden_size {
+        Some(h) => *h,
+        None => match r.shape() {
+            [_, _, h] => *h,
+            s => return Err(invalid!("{name}: R must be 3-D, got {s:?}")),
+        },
+    };
+    let gh = gates * hs;
+    let chk = |what: &str, t: &Tensor, want: &[usize]| -> Result<()> {
+        if t.shape() != want {
+            return Err(invalid!(
+                "{name}: {what} must have shape {want:?}, got {:?}",
+                t.shape()
+            ));
+        }
+        Ok(())
+    };
+    chk("W", w, &[dirs, gh, isz])?;
+    chk("R", r, &[dirs, gh, hs])?;
+    if let Some(b) = b {
+        chk("B", b, &[dirs, 2 * gh])?;
+    }
+    let state_shape = if *layout == 0 {
+        [dirs, bs, hs]
+    } else {
+        [bs, dirs, hs]
+    };
+    if let Some(h0) = h0 {
+        chk("initial_h", h0, &state_shape)?;
+    }
+    let lens: Vec<usize> = match seq_lens {
+        Some(s) => {
+            let v = crate::util::i64_values(s, "sequence_lens")?;
+            if v.len() != bs {
+                return Err(invalid!(
+                    "{name}: sequence_lens must have shape [{bs}], got {:?}",
+                    s.shape()
+                ));
+            }
+            v.iter()
+                .map(|&l| {
+                    if l < 0 || l as usize > sl {
+                        Err(invalid!(
+                            "{name}: sequence_lens {v:?} must lie in [0, {sl}]"
+                        ))
+                    } else {
+                        Ok(l as usize)
+                    }
+                })
+                .collect::<Result<_>>()?
+        }
+        None => vec![sl; bs],
+    };
+    let nact = if *gru { 2 } else { 1 };
+    let defaults: Vec<_> = if *gru {
+        vec![
+            kiln_ir::AttnOp::rnn_activation("Sigmoid", None, None),
+            kiln_ir::AttnOp::rnn_activation("Tanh", None, None),
+        ]
+    } else {
+        vec![kiln_ir::AttnOp::rnn_activation("Tanh", None, None)]
+    }
+    .into_iter()
+    .flatten()
+    .collect();
+    let acts: Vec<&[_]> = if activations.is_empty() {
+        vec![&defaults[..]; dirs]
+    } else if activations.len() == nact * dirs {
+        activations.chunks(nact).collect()
+    } else if activations.len() == nact {
+        vec![&activations[..]; dirs]
+    } else {
+        return Err(invalid!(
+            "{name}: activations must list {nact} function(s) per direction ({dirs} directions), got {}",
+            activations.len()
+        ));
+    };
+    if acts.iter().any(|a| a.len() != nact) {
+        return Err(invalid!("{name}: wrong activation count"));
+    }
+    let clip = clip.map(|c| c as f64);
+    let cl = |v: f64| match clip {
+        Some(c) => v.clamp(-c, c),
+        None => v,
+    };
+
+    let f = |t: &Tensor, what: &str| -> Result<Vec<f64>> {
+        if !t.dtype().is_float() {
+            return Err(invalid!("{name}: {what} must be a float tensor"));
+        }
+        t.to_f64_vec().map_err(|e| invalid!("{name}: {what}: {e}"))
+    };
+    let xv = f(x, "X")?;
+    let wv = f(w, "W")?;
+    let rv = f(r, "R")?;
+    let bv = match b {
+        Some(b) => f(b, "B")?,
+        None => vec![0.0; dirs * 2 * gh],
+    };
+    let h0v = match h0 {
+        Some(h) => f(h, "initial_h")?,
+        None => vec![0.0; dirs * bs * hs],
+    };
+    // Element accessors independent of the layout.
+    let xat = |t: usize, bi: usize| -> &[f64] {
+        let row = if *layout == 0 {
+            t * bs + bi
+        } else {
+            bi * sl + t
+        };
+        &xv[row * isz..(row + 1) * isz]
+    };
+    let h0at = |d: usize, bi: usize| -> &[f64] {
+        let row = if *layout == 0 {
+            d * bs + bi
+        } else {
+            bi * dirs + d
+        };
+        &h0v[row * hs..(row + 1) * hs]
+    };
+    let ylen = sl
+        .checked_mul(dirs)
+        .and_then(|v| v.checked_mul(bs))
+        .and_then(|v| v.checked_mul(hs))
+        .ok_or_else(|| invalid!("{name}: output too large"))?;
+    // Y as [S, dirs, B, H], Y_h as [dirs, B, H].
+    let mut y = vec![0.0; ylen];
+    let mut yh = vec![0.0; dirs * bs * hs];
+    let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    for d in 0..dirs {
+        let reverse = *direction == RnnDirection::Reverse || d == 1;
+        let wd = &wv[d * gh * isz..(d + 1) * gh * isz];
+        let rd = &rv[d * gh * hs..(d + 1) * gh * hs];
+        let (wb, rb) = (
+            &bv[d * 2 * gh..d * 2 * gh + gh],
+            &bv[d * 2 * gh + gh..(d + 1) * 2 * gh],
+        );
+        let act = acts[d];
+        for (bi, &len) in lens.iter().enumerate() {
+            let mut h = h0at(d, bi).to_vec();
+            let mut hn = vec![0.0; hs];
+            for step in 0..len {
+                let t = if reverse { len - 1 - step } else { step };
+                let xt = xat(t, bi);
+                let wrow = |g: usize, j: usize| &wd[(g * hs + j) * isz..(g * hs + j + 1) * isz];
+                let rrow = |g: usize, j: usize| &rd[(g * hs + j) * hs..(g * hs + j + 1) * hs];
+                if !*gru {
+                    for j in 0..hs {
+                        let pre = dot(xt, wrow(0, j)) + dot(&h, rrow(0, j)) + wb[j] + rb[j];
+                        hn[j] = act[0].eval(cl(pre));
+                    }
+                } else {
+                    // Gates z (0), r (1), h (2).
+                    let mut rg = vec![0.0; hs];
+                    let mut zg = vec![0.0; hs];
+                    for j in 0..hs {
+                        let z = dot(xt, wrow(0, j)) + dot(&h, rrow(0, j)) + wb[j] + rb[j];
+                        let rr =
+                            dot(xt, wrow(1, j)) + dot(&h, rrow(1, j)) + wb[hs + j] + rb[hs + j];
+                        zg[j] = act[0].eval(cl(z));
+                        rg[j] = act[0].eval(cl(rr));
+                    }
+                    let rh: Vec<f64> = h.iter().zip(&rg).map(|(a, b)| a * b).collect();
+                    for j in 0..hs {
+                        let xw = dot(xt, wrow(2, j)) + wb[2 * hs + j];
+                        let pre = if *linear_before_reset {
+                            xw + rg[j] * (dot(&h, rrow(2, j)) + rb[2 * hs + j])
+                        } else {
+                            xw + dot(&rh, rrow(2, j)) + rb[2 * hs + j]
+                        };
+                        let cand = act[1].eval(cl(pre));
+                        hn[j] = (1.0 - zg[j]) * cand + zg[j] * h[j];
+                    }
+                }
+                std::mem::swap(&mut h, &mut hn);
+                let at = ((t * dirs + d) * bs + bi) * hs;
+                y[at..at + hs].copy_from_slice(&h);
+            }
+            let at = (d * bs + bi) * hs;
+            yh[at..at + hs].copy_from_slice(&h);
+        }
+    }
+    let to = |shape: Vec<usize>, v: Vec<f64>| -> Result<Tensor> {
+        let data = match dt {
+            DType::F64 => TensorData::F64(v),
+            DType::F16 => TensorData::F16(v.into_iter().map(half::f16::from_f64).collect()),
+            DType::BF16 => TensorData::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
+            _ => TensorData::F32(v.into_iter().map(|x| x as f32).collect()),
+        };
+        crate::util::tensor(shape, data)
+    };
+    let mut outs = if *layout == 0 {
+        vec![to(vec![sl, dirs, bs, hs], y)?, to(vec![dirs, bs, hs], yh)?]
+    } else {
+        let mut y1 = Vec::with_capacity(y.len());
+        for bi in 0..bs {
+            for t in 0..sl {
+                for d in 0..dirs {
+                    y1.extend_from_slice(&y[((t * dirs + d) * bs + bi) * hs..][..hs]);
+                }
+            }
+        }
+        let mut yh1 = Vec::with_capacity(yh.len());
+        for bi in 0..bs {
+            for d in 0..dirs {
+                yh1.extend_from_slice(&yh[(d * bs + bi) * hs..][..hs]);
+            }
+        }
+        vec![
+            to(vec![bs, sl, dirs, hs], y1)?,
+            to(vec![bs, dirs, hs], yh1)?,
+        ]
+    };
+    outs.truncate(num_outputs.max(1));
+    Ok(outs)
 }
 
 #[cfg(test)]
@@ -716,5 +986,128 @@ mod tests {
         let x0 = t(&[2, 0, 3], vec![]);
         let outs = lstm(&a, &[Some(&x0), Some(&w), Some(&r)], 3).unwrap();
         assert_eq!(outs[0].shape(), &[2, 1, 0, 2]);
+    }
+}
+
+#[cfg(test)]
+mod recurrent_tests {
+    use super::*;
+    use kiln_ir::AttnOp;
+
+    fn rec(gru: bool, direction: RnnDirection, lbr: bool) -> AttnOp {
+        AttnOp::Recurrent {
+            gru,
+            direction,
+            hidden_size: Some(1),
+            activations: vec![],
+            clip: None,
+            layout: 0,
+            linear_before_reset: lbr,
+        }
+    }
+
+    fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v).unwrap()
+    }
+
+    fn f(t: &Tensor) -> Vec<f64> {
+        t.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
+    }
+
+    fn sig(v: f64) -> f64 {
+        1.0 / (1.0 + (-v).exp())
+    }
+
+    #[track_caller]
+    fn close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn rnn_two_steps_by_hand() {
+        // H = 1, I = 1: h1 = tanh(0.5*x1 + 0.1), h2 = tanh(0.5*x2 + 2*h1 + 0.1).
+        let x = t(&[2, 1, 1], vec![1.0, -1.0]);
+        let w = t(&[1, 1, 1], vec![0.5]);
+        let r = t(&[1, 1, 1], vec![2.0]);
+        let b = t(&[1, 2], vec![0.1, 0.0]);
+        let outs = recurrent(
+            &rec(false, RnnDirection::Forward, false),
+            &[Some(&x), Some(&w), Some(&r), Some(&b)],
+            2,
+        )
+        .unwrap();
+        let h1 = (0.6f64).tanh();
+        let h2 = (-0.5 + 2.0 * h1 + 0.1f64).tanh();
+        assert_eq!(outs[0].shape(), &[2, 1, 1, 1]);
+        close(&f(&outs[0]), &[h1, h2]);
+        close(&f(&outs[1]), &[h2]);
+        // Reverse with sequence_lens 1 only sees x1.
+        let lens = Tensor::vector(vec![1i32]);
+        let outs = recurrent(
+            &rec(false, RnnDirection::Reverse, false),
+            &[Some(&x), Some(&w), Some(&r), Some(&b), Some(&lens)],
+            2,
+        )
+        .unwrap();
+        close(&f(&outs[0]), &[h1, 0.0]);
+        close(&f(&outs[1]), &[h1]);
+    }
+
+    #[test]
+    fn gru_one_step_both_reset_forms() {
+        let x = t(&[1, 1, 1], vec![1.0]);
+        let w = t(&[1, 3, 1], vec![0.5, -0.5, 1.0]); // z, r, h
+        let r = t(&[1, 3, 1], vec![0.2, 0.3, 0.4]);
+        let b = t(&[1, 6], vec![0.0, 0.0, 0.1, 0.0, 0.0, 0.2]);
+        let h0 = t(&[1, 1, 1], vec![0.5]);
+        let ins = [Some(&x), Some(&w), Some(&r), Some(&b), None, Some(&h0)];
+        let z = sig(0.5 + 0.2 * 0.5);
+        let rg = sig(-0.5 + 0.3 * 0.5);
+        for lbr in [false, true] {
+            let outs = recurrent(&rec(true, RnnDirection::Forward, lbr), &ins, 2).unwrap();
+            let cand = if lbr {
+                (1.0 + 0.1 + rg * (0.4 * 0.5 + 0.2f64)).tanh()
+            } else {
+                (1.0 + 0.1 + 0.4 * rg * 0.5 + 0.2f64).tanh()
+            };
+            let h = (1.0 - z) * cand + z * 0.5;
+            close(&f(&outs[1]), &[h]);
+        }
+        // Bidirectional needs two directions of weights.
+        assert!(recurrent(&rec(true, RnnDirection::Bidirectional, false), &ins, 2).is_err());
+        assert!(recurrent(&rec(true, RnnDirection::Forward, false), &ins[..2], 2).is_err());
+        let xi = Tensor::from_vec(vec![1, 1, 1], vec![1i64]).unwrap();
+        assert!(recurrent(
+            &rec(true, RnnDirection::Forward, false),
+            &[Some(&xi), Some(&w), Some(&r)],
+            1
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn layout_one_and_empty() {
+        let x = t(&[2, 1, 1], vec![1.0, 2.0]); // [B=2, S=1, I=1]
+        let w = t(&[1, 1, 1], vec![1.0]);
+        let r = t(&[1, 1, 1], vec![0.0]);
+        let mut op = rec(false, RnnDirection::Forward, false);
+        if let AttnOp::Recurrent { layout, .. } = &mut op {
+            *layout = 1;
+        }
+        let outs = recurrent(&op, &[Some(&x), Some(&w), Some(&r)], 2).unwrap();
+        assert_eq!(outs[0].shape(), &[2, 1, 1, 1]);
+        assert_eq!(outs[1].shape(), &[2, 1, 1]);
+        close(&f(&outs[1]), &[(1.0f64).tanh(), (2.0f64).tanh()]);
+        let x0 = t(&[0, 1, 1], vec![]);
+        let outs = recurrent(&op, &[Some(&x0), Some(&w), Some(&r)], 1).unwrap();
+        assert_eq!(outs.len(), 1);
+        assert_eq!(outs[0].shape(), &[0, 1, 1, 1]);
     }
 }

@@ -24,7 +24,7 @@
 use crate::{
     broadcast_shapes, format_shape, known_shape, AutoPad, BinaryOp, ConvAttrs, ConvTransposeAttrs,
     CoordTransform, DType, Dim, DimExpr, Graph, IrError, KeepAspect, LstmAttrs, Node, Op,
-    PoolAttrs, ReduceOp, ResizeAttrs, RnnDirection, Shape, Tensor, UnaryOp, ValueType,
+    PoolAttrs, ReduceOp, ResizeAttrs, RnnDirection, Shape, Tensor, UnaryOp, ValueKind, ValueType,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -545,7 +545,20 @@ fn content_fits(ty: &ValueType, len: usize) -> bool {
 
 /// Declared types the frontend writes for untyped outputs and subgraph inputs.
 fn is_placeholder(t: &ValueType) -> bool {
-    t.dtype == DType::F32 && t.shape.is_none()
+    t.dtype == DType::F32 && t.shape.is_none() && t.is_tensor()
+}
+
+/// The kind of a value that is either of kind `a` or `b`: the same kind, or an
+/// optional when one side is the optional of the other (a loop-carried value
+/// entering as `optional(seq)` and leaving as `seq`).
+fn join_kinds(a: &ValueKind, b: &ValueKind) -> Option<ValueKind> {
+    match (a, b) {
+        _ if a == b => Some(a.clone()),
+        (ValueKind::Optional(x), y) | (y, ValueKind::Optional(x)) if **x == *y => {
+            Some(ValueKind::Optional(x.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// Dims that agree stay, others become unknown; differing ranks give no rank.
@@ -570,12 +583,20 @@ fn join_shapes(a: &Option<Shape>, b: &Option<Shape>) -> Option<Shape> {
 /// The type of a value that is either `a` or `b` (If branches, loop-carried
 /// values); `None` when the dtypes clash. A placeholder declaration gives way.
 fn join_types(a: &ValueType, b: &ValueType) -> Option<ValueType> {
-    if a.dtype == b.dtype {
-        Some(vt(a.dtype, join_shapes(&a.shape, &b.shape)))
-    } else if is_placeholder(a) {
-        Some(vt(b.dtype, None))
-    } else if is_placeholder(b) {
-        Some(vt(a.dtype, None))
+    let with_kind = |t: ValueType, kind: &ValueKind| ValueType {
+        kind: kind.clone(),
+        ..t
+    };
+    if is_placeholder(a) && !is_placeholder(b) {
+        Some(with_kind(vt(b.dtype, None), &b.kind))
+    } else if is_placeholder(b) && !is_placeholder(a) {
+        Some(with_kind(vt(a.dtype, None), &a.kind))
+    } else if a.dtype == b.dtype {
+        let kind = join_kinds(&a.kind, &b.kind)?;
+        Some(with_kind(
+            vt(a.dtype, join_shapes(&a.shape, &b.shape)),
+            &kind,
+        ))
     } else {
         None
     }
@@ -908,6 +929,18 @@ fn reconcile(
         // A placeholder says nothing, not even the dtype.
         return Ok((!is_placeholder(declared)).then(|| declared.clone()));
     };
+    let kind = if inf.kind == declared.kind || is_placeholder(declared) {
+        inf.kind.clone()
+    } else if join_kinds(&inf.kind, &declared.kind).is_some() {
+        // `optional(T)` against `T`: the declaration says which.
+        declared.kind.clone()
+    } else {
+        return Err(format!(
+            "{what} '{name}' is declared {} but inference gives {}",
+            declared.describe(),
+            inf.describe()
+        ));
+    };
     if inf.dtype != declared.dtype {
         if is_placeholder(declared) {
             return Ok(Some(inf));
@@ -949,7 +982,10 @@ fn reconcile(
             Some(merged)
         }
     };
-    Ok(Some(ValueType::new(inf.dtype, shape)))
+    Ok(Some(ValueType {
+        kind,
+        ..ValueType::new(inf.dtype, shape)
+    }))
 }
 
 impl Ctx<'_> {
@@ -2565,7 +2601,8 @@ impl Ctx<'_> {
                     label,
                     format!(
                         "output {i} is {} in the then branch but {} in the else branch",
-                        a.ty.dtype, b.ty.dtype
+                        a.ty.describe(),
+                        b.ty.describe()
                     ),
                 ));
             };
@@ -2620,16 +2657,19 @@ impl Ctx<'_> {
                             ),
                         ));
                     }
-                    vt(
-                        t.dtype,
-                        t.shape.clone().or_else(|| {
-                            if is_placeholder(declared) {
-                                None
-                            } else {
-                                declared.shape.clone()
-                            }
-                        }),
-                    )
+                    ValueType {
+                        kind: t.kind.clone(),
+                        ..vt(
+                            t.dtype,
+                            t.shape.clone().or_else(|| {
+                                if is_placeholder(declared) {
+                                    None
+                                } else {
+                                    declared.shape.clone()
+                                }
+                            }),
+                        )
+                    }
                 }
                 None => declared.clone(),
             };
@@ -2657,7 +2697,8 @@ impl Ctx<'_> {
                         label,
                         format!(
                             "loop-carried value {i} enters the body as {} but leaves it as {}",
-                            c.dtype, o.dtype
+                            c.describe(),
+                            o.describe()
                         ),
                     ));
                 };
@@ -2672,7 +2713,13 @@ impl Ctx<'_> {
                 joined
                     .into_iter()
                     .zip(&carried)
-                    .map(|(j, c)| if j == *c { j } else { vt(j.dtype, None) })
+                    .map(|(j, c)| {
+                        if j == *c {
+                            j
+                        } else {
+                            ValueType { shape: None, ..j }
+                        }
+                    })
                     .collect()
             };
             pass += 1;
@@ -4540,5 +4587,91 @@ mod tests {
         }
         // Both outcomes happen: the generator reaches real inference.
         assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
+    }
+
+    #[test]
+    fn sequence_and_optional_kinds_flow_through_loop_and_if() {
+        use crate::{SeqOp, ValueKind};
+        let seq = |name: &str| ValueInfo {
+            name: name.into(),
+            ty: ValueType::sequence_of(ValueType::new(DType::F32, None)),
+        };
+        let opt_seq = |name: &str| ValueInfo {
+            name: name.into(),
+            ty: ValueType::optional_of(seq(name).ty),
+        };
+        // Loop: enters as optional(seq), leaves as seq (test_loop16_seq_none).
+        let body = Graph {
+            name: "body".into(),
+            inputs: vec![
+                vi("i", DType::I64, ""),
+                vi("c", DType::Bool, ""),
+                opt_seq("o_in"),
+            ],
+            outputs: vec![untyped("c_out"), seq("s_out")],
+            nodes: vec![
+                node("keep", Op::Identity, &["c"], &["c_out"]),
+                node(
+                    "get",
+                    Op::Seq(SeqOp::OptionalGetElement),
+                    &["o_in"],
+                    &["s_out"],
+                ),
+            ],
+            ..Default::default()
+        };
+        let then_g = Graph {
+            name: "then".into(),
+            outputs: vec![untyped("t")],
+            nodes: vec![node("id", Op::Identity, &["looped"], &["t"])],
+            ..Default::default()
+        };
+        let else_g = Graph {
+            name: "else".into(),
+            outputs: vec![untyped("e")],
+            nodes: vec![node(
+                "empty",
+                Op::Seq(SeqOp::SequenceEmpty { dtype: DType::F32 }),
+                &[],
+                &["e"],
+            )],
+            ..Default::default()
+        };
+        let mut g = graph(
+            vec![opt_seq("o"), vi("flag", DType::Bool, "")],
+            &["looped", "y"],
+            vec![
+                node(
+                    "loop",
+                    Op::Loop {
+                        body: Box::new(body),
+                    },
+                    &["m", "", "o"],
+                    &["looped"],
+                ),
+                node(
+                    "if",
+                    Op::If {
+                        then_branch: Box::new(then_g),
+                        else_branch: Box::new(else_g),
+                    },
+                    &["flag"],
+                    &["y"],
+                ),
+            ],
+        );
+        init_scalar(&mut g, "m", 2);
+        g.outputs[0] = seq("looped");
+        run(&mut g);
+        assert_eq!(g.outputs[0].ty.describe(), "seq(f32 [unknown rank])");
+        let y = &g.outputs[1].ty;
+        assert_eq!(y.kind, ValueKind::Sequence(Box::new(ValueKind::Tensor)));
+        // A tensor declared where a sequence is produced is an error.
+        let mut bad = g.clone();
+        bad.outputs[1] = vi("y", DType::F32, "2");
+        let e = infer_graph(&mut bad, &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'y'") && e.contains("seq("), "{e}");
     }
 }

@@ -22,10 +22,12 @@ pub use op::*;
 pub use op_attn::AttnOp;
 pub use op_index::IndexOp;
 pub use op_quant::QuantOp;
-pub use op_seq::SeqOp;
+pub use op_seq::{ScanAttrs, SeqOp};
 pub use op_text::TextOp;
 pub use op_vision::VisionOp;
-pub use shape::{broadcast_shapes, format_shape, known_shape, Dim, DimExpr, Shape, ValueType};
+pub use shape::{
+    broadcast_shapes, format_shape, known_shape, Dim, DimExpr, Shape, ValueKind, ValueType,
+};
 pub use tensor::{checked_numel, Element, Tensor, TensorData};
 
 /// Errors about the IR itself: malformed graphs, tensors that do not fit their

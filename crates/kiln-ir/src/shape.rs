@@ -131,17 +131,89 @@ pub fn known_shape(dims: &[usize]) -> Shape {
     dims.iter().map(|&d| Dim::Known(d)).collect()
 }
 
+/// What a value is: a tensor, or a container (sequence, optional) of values.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ValueKind {
+    #[default]
+    Tensor,
+    /// A sequence (possibly empty) of values of the inner kind.
+    Sequence(Box<ValueKind>),
+    /// A value of the inner kind, or none.
+    Optional(Box<ValueKind>),
+}
+
+impl ValueKind {
+    /// Formats a type of this kind around the innermost tensor type `inner`:
+    /// `seq(f32[2, 3])`, `optional(seq(i64[?]))`.
+    fn wrap(&self, inner: String) -> String {
+        match self {
+            ValueKind::Tensor => inner,
+            ValueKind::Sequence(k) => format!("seq({})", k.wrap(inner)),
+            ValueKind::Optional(k) => format!("optional({})", k.wrap(inner)),
+        }
+    }
+}
+
 /// The static type of a value: element type and, when known, its (symbolic) shape.
+/// For sequences and optionals (`kind`), `dtype` and `shape` describe the
+/// innermost tensors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValueType {
     pub dtype: DType,
     /// `None` when even the rank is unknown.
     pub shape: Option<Shape>,
+    /// Tensor (the common case), sequence or optional.
+    pub kind: ValueKind,
 }
 
 impl ValueType {
+    /// A tensor type.
     pub fn new(dtype: DType, shape: Option<Shape>) -> ValueType {
-        ValueType { dtype, shape }
+        ValueType {
+            dtype,
+            shape,
+            kind: ValueKind::Tensor,
+        }
+    }
+
+    /// A sequence whose elements have type `elem`.
+    pub fn sequence_of(elem: ValueType) -> ValueType {
+        ValueType {
+            kind: ValueKind::Sequence(Box::new(elem.kind)),
+            ..elem
+        }
+    }
+
+    /// An optional holding a value of type `inner` (or none).
+    pub fn optional_of(inner: ValueType) -> ValueType {
+        ValueType {
+            kind: ValueKind::Optional(Box::new(inner.kind)),
+            ..inner
+        }
+    }
+
+    pub fn is_tensor(&self) -> bool {
+        self.kind == ValueKind::Tensor
+    }
+
+    /// The type one level in: a sequence's element, an optional's content; a
+    /// tensor type stays as it is.
+    pub fn inner(&self) -> ValueType {
+        let kind = match &self.kind {
+            ValueKind::Tensor => ValueKind::Tensor,
+            ValueKind::Sequence(k) | ValueKind::Optional(k) => (**k).clone(),
+        };
+        ValueType {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            kind,
+        }
+    }
+
+    /// The type for messages: `f32 [N, 3]`, `seq(f32 [unknown rank])`.
+    pub fn describe(&self) -> String {
+        self.kind
+            .wrap(format!("{} {}", self.dtype, self.shape_string()))
     }
 
     pub fn shape_string(&self) -> String {

@@ -21,6 +21,9 @@ pub enum TensorData {
     U64(Vec<u64>),
     Bool(Vec<bool>),
     String(Vec<String>),
+    /// A low-precision type (`DType::is_bits`): one byte per element holding its
+    /// bit pattern (4- and 2-bit values in the low bits, the high bits zero).
+    Bits(DType, Vec<u8>),
 }
 
 /// Runs `$body` with `$v` bound to the inner `Vec` of any [`TensorData`] variant.
@@ -42,6 +45,7 @@ macro_rules! with_data {
             $crate::TensorData::U64($v) => $body,
             $crate::TensorData::Bool($v) => $body,
             $crate::TensorData::String($v) => $body,
+            $crate::TensorData::Bits(_, $v) => $body,
         }
     };
 }
@@ -66,11 +70,22 @@ macro_rules! map_data {
             $crate::TensorData::U64($v) => $crate::TensorData::U64($body),
             $crate::TensorData::Bool($v) => $crate::TensorData::Bool($body),
             $crate::TensorData::String($v) => $crate::TensorData::String($body),
+            $crate::TensorData::Bits(__kiln_dt, $v) => {
+                let __kiln_dt = $crate::TensorData::bits_dtype(__kiln_dt);
+                $crate::TensorData::Bits(__kiln_dt, $body)
+            }
         }
     };
 }
 
 impl TensorData {
+    /// The dtype a `Bits` variant carries, whether the match bound it by value
+    /// or by reference (used by [`map_data!`]).
+    #[doc(hidden)]
+    pub fn bits_dtype(d: impl std::borrow::Borrow<DType>) -> DType {
+        *d.borrow()
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             TensorData::F32(_) => DType::F32,
@@ -87,6 +102,7 @@ impl TensorData {
             TensorData::U64(_) => DType::U64,
             TensorData::Bool(_) => DType::Bool,
             TensorData::String(_) => DType::String,
+            TensorData::Bits(d, _) => *d,
         }
     }
 
@@ -115,6 +131,9 @@ impl TensorData {
             DType::U64 => TensorData::U64(vec![0; len]),
             DType::Bool => TensorData::Bool(vec![false; len]),
             DType::String => TensorData::String(vec![String::new(); len]),
+            // Zero is the all-zero bit pattern in every low-precision type
+            // (e8m0 has no zero: its pattern 0 is 2^-127, its smallest value).
+            d => TensorData::Bits(d, vec![0; len]),
         }
     }
 
@@ -170,7 +189,33 @@ impl_element!(i8, I8);
 impl_element!(i16, I16);
 impl_element!(i32, I32);
 impl_element!(i64, I64);
-impl_element!(u8, U8);
+// u8 also views the bytes of `Bits` tensors, so that kernels generic over the
+// element type (through `map_data!`, which keeps the dtype) can read them as
+// slices; `into_vec` and `wrap` stay with the U8 variant.
+impl Element for u8 {
+    const DTYPE: DType = DType::U8;
+    fn slice(data: &TensorData) -> Option<&[Self]> {
+        match data {
+            TensorData::U8(v) | TensorData::Bits(_, v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(data: &mut TensorData) -> Option<&mut [Self]> {
+        match data {
+            TensorData::U8(v) | TensorData::Bits(_, v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_vec(data: TensorData) -> Option<Vec<Self>> {
+        match data {
+            TensorData::U8(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn wrap(v: Vec<Self>) -> TensorData {
+        TensorData::U8(v)
+    }
+}
 impl_element!(u16, U16);
 impl_element!(u32, U32);
 impl_element!(u64, U64);
@@ -312,6 +357,7 @@ impl Tensor {
                     "expected a numeric tensor, got strings".into(),
                 ))
             }
+            TensorData::Bits(d, v) => v.iter().map(|&b| d.decode_bits(b) as i64).collect(),
         })
     }
 
@@ -322,6 +368,7 @@ impl Tensor {
             TensorData::F64(v) => v.clone(),
             TensorData::F16(v) => v.iter().map(|&x| x.to_f64()).collect(),
             TensorData::BF16(v) => v.iter().map(|&x| x.to_f64()).collect(),
+            TensorData::Bits(d, v) => v.iter().map(|&b| d.decode_bits(b) as f64).collect(),
             TensorData::String(_) => {
                 return Err(IrError::Invalid(
                     "expected a numeric tensor, got strings".into(),

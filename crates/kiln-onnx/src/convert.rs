@@ -250,9 +250,9 @@ impl Converter {
                     }
                     other => invalid(other.to_string()),
                 })?;
-                Op::Cast { to }
+                crate::convert_quant::cast_attrs(&a, Some(to))?.unwrap_or(Op::Cast { to })
             }
-            "CastLike" => Op::CastLike,
+            "CastLike" => crate::convert_quant::cast_attrs(&a, None)?.unwrap_or(Op::CastLike),
             "Identity" => Op::Identity,
             "Dropout" => {
                 if a.bool("is_test", true) && inputs.len() < 3 {
@@ -629,12 +629,7 @@ fn set_input(inputs: &mut Vec<Option<String>>, slot: usize, v: Option<String>) {
 fn value_info(vi: &ValueInfoProto, require_type: bool) -> Result<ValueInfo> {
     let name = vi.name.clone().unwrap_or_default();
     let ty = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(crate::proto::type_proto::Value::TensorType(t)) => tensor_type(t, &name)?,
-        Some(_) => {
-            return Err(OnnxError::UnsupportedFeature(format!(
-                "value '{name}' is not a tensor (sequence, map, optional or sparse values)"
-            )))
-        }
+        Some(v) => value_type(v, &name, 0)?,
         None if require_type => {
             return Err(OnnxError::Invalid(format!(
                 "graph input '{name}' has no type"
@@ -644,6 +639,38 @@ fn value_info(vi: &ValueInfoProto, require_type: bool) -> Result<ValueInfo> {
         None => ValueType::new(DType::F32, None),
     };
     Ok(ValueInfo { name, ty })
+}
+
+/// A tensor type, or a sequence / optional of tensor types (nested up to a few levels).
+fn value_type(v: &crate::proto::type_proto::Value, name: &str, depth: usize) -> Result<ValueType> {
+    use crate::proto::type_proto::Value as V;
+    let inner = |elem: Option<&crate::proto::TypeProto>| -> Result<ValueType> {
+        if depth >= 8 {
+            return Err(OnnxError::UnsupportedFeature(format!(
+                "value '{name}' nests sequences/optionals more than 8 deep"
+            )));
+        }
+        match elem.and_then(|t| t.value.as_ref()) {
+            Some(v) => value_type(v, name, depth + 1),
+            None => Err(OnnxError::Invalid(format!(
+                "value '{name}': a sequence or optional type without an element type"
+            ))),
+        }
+    };
+    match v {
+        V::TensorType(t) => tensor_type(t, name),
+        V::SequenceType(s) => Ok(ValueType::sequence_of(inner(s.elem_type.as_deref())?)),
+        V::OptionalType(o) => Ok(ValueType::optional_of(inner(o.elem_type.as_deref())?)),
+        V::MapType(_) => Err(OnnxError::UnsupportedFeature(format!(
+            "value '{name}' is a map (maps are not supported)"
+        ))),
+        V::SparseTensorType(_) => Err(OnnxError::UnsupportedFeature(format!(
+            "value '{name}' is a sparse tensor (sparse tensors are not supported)"
+        ))),
+        V::OpaqueType(_) => Err(OnnxError::UnsupportedFeature(format!(
+            "value '{name}' has an opaque type"
+        ))),
+    }
 }
 
 fn tensor_type(t: &crate::proto::type_proto::Tensor, name: &str) -> Result<ValueType> {

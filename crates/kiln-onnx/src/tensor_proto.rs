@@ -24,6 +24,16 @@ pub fn dtype_from_onnx(code: i32) -> Result<DType> {
         12 => DType::U32,
         13 => DType::U64,
         16 => DType::BF16,
+        17 => DType::F8E4M3FN,
+        18 => DType::F8E4M3FNUZ,
+        19 => DType::F8E5M2,
+        20 => DType::F8E5M2FNUZ,
+        21 => DType::U4,
+        22 => DType::I4,
+        23 => DType::F4E2M1,
+        24 => DType::F8E8M0,
+        25 => DType::U2,
+        26 => DType::I2,
         0 => {
             return Err(OnnxError::Invalid(
                 "tensor element type is UNDEFINED (0)".into(),
@@ -57,7 +67,58 @@ pub fn dtype_to_onnx(dtype: DType) -> i32 {
         DType::U32 => 12,
         DType::U64 => 13,
         DType::BF16 => 16,
+        DType::F8E4M3FN => 17,
+        DType::F8E4M3FNUZ => 18,
+        DType::F8E5M2 => 19,
+        DType::F8E5M2FNUZ => 20,
+        DType::U4 => 21,
+        DType::I4 => 22,
+        DType::F4E2M1 => 23,
+        DType::F8E8M0 => 24,
+        DType::U2 => 25,
+        DType::I2 => 26,
     }
+}
+
+/// Bytes that `numel` elements of `dtype` take in raw_data (4- and 2-bit types
+/// are packed), or `None` on overflow.
+fn raw_len(dtype: DType, numel: usize) -> Option<usize> {
+    match dtype.bit_width() {
+        4 => Some(numel.div_ceil(2)),
+        2 => Some(numel.div_ceil(4)),
+        _ => numel.checked_mul(dtype.size()),
+    }
+}
+
+/// Splits packed 4- or 2-bit elements (first element in the low bits) into one
+/// byte per element.
+fn unpack_bits(dtype: DType, packed: impl Iterator<Item = u8>, numel: usize) -> Vec<u8> {
+    let width = dtype.bit_width();
+    let per = 8 / width;
+    let mask = ((1u16 << width) - 1) as u8;
+    let mut out = Vec::with_capacity(numel);
+    for b in packed {
+        for k in 0..per {
+            if out.len() < numel {
+                out.push((b >> (k * width)) & mask);
+            }
+        }
+    }
+    out
+}
+
+/// Packs one-byte-per-element 4- or 2-bit values (first element in the low bits).
+fn pack_bits(dtype: DType, v: &[u8]) -> Vec<u8> {
+    let width = dtype.bit_width();
+    let per = 8 / width;
+    let mask = ((1u16 << width) - 1) as u8;
+    v.chunks(per)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u8, |acc, (k, &x)| acc | ((x & mask) << (k * width)))
+        })
+        .collect()
 }
 
 /// Where to find external data files and how much a tensor may hold.
@@ -99,7 +160,8 @@ pub fn tensor_from_proto(t: &TensorProto, limits: &TensorLimits) -> Result<Tenso
 
     let external;
     let raw: Option<&[u8]> = if t.data_location == Some(DataLocation::External as i32) {
-        external = read_external(t, limits, numel * dtype.size()).map_err(|e| match e {
+        let expected = raw_len(dtype, numel).ok_or_else(|| ctx("tensor size overflows".into()))?;
+        external = read_external(t, limits, expected).map_err(|e| match e {
             OnnxError::Invalid(m) => ctx(m),
             other => other,
         })?;
@@ -110,7 +172,7 @@ pub fn tensor_from_proto(t: &TensorProto, limits: &TensorLimits) -> Result<Tenso
 
     let data = match raw {
         Some(raw) => decode_raw(dtype, raw, numel).map_err(ctx)?,
-        None => decode_typed(t, dtype).map_err(ctx)?,
+        None => decode_typed(t, dtype, numel).map_err(ctx)?,
     };
     if data.len() != numel {
         // An empty typed field with a non-empty shape is how some exporters write
@@ -126,14 +188,14 @@ pub fn tensor_from_proto(t: &TensorProto, limits: &TensorLimits) -> Result<Tenso
 }
 
 fn decode_raw(dtype: DType, raw: &[u8], numel: usize) -> std::result::Result<TensorData, String> {
-    let size = dtype.size();
-    if raw.len() != numel * size {
+    let need = raw_len(dtype, numel).ok_or("tensor size overflows")?;
+    if raw.len() != need {
         return Err(format!(
             "raw_data holds {} bytes but {} elements of {} need {}",
             raw.len(),
             numel,
             dtype,
-            numel * size
+            need
         ));
     }
     macro_rules! le {
@@ -162,10 +224,16 @@ fn decode_raw(dtype: DType, raw: &[u8], numel: usize) -> std::result::Result<Ten
         DType::U64 => TensorData::U64(le!(u64, 8)),
         DType::Bool => TensorData::Bool(raw.iter().map(|&b| b != 0).collect()),
         DType::String => return Err("string tensors cannot use raw_data".into()),
+        d if d.bit_width() < 8 => TensorData::Bits(d, unpack_bits(d, raw.iter().copied(), numel)),
+        d => TensorData::Bits(d, raw.to_vec()),
     })
 }
 
-fn decode_typed(t: &TensorProto, dtype: DType) -> std::result::Result<TensorData, String> {
+fn decode_typed(
+    t: &TensorProto,
+    dtype: DType,
+    numel: usize,
+) -> std::result::Result<TensorData, String> {
     let i32s = &t.int32_data;
     Ok(match dtype {
         DType::F32 => TensorData::F32(t.float_data.clone()),
@@ -191,6 +259,20 @@ fn decode_typed(t: &TensorProto, dtype: DType) -> std::result::Result<TensorData
                 })
                 .collect::<std::result::Result<_, _>>()?,
         ),
+        // 4- and 2-bit types: each int32 holds one packed byte.
+        d if d.bit_width() < 8 => {
+            if i32s.len() != raw_len(d, numel).unwrap_or(usize::MAX) {
+                return Err(format!(
+                    "int32_data holds {} packed bytes but {} elements of {} need {}",
+                    i32s.len(),
+                    numel,
+                    d,
+                    raw_len(d, numel).unwrap_or(usize::MAX)
+                ));
+            }
+            TensorData::Bits(d, unpack_bits(d, i32s.iter().map(|&v| v as u8), numel))
+        }
+        d => TensorData::Bits(d, i32s.iter().map(|&v| v as u8).collect()),
     })
 }
 
@@ -322,6 +404,8 @@ pub fn tensor_to_proto(t: &Tensor, name: &str) -> TensorProto {
             p.string_data = v.iter().map(|s| s.as_bytes().to_vec()).collect();
             return p;
         }
+        TensorData::Bits(d, v) if d.bit_width() < 8 => raw = pack_bits(*d, v),
+        TensorData::Bits(_, v) => raw.extend_from_slice(v),
     }
     p.raw_data = Some(raw);
     p
@@ -371,6 +455,58 @@ mod tests {
         for t in cases {
             let back = tensor_from_proto(&tensor_to_proto(&t, "t"), &limits()).unwrap();
             assert_eq!(back, t);
+        }
+    }
+
+    #[test]
+    fn low_precision_types_pack_and_roundtrip() {
+        // int4 [1, -1, 7]: raw 0xF1, 0x07.
+        let p = TensorProto {
+            data_type: Some(22),
+            dims: vec![3],
+            raw_data: Some(vec![0xF1, 0x07]),
+            ..Default::default()
+        };
+        let t = tensor_from_proto(&p, &limits()).unwrap();
+        assert!(t.data() == &TensorData::Bits(DType::I4, vec![1, 0xF, 7]));
+        assert_eq!(tensor_to_proto(&t, "t").raw_data, Some(vec![0xF1, 0x07]));
+        // uint2 [1, 2, 3, 0, 3]: 0b00_11_10_01, 0b11.
+        let p = TensorProto {
+            data_type: Some(25),
+            dims: vec![5],
+            raw_data: Some(vec![0b0011_1001, 0b11]),
+            ..Default::default()
+        };
+        let t = tensor_from_proto(&p, &limits()).unwrap();
+        assert!(t.data() == &TensorData::Bits(DType::U2, vec![1, 2, 3, 0, 3]));
+        assert_eq!(
+            tensor_from_proto(&tensor_to_proto(&t, "t"), &limits()).unwrap(),
+            t
+        );
+        // uint4 in int32_data: one packed byte per int32.
+        let p = TensorProto {
+            data_type: Some(21),
+            dims: vec![3],
+            int32_data: vec![0x21, 0x03],
+            ..Default::default()
+        };
+        let t = tensor_from_proto(&p, &limits()).unwrap();
+        assert!(t.data() == &TensorData::Bits(DType::U4, vec![1, 2, 3]));
+        // float8: one byte each, raw and int32_data.
+        let p = TensorProto {
+            data_type: Some(19),
+            dims: vec![2],
+            int32_data: vec![0x3C, 0x7C],
+            ..Default::default()
+        };
+        let t = tensor_from_proto(&p, &limits()).unwrap();
+        assert_eq!(t.to_f64_vec().unwrap(), vec![1.0, f64::INFINITY]);
+        assert_eq!(
+            tensor_from_proto(&tensor_to_proto(&t, "t"), &limits()).unwrap(),
+            t
+        );
+        for code in 17..=26 {
+            assert_eq!(dtype_to_onnx(dtype_from_onnx(code).unwrap()), code);
         }
     }
 
@@ -429,10 +565,24 @@ mod tests {
             dims: vec![1],
             ..Default::default()
         };
+        assert!(tensor_from_proto(&f8, &limits()).is_err());
+        let c64 = TensorProto {
+            data_type: Some(14),
+            dims: vec![1],
+            ..Default::default()
+        };
         assert!(matches!(
-            tensor_from_proto(&f8, &limits()),
+            tensor_from_proto(&c64, &limits()),
             Err(OnnxError::UnsupportedFeature(_))
         ));
+        // Packed int4: 3 elements need 2 bytes.
+        let i4 = TensorProto {
+            data_type: Some(22),
+            dims: vec![3],
+            raw_data: Some(vec![0x21]),
+            ..Default::default()
+        };
+        assert!(tensor_from_proto(&i4, &limits()).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The plan interpreter, including the control-flow ops (If, Loop) that need to
-//! run subgraphs.
+//! run subgraphs. Sequence and optional ops (and Scan) are in `seq.rs`.
 
 use crate::plan::{Plan, Step};
+use crate::value::{unwrap_arc, Val};
 use crate::{Error, Result};
 use kiln_cpu::KernelError;
 use kiln_ir::{Op, Tensor};
@@ -9,26 +10,22 @@ use std::sync::Arc;
 
 /// Runs `plan` with `feeds` bound to its input slots and `outer` bound to its
 /// `plan.outer` values (in order). Returns the outputs in `plan.outputs` order.
-pub(crate) fn execute(
-    plan: &Plan,
-    feeds: Vec<(usize, Arc<Tensor>)>,
-    outer: &[Arc<Tensor>],
-) -> Result<Vec<Arc<Tensor>>> {
-    let mut values: Vec<Option<Arc<Tensor>>> = vec![None; plan.num_slots];
+pub(crate) fn execute(plan: &Plan, feeds: Vec<(usize, Val)>, outer: &[Val]) -> Result<Vec<Val>> {
+    let mut values: Vec<Option<Val>> = vec![None; plan.num_slots];
     for (slot, t) in &plan.constants {
-        values[*slot] = Some(t.clone());
+        values[*slot] = Some(Val::Tensor(t.clone()));
     }
-    for ((_, slot), t) in plan.outer.iter().zip(outer) {
-        values[*slot] = Some(t.clone());
+    for ((_, slot), v) in plan.outer.iter().zip(outer) {
+        values[*slot] = Some(v.clone());
     }
-    for (slot, t) in feeds {
-        values[slot] = Some(t);
+    for (slot, v) in feeds {
+        values[slot] = Some(v);
     }
     for step in &plan.steps {
         let outs = run_step(step, &values)?;
-        for (slot, t) in step.outputs.iter().zip(outs) {
+        for (slot, v) in step.outputs.iter().zip(outs) {
             if let Some(slot) = slot {
-                values[*slot] = Some(Arc::new(t));
+                values[*slot] = Some(v);
             }
         }
         if let Some(missing) = step
@@ -56,7 +53,7 @@ pub(crate) fn execute(
         .collect()
 }
 
-fn node_error(step: &Step, message: String) -> Error {
+pub(crate) fn node_error(step: &Step, message: String) -> Error {
     Error::Node {
         node: step.name.clone(),
         op: step.op.name().to_string(),
@@ -64,7 +61,7 @@ fn node_error(step: &Step, message: String) -> Error {
     }
 }
 
-fn kernel_error(step: &Step, e: KernelError) -> Error {
+pub(crate) fn kernel_error(step: &Step, e: KernelError) -> Error {
     match e {
         KernelError::Invalid(message) => node_error(step, message),
         KernelError::Unsupported(message) => Error::Unsupported {
@@ -75,13 +72,37 @@ fn kernel_error(step: &Step, e: KernelError) -> Error {
     }
 }
 
-fn run_step(step: &Step, values: &[Option<Arc<Tensor>>]) -> Result<Vec<Tensor>> {
-    let mut inputs: Vec<Option<&Tensor>> = Vec::with_capacity(step.inputs.len());
+/// The step's inputs as tensors; a sequence or optional is an error naming the input.
+pub(crate) fn tensor_inputs<'a>(
+    step: &Step,
+    inputs: &[Option<&'a Val>],
+) -> Result<Vec<Option<&'a Tensor>>> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            None => Ok(None),
+            Some(v) => v.as_tensor().map(Some).ok_or_else(|| {
+                node_error(
+                    step,
+                    format!(
+                        "input {i} is a {}, but {} takes tensors here",
+                        v.kind_name(),
+                        step.op.name()
+                    ),
+                )
+            }),
+        })
+        .collect()
+}
+
+fn run_step(step: &Step, values: &[Option<Val>]) -> Result<Vec<Val>> {
+    let mut inputs: Vec<Option<&Val>> = Vec::with_capacity(step.inputs.len());
     for slot in &step.inputs {
         inputs.push(match slot {
             Some(s) => Some(
                 values[*s]
-                    .as_deref()
+                    .as_ref()
                     .ok_or_else(|| node_error(step, format!("input slot {s} is empty")))?,
             ),
             None => None,
@@ -90,12 +111,28 @@ fn run_step(step: &Step, values: &[Option<Arc<Tensor>>]) -> Result<Vec<Tensor>> 
     match &step.op {
         Op::If { .. } => run_if(step, &inputs, values),
         Op::Loop { .. } => run_loop(step, &inputs, values),
-        op => kiln_cpu::run_op(op, &inputs, step.outputs.len()).map_err(|e| kernel_error(step, e)),
+        Op::Seq(op) => crate::seq::run(step, op, &inputs, values),
+        // Identity passes sequences and optionals on as they are.
+        Op::Identity
+            if inputs
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|v| v.as_tensor().is_none()) =>
+        {
+            Ok(vec![inputs[0].cloned().unwrap_or(Val::Optional(None))])
+        }
+        op => {
+            let tensors = tensor_inputs(step, &inputs)?;
+            let outs = kiln_cpu::run_op(op, &tensors, step.outputs.len())
+                .map_err(|e| kernel_error(step, e))?;
+            Ok(outs.into_iter().map(Val::tensor).collect())
+        }
     }
 }
 
 /// The enclosing values subplan `i` of `step` reads.
-fn outer_values(step: &Step, i: usize, values: &[Option<Arc<Tensor>>]) -> Result<Vec<Arc<Tensor>>> {
+pub(crate) fn outer_values(step: &Step, i: usize, values: &[Option<Val>]) -> Result<Vec<Val>> {
     step.subplan_outer[i]
         .iter()
         .map(|s| {
@@ -104,6 +141,16 @@ fn outer_values(step: &Step, i: usize, values: &[Option<Arc<Tensor>>]) -> Result
                 .ok_or_else(|| node_error(step, format!("outer value slot {s} is empty")))
         })
         .collect()
+}
+
+/// A tensor input (or body output) that must be a tensor.
+pub(crate) fn want_tensor<'a>(step: &Step, v: &'a Val, what: &str) -> Result<&'a Tensor> {
+    v.as_tensor().ok_or_else(|| {
+        node_error(
+            step,
+            format!("{what} must be a tensor, got a {}", v.kind_name()),
+        )
+    })
 }
 
 /// Reads a one-element bool (or numeric) tensor as a condition.
@@ -123,20 +170,13 @@ fn truthy(step: &Step, t: &Tensor, what: &str) -> Result<bool> {
     }
 }
 
-fn unwrap_arc(t: Arc<Tensor>) -> Tensor {
-    Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone())
-}
-
-fn run_if(
-    step: &Step,
-    inputs: &[Option<&Tensor>],
-    values: &[Option<Arc<Tensor>>],
-) -> Result<Vec<Tensor>> {
+fn run_if(step: &Step, inputs: &[Option<&Val>], values: &[Option<Val>]) -> Result<Vec<Val>> {
     let cond = inputs
         .first()
         .copied()
         .flatten()
         .ok_or_else(|| node_error(step, "missing input 'cond'".into()))?;
+    let cond = want_tensor(step, cond, "cond")?;
     let branch = if truthy(step, cond, "cond")? { 0 } else { 1 };
     let plan = &step.subplans[branch];
     if plan.outputs.len() != step.outputs.len() {
@@ -150,21 +190,18 @@ fn run_if(
         ));
     }
     let outer = outer_values(step, branch, values)?;
-    let outs = execute(plan, Vec::new(), &outer)?;
-    Ok(outs.into_iter().map(unwrap_arc).collect())
+    execute(plan, Vec::new(), &outer)
 }
 
 /// Loop: inputs (M?, cond?, v_initial...), body (iter, cond, v...) -> (cond, v..., scan...).
-fn run_loop(
-    step: &Step,
-    inputs: &[Option<&Tensor>],
-    values: &[Option<Arc<Tensor>>],
-) -> Result<Vec<Tensor>> {
+/// Loop-carried values may be sequences and optionals; scan outputs are tensors.
+fn run_loop(step: &Step, inputs: &[Option<&Val>], values: &[Option<Val>]) -> Result<Vec<Val>> {
     let body = &step.subplans[0];
     let outer = outer_values(step, 0, values)?;
     let max_trips = match inputs.first().copied().flatten() {
         Some(m) => Some(
-            m.to_i64_vec()
+            want_tensor(step, m, "M")?
+                .to_i64_vec()
                 .map_err(|e| node_error(step, format!("M: {e}")))?
                 .first()
                 .copied()
@@ -173,7 +210,7 @@ fn run_loop(
         None => None,
     };
     let mut cond = match inputs.get(1).copied().flatten() {
-        Some(c) => Some(truthy(step, c, "cond")?),
+        Some(c) => Some(truthy(step, want_tensor(step, c, "cond")?, "cond")?),
         None => None,
     };
     if max_trips.is_none() && cond.is_none() {
@@ -182,10 +219,10 @@ fn run_loop(
             "a Loop with neither a trip count nor a condition never ends".into(),
         ));
     }
-    let mut carried: Vec<Arc<Tensor>> = inputs
+    let mut carried: Vec<Val> = inputs
         .iter()
         .skip(2)
-        .map(|t| t.map(|t| Arc::new(t.clone())))
+        .map(|v| v.cloned())
         .collect::<Option<_>>()
         .ok_or_else(|| {
             node_error(
@@ -214,14 +251,14 @@ fn run_loop(
         ));
     }
     let n_scan = body.outputs.len() - 1 - n_carried;
-    let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
+    let mut scans: Vec<Vec<Arc<Tensor>>> = vec![Vec::new(); n_scan];
     let mut i: i64 = 0;
     while max_trips.is_none_or(|m| i < m) && cond.unwrap_or(true) {
         let mut feeds = vec![
-            (body.inputs[0].1, Arc::new(Tensor::scalar(i))),
+            (body.inputs[0].1, Val::tensor(Tensor::scalar(i))),
             (
                 body.inputs[1].1,
-                Arc::new(Tensor::scalar(cond.unwrap_or(true))),
+                Val::tensor(Tensor::scalar(cond.unwrap_or(true))),
             ),
         ];
         for (k, v) in carried.iter().enumerate() {
@@ -229,23 +266,35 @@ fn run_loop(
         }
         let outs = execute(body, feeds, &outer)?;
         if cond.is_some() {
-            cond = Some(truthy(step, &outs[0], "the body's condition output")?);
+            let c = want_tensor(step, &outs[0], "the body's condition output")?;
+            cond = Some(truthy(step, c, "the body's condition output")?);
         }
         carried = outs[1..=n_carried].to_vec();
-        for (k, t) in outs[1 + n_carried..].iter().enumerate() {
-            scans[k].push((**t).clone());
+        for (k, v) in outs[1 + n_carried..].iter().enumerate() {
+            match v {
+                Val::Tensor(t) => scans[k].push(t.clone()),
+                other => {
+                    return Err(node_error(
+                        step,
+                        format!(
+                            "scan output {k} of the body is a {}; scan outputs must be tensors",
+                            other.kind_name()
+                        ),
+                    ))
+                }
+            }
         }
         i += 1;
     }
-    let mut result: Vec<Tensor> = carried.into_iter().map(unwrap_arc).collect();
+    let mut result: Vec<Val> = carried;
     for parts in scans {
-        result.push(stack(step, parts)?);
+        result.push(Val::tensor(stack(step, parts)?));
     }
     Ok(result)
 }
 
 /// Stacks equally shaped tensors along a new leading axis.
-fn stack(step: &Step, parts: Vec<Tensor>) -> Result<Tensor> {
+pub(crate) fn stack(step: &Step, parts: Vec<Arc<Tensor>>) -> Result<Tensor> {
     if parts.is_empty() {
         // Zero iterations: the element shape is unknown; an empty f32 vector is
         // what the reference implementation produces too.
@@ -256,12 +305,16 @@ fn stack(step: &Step, parts: Vec<Tensor>) -> Result<Tensor> {
         let mut shape = vec![1];
         shape.extend_from_slice(p.shape());
         unsqueezed.push(
-            p.reshaped(shape)
+            unwrap_arc(p)
+                .reshaped(shape)
                 .map_err(|e| node_error(step, e.to_string()))?,
         );
     }
     let refs: Vec<Option<&Tensor>> = unsqueezed.iter().map(Some).collect();
     let mut out =
         kiln_cpu::run_op(&Op::Concat { axis: 0 }, &refs, 1).map_err(|e| kernel_error(step, e))?;
+    if out.is_empty() {
+        return Err(node_error(step, "Concat produced no output".into()));
+    }
     Ok(out.remove(0))
 }

@@ -3,9 +3,14 @@
 
 mod control_flow;
 mod plan;
+mod seq;
 mod session;
+mod value;
+mod value_pb;
 
 pub use session::{IoInfo, Session, SessionOptions};
+pub use value::Value;
+pub use value_pb::{read_value_pb, write_value_pb};
 
 use kiln_onnx::OnnxError;
 

@@ -2,12 +2,12 @@
 
 use crate::control_flow::execute;
 use crate::plan::Plan;
+use crate::value::{Val, Value};
 use crate::{Error, Result};
-use kiln_ir::{format_shape, DType, Dim, Graph, Tensor};
+use kiln_ir::{format_shape, DType, Dim, Graph, Tensor, ValueKind, ValueType};
 use kiln_onnx::{LoadOptions, Model};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 
 /// Options for loading a model into a session.
 #[derive(Clone, Debug, Default)]
@@ -15,13 +15,16 @@ pub struct SessionOptions {
     pub load: LoadOptions,
 }
 
-/// A model input or output: name, element type and symbolic shape.
+/// A model input or output: name, element type and symbolic shape, and whether
+/// it is a tensor, a sequence or an optional (`kind`; for those, `dtype` and
+/// `shape` describe the tensors inside).
 #[derive(Clone, Debug, PartialEq)]
 pub struct IoInfo {
     pub name: String,
     pub dtype: DType,
     /// `None` when the rank is unknown.
     pub shape: Option<Vec<Dim>>,
+    pub kind: ValueKind,
     /// For inputs: whether the model has a default (an initializer) for it.
     pub has_default: bool,
 }
@@ -32,6 +35,16 @@ impl IoInfo {
             .as_deref()
             .map(format_shape)
             .unwrap_or_else(|| "[unknown rank]".into())
+    }
+
+    /// The full type: `f32 [N, 3]`, `seq(i64 [unknown rank])`, `optional(f32 [4])`.
+    pub fn type_string(&self) -> String {
+        ValueType {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            kind: self.kind.clone(),
+        }
+        .describe()
     }
 }
 
@@ -73,6 +86,7 @@ impl Session {
                 name: v.name.clone(),
                 dtype: v.ty.dtype,
                 shape: v.ty.shape.clone(),
+                kind: v.ty.kind.clone(),
                 has_default: graph.initializers.contains_key(&v.name),
             })
             .collect();
@@ -83,6 +97,7 @@ impl Session {
                 name: v.name.clone(),
                 dtype: v.ty.dtype,
                 shape: v.ty.shape.clone(),
+                kind: v.ty.kind.clone(),
                 has_default: false,
             })
             .collect();
@@ -122,7 +137,32 @@ impl Session {
 
     /// Runs the model. Every required input must be given by name; inputs with a
     /// default may be given to override it. Returns every graph output, in order.
+    ///
+    /// For models whose inputs and outputs are tensors; a model with sequence or
+    /// optional inputs or outputs needs [`Session::run_values`] (a tensor given for
+    /// an optional tensor input is accepted as present).
     pub fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        let outs = self.run_values(
+            inputs
+                .into_iter()
+                .map(|(n, t)| (n, Value::Tensor(t)))
+                .collect(),
+        )?;
+        outs.into_iter()
+            .map(|(name, v)| match v {
+                Value::Tensor(t) => Ok((name, t)),
+                other => Err(Error::Input(format!(
+                    "output '{name}' is not a tensor ({}): use Session::run_values",
+                    other.describe()
+                ))),
+            })
+            .collect()
+    }
+
+    /// Runs the model on values of any kind (tensors, sequences, optionals).
+    /// Every required input must be given by name; returns every graph output,
+    /// in order.
+    pub fn run_values(&self, inputs: Vec<(String, Value)>) -> Result<Vec<(String, Value)>> {
         let feeds = self.check_inputs(inputs)?;
         let outs = execute(&self.plan, feeds, &[])?;
         Ok(self
@@ -130,22 +170,17 @@ impl Session {
             .outputs
             .iter()
             .zip(outs)
-            .map(|((name, _), t)| {
-                (
-                    name.clone(),
-                    Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone()),
-                )
-            })
+            .map(|((name, _), v)| (name.clone(), v.into_value()))
             .collect())
     }
 
-    /// Validates names, dtypes and shapes of the caller's inputs (binding symbolic
-    /// dims consistently across inputs) and maps them to plan slots.
-    fn check_inputs(&self, given: Vec<(String, Tensor)>) -> Result<Vec<(usize, Arc<Tensor>)>> {
-        let mut bindings: HashMap<String, (usize, String)> = HashMap::new();
+    /// Validates names, kinds, dtypes and shapes of the caller's inputs (binding
+    /// symbolic dims consistently across inputs) and maps them to plan slots.
+    fn check_inputs(&self, given: Vec<(String, Value)>) -> Result<Vec<(usize, Val)>> {
+        let mut bindings: Bindings = HashMap::new();
         let mut feeds = Vec::with_capacity(given.len());
         let mut seen = HashSet::new();
-        for (name, tensor) in given {
+        for (name, value) in given {
             let Some(pos) = self.inputs.iter().position(|i| i.name == name) else {
                 let names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
                 return Err(Error::Input(format!(
@@ -157,48 +192,8 @@ impl Session {
                 return Err(Error::Input(format!("input '{name}' is given twice")));
             }
             let info = &self.inputs[pos];
-            if tensor.dtype() != info.dtype {
-                return Err(Error::Input(format!(
-                    "input '{name}' must be {} but {} was given",
-                    info.dtype,
-                    tensor.dtype()
-                )));
-            }
-            if let Some(shape) = &info.shape {
-                let mismatch = || {
-                    Error::Input(format!(
-                        "input '{name}' must have shape {} but {:?} was given",
-                        format_shape(shape),
-                        tensor.shape()
-                    ))
-                };
-                if shape.len() != tensor.rank() {
-                    return Err(mismatch());
-                }
-                for (d, &actual) in shape.iter().zip(tensor.shape()) {
-                    match d {
-                        Dim::Known(v) if *v != actual => return Err(mismatch()),
-                        Dim::Named(sym) => match bindings.get(sym) {
-                            Some((bound, by)) if *bound != actual => {
-                                let other = if *by == name {
-                                    "another of its dims has".to_string()
-                                } else {
-                                    format!("input '{by}' has")
-                                };
-                                return Err(Error::Input(format!(
-                                    "input '{name}' has {sym}={actual} but {other} {sym}={bound}"
-                                )));
-                            }
-                            Some(_) => {}
-                            None => {
-                                bindings.insert(sym.clone(), (actual, name.clone()));
-                            }
-                        },
-                        _ => {}
-                    }
-                }
-            }
-            feeds.push((self.plan.inputs[pos].1, Arc::new(tensor)));
+            let value = conform(info, &info.kind, value, &mut bindings, true)?;
+            feeds.push((self.plan.inputs[pos].1, Val::from_value(value)));
         }
         if let Some(missing) = self
             .inputs
@@ -206,12 +201,119 @@ impl Session {
             .find(|i| !i.has_default && !seen.contains(&i.name))
         {
             return Err(Error::Input(format!(
-                "missing input '{}' ({} {})",
+                "missing input '{}' ({})",
                 missing.name,
-                missing.dtype,
-                missing.shape_string()
+                missing.type_string()
             )));
         }
         Ok(feeds)
     }
+}
+
+/// Symbolic dims bound so far: symbol -> (value, the input that bound it).
+type Bindings = HashMap<String, (usize, String)>;
+
+/// Checks `value` against the input's type at nesting level `kind`. A plain
+/// value given for an optional input becomes a present optional. Symbolic dims
+/// are bound (`bind`) for tensors, not for sequence elements (whose shapes may
+/// differ from one element to the next).
+fn conform(
+    info: &IoInfo,
+    kind: &ValueKind,
+    value: Value,
+    bindings: &mut Bindings,
+    bind: bool,
+) -> Result<Value> {
+    let name = &info.name;
+    match (kind, value) {
+        (ValueKind::Tensor, Value::Tensor(t)) => {
+            check_tensor(info, name, &t, bindings, bind)?;
+            Ok(Value::Tensor(t))
+        }
+        (ValueKind::Sequence(inner), Value::Sequence { dtype, tensors })
+            if **inner == ValueKind::Tensor =>
+        {
+            if dtype != info.dtype {
+                return Err(Error::Input(format!(
+                    "input '{name}' must be a sequence of {} tensors but a sequence of {dtype} tensors was given",
+                    info.dtype
+                )));
+            }
+            for (k, t) in tensors.iter().enumerate() {
+                check_tensor(info, &format!("{name}[{k}]"), t, bindings, false)?;
+            }
+            Ok(Value::Sequence { dtype, tensors })
+        }
+        (ValueKind::Optional(_), Value::Optional(None)) => Ok(Value::Optional(None)),
+        (ValueKind::Optional(inner), Value::Optional(Some(v))) => Ok(Value::Optional(Some(
+            Box::new(conform(info, inner, *v, bindings, bind)?),
+        ))),
+        (ValueKind::Optional(inner), v) if !matches!(v, Value::Optional(_)) => Ok(Value::Optional(
+            Some(Box::new(conform(info, inner, v, bindings, bind)?)),
+        )),
+        (_, v) => Err(Error::Input(format!(
+            "input '{name}' must be {} but a {} was given{}",
+            info.type_string(),
+            v.describe(),
+            if v.as_tensor().is_some() {
+                " (Session::run_values takes sequences and optionals)"
+            } else {
+                ""
+            }
+        ))),
+    }
+}
+
+/// Dtype and shape of one tensor (`what`: the input, or `input[k]` for a
+/// sequence element) against the input's declared element type.
+fn check_tensor(
+    info: &IoInfo,
+    what: &str,
+    tensor: &Tensor,
+    bindings: &mut Bindings,
+    bind: bool,
+) -> Result<()> {
+    if tensor.dtype() != info.dtype {
+        return Err(Error::Input(format!(
+            "input '{what}' must be {} but {} was given",
+            info.dtype,
+            tensor.dtype()
+        )));
+    }
+    let Some(shape) = &info.shape else {
+        return Ok(());
+    };
+    let mismatch = || {
+        Error::Input(format!(
+            "input '{what}' must have shape {} but {:?} was given",
+            format_shape(shape),
+            tensor.shape()
+        ))
+    };
+    if shape.len() != tensor.rank() {
+        return Err(mismatch());
+    }
+    for (d, &actual) in shape.iter().zip(tensor.shape()) {
+        match d {
+            Dim::Known(v) if *v != actual => return Err(mismatch()),
+            Dim::Named(sym) if bind => match bindings.get(sym) {
+                Some((bound, by)) if *bound != actual => {
+                    let other = if by == what {
+                        "another of its dims has".to_string()
+                    } else {
+                        format!("input '{by}' has")
+                    };
+                    return Err(Error::Input(format!(
+                        "input '{what}' has {sym}={actual} but {other} {sym}={bound}"
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    bindings.insert(sym.clone(), (actual, what.to_string()));
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(())
 }
