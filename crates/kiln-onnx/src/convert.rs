@@ -70,6 +70,26 @@ impl Converter {
         Some(name)
     }
 
+    /// For a pre-7 PRelu whose slope is a constant 1-D [C] (C > 1) and whose input
+    /// rank r is declared: a new constant slope of shape [C, 1, ..., 1] (r - 1 dims).
+    fn legacy_channel_slope(
+        &mut self,
+        graph: &mut Graph,
+        inputs: &[Option<String>],
+    ) -> Option<Option<String>> {
+        let x = inputs.first()?.as_deref()?;
+        let slope_name = inputs.get(1)?.as_deref()?;
+        let slope = graph.initializers.get(slope_name)?.clone();
+        let rank = graph.value_type(x)?.shape?.len();
+        if slope.rank() != 1 || slope.len() <= 1 || rank < 2 {
+            return None;
+        }
+        let mut shape = vec![slope.len()];
+        shape.resize(rank - 1, 1);
+        let reshaped = (*slope).clone().reshaped(shape).ok()?;
+        Some(self.constant(graph, "prelu_slope", reshaped))
+    }
+
     fn node(&mut self, n: &NodeProto, index: usize, graph: &mut Graph) -> Result<()> {
         let op_type = n.op_type.as_deref().unwrap_or("");
         let name = match n.name.as_deref() {
@@ -216,7 +236,17 @@ impl Converter {
             "BitwiseAnd" => Op::Binary(BinaryOp::BitwiseAnd),
             "BitwiseOr" => Op::Binary(BinaryOp::BitwiseOr),
             "BitwiseXor" => Op::Binary(BinaryOp::BitwiseXor),
-            "PRelu" => Op::Binary(BinaryOp::PRelu),
+            "PRelu" => {
+                // Before opset 7 a 1-D slope of length C applied per channel (axis 1);
+                // from opset 7 it broadcasts numpy-style. Normalize a constant slope to
+                // the [C, 1, ..., 1] shape that broadcasts the same way.
+                if opset < 7 {
+                    if let Some(c) = self.legacy_channel_slope(graph, &inputs) {
+                        set_input(&mut inputs, 1, c);
+                    }
+                }
+                Op::Binary(BinaryOp::PRelu)
+            }
             "BitShift" => match a.string("direction", "")?.as_str() {
                 "LEFT" => Op::Binary(BinaryOp::BitShiftLeft),
                 "RIGHT" => Op::Binary(BinaryOp::BitShiftRight),
