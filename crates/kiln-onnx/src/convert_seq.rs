@@ -118,9 +118,10 @@ fn scan_attrs(ctx: &mut NodeCtx) -> Result<ScanAttrs> {
 #[cfg(test)]
 mod tests {
     use crate::proto::{
-        attribute_proto::AttributeType, type_proto, AttributeProto, GraphProto, ModelProto,
-        NodeProto, OperatorSetIdProto, TypeProto, ValueInfoProto,
+        type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+        TypeProto, ValueInfoProto,
     };
+    use crate::test_util::{graph_attr, int_attr, ints_attr};
     use crate::{load_model_bytes, LoadOptions, OnnxError};
     use kiln_ir::{DType, Op, SeqOp, ValueKind};
     use prost::Message;
@@ -161,33 +162,6 @@ mod tests {
         ValueInfoProto {
             name: Some(name.into()),
             r#type: Some(ty),
-            ..Default::default()
-        }
-    }
-
-    fn int_attr(name: &str, v: i64) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Int as i32),
-            i: Some(v),
-            ..Default::default()
-        }
-    }
-
-    fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Ints as i32),
-            ints: v.to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn graph_attr(name: &str, g: GraphProto) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Graph as i32),
-            g: Some(g),
             ..Default::default()
         }
     }

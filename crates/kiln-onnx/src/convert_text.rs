@@ -155,39 +155,10 @@ mod tests {
     use crate::convert::Converter;
     use crate::proto::{AttributeProto, NodeProto};
     use crate::tensor_proto::TensorLimits;
+    use crate::test_util::{
+        int_attr as int, ints_attr as ints, str_attr as string, strings_attr as strings,
+    };
     use kiln_ir::Graph;
-
-    fn int(name: &str, v: i64) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            i: Some(v),
-            ..Default::default()
-        }
-    }
-
-    fn string(name: &str, v: &str) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            s: Some(v.as_bytes().to_vec()),
-            ..Default::default()
-        }
-    }
-
-    fn ints(name: &str, v: &[i64]) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            ints: v.to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn strings(name: &str, v: &[&str]) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
-            ..Default::default()
-        }
-    }
 
     fn conv(op_type: &str, attrs: Vec<AttributeProto>) -> Result<Option<Op>> {
         let node = NodeProto {

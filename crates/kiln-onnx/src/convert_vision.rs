@@ -247,45 +247,11 @@ pub(crate) fn convert(op_type: &str, ctx: &mut NodeCtx) -> Result<Option<Op>> {
 
 #[cfg(test)]
 mod tests {
-    use crate::proto::{
-        attribute_proto::AttributeType, type_proto, AttributeProto, GraphProto, ModelProto,
-        NodeProto, OperatorSetIdProto, TypeProto, ValueInfoProto,
-    };
+    use crate::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    use crate::test_util::{int_attr, str_attr, value};
     use crate::{load_model_bytes, LoadOptions, Model, Result};
     use kiln_ir::{Op, PadMode, ResizeMode, VisionOp};
     use prost::Message;
-
-    fn int_attr(name: &str, v: i64) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Int as i32),
-            i: Some(v),
-            ..Default::default()
-        }
-    }
-
-    fn str_attr(name: &str, v: &str) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::String as i32),
-            s: Some(v.as_bytes().to_vec()),
-            ..Default::default()
-        }
-    }
-
-    fn value(name: &str) -> ValueInfoProto {
-        ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: None,
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
 
     fn load(opset: i64, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> Result<Model> {
         let node = NodeProto {

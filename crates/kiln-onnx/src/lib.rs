@@ -13,6 +13,8 @@ mod convert_vision;
 #[allow(clippy::all, missing_docs)]
 pub mod proto;
 mod tensor_proto;
+#[cfg(test)]
+mod test_util;
 
 pub use tensor_proto::{
     dtype_from_onnx, dtype_to_onnx, read_tensor_pb, tensor_from_proto, tensor_to_proto,
