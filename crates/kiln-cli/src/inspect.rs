@@ -75,11 +75,11 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
         } else {
             ""
         };
-        println!("  {}: {} {}{default}", i.name, i.dtype, i.shape_string());
+        println!("  {}: {}{default}", i.name, i.type_string());
     }
     println!("outputs:");
     for o in session.outputs() {
-        println!("  {}: {} {}", o.name, o.dtype, o.shape_string());
+        println!("  {}: {}", o.name, o.type_string());
     }
     println!("nodes: {}", graph.nodes.len());
     println!("op types:");

@@ -92,6 +92,11 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
+        // `println!` panics when stdout is a closed pipe (`kiln inspect m | head`):
+        // end quietly like any Unix filter does (128 + SIGPIPE).
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
         eprintln!("error: internal error (please report): {msg}{at}");
     }));
 
