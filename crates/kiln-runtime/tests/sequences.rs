@@ -3,48 +3,17 @@
 //! checking of sequence and optional inputs.
 
 use kiln_ir::*;
-use kiln_onnx::Model;
-use kiln_runtime::{Error, Session, Value};
+use kiln_runtime::Value;
 use std::sync::Arc;
 
-fn vi(name: &str, dtype: DType, shape: Vec<Dim>) -> ValueInfo {
-    ValueInfo {
-        name: name.into(),
-        ty: ValueType::new(dtype, Some(shape)),
-    }
-}
+mod common;
+use common::{node, session, vi};
 
 fn seq_vi(name: &str, dtype: DType, shape: Option<Vec<Dim>>) -> ValueInfo {
     ValueInfo {
         name: name.into(),
         ty: ValueType::sequence_of(ValueType::new(dtype, shape)),
     }
-}
-
-fn node(name: &str, op: Op, inputs: &[&str], outputs: &[&str]) -> Node {
-    let opt = |s: &&str| {
-        if s.is_empty() {
-            None
-        } else {
-            Some(s.to_string())
-        }
-    };
-    Node {
-        name: name.into(),
-        op,
-        inputs: inputs.iter().map(opt).collect(),
-        outputs: outputs.iter().map(opt).collect(),
-    }
-}
-
-fn session(graph: Graph) -> Result<Session, Error> {
-    Session::from_model(Model {
-        graph,
-        ir_version: 8,
-        opset: 17,
-        opset_imports: vec![(String::new(), 17)],
-        producer: "test".into(),
-    })
 }
 
 fn f32s(v: &Value) -> Vec<f32> {

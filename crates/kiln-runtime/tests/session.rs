@@ -2,42 +2,11 @@
 //! control flow with outer-scope reads, overridable defaults.
 
 use kiln_ir::*;
-use kiln_onnx::Model;
-use kiln_runtime::{Error, Session};
+use kiln_runtime::Error;
 use std::sync::Arc;
 
-fn vi(name: &str, dtype: DType, shape: Vec<Dim>) -> ValueInfo {
-    ValueInfo {
-        name: name.into(),
-        ty: ValueType::new(dtype, Some(shape)),
-    }
-}
-
-fn node(name: &str, op: Op, inputs: &[&str], outputs: &[&str]) -> Node {
-    let opt = |s: &&str| {
-        if s.is_empty() {
-            None
-        } else {
-            Some(s.to_string())
-        }
-    };
-    Node {
-        name: name.into(),
-        op,
-        inputs: inputs.iter().map(opt).collect(),
-        outputs: outputs.iter().map(opt).collect(),
-    }
-}
-
-fn session(graph: Graph) -> Result<Session, Error> {
-    Session::from_model(Model {
-        graph,
-        ir_version: 8,
-        opset: 17,
-        opset_imports: vec![(String::new(), 17)],
-        producer: "test".into(),
-    })
-}
+mod common;
+use common::{node, session, vi};
 
 /// y = relu(x + b), x: [N, 3] f32, b: initializer that is also an input (a default).
 fn add_relu() -> Graph {
