@@ -139,31 +139,7 @@ fn lstm_impl<T: Real>(
             check_shape(what, t, &state_shape, state_layout)?;
         }
     }
-    let lens: Vec<usize> = match seq_lens {
-        Some(s) => {
-            let v = s
-                .to_i64_vec()
-                .map_err(|e| invalid!("LSTM sequence_lens: {e}"))?;
-            if v.len() != bs {
-                return Err(invalid!(
-                    "LSTM: sequence_lens must have shape [{bs}] (the batch size), got {:?}",
-                    s.shape()
-                ));
-            }
-            v.iter()
-                .map(|&l| {
-                    if l < 0 || l as usize > sl {
-                        Err(invalid!(
-                            "LSTM: sequence_lens {v:?} must lie in [0, {sl}] (the sequence length)"
-                        ))
-                    } else {
-                        Ok(l as usize)
-                    }
-                })
-                .collect::<Result<_>>()?
-        }
-        None => vec![sl; bs],
-    };
+    let lens = sequence_lengths("LSTM", seq_lens, bs, sl)?;
     let acts: Vec<[Activation; 3]> = {
         let v = &a.activations;
         let default = [Activation::Sigmoid, Activation::Tanh, Activation::Tanh];
@@ -406,29 +382,7 @@ pub fn recurrent(
     if let Some(h0) = h0 {
         chk("initial_h", h0, &state_shape)?;
     }
-    let lens: Vec<usize> = match seq_lens {
-        Some(s) => {
-            let v = crate::util::i64_values(s, "sequence_lens")?;
-            if v.len() != bs {
-                return Err(invalid!(
-                    "{name}: sequence_lens must have shape [{bs}], got {:?}",
-                    s.shape()
-                ));
-            }
-            v.iter()
-                .map(|&l| {
-                    if l < 0 || l as usize > sl {
-                        Err(invalid!(
-                            "{name}: sequence_lens {v:?} must lie in [0, {sl}]"
-                        ))
-                    } else {
-                        Ok(l as usize)
-                    }
-                })
-                .collect::<Result<_>>()?
-        }
-        None => vec![sl; bs],
-    };
+    let lens = sequence_lengths(name, seq_lens, bs, sl)?;
     let nact = if *gru { 2 } else { 1 };
     let defaults: Vec<_> = if *gru {
         vec![
@@ -591,6 +545,34 @@ pub fn recurrent(
     };
     outs.truncate(num_outputs.max(1));
     Ok(outs)
+}
+
+/// Per-batch sequence lengths from the optional `sequence_lens` input (all `seq`
+/// when absent), each checked to lie in `[0, seq]`.
+fn sequence_lengths(
+    op: &str,
+    seq_lens: Option<&Tensor>,
+    batch: usize,
+    seq: usize,
+) -> Result<Vec<usize>> {
+    let Some(s) = seq_lens else {
+        return Ok(vec![seq; batch]);
+    };
+    let v = crate::util::i64_values(s, &format!("{op} sequence_lens"))?;
+    if v.len() != batch {
+        return Err(invalid!(
+            "{op}: sequence_lens must have shape [{batch}] (the batch size), got {:?}",
+            s.shape()
+        ));
+    }
+    v.iter()
+        .map(|&l| match usize::try_from(l) {
+            Ok(l) if l <= seq => Ok(l),
+            _ => Err(invalid!(
+                "{op}: sequence_lens {v:?} must lie in [0, {seq}] (the sequence length)"
+            )),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ impl<'a> Attrs<'a> {
         self.get(name).is_some()
     }
 
-    fn err(&self, name: &str, what: &str) -> OnnxError {
+    /// An "invalid model" error naming the node, its op and the attribute.
+    pub fn err(&self, name: &str, what: &str) -> OnnxError {
         OnnxError::Invalid(format!(
             "node '{}' ({}): attribute '{}' {}",
             self.node_name,

@@ -736,22 +736,22 @@ fn tensor_type(t: &crate::proto::type_proto::Tensor, name: &str) -> Result<Value
     Ok(ValueType::new(dtype, shape))
 }
 
-fn auto_pad(a: &Attrs) -> Result<AutoPad> {
+/// The `auto_pad` attribute of Conv, ConvTranspose, the pools and the families' conv-like ops.
+pub(crate) fn auto_pad(a: &Attrs) -> Result<AutoPad> {
     Ok(match a.string("auto_pad", "NOTSET")?.as_str() {
         "NOTSET" | "" => AutoPad::NotSet,
         "SAME_UPPER" => AutoPad::SameUpper,
         "SAME_LOWER" => AutoPad::SameLower,
         "VALID" => AutoPad::Valid,
-        other => return Err(OnnxError::Invalid(format!("unknown auto_pad '{other}'"))),
+        other => return Err(a.err("auto_pad", &format!("has the unknown value '{other}'"))),
     })
 }
 
-fn conv_attrs(a: &Attrs) -> Result<ConvAttrs> {
+/// The attributes of Conv (ConvTranspose, ConvInteger and QLinearConv share them).
+pub(crate) fn conv_attrs(a: &Attrs) -> Result<ConvAttrs> {
     let group = a.int("group", 1);
     if group < 1 {
-        return Err(OnnxError::Invalid(format!(
-            "Conv group must be >= 1, got {group}"
-        )));
+        return Err(a.err("group", &format!("must be >= 1, got {group}")));
     }
     Ok(ConvAttrs {
         auto_pad: auto_pad(a)?,

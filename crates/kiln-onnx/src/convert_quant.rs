@@ -4,7 +4,7 @@ use crate::attrs::Attrs;
 use crate::convert::NodeCtx;
 use crate::tensor_proto::dtype_from_onnx;
 use crate::{OnnxError, Result};
-use kiln_ir::{AutoPad, ConvAttrs, DType, Op, QuantOp};
+use kiln_ir::{DType, Op, QuantOp};
 
 /// Cast / CastLike with a non-default `saturate` (opset 19+) or `round_mode`
 /// (opset 24+): the `QuantOp::Cast` form (`to: None` for CastLike). `None` when
@@ -42,30 +42,6 @@ fn block_size(ctx: &NodeCtx) -> Result<usize> {
     usize::try_from(b).map_err(|_| ctx.invalid(format!("block_size must be >= 0, got {b}")))
 }
 
-/// The attributes of Conv (ConvInteger and QLinearConv share them).
-fn conv_attrs(ctx: &NodeCtx) -> Result<ConvAttrs> {
-    let a = ctx.attrs;
-    let group = a.int("group", 1);
-    if group < 1 {
-        return Err(ctx.invalid(format!("group must be >= 1, got {group}")));
-    }
-    let auto_pad = match a.string("auto_pad", "NOTSET")?.as_str() {
-        "NOTSET" | "" => AutoPad::NotSet,
-        "SAME_UPPER" => AutoPad::SameUpper,
-        "SAME_LOWER" => AutoPad::SameLower,
-        "VALID" => AutoPad::Valid,
-        other => return Err(ctx.invalid(format!("unknown auto_pad '{other}'"))),
-    };
-    Ok(ConvAttrs {
-        auto_pad,
-        dilations: a.usizes("dilations")?,
-        group: group as usize,
-        kernel_shape: a.usizes("kernel_shape")?,
-        pads: a.usizes("pads")?,
-        strides: a.usizes("strides")?,
-    })
-}
-
 /// Parses the node if `op_type` belongs to this family; `Ok(None)` when it does not.
 pub(crate) fn convert(op_type: &str, ctx: &mut NodeCtx) -> Result<Option<Op>> {
     let a = ctx.attrs;
@@ -85,8 +61,8 @@ pub(crate) fn convert(op_type: &str, ctx: &mut NodeCtx) -> Result<Option<Op>> {
         "DynamicQuantizeLinear" => QuantOp::DynamicQuantizeLinear,
         "MatMulInteger" => QuantOp::MatMulInteger,
         "QLinearMatMul" => QuantOp::QLinearMatMul,
-        "ConvInteger" => QuantOp::ConvInteger(conv_attrs(ctx)?),
-        "QLinearConv" => QuantOp::QLinearConv(conv_attrs(ctx)?),
+        "ConvInteger" => QuantOp::ConvInteger(crate::convert::conv_attrs(ctx.attrs)?),
+        "QLinearConv" => QuantOp::QLinearConv(crate::convert::conv_attrs(ctx.attrs)?),
         "BitCast" => QuantOp::BitCast {
             to: dtype_attr(ctx, "to")?
                 .ok_or_else(|| ctx.invalid("the 'to' attribute is missing"))?,

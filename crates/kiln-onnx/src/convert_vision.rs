@@ -5,16 +5,6 @@ use crate::tensor_proto::dtype_from_onnx;
 use crate::{OnnxError, Result};
 use kiln_ir::{AutoPad, ConvAttrs, DType, Op, PadMode, PoolAttrs, ResizeMode, Tensor, VisionOp};
 
-fn auto_pad(ctx: &NodeCtx) -> Result<AutoPad> {
-    Ok(match ctx.attrs.string("auto_pad", "NOTSET")?.as_str() {
-        "NOTSET" | "" => AutoPad::NotSet,
-        "SAME_UPPER" => AutoPad::SameUpper,
-        "SAME_LOWER" => AutoPad::SameLower,
-        "VALID" => AutoPad::Valid,
-        other => return Err(ctx.invalid(format!("unknown auto_pad '{other}'"))),
-    })
-}
-
 fn output_dtype(ctx: &NodeCtx) -> Result<DType> {
     let code = ctx.attrs.int("output_datatype", 1);
     let code = i32::try_from(code)
@@ -103,7 +93,7 @@ pub(crate) fn convert(op_type: &str, ctx: &mut NodeCtx) -> Result<Option<Op>> {
             }
             VisionOp::LpPool {
                 pool: PoolAttrs {
-                    auto_pad: auto_pad(ctx)?,
+                    auto_pad: crate::convert::auto_pad(ctx.attrs)?,
                     ceil_mode: a.bool("ceil_mode", false),
                     dilations: a.usizes("dilations")?,
                     kernel_shape,
