@@ -8,6 +8,7 @@
 
 mod attn;
 mod elementwise;
+pub mod fused;
 mod index;
 mod nn;
 mod quant;
@@ -140,6 +141,7 @@ pub fn run_op(op: &Op, inputs: &[Option<&Tensor>], num_outputs: usize) -> Result
             opt(2),
         )?),
         Op::MatMul => one(nn::matmul(x(0, "A")?, x(1, "B")?)?),
+        Op::Fused(f) => one(fused::run(f, inputs)?),
         Op::Softmax { axis, coerce_2d } => {
             one(nn::softmax(x(0, "input")?, *axis, *coerce_2d, false)?)
         }

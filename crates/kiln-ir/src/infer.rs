@@ -1251,6 +1251,10 @@ impl Ctx<'_> {
             Op::Attn(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
             Op::Seq(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
             Op::Text(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
+            Op::Fused(f) => match f {
+                crate::FusedOp::Conv { conv, .. } => self.conv(n, conv)?,
+                crate::FusedOp::MatMul { .. } => self.matmul(n)?,
+            },
             Op::Reshape { allowzero } => self.reshape(n, *allowzero)?,
             Op::Flatten { axis } => {
                 let shape = match &s0 {

@@ -3,7 +3,7 @@
 //! inputs (axes, pads, split sizes, clip bounds, scales) always arrive as inputs,
 //! so later stages never look at opset versions.
 
-use crate::{AttnOp, DType, Graph, IndexOp, QuantOp, SeqOp, Tensor, TextOp, VisionOp};
+use crate::{AttnOp, DType, FusedOp, Graph, IndexOp, QuantOp, SeqOp, Tensor, TextOp, VisionOp};
 
 /// Element-wise operators of one input.
 #[derive(Clone, Debug, PartialEq)]
@@ -413,6 +413,8 @@ pub enum Op {
     Attn(AttnOp),
     Seq(SeqOp),
     Text(TextOp),
+    /// kiln's own fused ops, made by the optimizer (never in a model file).
+    Fused(FusedOp),
 }
 
 impl Op {
@@ -551,6 +553,7 @@ impl Op {
             Op::Attn(o) => o.name(),
             Op::Seq(o) => o.name(),
             Op::Text(o) => o.name(),
+            Op::Fused(o) => o.name(),
         }
     }
 

@@ -1,0 +1,190 @@
+//! kiln's own fused operators: what the graph optimizer (`kiln-opt`) makes out of
+//! a Conv/MatMul followed by a bias add, a residual add and an activation, so the
+//! kernel applies all of them while each output tile is still in cache.
+//!
+//! These ops never come from a model file; they exist only after optimization.
+//! Their kernels live in `kiln-cpu/src/fused.rs`.
+
+use crate::ConvAttrs;
+
+/// An activation applied in a kernel's epilogue. [`FusedAct::eval`] is the
+/// reference definition every fast version is tested against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FusedAct {
+    /// No activation.
+    Identity,
+    Relu,
+    /// `min(max(x, min), max)` (Clip, Relu6).
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    Sigmoid,
+    Tanh,
+    /// `max(0, min(1, alpha * x + beta))`.
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    /// `x * max(0, min(1, x / 6 + 1 / 2))`.
+    HardSwish,
+    LeakyRelu {
+        alpha: f32,
+    },
+    /// `0.5 * x * (1 + erf(x / sqrt(2)))`.
+    GeluErf,
+    /// `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`.
+    GeluTanh,
+    /// `x * sigmoid(x)` (SiLU, Swish).
+    Silu,
+}
+
+impl FusedAct {
+    /// The activation's value at `x`, computed plainly in f64.
+    pub fn eval(self, x: f32) -> f32 {
+        let v = x as f64;
+        let r = match self {
+            FusedAct::Identity => v,
+            FusedAct::Relu => v.max(0.0),
+            FusedAct::Clip { min, max } => v.max(min as f64).min(max as f64),
+            FusedAct::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            FusedAct::Tanh => v.tanh(),
+            FusedAct::HardSigmoid { alpha, beta } => {
+                (alpha as f64 * v + beta as f64).clamp(0.0, 1.0)
+            }
+            FusedAct::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+            FusedAct::LeakyRelu { alpha } => {
+                if v >= 0.0 {
+                    v
+                } else {
+                    alpha as f64 * v
+                }
+            }
+            FusedAct::GeluErf => 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2)),
+            FusedAct::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+            }
+            FusedAct::Silu => v / (1.0 + (-v).exp()),
+        };
+        r as f32
+    }
+
+    /// A short name for graph dumps and profiles (`Relu`, `GeluErf`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            FusedAct::Identity => "Identity",
+            FusedAct::Relu => "Relu",
+            FusedAct::Clip { .. } => "Clip",
+            FusedAct::Sigmoid => "Sigmoid",
+            FusedAct::Tanh => "Tanh",
+            FusedAct::HardSigmoid { .. } => "HardSigmoid",
+            FusedAct::HardSwish => "HardSwish",
+            FusedAct::LeakyRelu { .. } => "LeakyRelu",
+            FusedAct::GeluErf => "GeluErf",
+            FusedAct::GeluTanh => "GeluTanh",
+            FusedAct::Silu => "Silu",
+        }
+    }
+}
+
+/// erf in f64 (Abramowitz-Stegun 7.1.26 is too coarse for a reference; this is
+/// the W. J. Cody rational form via libm-quality series/continued fraction).
+fn erf_f64(x: f64) -> f64 {
+    // erf(x) = 1 - erfc(x); erfc by a continued fraction for |x| > 3, the
+    // Maclaurin series below that. Both converge to f64 precision here.
+    let a = x.abs();
+    let r = if a < 3.0 {
+        // Maclaurin: erf(x) = 2/sqrt(pi) * sum (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut term = a;
+        let mut sum = a;
+        let x2 = a * a;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -x2 / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(a) = exp(-a^2)/sqrt(pi) * 1/(a + 1/2/(a + 1/(a + 3/2/(a + ...))))
+        let mut f = a;
+        for k in (1..60).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * f)
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// A fused operator. Output = `act(op(inputs) + bias + residual)`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FusedOp {
+    /// Conv, then the per-channel bias, then the residual, then `act`.
+    /// Inputs: X, W, B?, residual? (residual has exactly the output's shape).
+    Conv { conv: ConvAttrs, act: FusedAct },
+    /// MatMul (numpy semantics), then the bias along the last axis, then the
+    /// residual, then `act`. Inputs: A, B, bias? (1-D, the output's last dim),
+    /// residual? (exactly the output's shape).
+    MatMul { act: FusedAct },
+}
+
+impl FusedOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FusedOp::Conv { .. } => "FusedConv",
+            FusedOp::MatMul { .. } => "FusedMatMul",
+        }
+    }
+
+    pub fn act(&self) -> FusedAct {
+        match self {
+            FusedOp::Conv { act, .. } | FusedOp::MatMul { act } => *act,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_reference_matches_known_values() {
+        // Values from Abramowitz & Stegun table 7.1.
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.5, 0.999_999_256_901_627_7),
+            (-1.0, -0.842_700_792_949_714_9),
+        ] {
+            assert!(
+                (erf_f64(x) - want).abs() < 1e-14,
+                "erf({x}) = {}",
+                erf_f64(x)
+            );
+        }
+    }
+
+    #[test]
+    fn activations_at_known_points() {
+        assert_eq!(FusedAct::Relu.eval(-2.0), 0.0);
+        assert_eq!(FusedAct::Clip { min: 0.0, max: 6.0 }.eval(7.0), 6.0);
+        assert_eq!(FusedAct::HardSwish.eval(-4.0), 0.0);
+        assert_eq!(FusedAct::HardSwish.eval(4.0), 4.0);
+        assert_eq!(FusedAct::LeakyRelu { alpha: 0.1 }.eval(-2.0), -0.2);
+        assert!((FusedAct::Sigmoid.eval(0.0) - 0.5).abs() < 1e-7);
+        assert!((FusedAct::Silu.eval(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((FusedAct::GeluErf.eval(1.0) - 0.841_344_74).abs() < 1e-6);
+        assert!((FusedAct::GeluTanh.eval(1.0) - 0.841_191_97).abs() < 1e-6);
+    }
+}
