@@ -5,8 +5,11 @@ Starts real `kiln serve` processes on free loopback ports (127.0.0.1 only) and
 checks them with the official Triton clients (`tritonclient[http,grpc]`) and raw
 HTTP: JSON, binary and gRPC inference against `kiln run` on the same input; a
 suite of malformed requests (all must be 4xx and the server stays healthy);
-a bounded load test with dynamic batching on and off (throughput, p50/p99);
-overload with a tiny queue (fast 429s); a request timeout; metrics; and SIGTERM
+model states (ports open before models load: live at once, each model LOADING
+until READY or UNAVAILABLE with its error); bounded load tests with
+`kiln bench --server` (closed loop with dynamic batching on and off, Poisson
+arrivals, JSON tensors, overload with a tiny queue counted as 429s, loopback
+only); overload with a tiny queue (fast 429s); a request timeout; metrics; and SIGTERM
 during load (every request sent before the signal answered, exit 0).
 
 Usage: test_serve.py --kiln target/release/kiln [--model mobilenetv2.onnx] [--quick]
@@ -81,6 +84,29 @@ class Server:
                 pass
             time.sleep(0.1)
         return False
+
+    def wait_models(self, names, timeout=300):
+        """Waits until no model in `names` is LOADING (the ports open before the
+        models load); returns ({name: state}, the set of states seen on the way)."""
+        end = time.time() + timeout
+        seen = set()
+        states = {}
+        while time.time() < end and self.proc.poll() is None:
+            for n in names:
+                try:
+                    st, _, body = request(self.url, "GET", f"/v2/models/{n}/ready", timeout=5)
+                except OSError:
+                    continue
+                try:
+                    v = json.loads(body)
+                except ValueError:
+                    v = {}
+                states[n] = "READY" if st == 200 else v.get("state", f"HTTP {st}")
+                seen.add(states[n])
+            if len(states) == len(names) and "LOADING" not in states.values():
+                break
+            time.sleep(0.05)
+        return states, seen
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
         if self.proc.poll() is None:
@@ -494,51 +520,31 @@ def test_bad_inputs(srv, in_name, shape):
           and srv.proc.poll() is None, (st, st2))
 
 
-def load(srv, model, in_name, shape, clients, seconds, max_requests=4000):
-    """Closed-loop load: `clients` threads each send binary requests for `seconds`."""
-    x = np.random.RandomState(3).rand(*shape).astype(np.float32)
-    body, hdrs = binary_infer_body(in_name, x)
-    lat, errors = [], []
-    lock = threading.Lock()
-    stop_at = time.time() + seconds
-    count = [0]
+def bench_server(kiln, srv, model, *args, timeout=300):
+    """`kiln bench --server ... --json`: (exit code, report dict or None, stderr)."""
+    argv = [kiln, "bench", "--server", f"http://{srv.url}", "--model", model, "--json", *args]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", None, ""
+    try:
+        rep = json.loads(p.stdout)
+    except ValueError:
+        rep = None
+    return p.returncode, rep, p.stderr.strip()
 
-    def worker():
-        host, port = srv.url.split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        while time.time() < stop_at:
-            with lock:
-                if count[0] >= max_requests:
-                    break
-                count[0] += 1
-            t = time.perf_counter()
-            try:
-                st, _, data = request(srv.url, "POST", f"/v2/models/{model}/infer", body, hdrs, conn=conn)
-            except OSError as e:
-                with lock:
-                    errors.append(str(e))
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=60)
-                continue
-            dt = time.perf_counter() - t
-            with lock:
-                if st == 200:
-                    lat.append(dt)
-                else:
-                    errors.append(st)
-        conn.close()
 
-    t0 = time.time()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 120)
-    wall = time.time() - t0
-    lat.sort()
-    pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
-    return {"ok": len(lat), "errors": len(errors), "rps": len(lat) / wall,
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "first_errors": errors[:3]}
+def load(kiln, srv, model, clients, seconds, max_requests=4000):
+    """Closed-loop load with `kiln bench --server`: `clients` connections for `seconds`."""
+    rc, r, err = bench_server(kiln, srv, model, "--concurrency", str(clients),
+                              "--duration", str(seconds), "--max-requests", str(max_requests),
+                              timeout=seconds + 120)
+    if r is None:
+        return {"ok": 0, "errors": 1, "rps": 0.0, "p50_ms": float("nan"),
+                "p99_ms": float("nan"), "first_errors": [f"kiln bench exit {rc}: {err}"]}
+    return {"ok": r["ok"], "errors": r["failed"], "rps": r["throughput_per_s"],
+            "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
+            "first_errors": [r["first_error"]] if r["first_error"] else []}
 
 
 def batch_histogram(srv, model):
@@ -552,14 +558,14 @@ def batch_histogram(srv, model):
     return count, total
 
 
-def test_load(srv, in_name, shape, clients, seconds):
+def test_load(kiln, srv, shape, clients, seconds):
     # Warm up both.
-    load(srv, "big", in_name, shape, 2, 0.5, max_requests=4)
-    load(srv, "big_nb", in_name, shape, 2, 0.5, max_requests=4)
+    load(kiln, srv, "big", 2, 0.5, max_requests=4)
+    load(kiln, srv, "big_nb", 2, 0.5, max_requests=4)
     c0, s0 = batch_histogram(srv, "big")
-    on = load(srv, "big", in_name, shape, clients, seconds)
+    on = load(kiln, srv, "big", clients, seconds)
     c1, s1 = batch_histogram(srv, "big")
-    off = load(srv, "big_nb", in_name, shape, clients, seconds)
+    off = load(kiln, srv, "big_nb", clients, seconds)
     mean_batch = (s1 - s0) / max(1.0, c1 - c0)
     print(f"     load: {clients} clients x {seconds}s, model input {shape}")
     print(f"     batching on : {on['rps']:.1f} req/s  p50 {on['p50_ms']:.1f} ms  p99 {on['p99_ms']:.1f} ms"
@@ -569,6 +575,36 @@ def test_load(srv, in_name, shape, clients, seconds):
     check("load with batching: no errors", on["errors"] == 0 and on["ok"] > 0, on)
     check("load without batching: no errors", off["errors"] == 0 and off["ok"] > 0, off)
     check("dynamic batching merged requests (mean batch > 1)", mean_batch > 1.0, mean_batch)
+
+
+def test_bench_server(kiln, srv, seconds):
+    """`kiln bench --server`: Poisson arrivals, JSON tensors, overload counted as
+    429s, the count bound, and the loopback-only rule."""
+    rc, r, err = bench_server(kiln, srv, "tiny", "--rate", "40", "--duration", str(seconds),
+                              "--seed", "3")
+    check("bench --server --rate: Poisson run with no errors",
+          rc == 0 and r is not None and r["mode"] == "poisson" and r["ok"] > 0
+          and r["failed"] == 0 and r["ok"] == r["sent"], (rc, r, err))
+    rc, r, err = bench_server(kiln, srv, "tiny", "--tensor-format", "json", "--concurrency", "2",
+                              "--duration", "60", "--max-requests", "20")
+    check("bench --server: JSON tensors, stops at --max-requests",
+          rc == 0 and r is not None and r["sent"] == 20 and r["ok"] == 20, (rc, r, err))
+    rc, r, err = bench_server(kiln, srv, "big_q", "--concurrency", "16", "--duration",
+                              str(min(seconds, 2.0)))
+    e = (r or {}).get("errors", {})
+    check("bench --server overload: tiny queue -> 429s counted, no other errors",
+          r is not None and e.get("http_429", 0) > 0 and r["ok"] > 0
+          and r["failed"] == e.get("http_429"), (rc, r, err))
+    st, _, _ = request(srv.url, "GET", "/v2/models/big_q/ready")
+    check("server still ready after the overload run", st == 200, st)
+    for url in ("http://10.0.0.1:8000", "http://[2001:db8::1]:8000", "https://127.0.0.1:8000"):
+        p = subprocess.run([kiln, "bench", "--server", url, "--model", "m", "--duration", "1"],
+                           capture_output=True, text=True, timeout=60)
+        check(f"bench --server {url}: refused with exit 2", p.returncode == 2
+              and p.stderr.count("\n") == 1, (p.returncode, p.stderr))
+    rc, r, err = bench_server(kiln, srv, "broken", "--duration", "1")
+    check("bench --server on a model that failed to load: exit 1, says not ready",
+          rc == 1 and "not ready" in err, (rc, err))
 
 
 def test_overload_and_timeout(srv, in_name, shape):
@@ -601,7 +637,9 @@ def test_metrics(srv):
             'outcome="queue_full"', "kiln_queue_seconds_bucket", "kiln_compute_seconds_bucket",
             "kiln_request_seconds_bucket", 'kiln_batch_size_bucket{model="big"',
             'kiln_queue_depth{model="big"}', 'kiln_model_ready{model="broken",version="1"} 0',
-            'kiln_model_ready{model="big",version="1"} 1']
+            'kiln_model_ready{model="big",version="1"} 1',
+            'kiln_model_state{model="broken",version="1",state="UNAVAILABLE"} 1',
+            'kiln_model_state{model="big",version="1",state="READY"} 1']
     missing = [w for w in want if w not in text]
     check("metrics exposition has requests, latencies, batch sizes, queue depth, model state",
           st == 200 and not missing and h.get("content-type", "").startswith("text/plain"), missing)
@@ -610,12 +648,13 @@ def test_metrics(srv):
 def test_sigterm(kiln, model_path, in_name, shape, tmp, seconds=3.0):
     srv = Server(kiln, model_path, ["--threads", "2", "--max-queue-delay-us", "2000"],
                  log=os.path.join(tmp, "sigterm.log"))
-    if not check("sigterm server starts", srv.wait_live()):
+    model = os.path.basename(model_path)[:-5]
+    if not check("sigterm server starts", srv.wait_live()
+                 and srv.wait_models([model])[0].get(model) == "READY"):
         srv.stop(signal.SIGKILL)
         return
     x = np.zeros(shape, np.float32)
     body, hdrs = binary_infer_body(in_name, x)
-    model = os.path.basename(model_path)[:-5]
     sent_at = {}
     records = []
     lock = threading.Lock()
@@ -684,6 +723,11 @@ def main():
                      log=os.path.join(tmp, "server.log"))
         if not check("server starts and is live", srv.wait_live()):
             return 1
+        names = ["tiny", "big", "big_nb", "big_q", "big_to", "broken"]
+        states, seen = srv.wait_models(names)
+        print(f"     model states seen while loading: {sorted(seen)}")
+        check("models settle: all READY but 'broken', which is UNAVAILABLE",
+              states == {**{n: "READY" for n in names[:-1]}, "broken": "UNAVAILABLE"}, states)
         import tritonclient.http as th
         meta = th.InferenceServerClient(srv.url).get_model_metadata("big")
         big_in = meta["inputs"][0]["name"]
@@ -696,7 +740,8 @@ def main():
                                           ("big", big, [3] + big_shape[1:])])
         test_bad_inputs(srv, tiny_in, tiny_shape)
         test_grpc_raw(srv, tiny_in, tiny_shape)
-        test_load(srv, big_in, big_shape, args.clients, args.seconds)
+        test_load(kiln, srv, big_shape, args.clients, args.seconds)
+        test_bench_server(kiln, srv, args.seconds)
         test_overload_and_timeout(srv, big_in, big_shape)
         test_metrics(srv)
         rc = srv.stop()

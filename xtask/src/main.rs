@@ -8,6 +8,10 @@
 //! - `models [NAME...]`: build the generated test models.
 //! - `conformance [ARGS...]`: the ONNX backend test suite through `kiln run`
 //!   (`scripts/conformance.py`; e.g. `--ort --report docs/conformance.md`).
+//! - `bench-compare [--models a,b] [--threads N] [--rounds 3] [--batch 1,8] [ARGS...]`:
+//!   kiln vs ONNX Runtime vs OpenVINO (installed into the venv on demand) on the
+//!   generated models, same inputs, alternating runs; prints a table and writes
+//!   `docs/bench.md` (`scripts/bench_compare.py`).
 //!
 //! The venv, the generated models and (under CI) the cargo target folder live in
 //! `$KILN_CACHE` (default `~/.cache/kiln`), outside the clone, so warm runs are fast.
@@ -31,8 +35,9 @@ fn main() -> ExitCode {
         Some("venv") => venv().map(|p| println!("{}", p.display())),
         Some("models") => venv().and_then(|py| models(&py, &args[1..])),
         Some("conformance") => conformance(&args[1..]),
+        Some("bench-compare") => bench_compare(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [--quick] | venv | models [NAME...] | conformance [ARGS...]>");
+            eprintln!("usage: cargo xtask <test [--quick] | venv | models [NAME...] | conformance [ARGS...] | bench-compare [ARGS...]>");
             return ExitCode::from(2);
         }
     };
@@ -124,6 +129,71 @@ fn conformance(args: &[String]) -> Result<(), String> {
         .arg("--kiln")
         .arg(kiln_binary())
         .args(args))
+}
+
+/// OpenVINO for `bench-compare` only (not needed by the tests, so not in
+/// PY_PACKAGES); numpy stays at the pinned version.
+const OPENVINO_PACKAGES: &[&str] = &["openvino==2026.4.1", "numpy==2.4.6"];
+
+/// The default models of `bench-compare` (`scripts/bench_compare.py` has the same).
+const BENCH_MODELS: &[&str] = &["resnet50", "mobilenetv2", "bert_base", "gpt2_small"];
+
+fn bench_compare(args: &[String]) -> Result<(), String> {
+    let python = venv()?;
+    let has_openvino = Command::new(&python)
+        .args(["-c", "import openvino"])
+        .current_dir(root())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_openvino && !args.iter().any(|a| a == "--no-openvino") {
+        let install = run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(OPENVINO_PACKAGES));
+        if let Err(e) = install {
+            // The comparison still runs, without the OpenVINO column.
+            eprintln!(
+                "xtask: OpenVINO could not be installed ({e}); comparing with ONNX Runtime only"
+            );
+        }
+    }
+    run(Command::new("cargo").args(["build", "--release", "-p", "kiln-cli"]))?;
+    // The models named by --models (NAME,NAME or --models=NAME,NAME), else the defaults.
+    let mut names: Vec<String> = BENCH_MODELS.iter().map(|s| s.to_string()).collect();
+    for (i, a) in args.iter().enumerate() {
+        let list = match a.strip_prefix("--models=") {
+            Some(v) => Some(v.to_string()),
+            None if a == "--models" => args.get(i + 1).cloned(),
+            None => None,
+        };
+        if let Some(list) = list {
+            names = list
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+        }
+    }
+    models(&python, &names)?;
+    let mut cmd = Command::new(&python);
+    cmd.arg("scripts/bench_compare.py")
+        .arg("--kiln")
+        .arg(kiln_binary())
+        .arg("--models-dir")
+        .arg(cache().join("models"));
+    if !args
+        .iter()
+        .any(|a| a == "--report" || a.starts_with("--report="))
+    {
+        cmd.args(["--report", "docs/bench.md"]);
+    }
+    run(cmd.args(args))
 }
 
 fn test(args: &[String]) -> Result<(), String> {

@@ -2,7 +2,7 @@
 
 use crate::Failure;
 use clap::Args;
-use kiln_ir::{Dim, Graph, Op};
+use kiln_ir::{Dim, Graph};
 use kiln_runtime::{IoInfo, Session, SessionOptions};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -36,7 +36,7 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
     let mut histogram: BTreeMap<&str, usize> = BTreeMap::new();
     count_ops(graph, &mut histogram);
     let (params, param_bytes) = graph.parameter_stats();
-    let flops = estimate_flops(graph, &bindings);
+    let flops = crate::flops::estimate_graph(graph, &bindings);
     let io = |v: &[IoInfo]| -> Vec<serde_json::Value> {
         v.iter()
             .map(|i| {
@@ -120,80 +120,7 @@ fn count_ops<'a>(g: &'a Graph, h: &mut BTreeMap<&'a str, usize>) {
     }
 }
 
-struct Flops {
-    total: u128,
-    unknown_nodes: usize,
-}
-
-/// Multiply-adds count as 2 FLOPs (Conv, ConvTranspose, Gemm, MatMul, LSTM);
-/// other ops count one FLOP per output element.
-fn estimate_flops(g: &Graph, bindings: &HashMap<String, usize>) -> Flops {
-    let dims = |name: Option<&str>| -> Option<Vec<u128>> {
-        let ty = g.value_type(name?)?;
-        ty.shape?
-            .iter()
-            .map(|d| {
-                d.eval(bindings)
-                    .or(Some(1).filter(|_| matches!(d, Dim::Named(_))))
-                    .map(|v| v as u128)
-            })
-            .collect()
-    };
-    let mut total: u128 = 0;
-    let mut unknown = 0;
-    for n in &g.nodes {
-        let out = dims(n.outputs.first().and_then(|o| o.as_deref()));
-        let numel = out.as_ref().map(|s| s.iter().product::<u128>());
-        let f = match &n.op {
-            Op::Conv(_) => dims(n.input(1))
-                .zip(numel)
-                .map(|(w, o)| 2 * o * w.iter().skip(1).product::<u128>()),
-            Op::ConvTranspose(_) => dims(n.input(0)).zip(dims(n.input(1))).map(|(x, w)| {
-                // Each input element scatters into (M/group) * kernel outputs.
-                2 * x.iter().product::<u128>() * w.iter().skip(1).product::<u128>()
-            }),
-            Op::MatMul | Op::Gemm { .. } => {
-                let k = match &n.op {
-                    Op::Gemm { trans_a, .. } => dims(n.input(0)).and_then(|a| {
-                        if *trans_a {
-                            a.first().copied()
-                        } else {
-                            a.last().copied()
-                        }
-                    }),
-                    _ => dims(n.input(0)).and_then(|a| a.last().copied()),
-                };
-                k.zip(numel).map(|(k, o)| 2 * k * o)
-            }
-            Op::Lstm(a) => dims(n.input(0)).map(|x| {
-                let (s, b, i) = (
-                    x[0],
-                    x.get(1).copied().unwrap_or(1),
-                    x.get(2).copied().unwrap_or(1),
-                );
-                let h = a.hidden_size as u128;
-                let dirs = if a.direction == kiln_ir::RnnDirection::Bidirectional {
-                    2
-                } else {
-                    1
-                };
-                2 * s * b * dirs * 4 * h * (i + h)
-            }),
-            Op::If { .. } | Op::Loop { .. } => None,
-            _ => numel,
-        };
-        match f {
-            Some(f) => total += f,
-            None => unknown += 1,
-        }
-    }
-    Flops {
-        total,
-        unknown_nodes: unknown,
-    }
-}
-
-fn human_bytes(b: usize) -> String {
+pub fn human_bytes(b: usize) -> String {
     let b = b as f64;
     if b >= 1024.0 * 1024.0 * 1024.0 {
         format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
@@ -206,7 +133,7 @@ fn human_bytes(b: usize) -> String {
     }
 }
 
-fn human_count(v: f64) -> String {
+pub fn human_count(v: f64) -> String {
     if v >= 1e9 {
         format!("{:.2} G", v / 1e9)
     } else if v >= 1e6 {

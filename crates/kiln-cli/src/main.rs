@@ -1,5 +1,10 @@
-//! The `kiln` command: run and inspect ONNX models.
+//! The `kiln` command: run, inspect, benchmark and serve ONNX models, and show
+//! what the hardware can do (`kiln hw`).
 
+mod bench;
+mod bench_server;
+mod flops;
+mod hw;
 mod inspect;
 mod npy;
 mod run;
@@ -25,6 +30,13 @@ enum Command {
     Run(run::RunArgs),
     /// Show a model's inputs, outputs, opsets, op types, parameters and FLOPs.
     Inspect(inspect::InspectArgs),
+    /// Benchmark a model: load time, latency percentiles, throughput, peak memory,
+    /// GFLOP/s against the machine's peak, and a per-op profile (--profile).
+    /// With --server URL, load a running KServe v2 server instead.
+    Bench(bench::BenchArgs),
+    /// Show this machine's ISA features, cores, caches and measured peak
+    /// FLOP/s and memory bandwidth.
+    Hw(hw::HwArgs),
     /// Serve models over the KServe Open Inference Protocol v2 (HTTP + gRPC).
     Serve(serve::ServeArgs),
 }
@@ -104,6 +116,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Bench(args) => bench::bench(args),
+        Command::Hw(args) => hw::hw(args),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -3,13 +3,165 @@
 //!
 //! `run_reference` composes the plain kernels and applies `FusedAct::eval`
 //! element by element; it is the definition the fast path is tested against.
+//!
+//! The fast path (all inputs f32) runs the Conv / MatMul on `kiln_gemm::sgemm`
+//! (or the direct depthwise kernel) with bias, residual and activation applied
+//! in one pass over each finished piece of the output while it is in cache.
 
 use crate::{invalid, nn, unsupported, Result};
+use kiln_gemm::{PackedA, PackedB};
 use kiln_ir::{DType, FusedAct, FusedOp, Tensor};
 
 /// Runs a fused op. Inputs: X/A, W/B, bias?, residual?.
 pub fn run(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    if fast_path_applies(op, inputs) {
+        return run_fast(op, inputs, Packed::None);
+    }
     run_reference(op, inputs)
+}
+
+/// True when every present input is f32 (and, for MatMul, B is not 1-D: the
+/// bias then runs along A's rows, a corner the reference handles).
+fn fast_path_applies(op: &FusedOp, inputs: &[Option<&Tensor>]) -> bool {
+    let all_f32 = inputs.iter().flatten().all(|t| t.dtype() == DType::F32);
+    let b_ok = match op {
+        FusedOp::Conv { .. } => true,
+        FusedOp::MatMul { .. } => inputs
+            .get(1)
+            .copied()
+            .flatten()
+            .is_some_and(|b| b.rank() >= 2),
+    };
+    all_f32 && b_ok
+}
+
+/// Weights a prepared op packed ahead of time (see `prepared.rs`).
+#[derive(Clone, Copy)]
+pub(crate) enum Packed<'a> {
+    /// Use the W/B input as given.
+    None,
+    /// Conv W packed per group, and the W shape it was packed from.
+    Conv(&'a [PackedA], &'a [usize]),
+    /// MatMul's 2-D B packed.
+    MatMul(&'a PackedB),
+}
+
+/// The fast fused kernel; every present input must be f32. With `packed`, the
+/// W/B input is not read (its shape was checked by the caller).
+pub(crate) fn run_fast(
+    op: &FusedOp,
+    inputs: &[Option<&Tensor>],
+    packed: Packed<'_>,
+) -> Result<Tensor> {
+    let get = |i: usize, what: &str| {
+        inputs
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| invalid!("missing required input {i} ({what})"))
+    };
+    let opt = |i: usize| inputs.get(i).copied().flatten();
+    match op {
+        FusedOp::Conv { conv, act } => {
+            let x = get(0, "X")?;
+            match packed {
+                Packed::Conv(p, w_shape) => nn::conv_f32(
+                    conv,
+                    x,
+                    w_shape,
+                    nn::ConvWeights::Packed(p),
+                    opt(2),
+                    opt(3),
+                    *act,
+                ),
+                _ => {
+                    let w = get(1, "W")?;
+                    nn::conv_f32(
+                        conv,
+                        x,
+                        w.shape(),
+                        nn::ConvWeights::Raw(w),
+                        opt(2),
+                        opt(3),
+                        *act,
+                    )
+                }
+            }
+        }
+        FusedOp::MatMul { act } => {
+            let a = get(0, "A")?;
+            let (b_shape, b) = match packed {
+                Packed::MatMul(p) => (vec![p.rows(), p.cols()], nn::MatmulB::Packed(p)),
+                _ => {
+                    let b = get(1, "B")?;
+                    (
+                        b.shape().to_vec(),
+                        nn::MatmulB::Mat(nn::f32_slice(b, "FusedMatMul B")?),
+                    )
+                }
+            };
+            if b_shape.len() < 2 {
+                return Err(invalid!(
+                    "FusedMatMul fast path needs B of rank >= 2, got {b_shape:?}"
+                ));
+            }
+            let s = nn::matmul_shape(a.shape(), &b_shape)?;
+            let n = s.n;
+            let bias = match opt(2) {
+                Some(t) => Some(
+                    t.as_slice::<f32>()
+                        .filter(|v| t.rank() == 1 && v.len() == n)
+                        .ok_or_else(|| {
+                            invalid!(
+                                "FusedMatMul: bias must be f32 [{n}], got {} {:?}",
+                                t.dtype(),
+                                t.shape()
+                            )
+                        })?,
+                ),
+                None => None,
+            };
+            let res = match opt(3) {
+                Some(t) => Some(
+                    t.as_slice::<f32>()
+                        .filter(|_| t.shape() == s.out_shape.as_slice())
+                        .ok_or_else(|| {
+                            invalid!(
+                                "FusedMatMul: residual must be f32 {:?}, got {} {:?}",
+                                s.out_shape,
+                                t.dtype(),
+                                t.shape()
+                            )
+                        })?,
+                ),
+                None => None,
+            };
+            let act = *act;
+            let epi = |row: usize, col0: usize, vals: &mut [f32]| {
+                let len = vals.len();
+                if let Some(b) = bias {
+                    for (v, &bv) in vals.iter_mut().zip(&b[col0..col0 + len]) {
+                        *v += bv;
+                    }
+                }
+                if let Some(r) = res {
+                    let o = row * n + col0;
+                    for (v, &rv) in vals.iter_mut().zip(&r[o..o + len]) {
+                        *v += rv;
+                    }
+                }
+                crate::fastmath::fused_act(act, vals);
+            };
+            let noop = bias.is_none() && res.is_none() && act == FusedAct::Identity;
+            let y = nn::matmul_f32(
+                &s,
+                nn::f32_slice(a, "FusedMatMul A")?,
+                b,
+                if noop { None } else { Some(&epi) },
+            )?;
+            crate::util::tensor(s.out_shape, kiln_ir::TensorData::F32(y))
+        }
+    }
 }
 
 /// The reference: the plain op, then bias, residual and activation in order.
@@ -80,4 +232,163 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
         }
     }
     Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{AutoPad, ConvAttrs};
+
+    /// A deterministic pseudo-random vector in [-2, 2).
+    fn rvec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn t(shape: &[usize], seed: u64) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), rvec(shape.iter().product(), seed)).unwrap()
+    }
+
+    fn all_acts() -> Vec<FusedAct> {
+        vec![
+            FusedAct::Identity,
+            FusedAct::Relu,
+            FusedAct::Clip { min: 0.0, max: 6.0 },
+            FusedAct::Sigmoid,
+            FusedAct::Tanh,
+            FusedAct::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            FusedAct::HardSwish,
+            FusedAct::LeakyRelu { alpha: 0.1 },
+            FusedAct::GeluErf,
+            FusedAct::GeluTanh,
+            FusedAct::Silu,
+        ]
+    }
+
+    #[track_caller]
+    fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        let (g, w) = (
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap(),
+        );
+        for (i, (g, w)) in g.iter().zip(w).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what}: element {i}: got {g}, want {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_conv_matches_reference_for_every_activation() {
+        // (X shape, W shape, group, pads, strides): GEMM, pointwise, depthwise.
+        let cases: &[(&[usize], &[usize], usize, &[usize], &[usize])] = &[
+            (&[2, 4, 7, 6], &[5, 4, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
+            (&[1, 6, 5, 5], &[3, 6, 1, 1], 1, &[0; 4], &[1, 1]),
+            (&[1, 4, 9, 8], &[4, 1, 3, 3], 4, &[1, 0, 1, 1], &[2, 2]),
+            (&[1, 3, 11], &[2, 3, 3], 1, &[1, 1], &[1]),
+        ];
+        for (ci, &(xs, ws, group, pads, strides)) in cases.iter().enumerate() {
+            let conv = ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: vec![],
+                group,
+                kernel_shape: vec![],
+                pads: pads.to_vec(),
+                strides: strides.to_vec(),
+            };
+            let (x, w, b) = (t(xs, 1), t(ws, 2), t(&[ws[0]], 3));
+            let y = nn::conv(&conv, &x, &w, None).unwrap();
+            let res = t(y.shape(), 4);
+            for act in all_acts() {
+                let op = FusedOp::Conv {
+                    conv: conv.clone(),
+                    act,
+                };
+                for inputs in [
+                    vec![Some(&x), Some(&w), Some(&b), Some(&res)],
+                    vec![Some(&x), Some(&w), None, Some(&res)],
+                    vec![Some(&x), Some(&w), Some(&b)],
+                    vec![Some(&x), Some(&w)],
+                ] {
+                    let what = format!("case {ci} {act:?} with {} inputs", inputs.len());
+                    let got = run_fast(&op, &inputs, Packed::None).unwrap();
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_close(&got, &want, &what);
+                    assert_close(&run(&op, &inputs).unwrap(), &want, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_matmul_matches_reference_for_every_activation() {
+        let shapes: &[(&[usize], &[usize])] = &[
+            (&[3, 5], &[5, 7]),
+            (&[2, 4, 3, 5], &[5, 9]),
+            (&[2, 3, 5], &[2, 5, 4]),
+            (&[5], &[5, 6]),
+            (&[2, 1, 3, 5], &[3, 5, 2]),
+            (&[0, 5], &[5, 3]),
+        ];
+        for &(ash, bsh) in shapes {
+            let (a, b) = (t(ash, 5), t(bsh, 6));
+            let y = nn::matmul(&a, &b).unwrap();
+            let n = *y.shape().last().unwrap();
+            let bias = t(&[n], 7);
+            let res = t(y.shape(), 8);
+            for act in all_acts() {
+                let op = FusedOp::MatMul { act };
+                for inputs in [
+                    vec![Some(&a), Some(&b), Some(&bias), Some(&res)],
+                    vec![Some(&a), Some(&b), None, Some(&res)],
+                    vec![Some(&a), Some(&b), Some(&bias)],
+                    vec![Some(&a), Some(&b)],
+                ] {
+                    let what = format!("{ash:?}x{bsh:?} {act:?} with {} inputs", inputs.len());
+                    let got = run_fast(&op, &inputs, Packed::None).unwrap();
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_close(&got, &want, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_rejects_bad_bias_and_residual() {
+        let (a, b) = (t(&[3, 5], 1), t(&[5, 4], 2));
+        let op = FusedOp::MatMul {
+            act: FusedAct::Relu,
+        };
+        let bad_bias = t(&[3], 3);
+        assert!(run(&op, &[Some(&a), Some(&b), Some(&bad_bias)]).is_err());
+        let bad_res = t(&[4, 3], 4);
+        assert!(run(&op, &[Some(&a), Some(&b), None, Some(&bad_res)]).is_err());
+        let conv = FusedOp::Conv {
+            conv: ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: vec![],
+                group: 1,
+                kernel_shape: vec![],
+                pads: vec![],
+                strides: vec![],
+            },
+            act: FusedAct::Relu,
+        };
+        let (x, w) = (t(&[1, 2, 4, 4], 5), t(&[3, 2, 3, 3], 6));
+        let bad_res = t(&[1, 3, 4, 4], 7);
+        let e = run(&conv, &[Some(&x), Some(&w), None, Some(&bad_res)]).unwrap_err();
+        assert!(e.to_string().contains("residual"), "{e}");
+    }
 }

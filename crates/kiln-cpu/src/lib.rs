@@ -8,9 +8,11 @@
 
 mod attn;
 mod elementwise;
+pub mod fastmath;
 pub mod fused;
 mod index;
 mod nn;
+pub mod prepared;
 mod quant;
 mod reduce;
 mod resize;
@@ -21,6 +23,7 @@ pub mod util;
 mod vision;
 
 use kiln_ir::{Op, Tensor};
+pub use prepared::{prepare, PreparedOp};
 
 /// Why a kernel could not produce its outputs.
 #[derive(Debug, thiserror::Error)]

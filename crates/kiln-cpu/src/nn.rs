@@ -6,11 +6,14 @@
 //! by integer MatMul, Conv (im2col), ConvTranspose, LSTM and Resize.
 
 mod conv;
+mod depthwise;
 mod matmul;
 mod norm;
 mod pool;
 
 pub use conv::{conv, conv_transpose};
+pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvWeights};
+pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};

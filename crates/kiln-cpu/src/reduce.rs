@@ -220,6 +220,11 @@ pub fn reduce(
         n_out,
         count: x.len().checked_div(n_out).unwrap_or(0),
     };
+    if let TensorData::F32(v) = x.data() {
+        if let Some(r) = reduce_f32_fast(op, v, shape, &reduced, g.count) {
+            return tensor(out_shape, TensorData::F32(r));
+        }
+    }
     let data = match x.data() {
         TensorData::F32(v) => TensorData::F32(reduce_float(op, v, &g)),
         TensorData::F64(v) => TensorData::F64(reduce_float(op, v, &g)),
@@ -244,6 +249,128 @@ pub fn reduce(
         }
     };
     tensor(out_shape, data)
+}
+
+/// Sum / Mean / Max / Min of f32 data whose reduced axes form one contiguous
+/// block of the layout (size-1 axes ignored): the data is `[outer, count,
+/// inner]` and each output is one row (`inner == 1`) or one column of a
+/// `[count, inner]` block. Sums accumulate in f64 like the reference, in
+/// independent lanes so the loops vectorize; Max/Min let NaN win. Large inputs
+/// run their outer blocks in parallel. `None` for every other case (the
+/// reference handles it).
+fn reduce_f32_fast(
+    op: ReduceOp,
+    v: &[f32],
+    shape: &[usize],
+    reduced: &[bool],
+    count: usize,
+) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    if !matches!(
+        op,
+        ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+    ) || count == 0
+        || v.is_empty()
+    {
+        return None;
+    }
+    // The reduced axes of size > 1 must be adjacent.
+    let big: Vec<usize> = (0..shape.len())
+        .filter(|&i| reduced[i] && shape[i] > 1)
+        .collect();
+    let (first, last) = match (big.first(), big.last()) {
+        (Some(&f), Some(&l)) => (f, l),
+        _ => return None,
+    };
+    if (first..=last).any(|i| !reduced[i] && shape[i] > 1) {
+        return None;
+    }
+    let inner: usize = shape[last + 1..].iter().product();
+    let outer = v.len() / (count * inner);
+    let mut out = vec![0.0f32; outer * inner];
+    let block = count * inner;
+    let mean = op == ReduceOp::Mean;
+    let is_max = op == ReduceOp::Max;
+    // One output row of `inner` values from one [count, inner] block.
+    let one = |src: &[f32], dst: &mut [f32]| {
+        crate::fastmath::simd(|| match op {
+            ReduceOp::Sum | ReduceOp::Mean if inner == 1 => {
+                let mut acc = [0.0f64; 8];
+                let mut chunks = src.chunks_exact(8);
+                for c in &mut chunks {
+                    for i in 0..8 {
+                        acc[i] += c[i] as f64;
+                    }
+                }
+                let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+                let s = acc.iter().sum::<f64>() + tail;
+                dst[0] = if mean {
+                    (s / count as f64) as f32
+                } else {
+                    s as f32
+                };
+            }
+            ReduceOp::Sum | ReduceOp::Mean => {
+                let mut acc = vec![0.0f64; inner];
+                for row in src.chunks_exact(inner) {
+                    for (a, &x) in acc.iter_mut().zip(row) {
+                        *a += x as f64;
+                    }
+                }
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    *d = if mean {
+                        (a / count as f64) as f32
+                    } else {
+                        a as f32
+                    };
+                }
+            }
+            _ if inner == 1 => {
+                let mut m = [if is_max {
+                    f32::NEG_INFINITY
+                } else {
+                    f32::INFINITY
+                }; 16];
+                let mut nan = false;
+                let mut chunks = src.chunks_exact(16);
+                for c in &mut chunks {
+                    for i in 0..16 {
+                        let x = c[i];
+                        nan |= x.is_nan();
+                        let better = if is_max { x > m[i] } else { x < m[i] };
+                        m[i] = if better { x } else { m[i] };
+                    }
+                }
+                let mut r = m[0];
+                for &x in m[1..].iter().chain(chunks.remainder()) {
+                    nan |= x.is_nan();
+                    let better = if is_max { x > r } else { x < r };
+                    r = if better { x } else { r };
+                }
+                dst[0] = if nan { f32::NAN } else { r };
+            }
+            _ => {
+                dst.copy_from_slice(&src[..inner]);
+                for row in src.chunks_exact(inner).skip(1) {
+                    for (a, &x) in dst.iter_mut().zip(row) {
+                        let better = if is_max { x > *a } else { x < *a };
+                        *a = if better || x.is_nan() { x } else { *a };
+                    }
+                }
+            }
+        })
+    };
+    if v.len() < crate::fastmath::PAR_MIN || outer < 2 {
+        for (src, dst) in v.chunks_exact(block).zip(out.chunks_exact_mut(inner)) {
+            one(src, dst);
+        }
+    } else {
+        out.par_chunks_mut(inner)
+            .zip(v.par_chunks(block))
+            .with_min_len((crate::fastmath::PAR_CHUNK / block).max(1))
+            .for_each(|(dst, src)| one(src, dst));
+    }
+    Some(out)
 }
 
 /// Index along the axis of the best element for every other position.
@@ -760,5 +887,76 @@ mod tests {
             vals::<i64>(&arg_extreme(&x, 1, false, false, true).unwrap()),
             [0, 0, 0]
         );
+    }
+
+    #[test]
+    fn fast_f32_reduce_matches_reference() {
+        // Deterministic values with a NaN in some rows.
+        let make = |shape: &[usize], nan_at: Option<usize>| {
+            let n: usize = shape.iter().product();
+            let mut v: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 + 13) % 1000) as f32 / 37.0 - 13.0)
+                .collect();
+            if let Some(k) = nan_at {
+                if k < n {
+                    v[k] = f32::NAN;
+                }
+            }
+            t(shape, v)
+        };
+        let cases: &[(&[usize], &[i64])] = &[
+            (&[3, 17], &[1]),
+            (&[3, 17], &[0]),
+            (&[2, 3, 5], &[1]),
+            (&[2, 3, 5], &[1, 2]),
+            (&[2, 3, 5], &[0, 1]),
+            (&[2, 1, 3, 5], &[1, 2]),
+            (&[1, 2048, 7, 7], &[2, 3]),
+            (&[128, 3072], &[-1]),
+            (&[300, 301], &[0]),
+            (&[1, 1], &[1]),
+            (&[4, 1, 6], &[1]),
+            (&[2, 3, 4], &[0, 2]),
+            (&[5, 0, 3], &[1]),
+        ];
+        for &(shape, ax) in cases {
+            for nan in [None, Some(4)] {
+                let x = make(shape, nan);
+                for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+                    for keep in [true, false] {
+                        let got = red(op, &x, Some(ax), keep);
+                        // The reference: the generic f64 path.
+                        let want = {
+                            let shape = x.shape();
+                            let mut reduced = vec![false; shape.len()];
+                            for &a in ax {
+                                reduced[normalize_axis(a, shape.len()).unwrap()] = true;
+                            }
+                            let kp: Vec<usize> = shape
+                                .iter()
+                                .zip(&reduced)
+                                .map(|(&d, &r)| if r { 1 } else { d })
+                                .collect();
+                            let n_out: usize = kp.iter().product();
+                            let g = Geom {
+                                shape,
+                                keep: &kp,
+                                n_out,
+                                count: x.len().checked_div(n_out).unwrap_or(0),
+                            };
+                            reduce_float(op, x.as_slice::<f32>().unwrap(), &g)
+                        };
+                        let got_v = vals::<f32>(&got);
+                        assert_eq!(got_v.len(), want.len(), "{op:?} {shape:?} {ax:?}");
+                        for (g, w) in got_v.iter().zip(&want) {
+                            assert!(
+                                close(*g as f64, *w as f64, 1e-6),
+                                "{op:?} {shape:?} axes {ax:?}: fast {got_v:?} reference {want:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

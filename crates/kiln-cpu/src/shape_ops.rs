@@ -382,8 +382,124 @@ pub fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     let in_strides = istrides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let out_strides: Vec<isize> = perm.iter().map(|&p| in_strides[p]).collect();
+    // permute_copy measured slower than strided_copy here; not wired.
     let data = map_data!(x.data(), v => strided_copy(v, 0, &out_shape, &out_strides));
     tensor(out_shape, data)
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// Transpose's fast copy for plain-data element types: the layout of
+/// [`strided_copy`] (size-1 dims dropped, contiguous dims merged; whole inner
+/// runs copied with `copy_from_slice`; a swap of the two innermost axes done
+/// in cache-sized tiles), with the outer blocks split across threads when the
+/// tensor is large. `strides` are the source strides of each output dim (a
+/// permutation of the input's, so every offset is in range and non-negative).
+fn permute_copy<T: Copy + Default + Send + Sync>(
+    src: &[T],
+    shape: &[usize],
+    strides: &[isize],
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut dims: Vec<(usize, usize)> = Vec::with_capacity(shape.len());
+    for (&d, &s) in shape.iter().zip(strides) {
+        if d == 1 {
+            continue;
+        }
+        let s = s as usize;
+        if let Some(last) = dims.last_mut() {
+            if last.1 == s * d {
+                last.0 *= d;
+                last.1 = s;
+                continue;
+            }
+        }
+        dims.push((d, s));
+    }
+    let (inner_len, inner_stride) = dims.pop().unwrap_or((1, 1));
+    // The tile case: the dim before the last is contiguous in the source.
+    let tile_rows = match dims.last() {
+        Some(&(rows, 1)) if inner_stride != 1 => {
+            dims.pop();
+            Some(rows)
+        }
+        _ => None,
+    };
+    let block = inner_len * tile_rows.unwrap_or(1);
+    let outer = n / block;
+    // Copies outer blocks [first, first + dst.len() / block) into dst.
+    let run = |first: usize, dst: &mut [T]| {
+        // Source offset of outer block `first`, and the counter to walk on.
+        let mut counter = vec![0usize; dims.len()];
+        let mut base = 0usize;
+        let mut rem = first;
+        for k in (0..dims.len()).rev() {
+            counter[k] = rem % dims[k].0;
+            rem /= dims[k].0;
+            base += counter[k] * dims[k].1;
+        }
+        for d in dst.chunks_exact_mut(block) {
+            match tile_rows {
+                Some(rows) => tile_transpose(src, base, rows, inner_len, inner_stride, d),
+                None if inner_stride == 1 => d.copy_from_slice(&src[base..base + inner_len]),
+                None => {
+                    for (i, o) in d.iter_mut().enumerate() {
+                        *o = src[base + i * inner_stride];
+                    }
+                }
+            }
+            for k in (0..dims.len()).rev() {
+                counter[k] += 1;
+                base += dims[k].1;
+                if counter[k] < dims[k].0 {
+                    break;
+                }
+                base -= dims[k].1 * dims[k].0;
+                counter[k] = 0;
+            }
+        }
+    };
+    let mut out = vec![T::default(); n];
+    if n < crate::fastmath::PAR_MIN || outer < 2 {
+        run(0, &mut out);
+    } else {
+        let per = (crate::fastmath::PAR_CHUNK / block).max(1);
+        out.par_chunks_mut(per * block)
+            .enumerate()
+            .for_each(|(t, d)| run(t * per, d));
+    }
+    out
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// `dst[i * cols + j] = src[base + i + j * stride]` in square tiles (the
+/// `Copy` twin of [`transpose_block`]).
+fn tile_transpose<T: Copy>(
+    src: &[T],
+    base: usize,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    dst: &mut [T],
+) {
+    const TILE: usize = 16;
+    for i0 in (0..rows).step_by(TILE) {
+        let i1 = (i0 + TILE).min(rows);
+        for j0 in (0..cols).step_by(TILE) {
+            let j1 = (j0 + TILE).min(cols);
+            for i in i0..i1 {
+                let drow = &mut dst[i * cols + j0..i * cols + j1];
+                let mut p = base + i + j0 * stride;
+                for d in drow.iter_mut() {
+                    *d = src[p];
+                    p += stride;
+                }
+            }
+        }
+    }
 }
 
 pub fn expand(x: &Tensor, shape: &Tensor) -> Result<Tensor> {
@@ -1405,6 +1521,100 @@ mod tests {
         assert_eq!(ys[1], "33");
         assert_eq!(ys[33 * 40 - 1], (40 * 33 - 1).to_string());
         assert_eq!(ys[40 * 5 + 7], (7 * 33 + 5).to_string());
+    }
+
+    #[test]
+    fn permute_copy_matches_strided_copy() {
+        // Every permutation of ranks 1..=5 on odd sizes (with size-1 dims),
+        // plus BERT's shapes and sizes past the parallel threshold.
+        let shapes: Vec<Vec<usize>> = vec![
+            vec![7],
+            vec![3, 5],
+            vec![2, 1, 5],
+            vec![3, 4, 5, 2],
+            vec![2, 3, 1, 4, 5],
+            vec![1, 128, 12, 64],
+            vec![1, 12, 128, 64],
+            vec![2, 33, 17, 65],
+        ];
+        for shape in &shapes {
+            let n: usize = shape.iter().product();
+            let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let st = istrides(shape);
+            let perms: Vec<Vec<usize>> = if shape.len() <= 4 {
+                permutations(shape.len())
+            } else {
+                vec![
+                    vec![0, 2, 1, 4, 3],
+                    vec![4, 3, 2, 1, 0],
+                    vec![1, 0, 2, 3, 4],
+                ]
+            };
+            for perm in perms {
+                let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+                let out_strides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
+                let fast = permute_copy(&src, &out_shape, &out_strides);
+                let want = strided_copy(&src, 0, &out_shape, &out_strides);
+                assert_eq!(fast, want, "shape {shape:?} perm {perm:?}");
+            }
+        }
+        // Rank 6 and other element types through the public op.
+        let shape = [2usize, 3, 1, 4, 5, 3];
+        let n: usize = shape.iter().product();
+        let x = t(&shape, (0..n as i64).collect::<Vec<i64>>());
+        let y = transpose(&x, Some(&[5, 3, 1, 0, 4, 2])).unwrap();
+        let st = istrides(&shape);
+        let perm = [5usize, 3, 1, 0, 4, 2];
+        let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        let out_strides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
+        let src: Vec<i64> = (0..n as i64).collect();
+        assert_eq!(
+            y.as_slice::<i64>().unwrap(),
+            &strided_copy(&src, 0, &out_shape, &out_strides)[..]
+        );
+        let h = t(
+            &[3, 2],
+            (0..6).map(|i| f16::from_f32(i as f32)).collect::<Vec<_>>(),
+        );
+        let y = transpose(&h, None).unwrap();
+        let hv: Vec<f32> = y
+            .as_slice::<f16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        assert_eq!(hv, [0., 2., 4., 1., 3., 5.]);
+    }
+
+    /// `cargo test --release -p kiln-cpu --lib transpose_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn transpose_speed() {
+        fn best(f: &mut dyn FnMut()) -> f64 {
+            let mut b = f64::INFINITY;
+            for _ in 0..20 {
+                let t0 = std::time::Instant::now();
+                f();
+                b = b.min(t0.elapsed().as_secs_f64());
+            }
+            b * 1e6
+        }
+        for (shape, perm) in [
+            (vec![1usize, 128, 12, 64], vec![0usize, 2, 1, 3]),
+            (vec![1, 12, 128, 64], vec![0, 1, 3, 2]),
+            (vec![8, 128, 12, 64], vec![0, 2, 1, 3]),
+        ] {
+            let n: usize = shape.iter().product();
+            let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let st = istrides(&shape);
+            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            let out_strides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
+            let fast = best(&mut || drop(permute_copy(&src, &out_shape, &out_strides)));
+            let refr = best(&mut || drop(strided_copy(&src, 0, &out_shape, &out_strides)));
+            eprintln!(
+                "Transpose {shape:?} perm {perm:?}: reference {refr:.1} us, fast {fast:.1} us"
+            );
+        }
     }
 
     #[test]

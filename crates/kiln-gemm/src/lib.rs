@@ -8,7 +8,15 @@
 //!
 //! [`sgemm_reference`] is the plain triple loop every fast path is tested against.
 
-use rayon::prelude::*;
+mod driver;
+mod gemv;
+mod kernels;
+mod pack;
+#[cfg(test)]
+mod tests;
+
+use kernels::{Kernel, KernelKind};
+use pack::AlignedBuf;
 
 /// A read-only strided view of a `rows x cols` f32 matrix: element `(i, j)` is
 /// `data[i * row_stride + j * col_stride]`.
@@ -91,22 +99,34 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// The left operand (`m x k`), packed once for the microkernel.
+/// The left operand (`m x k`), packed once for the microkernel selected at pack
+/// time: `MR`-row micro-panels spanning all of k, stored k-major, the last one
+/// zero-padded. Pack constant weights once (at plan time) and reuse them.
 #[derive(Clone, Debug)]
 pub struct PackedA {
     m: usize,
     k: usize,
-    data: Vec<f32>,
+    kind: KernelKind,
+    mr: usize,
+    data: AlignedBuf,
 }
 
 impl PackedA {
     pub fn new(a: MatRef<'_>) -> PackedA {
-        let (m, k) = (a.rows, a.cols);
-        let mut data = Vec::with_capacity(m * k);
-        for i in 0..m {
-            data.extend((0..k).map(|p| a.at(i, p)));
+        PackedA::for_kernel(kernels::selected(), a)
+    }
+
+    pub(crate) fn for_kernel(kernel: &'static Kernel, a: MatRef<'_>) -> PackedA {
+        let (m, k, mr) = (a.rows, a.cols, kernel.mr);
+        let mut data = AlignedBuf::zeroed(m.div_ceil(mr) * mr * k);
+        pack::pack_a(a, mr, data.as_mut_slice());
+        PackedA {
+            m,
+            k,
+            kind: kernel.kind,
+            mr,
+            data,
         }
-        PackedA { m, k, data }
     }
 
     pub fn rows(&self) -> usize {
@@ -116,24 +136,57 @@ impl PackedA {
     pub fn cols(&self) -> usize {
         self.k
     }
+
+    /// Element `(i, p)` (slow; for tests and odd paths).
+    pub fn get(&self, i: usize, p: usize) -> f32 {
+        assert!(
+            i < self.m && p < self.k,
+            "PackedA::get({i}, {p}) of {}x{}",
+            self.m,
+            self.k
+        );
+        let (ip, r) = (i / self.mr, i % self.mr);
+        self.data.as_slice()[ip * self.mr * self.k + p * self.mr + r]
+    }
+
+    /// The matrix back in row-major order.
+    pub fn to_row_major(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.m * self.k);
+        for i in 0..self.m {
+            v.extend((0..self.k).map(|p| self.get(i, p)));
+        }
+        v
+    }
 }
 
-/// The right operand (`k x n`), packed once for the microkernel.
+/// The right operand (`k x n`), packed once for the microkernel selected at pack
+/// time: `NR`-column micro-panels spanning all of k, stored k-major, the last
+/// one zero-padded. Pack constant weights once (at plan time) and reuse them.
 #[derive(Clone, Debug)]
 pub struct PackedB {
     k: usize,
     n: usize,
-    data: Vec<f32>,
+    kind: KernelKind,
+    nr: usize,
+    data: AlignedBuf,
 }
 
 impl PackedB {
     pub fn new(b: MatRef<'_>) -> PackedB {
-        let (k, n) = (b.rows, b.cols);
-        let mut data = Vec::with_capacity(k * n);
-        for p in 0..k {
-            data.extend((0..n).map(|j| b.at(p, j)));
+        PackedB::for_kernel(kernels::selected(), b)
+    }
+
+    pub(crate) fn for_kernel(kernel: &'static Kernel, b: MatRef<'_>) -> PackedB {
+        let (k, n, nr) = (b.rows, b.cols, kernel.nr);
+        let mut data = AlignedBuf::zeroed(n.div_ceil(nr) * nr * k);
+        pack::pack_b(b, nr, data.as_mut_slice());
+        PackedB {
+            k,
+            n,
+            kind: kernel.kind,
+            nr,
+            data,
         }
-        PackedB { k, n, data }
     }
 
     pub fn rows(&self) -> usize {
@@ -142,6 +195,27 @@ impl PackedB {
 
     pub fn cols(&self) -> usize {
         self.n
+    }
+
+    /// Element `(p, j)` (slow; for tests and odd paths).
+    pub fn get(&self, p: usize, j: usize) -> f32 {
+        assert!(
+            p < self.k && j < self.n,
+            "PackedB::get({p}, {j}) of {}x{}",
+            self.k,
+            self.n
+        );
+        let (jq, c) = (j / self.nr, j % self.nr);
+        self.data.as_slice()[jq * self.nr * self.k + p * self.nr + c]
+    }
+
+    /// The matrix back in row-major order.
+    pub fn to_row_major(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.k * self.n);
+        for p in 0..self.k {
+            v.extend((0..self.n).map(|j| self.get(p, j)));
+        }
+        v
     }
 }
 
@@ -208,48 +282,100 @@ pub fn sgemm(
     ldc: usize,
     epilogue: Option<&Epilogue<'_>>,
 ) {
+    // Packed operands carry the kernel they were packed for.
+    let kernel = match (&a, &b) {
+        (Lhs::Packed(p), _) => kernels::of_kind(p.kind),
+        (_, Rhs::Packed(p)) => kernels::of_kind(p.kind),
+        _ => kernels::selected(),
+    };
+    sgemm_with(kernel, alpha, a, b, beta, c, ldc, epilogue)
+}
+
+/// The name of the microkernel `sgemm` uses on this CPU, e.g. `avx512-6x64`.
+pub fn selected_kernel() -> &'static str {
+    kernels::selected().name
+}
+
+/// `sgemm` with an explicit kernel (tests force each available one through this).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_with(
+    kernel: &'static Kernel,
+    alpha: f32,
+    a: Lhs<'_>,
+    b: Rhs<'_>,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Option<&Epilogue<'_>>,
+) {
     let (m, k, n) = check_dims(&a, &b, c.len(), ldc);
     if m == 0 || n == 0 {
         return;
     }
-    // Row-major copies (the stand-in for real packing).
-    let a_rows: std::borrow::Cow<'_, [f32]> = match a {
-        Lhs::Packed(p) => std::borrow::Cow::Borrowed(&p.data[..]),
-        Lhs::Mat(a) => std::borrow::Cow::Owned(PackedA::new(a).data),
-    };
-    let b_rows: std::borrow::Cow<'_, [f32]> = match b {
-        Rhs::Packed(p) => std::borrow::Cow::Borrowed(&p.data[..]),
-        Rhs::Mat(b) => std::borrow::Cow::Owned(PackedB::new(b).data),
-    };
-    let rows_per_task = m.div_ceil(rayon::current_num_threads().max(1) * 4).max(4);
-    c.par_chunks_mut(ldc.max(n) * rows_per_task)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let i0 = t * rows_per_task;
-            for (r, crow) in chunk.chunks_mut(ldc.max(n)).enumerate() {
-                let i = i0 + r;
-                if i >= m {
-                    break;
-                }
-                let crow = &mut crow[..n];
-                if beta == 0.0 {
-                    crow.fill(0.0);
-                } else if beta != 1.0 {
-                    crow.iter_mut().for_each(|v| *v *= beta);
-                }
-                let arow = &a_rows[i * k..(i + 1) * k];
-                for (p, &av) in arow.iter().enumerate() {
-                    let x = alpha * av;
-                    let brow = &b_rows[p * n..(p + 1) * n];
-                    for (y, &bv) in crow.iter_mut().zip(brow) {
-                        *y += x * bv;
-                    }
-                }
-                if let Some(e) = epilogue {
-                    e(i, 0, crow);
-                }
+    if k == 0 {
+        // A·B is all zeros: C = beta * C.
+        for i in 0..m {
+            let row = &mut c[i * ldc..i * ldc + n];
+            if beta == 0.0 {
+                row.fill(0.0);
+            } else {
+                row.iter_mut().for_each(|v| *v *= beta);
             }
-        });
+            if let Some(e) = epilogue {
+                e(i, 0, row);
+            }
+        }
+        return;
+    }
+    if m == 1 && n == 1 {
+        let x: Vec<f32> = (0..k).map(|p| gemv::a_at(&a, 0, p)).collect();
+        let y: Vec<f32> = (0..k).map(|p| gemv::b_at(&b, p, 0)).collect();
+        let s = kernel.dot(&x, &y);
+        c[0] = if beta == 0.0 {
+            alpha * s
+        } else {
+            alpha * s + beta * c[0]
+        };
+        if let Some(e) = epilogue {
+            e(0, 0, &mut c[..1]);
+        }
+        return;
+    }
+    if m == 1 && gemv::row_times_matrix(kernel, alpha, &a, &b, beta, c, epilogue) {
+        return;
+    }
+    if n == 1 && gemv::matrix_times_col(kernel, alpha, &a, &b, beta, c, ldc, epilogue) {
+        return;
+    }
+    let pa = match a {
+        Lhs::Packed(p) if p.kind == kernel.kind => driver::Packed::Borrowed(p.data.as_slice()),
+        Lhs::Packed(p) => {
+            let rm = p.to_row_major();
+            driver::pack_a_now(MatRef::row_major(&rm, m, k), kernel.mr)
+        }
+        Lhs::Mat(v) => driver::pack_a_now(v, kernel.mr),
+    };
+    let pb = match b {
+        Rhs::Packed(p) if p.kind == kernel.kind => driver::Packed::Borrowed(p.data.as_slice()),
+        Rhs::Packed(p) => {
+            let rm = p.to_row_major();
+            driver::pack_b_now(MatRef::row_major(&rm, k, n), kernel.nr)
+        }
+        Rhs::Mat(v) => driver::pack_b_now(v, kernel.nr),
+    };
+    let job = driver::Job {
+        kernel,
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        a: pa.data(),
+        b: pb.data(),
+        ldc,
+        epilogue,
+    };
+    driver::gemm_packed(&job, c);
 }
 
 /// The plain definition, for tests: `C = alpha * A·B + beta * C` then the
@@ -264,17 +390,11 @@ pub fn sgemm_reference(
     epilogue: Option<&Epilogue<'_>>,
 ) {
     let (m, k, n) = check_dims(&a, &b, c.len(), ldc);
-    let a = match a {
-        Lhs::Packed(p) => MatRef::row_major(&p.data, p.m, p.k),
-        Lhs::Mat(a) => a,
-    };
-    let b = match b {
-        Rhs::Packed(p) => MatRef::row_major(&p.data, p.k, p.n),
-        Rhs::Mat(b) => b,
-    };
     for i in 0..m {
         for j in 0..n {
-            let dot: f64 = (0..k).map(|p| a.at(i, p) as f64 * b.at(p, j) as f64).sum();
+            let dot: f64 = (0..k)
+                .map(|p| gemv::a_at(&a, i, p) as f64 * gemv::b_at(&b, p, j) as f64)
+                .sum();
             let old = if beta == 0.0 {
                 0.0
             } else {
@@ -301,123 +421,4 @@ fn check_dims(a: &Lhs<'_>, b: &Rhs<'_>, c_len: usize, ldc: usize) -> (usize, usi
         );
     }
     (m, k, n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    #[test]
-    fn matches_reference_on_random_shapes_and_layouts() {
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (3, 5, 7),
-            (17, 33, 65),
-            (64, 1, 9),
-            (2, 300, 1),
-            (0, 4, 4),
-            (5, 0, 3),
-        ] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let av = rand_vec(m * k, 1);
-                let bv = rand_vec(k * n, 2);
-                let a = if ta {
-                    MatRef::row_major(&av, k, m).t()
-                } else {
-                    MatRef::row_major(&av, m, k)
-                };
-                let b = if tb {
-                    MatRef::row_major(&bv, n, k).t()
-                } else {
-                    MatRef::row_major(&bv, k, n)
-                };
-                let ldc = n + 3;
-                let c0 = rand_vec(m.max(1) * ldc, 3);
-                let mut want = c0.clone();
-                sgemm_reference(0.5, Lhs::Mat(a), Rhs::Mat(b), 2.0, &mut want, ldc, None);
-                let mut got = c0.clone();
-                sgemm(0.5, Lhs::Mat(a), Rhs::Mat(b), 2.0, &mut got, ldc, None);
-                let pa = PackedA::new(a);
-                let pb = PackedB::new(b);
-                let mut got_packed = c0.clone();
-                sgemm(
-                    0.5,
-                    Lhs::Packed(&pa),
-                    Rhs::Packed(&pb),
-                    2.0,
-                    &mut got_packed,
-                    ldc,
-                    None,
-                );
-                for i in 0..m {
-                    for j in 0..n {
-                        let w = want[i * ldc + j];
-                        for g in [got[i * ldc + j], got_packed[i * ldc + j]] {
-                            assert!(
-                                (g - w).abs() <= 1e-5 * (1.0 + k as f32),
-                                "({m},{k},{n}) t=({ta},{tb}) [{i},{j}]: {g} vs {w}"
-                            );
-                        }
-                    }
-                    // Padding between rows is untouched.
-                    for j in n..ldc {
-                        assert_eq!(got[i * ldc + j], c0[i * ldc + j]);
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn beta_zero_ignores_nan_and_epilogue_sees_every_element_once() {
-        let (m, k, n) = (9, 4, 11);
-        let av = rand_vec(m * k, 4);
-        let bv = rand_vec(k * n, 5);
-        let mut c = vec![f32::NAN; m * n];
-        let seen = std::sync::Mutex::new(vec![0u32; m * n]);
-        let epi = |row: usize, col0: usize, vals: &mut [f32]| {
-            let mut s = seen.lock().unwrap();
-            for (j, v) in vals.iter_mut().enumerate() {
-                s[row * n + col0 + j] += 1;
-                *v = v.max(0.0);
-            }
-        };
-        sgemm(
-            1.0,
-            Lhs::Mat(MatRef::row_major(&av, m, k)),
-            Rhs::Mat(MatRef::row_major(&bv, k, n)),
-            0.0,
-            &mut c,
-            n,
-            Some(&epi),
-        );
-        assert!(seen.into_inner().unwrap().iter().all(|&x| x == 1));
-        let mut want = vec![0.0; m * n];
-        sgemm_reference(
-            1.0,
-            Lhs::Mat(MatRef::row_major(&av, m, k)),
-            Rhs::Mat(MatRef::row_major(&bv, k, n)),
-            0.0,
-            &mut want,
-            n,
-            Some(&|_, _, v: &mut [f32]| v.iter_mut().for_each(|x| *x = x.max(0.0))),
-        );
-        for (g, w) in c.iter().zip(&want) {
-            assert!(!g.is_nan() && (g - w).abs() < 1e-5);
-        }
-    }
 }

@@ -4,6 +4,12 @@
 
 use std::sync::OnceLock;
 
+mod cache;
+mod measure;
+
+pub use cache::{default_cache_path, fingerprint, load_cached, measured, store_cached, Source};
+pub use measure::{measure, Measured};
+
 /// Cache sizes in bytes (per core for L1/L2, shared L3), when the OS reports them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Caches {

@@ -105,7 +105,7 @@ fn erf_f64(x: f64) -> f64 {
             term *= -x2 / n;
             let add = term / (2.0 * n + 1.0);
             sum += add;
-            if add.abs() < 1e-17 * sum.abs() {
+            if add == 0.0 || add.abs() < 1e-17 * sum.abs() {
                 break;
             }
         }
@@ -161,6 +161,7 @@ mod tests {
         // Values from Abramowitz & Stegun table 7.1.
         for (x, want) in [
             (0.0, 0.0),
+            (1e-300, 1.128_379_167_095_512_6e-300),
             (0.5, 0.520_499_877_813_046_5),
             (1.0, 0.842_700_792_949_714_9),
             (2.0, 0.995_322_265_018_952_7),

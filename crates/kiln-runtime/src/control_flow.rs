@@ -2,15 +2,27 @@
 //! run subgraphs. Sequence and optional ops (and Scan) are in `seq.rs`.
 
 use crate::plan::{Plan, Step};
+use crate::session::NodeTiming;
 use crate::value::{unwrap_arc, Val};
 use crate::{Error, Result};
 use kiln_cpu::KernelError;
-use kiln_ir::{Op, Tensor};
+use kiln_ir::{DType, Op, Tensor};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Runs `plan` with `feeds` bound to its input slots and `outer` bound to its
 /// `plan.outer` values (in order). Returns the outputs in `plan.outputs` order.
 pub(crate) fn execute(plan: &Plan, feeds: Vec<(usize, Val)>, outer: &[Val]) -> Result<Vec<Val>> {
+    execute_profiled(plan, feeds, outer, None)
+}
+
+/// [`execute`], timing each top-level step into `profile` when given.
+pub(crate) fn execute_profiled(
+    plan: &Plan,
+    feeds: Vec<(usize, Val)>,
+    outer: &[Val],
+    mut profile: Option<&mut Vec<NodeTiming>>,
+) -> Result<Vec<Val>> {
     let mut values: Vec<Option<Val>> = vec![None; plan.num_slots];
     for (slot, t) in &plan.constants {
         values[*slot] = Some(Val::Tensor(t.clone()));
@@ -22,7 +34,12 @@ pub(crate) fn execute(plan: &Plan, feeds: Vec<(usize, Val)>, outer: &[Val]) -> R
         values[slot] = Some(v);
     }
     for step in &plan.steps {
+        let started = profile.as_ref().map(|_| Instant::now());
         let outs = run_step(step, &values)?;
+        if let (Some(p), Some(t0)) = (profile.as_deref_mut(), started) {
+            let seconds = t0.elapsed().as_secs_f64();
+            p.push(timing(step, &values, &outs, seconds));
+        }
         for (slot, v) in step.outputs.iter().zip(outs) {
             if let Some(slot) = slot {
                 values[*slot] = Some(v);
@@ -51,6 +68,25 @@ pub(crate) fn execute(plan: &Plan, feeds: Vec<(usize, Val)>, outer: &[Val]) -> R
             })
         })
         .collect()
+}
+
+fn describe(v: Option<&Val>) -> Option<(DType, Vec<usize>)> {
+    v.and_then(|v| v.as_tensor())
+        .map(|t| (t.dtype(), t.shape().to_vec()))
+}
+
+fn timing(step: &Step, values: &[Option<Val>], outs: &[Val], seconds: f64) -> NodeTiming {
+    NodeTiming {
+        node: step.name.clone(),
+        op: step.op.name(),
+        seconds,
+        inputs: step
+            .inputs
+            .iter()
+            .map(|s| describe(s.and_then(|s| values[s].as_ref())))
+            .collect(),
+        outputs: outs.iter().map(|v| describe(Some(v))).collect(),
+    }
 }
 
 pub(crate) fn node_error(step: &Step, message: String) -> Error {
@@ -124,8 +160,11 @@ fn run_step(step: &Step, values: &[Option<Val>]) -> Result<Vec<Val>> {
         }
         op => {
             let tensors = tensor_inputs(step, &inputs)?;
-            let outs = kiln_cpu::run_op(op, &tensors, step.outputs.len())
-                .map_err(|e| kernel_error(step, e))?;
+            let outs = match &step.prepared {
+                Some(p) => p.run(&tensors, step.outputs.len()),
+                None => kiln_cpu::run_op(op, &tensors, step.outputs.len()),
+            }
+            .map_err(|e| kernel_error(step, e))?;
             Ok(outs.into_iter().map(Val::tensor).collect())
         }
     }

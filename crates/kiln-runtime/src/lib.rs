@@ -3,12 +3,14 @@
 
 mod control_flow;
 mod plan;
+mod pool;
 mod seq;
 mod session;
 mod value;
 mod value_pb;
 
-pub use session::{IoInfo, Session, SessionOptions};
+pub use pool::default_threads;
+pub use session::{IoInfo, NodeTiming, Session, SessionOptions};
 pub use value::Value;
 pub use value_pb::{read_value_pb, write_value_pb};
 
@@ -32,6 +34,9 @@ pub enum Error {
         op: String,
         message: String,
     },
+    /// The system refused a resource (threads).
+    #[error("{0}")]
+    Resource(String),
     /// The model needs a dtype, mode or feature kiln does not implement.
     #[error("unsupported: {message} at node {node} ({op})")]
     Unsupported {

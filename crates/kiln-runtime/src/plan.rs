@@ -18,6 +18,9 @@ pub(crate) struct Step {
     pub subplans: Vec<Plan>,
     /// For each subplan, the slots here that feed its `outer` values, in order.
     pub subplan_outer: Vec<Vec<usize>>,
+    /// The kernel specialized on the node's constant inputs (packed weights),
+    /// made once here instead of on every run.
+    pub prepared: Option<kiln_cpu::PreparedOp>,
 }
 
 /// A compiled graph. Subgraph plans read enclosing values through `outer`.
@@ -59,6 +62,14 @@ impl Plan {
         let mut visible_below = outer.clone();
         visible_below.extend(defined.iter().cloned());
 
+        // Initializers the caller cannot override: safe to specialize kernels on.
+        let fixed = |name: &str| {
+            if graph.inputs.iter().any(|i| i.name == name) {
+                None
+            } else {
+                graph.initializers.get(name).map(|t| &**t)
+            }
+        };
         let mut steps = Vec::with_capacity(order.len());
         // Per step, every slot it reads, including subgraph free variables.
         let mut reads_per_step: Vec<Vec<usize>> = Vec::with_capacity(order.len());
@@ -102,6 +113,20 @@ impl Plan {
                 .map(|o| o.as_deref().map(|n| slot_of(n, &mut slots)))
                 .collect();
             reads_per_step.push(reads);
+            let prepared = if node.op.subgraphs().is_empty() {
+                let constants: Vec<Option<&Tensor>> = node
+                    .inputs
+                    .iter()
+                    .map(|o| o.as_deref().and_then(fixed))
+                    .collect();
+                if constants.iter().any(Option::is_some) {
+                    kiln_cpu::prepare(&node.op, &constants)
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
             steps.push(Step {
                 name: node.name.clone(),
                 op: node.op.clone(),
@@ -110,6 +135,7 @@ impl Plan {
                 frees: Vec::new(),
                 subplans,
                 subplan_outer,
+                prepared,
             });
         }
         let outputs: Vec<(String, usize)> = graph

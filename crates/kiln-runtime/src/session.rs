@@ -1,6 +1,6 @@
 //! The Session API: load a model once, run it many times, from many threads.
 
-use crate::control_flow::execute;
+use crate::control_flow::{execute, execute_profiled};
 use crate::plan::Plan;
 use crate::value::{Val, Value};
 use crate::{Error, Result};
@@ -8,11 +8,38 @@ use kiln_ir::{format_shape, DType, Dim, Graph, Tensor, ValueKind, ValueType};
 use kiln_onnx::{LoadOptions, Model};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Options for loading a model into a session.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SessionOptions {
     pub load: LoadOptions,
+    /// Compute threads for this session's kernels (`None`: one per core).
+    /// Sessions with the same count share one pool.
+    pub threads: Option<usize>,
+    /// Run the graph optimizer (folding, fusion) before compiling the plan.
+    pub optimize: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> SessionOptions {
+        SessionOptions {
+            load: LoadOptions::default(),
+            threads: None,
+            optimize: true,
+        }
+    }
+}
+
+/// How long one node took in [`Session::run_profiled`], with the dtypes and
+/// shapes it saw (`None` for an absent input or a non-tensor value).
+#[derive(Clone, Debug)]
+pub struct NodeTiming {
+    pub node: String,
+    pub op: &'static str,
+    pub seconds: f64,
+    pub inputs: Vec<Option<(DType, Vec<usize>)>>,
+    pub outputs: Vec<Option<(DType, Vec<usize>)>>,
 }
 
 /// A model input or output: name, element type and symbolic shape, and whether
@@ -54,6 +81,8 @@ pub struct Session {
     graph: Graph,
     opset: i64,
     plan: Plan,
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     warnings: Vec<String>,
@@ -62,21 +91,56 @@ pub struct Session {
 impl Session {
     pub fn load(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let model = kiln_onnx::load_model(path.as_ref(), &options.load)?;
-        Session::from_model(model)
+        Session::from_model_with(model, options)
     }
 
     /// Loads a model from bytes (a model with external data needs `load` instead).
     pub fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
         let model = kiln_onnx::load_model_bytes(bytes, None, &options.load)?;
-        Session::from_model(model)
+        Session::from_model_with(model, options)
     }
 
+    /// A session with default options.
     pub fn from_model(model: Model) -> Result<Session> {
+        Session::from_model_with(model, &SessionOptions::default())
+    }
+
+    pub fn from_model_with(model: Model, options: &SessionOptions) -> Result<Session> {
+        let threads = options.threads.unwrap_or(0);
+        let pool = crate::pool::shared_pool(threads).map_err(Error::Resource)?;
+        let threads = pool.current_num_threads();
         let mut graph = model.graph;
         let report = kiln_ir::infer::infer_graph(&mut graph, &HashMap::new())
             .map_err(|e| Error::InvalidModel(e.to_string()))?;
         for w in &report.warnings {
             tracing::warn!("{w}");
+        }
+        let mut report = report;
+        if options.optimize {
+            let before = graph.clone();
+            match kiln_opt::optimize(&mut graph, &kiln_opt::OptOptions::default()) {
+                Ok(opt) => {
+                    tracing::debug!(
+                        "optimizer: {} -> {} nodes {:?}",
+                        opt.nodes_before,
+                        opt.nodes_after,
+                        opt.passes
+                    );
+                    // Fused ops and folded constants need their types again.
+                    match kiln_ir::infer::infer_graph(&mut graph, &HashMap::new()) {
+                        Ok(r) => report = r,
+                        Err(e) => {
+                            // A rewrite the optimizer got wrong must not cost the
+                            // user their model: run it unoptimized, loudly.
+                            tracing::warn!(
+                                "the optimized graph does not re-infer ({e}); running the model unoptimized"
+                            );
+                            graph = before;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("optimizer skipped: {e}"),
+            }
         }
         let plan = Plan::compile(&graph, &HashSet::new())?;
         let inputs = graph
@@ -105,6 +169,8 @@ impl Session {
             graph,
             opset: model.opset,
             plan,
+            pool,
+            threads,
             inputs,
             outputs,
             warnings: report.warnings,
@@ -123,6 +189,11 @@ impl Session {
     /// The graph after loading and inference.
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// How many compute threads this session's kernels use.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// The model's default-domain opset.
@@ -164,7 +235,7 @@ impl Session {
     /// in order.
     pub fn run_values(&self, inputs: Vec<(String, Value)>) -> Result<Vec<(String, Value)>> {
         let feeds = self.check_inputs(inputs)?;
-        let outs = execute(&self.plan, feeds, &[])?;
+        let outs = self.pool.install(|| execute(&self.plan, feeds, &[]))?;
         Ok(self
             .plan
             .outputs
@@ -172,6 +243,37 @@ impl Session {
             .zip(outs)
             .map(|((name, _), v)| (name.clone(), v.into_value()))
             .collect())
+    }
+
+    /// [`Session::run`], also timing every top-level node (in execution order).
+    pub fn run_profiled(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<(Vec<(String, Tensor)>, Vec<NodeTiming>)> {
+        let feeds = self.check_inputs(
+            inputs
+                .into_iter()
+                .map(|(n, t)| (n, Value::Tensor(t)))
+                .collect(),
+        )?;
+        let mut timings = Vec::with_capacity(self.plan.steps.len());
+        let outs = self
+            .pool
+            .install(|| execute_profiled(&self.plan, feeds, &[], Some(&mut timings)))?;
+        let outs = self
+            .plan
+            .outputs
+            .iter()
+            .zip(outs)
+            .map(|((name, _), v)| match v.into_value() {
+                Value::Tensor(t) => Ok((name.clone(), t)),
+                other => Err(Error::Input(format!(
+                    "output '{name}' is not a tensor ({}): use Session::run_values",
+                    other.describe()
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((outs, timings))
     }
 
     /// Validates names, kinds, dtypes and shapes of the caller's inputs (binding

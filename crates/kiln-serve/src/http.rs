@@ -91,9 +91,13 @@ fn model_metadata_value(m: &ServedModel) -> Value {
         "inputs": t(m.inputs()),
         "outputs": t(m.outputs()),
     });
-    if let crate::repository::ModelState::Failed(e) = &m.state {
-        v["state"] = json!("UNAVAILABLE");
-        v["error"] = json!(e);
+    if !m.ready() {
+        // Not in the protocol's schema; extra fields are allowed and say why
+        // the model does not serve (yet).
+        v["state"] = json!(m.state_name());
+        if let Some(e) = m.load_error() {
+            v["error"] = json!(e);
+        }
     }
     v
 }
@@ -121,10 +125,13 @@ fn readiness(s: &AppState, model: &str, version: Option<&str>) -> Response {
         Ok(m) if m.ready() && !s.shutting_down() => {
             json_response(StatusCode::OK, &json!({ "name": m.name, "ready": true }))
         }
-        Ok(m) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({ "name": m.name, "ready": false }),
-        ),
+        Ok(m) => {
+            let mut v = json!({ "name": m.name, "ready": false, "state": m.state_name() });
+            if let Some(e) = m.load_error() {
+                v["error"] = json!(e);
+            }
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &v)
+        }
         Err(e) => error_response(&e),
     }
 }

@@ -62,6 +62,8 @@ pub struct ModelGauge {
     pub model: String,
     pub version: String,
     pub ready: bool,
+    /// LOADING, READY or UNAVAILABLE.
+    pub state: &'static str,
     pub queue_depth: usize,
     pub in_flight: usize,
 }
@@ -161,7 +163,7 @@ impl Metrics {
                 g.in_flight
             );
         }
-        out.push_str("# HELP kiln_model_ready 1 when the model loaded and serves, 0 when it failed to load.\n# TYPE kiln_model_ready gauge\n");
+        out.push_str("# HELP kiln_model_ready 1 when the model loaded and serves, 0 while it loads or when it failed to load.\n# TYPE kiln_model_ready gauge\n");
         for g in gauges {
             let _ = writeln!(
                 out,
@@ -170,6 +172,18 @@ impl Metrics {
                 esc(&g.version),
                 g.ready as u8
             );
+        }
+        out.push_str("# HELP kiln_model_state The model's state: 1 on the series whose state label is current (LOADING, READY, UNAVAILABLE).\n# TYPE kiln_model_state gauge\n");
+        for g in gauges {
+            for state in ["LOADING", "READY", "UNAVAILABLE"] {
+                let _ = writeln!(
+                    out,
+                    "kiln_model_state{{model=\"{}\",version=\"{}\",state=\"{state}\"}} {}",
+                    esc(&g.model),
+                    esc(&g.version),
+                    (g.state == state) as u8
+                );
+            }
         }
         out
     }

@@ -8,9 +8,10 @@ use crate::scheduler::{ComputePool, SchedConfig, Scheduler};
 use kiln_ir::{Dim, Tensor};
 use kiln_runtime::{IoInfo, Session, SessionOptions};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// A loaded model's state; a model still loading has none yet.
 pub enum ModelState {
     Ready {
         session: Arc<Session>,
@@ -25,7 +26,8 @@ pub struct ServedModel {
     pub version: String,
     pub path: PathBuf,
     pub config: ModelConfig,
-    pub state: ModelState,
+    /// Unset while the model loads; set once, by the loader, to ready or failed.
+    state: OnceLock<ModelState>,
 }
 
 /// Tensor metadata as the protocol shows it.
@@ -44,21 +46,43 @@ fn meta(io: &IoInfo) -> TensorMeta {
 }
 
 impl ServedModel {
+    /// `None` while the model is still loading.
+    pub fn state(&self) -> Option<&ModelState> {
+        self.state.get()
+    }
+
     pub fn ready(&self) -> bool {
-        matches!(self.state, ModelState::Ready { .. })
+        matches!(self.state.get(), Some(ModelState::Ready { .. }))
+    }
+
+    /// The model's state as the protocol and the metrics show it.
+    pub fn state_name(&self) -> &'static str {
+        match self.state.get() {
+            None => "LOADING",
+            Some(ModelState::Ready { .. }) => "READY",
+            Some(ModelState::Failed(_)) => "UNAVAILABLE",
+        }
+    }
+
+    /// Why the model failed to load, if it did.
+    pub fn load_error(&self) -> Option<&str> {
+        match self.state.get() {
+            Some(ModelState::Failed(e)) => Some(e),
+            _ => None,
+        }
     }
 
     pub fn inputs(&self) -> Vec<TensorMeta> {
-        match &self.state {
-            ModelState::Ready { session, .. } => session.inputs().iter().map(meta).collect(),
-            ModelState::Failed(_) => vec![],
+        match self.state.get() {
+            Some(ModelState::Ready { session, .. }) => session.inputs().iter().map(meta).collect(),
+            _ => vec![],
         }
     }
 
     pub fn outputs(&self) -> Vec<TensorMeta> {
-        match &self.state {
-            ModelState::Ready { session, .. } => session.outputs().iter().map(meta).collect(),
-            ModelState::Failed(_) => vec![],
+        match self.state.get() {
+            Some(ModelState::Ready { session, .. }) => session.outputs().iter().map(meta).collect(),
+            _ => vec![],
         }
     }
 
@@ -79,20 +103,24 @@ impl ServedModel {
     }
 
     pub fn session(&self) -> SResult<&Arc<Session>> {
-        match &self.state {
-            ModelState::Ready { session, .. } => Ok(session),
-            ModelState::Failed(e) => Err(ServeError::new(
+        match self.state.get() {
+            Some(ModelState::Ready { session, .. }) => Ok(session),
+            Some(ModelState::Failed(e)) => Err(ServeError::new(
                 ErrorKind::Unavailable,
                 format!("model '{}' is not ready: {e}", self.name),
+            )),
+            None => Err(ServeError::new(
+                ErrorKind::Unavailable,
+                format!("model '{}' is not ready: still loading", self.name),
             )),
         }
     }
 
     /// Validates inputs against the model's signature, then queues them.
     pub async fn infer(&self, inputs: Vec<(String, Tensor)>) -> SResult<Vec<(String, Tensor)>> {
-        let ModelState::Ready {
+        let Some(ModelState::Ready {
             session, scheduler, ..
-        } = &self.state
+        }) = self.state.get()
         else {
             return Err(self.session().err().expect("not ready"));
         };
@@ -156,11 +184,24 @@ fn batchable(session: &Session) -> bool {
 pub struct Repository {
     pub models: Vec<ServedModel>,
     pub metrics: Arc<Metrics>,
+    pool: Arc<ComputePool>,
+    /// Kernel threads of every session (one shared kernel pool of this size).
+    threads: usize,
 }
 
 impl Repository {
-    /// Loads every model under `cfg.path`; a model that fails is kept, not ready.
+    /// Finds and loads every model under `cfg.path`; a model that fails is
+    /// kept, not ready.
     pub fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Repository, String> {
+        let repo = Repository::discover(cfg, metrics)?;
+        repo.load_models();
+        Ok(repo)
+    }
+
+    /// Finds the models under `cfg.path` without loading them: each is
+    /// LOADING (or already failed, when its folder or config is unusable)
+    /// until [`Repository::load_models`] runs.
+    pub fn discover(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Repository, String> {
         let pool = ComputePool::new(cfg.threads);
         let mut found: Vec<(String, String, PathBuf, ModelConfig, Option<String>)> = Vec::new();
         let path = &cfg.path;
@@ -239,19 +280,15 @@ impl Repository {
         }
         let mut models = Vec::new();
         for (name, version, file, config, err) in found {
-            let state = match err {
-                Some(e) => ModelState::Failed(e),
-                None => load_one(&name, &file, &config, &pool, &metrics),
-            };
-            match &state {
-                ModelState::Ready { batching, .. } => tracing::info!(
-                    model = %name, version = %version, path = %file.display(), batching = *batching,
-                    "model ready"
-                ),
-                ModelState::Failed(e) => tracing::error!(
+            let state = OnceLock::new();
+            if let Some(e) = err {
+                tracing::error!(
                     model = %name, version = %version, path = %file.display(), error = %e,
-                    "model failed to load; serving it as not ready"
-                ),
+                    "model cannot be loaded; serving it as not ready"
+                );
+                let _ = state.set(ModelState::Failed(e));
+            } else {
+                tracing::info!(model = %name, version = %version, path = %file.display(), "model loading");
             }
             models.push(ServedModel {
                 name,
@@ -261,7 +298,42 @@ impl Repository {
                 state,
             });
         }
-        Ok(Repository { models, metrics })
+        Ok(Repository {
+            models,
+            metrics,
+            pool,
+            threads: cfg.threads.max(1),
+        })
+    }
+
+    /// Loads every model still LOADING, one after another (the kernels use
+    /// the cores already); each becomes READY or UNAVAILABLE with its error as
+    /// soon as it is done, so the first ones serve while later ones load.
+    pub fn load_models(&self) {
+        for m in &self.models {
+            if m.state.get().is_some() {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let state = load_one(m, self.threads, &self.pool, &self.metrics);
+            let load_ms = started.elapsed().as_millis() as u64;
+            match &state {
+                ModelState::Ready { batching, .. } => tracing::info!(
+                    model = %m.name, version = %m.version, batching = *batching, load_ms,
+                    "model ready"
+                ),
+                ModelState::Failed(e) => tracing::error!(
+                    model = %m.name, version = %m.version, path = %m.path.display(), error = %e,
+                    "model failed to load; serving it as not ready"
+                ),
+            }
+            let _ = m.state.set(state);
+        }
+    }
+
+    /// Whether no model is still loading.
+    pub fn all_settled(&self) -> bool {
+        self.models.iter().all(|m| m.state.get().is_some())
     }
 
     /// The model by name and (optional) version: the newest version when none given.
@@ -305,16 +377,17 @@ impl Repository {
         self.models
             .iter()
             .map(|m| {
-                let (depth, inflight) = match &m.state {
-                    ModelState::Ready { scheduler, .. } => {
+                let (depth, inflight) = match m.state.get() {
+                    Some(ModelState::Ready { scheduler, .. }) => {
                         (scheduler.queue_depth(), scheduler.in_flight())
                     }
-                    ModelState::Failed(_) => (0, 0),
+                    _ => (0, 0),
                 };
                 ModelGauge {
                     model: m.name.clone(),
                     version: m.version.clone(),
                     ready: m.ready(),
+                    state: m.state_name(),
                     queue_depth: depth,
                     in_flight: inflight,
                 }
@@ -341,13 +414,20 @@ fn read_config(dir: &Path, defaults: &ModelConfig) -> (ModelConfig, Option<Strin
 }
 
 fn load_one(
-    name: &str,
-    file: &Path,
-    config: &ModelConfig,
+    m: &ServedModel,
+    threads: usize,
     pool: &Arc<ComputePool>,
     metrics: &Arc<Metrics>,
 ) -> ModelState {
-    let loaded = std::panic::catch_unwind(|| Session::load(file, &SessionOptions::default()));
+    let (name, file, config) = (&m.name, &m.path, &m.config);
+    // Every model's kernels run on one shared pool of `threads` (the runtime
+    // shares pools between sessions of the same size), so several models or
+    // batches in flight never oversubscribe the cores.
+    let options = SessionOptions {
+        threads: Some(threads),
+        ..SessionOptions::default()
+    };
+    let loaded = std::panic::catch_unwind(|| Session::load(file, &options));
     let session = match loaded {
         Ok(Ok(s)) => Arc::new(s),
         Ok(Err(e)) => return ModelState::Failed(e.to_string()),

@@ -3,7 +3,9 @@
 use super::{float_prec, float_tensor, numel, values, MatElem, Prec, Real};
 use crate::util::{broadcast_indices, broadcast_shape, tensor};
 use crate::{invalid, unsupported, Result};
-use kiln_ir::{Tensor, TensorData};
+use kiln_gemm::{sgemm, Lhs, MatRef, PackedB, Rhs};
+use kiln_ir::{DType, Tensor, TensorData};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Depth of one k-block: a `KC x NC` block of B stays cache-resident while all
@@ -146,6 +148,24 @@ pub fn gemm(
             return gemm_int(alpha, beta, trans_a, trans_b, a, b, c, c_idx, m, ka, n);
         }
         _ => {}
+    }
+    if a.dtype() == DType::F32 && c.is_none_or(|c| c.dtype() == DType::F32) {
+        let (av, bv) = (f32_slice(a, "Gemm A")?, f32_slice(b, "Gemm B")?);
+        let a_view = if trans_a {
+            MatRef::row_major(av, ka, m).t()
+        } else {
+            MatRef::row_major(av, m, ka)
+        };
+        let b_view = if trans_b {
+            MatRef::row_major(bv, n, ka).t()
+        } else {
+            MatRef::row_major(bv, ka, n)
+        };
+        let c = match (c, c_idx) {
+            (Some(c), Some(idx)) => Some((f32_slice(c, "Gemm C")?, idx)),
+            _ => None,
+        };
+        return gemm_f32(alpha, beta, a_view, Rhs::Mat(b_view), c);
     }
     match float_prec(a, "Gemm")? {
         Prec::F32 => gemm_float::<f32>(alpha, beta, trans_a, trans_b, a, b, c, c_idx, m, ka, n),
@@ -296,17 +316,17 @@ fn gemm_int(
 
 /// Shapes of a numpy-style matmul: batch shape of the output, M, K, N, the
 /// batch shapes of A and B, and the final output shape.
-struct MatmulShape {
-    out_batch: Vec<usize>,
-    a_batch: Vec<usize>,
-    b_batch: Vec<usize>,
-    m: usize,
-    k: usize,
-    n: usize,
-    out_shape: Vec<usize>,
+pub(crate) struct MatmulShape {
+    pub out_batch: Vec<usize>,
+    pub a_batch: Vec<usize>,
+    pub b_batch: Vec<usize>,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub out_shape: Vec<usize>,
 }
 
-fn matmul_shape(a: &[usize], b: &[usize]) -> Result<MatmulShape> {
+pub(crate) fn matmul_shape(a: &[usize], b: &[usize]) -> Result<MatmulShape> {
     if a.is_empty() || b.is_empty() {
         return Err(invalid!(
             "MatMul does not accept scalars: got A {a:?} and B {b:?}"
@@ -407,6 +427,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         kiln_ir::DType::U64 => return int!(u64, U64),
         _ => {}
     }
+    if a.dtype() == DType::F32 {
+        let y = matmul_f32(
+            &s,
+            f32_slice(a, "MatMul A")?,
+            MatmulB::Mat(f32_slice(b, "MatMul B")?),
+            None,
+        )?;
+        return tensor(s.out_shape, TensorData::F32(y));
+    }
     match float_prec(a, "MatMul")? {
         Prec::F32 => {
             let y = matmul_slices(
@@ -425,6 +454,140 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             float_tensor(s.out_shape, y, a.dtype())
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Fast f32 Gemm / MatMul on kiln_gemm::sgemm: transposes are strided views,
+// constant operands may come packed, and an epilogue (bias, residual,
+// activation) runs on each finished piece of the output.
+// ---------------------------------------------------------------------------
+
+/// An epilogue over the rows of a matmul's output, seen as `[batch * M, N]`:
+/// called with the global row, the first column and the values.
+pub(crate) type RowEpilogue<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
+
+/// A tensor's f32 elements, or an error naming the operand.
+pub(crate) fn f32_slice<'a>(t: &'a Tensor, what: &str) -> Result<&'a [f32]> {
+    t.as_slice::<f32>()
+        .ok_or_else(|| invalid!("{what}: expected f32, got {} {:?}", t.dtype(), t.shape()))
+}
+
+/// Gemm in f32: `alpha * A' B' + beta * C`, C given with its broadcast
+/// indices into the `[M, N]` output.
+pub(crate) fn gemm_f32(
+    alpha: f32,
+    beta: f32,
+    a: MatRef<'_>,
+    b: Rhs<'_>,
+    c: Option<(&[f32], Vec<usize>)>,
+) -> Result<Tensor> {
+    let (m, n) = (a.rows(), b.cols());
+    if a.cols() != b.rows() {
+        return Err(invalid!(
+            "Gemm: A' is {m}x{} but B' is {}x{n}",
+            a.cols(),
+            b.rows()
+        ));
+    }
+    let mut y = vec![0.0f32; numel(&[m, n])?];
+    let beta = match c {
+        Some((cv, idx)) => {
+            for (v, &i) in y.iter_mut().zip(&idx) {
+                *v = cv[i];
+            }
+            beta
+        }
+        None => 0.0,
+    };
+    if a.cols() == 0 {
+        // An empty sum: only beta * C remains.
+        y.iter_mut().for_each(|v| *v *= beta);
+    } else if !y.is_empty() {
+        sgemm(alpha, Lhs::Mat(a), b, beta, &mut y, n, None);
+    }
+    tensor(vec![m, n], TensorData::F32(y))
+}
+
+/// The right operand of an f32 MatMul: B's elements (with `s.b_batch`), or B
+/// packed once (2-D B only).
+#[derive(Clone, Copy)]
+pub(crate) enum MatmulB<'a> {
+    Mat(&'a [f32]),
+    Packed(&'a PackedB),
+}
+
+/// Below this many multiply-adds per matrix, a batched MatMul runs its
+/// matrices in parallel instead of relying on sgemm's own threading.
+const SMALL_MATMUL_MACS: usize = 1 << 21;
+
+/// Batched f32 MatMul (numpy semantics, see [`matmul_shape`]) on sgemm, with
+/// an optional epilogue over the output rows. Returns the output's elements.
+pub(crate) fn matmul_f32(
+    s: &MatmulShape,
+    a: &[f32],
+    b: MatmulB<'_>,
+    epi: Option<&RowEpilogue<'_>>,
+) -> Result<Vec<f32>> {
+    let (m, k, n) = (s.m, s.k, s.n);
+    let batch = numel(&s.out_batch)?;
+    let mut y = vec![0.0f32; numel(&s.out_shape)?];
+    if y.is_empty() {
+        return Ok(y);
+    }
+    let a_count = numel(&s.a_batch)?;
+    let b_count = numel(&s.b_batch)?;
+    if let MatmulB::Packed(p) = b {
+        if b_count != 1 || p.rows() != k || p.cols() != n {
+            return Err(invalid!(
+                "MatMul: B was packed as {}x{}, the product needs {k}x{n} with no batch dims",
+                p.rows(),
+                p.cols()
+            ));
+        }
+    }
+    if k == 0 {
+        // Empty sums: zeros, then the epilogue.
+        if let Some(e) = epi {
+            for (row, vals) in y.chunks_exact_mut(n).enumerate() {
+                e(row, 0, vals);
+            }
+        }
+        return Ok(y);
+    }
+    let rhs = |bo: usize| match b {
+        MatmulB::Mat(bv) => Rhs::Mat(MatRef::row_major(&bv[bo..bo + k * n], k, n)),
+        MatmulB::Packed(p) => Rhs::Packed(p),
+    };
+    // B shared by every batch entry and A's entries distinct and contiguous:
+    // one tall product [batch*M, K] x [K, N].
+    if b_count == 1 && a_count == batch {
+        let lhs = Lhs::Mat(MatRef::row_major(a, batch * m, k));
+        sgemm(1.0, lhs, rhs(0), 0.0, &mut y, n, epi);
+        return Ok(y);
+    }
+    let ai = broadcast_indices(&s.a_batch, &s.out_batch);
+    let bi = broadcast_indices(&s.b_batch, &s.out_batch);
+    let one = |i: usize, out: &mut [f32]| {
+        let ao = ai[i] * m * k;
+        let lhs = Lhs::Mat(MatRef::row_major(&a[ao..ao + m * k], m, k));
+        let shifted = |row: usize, col0: usize, vals: &mut [f32]| {
+            if let Some(e) = epi {
+                e(i * m + row, col0, vals)
+            }
+        };
+        let e: Option<&RowEpilogue<'_>> = epi.map(|_| &shifted as &RowEpilogue<'_>);
+        sgemm(1.0, lhs, rhs(bi[i] * k * n), 0.0, out, n, e);
+    };
+    if batch > 1 && m * k * n <= SMALL_MATMUL_MACS {
+        y.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, out)| one(i, out));
+    } else {
+        for (i, out) in y.chunks_exact_mut(m * n).enumerate() {
+            one(i, out);
+        }
+    }
+    Ok(y)
 }
 
 #[cfg(test)]
@@ -668,6 +831,131 @@ mod tests {
         let b = t(&[0, 2], vec![]);
         let y = matmul(&a, &b).unwrap();
         assert_eq!(f32s(&y), vec![0.0; 4]);
+    }
+
+    /// The sgemm MatMul path against the old gemm_acc path on broadcast
+    /// batches, 1-D operands, empty dims and sizes that take either the
+    /// batch-parallel or the single-product route.
+    #[test]
+    fn fast_matmul_matches_gemm_acc_path() {
+        let mut rng = Rng::new(31);
+        let shapes: &[(&[usize], &[usize])] = &[
+            (&[3, 5], &[5, 7]),
+            (&[2, 1, 3, 4], &[5, 4, 2]),
+            (&[4], &[4]),
+            (&[4], &[3, 4, 6]),
+            (&[2, 3, 4], &[4]),
+            (&[1, 12, 16, 8], &[1, 12, 8, 16]),
+            (&[3, 1, 4, 9], &[1, 2, 9, 5]),
+            (&[5, 4], &[2, 3, 4, 7]),
+            (&[2, 70, 130], &[2, 130, 300]),
+            (&[0, 3], &[3, 2]),
+            (&[2, 0], &[0, 3]),
+            (&[2, 3, 0], &[2, 0, 4]),
+            (&[0, 2, 3], &[3, 3]),
+            (&[1, 1], &[1, 1]),
+        ];
+        for &(ash, bsh) in shapes {
+            let a = t(ash, rng.vec(ash.iter().product()));
+            let b = t(bsh, rng.vec(bsh.iter().product()));
+            let s = matmul_shape(ash, bsh).unwrap();
+            let want = matmul_slices(&s, &f32s(&a), &f32s(&b)).unwrap();
+            let y = matmul(&a, &b).unwrap();
+            assert_eq!(y.shape(), &s.out_shape[..], "{ash:?} x {bsh:?}");
+            assert_close(&f32s(&y), &want, 1e-4);
+            // A packed 2-D B gives the same.
+            if bsh.len() == 2 {
+                let pb = PackedB::new(MatRef::row_major(
+                    b.as_slice::<f32>().unwrap(),
+                    bsh[0],
+                    bsh[1],
+                ));
+                let got = matmul_f32(&s, &f32s(&a), MatmulB::Packed(&pb), None).unwrap();
+                assert_close(&got, &want, 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_matmul_epilogue_sees_global_rows() {
+        // Batched (not foldable) product: the epilogue's row is batch*M + i.
+        let mut rng = Rng::new(32);
+        let (a, b) = (t(&[3, 2, 4], rng.vec(24)), t(&[3, 4, 5], rng.vec(60)));
+        let s = matmul_shape(a.shape(), b.shape()).unwrap();
+        let plain = matmul_slices(&s, &f32s(&a), &f32s(&b)).unwrap();
+        let epi = |row: usize, col0: usize, vals: &mut [f32]| {
+            for (j, v) in vals.iter_mut().enumerate() {
+                *v += (row * 100 + col0 + j) as f32;
+            }
+        };
+        let got = matmul_f32(&s, &f32s(&a), MatmulB::Mat(&f32s(&b)), Some(&epi)).unwrap();
+        let want: Vec<f32> = plain
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + ((i / 5) * 100 + i % 5) as f32)
+            .collect();
+        assert_close(&got, &want, 1e-5);
+        // K = 0: zeros, and the epilogue still runs once per row.
+        let (a, b) = (t(&[3, 0], vec![]), t(&[0, 2], vec![]));
+        let s = matmul_shape(a.shape(), b.shape()).unwrap();
+        let got = matmul_f32(&s, &[], MatmulB::Mat(&[]), Some(&epi)).unwrap();
+        assert_eq!(got, vec![0.0, 1.0, 100.0, 101.0, 200.0, 201.0]);
+    }
+
+    #[test]
+    fn fast_gemm_edge_cases() {
+        // K = 0: only beta * C.
+        let a = t(&[2, 0], vec![]);
+        let b = t(&[0, 3], vec![]);
+        let c = t(&[3], vec![1.0, 2.0, 3.0]);
+        let y = gemm(1.0, 2.0, false, false, &a, &b, Some(&c)).unwrap();
+        assert_eq!(f32s(&y), vec![2.0, 4.0, 6.0, 2.0, 4.0, 6.0]);
+        // beta = 0 ignores NaN in C; M = 0 is an empty output.
+        let a = t(&[1, 2], vec![1.0, 2.0]);
+        let b = t(&[2, 1], vec![3.0, 4.0]);
+        let c = t(&[1], vec![f32::NAN]);
+        let y = gemm(1.0, 0.0, false, false, &a, &b, Some(&c)).unwrap();
+        assert_eq!(f32s(&y), vec![11.0]);
+        let y = gemm(1.0, 1.0, true, false, &t(&[2, 0], vec![]), &b, None).unwrap();
+        assert_eq!(y.shape(), &[0, 1]);
+        // Larger random shapes against the reference formula, all transposes.
+        let mut rng = Rng::new(33);
+        let (m, k, n) = (37, 70, 45);
+        for (ta, tb) in [(false, false), (true, true), (true, false), (false, true)] {
+            let a = t(&if ta { [k, m] } else { [m, k] }, rng.vec(m * k));
+            let b = t(&if tb { [n, k] } else { [k, n] }, rng.vec(k * n));
+            let cv = rng.vec(m);
+            let c = t(&[m, 1], cv.clone());
+            let y = gemm(1.5, -0.5, ta, tb, &a, &b, Some(&c)).unwrap();
+            assert_close(
+                &f32s(&y),
+                &gemm_ref(1.5, -0.5, ta, tb, &a, &b, &cv, &[m, 1]),
+                1e-4,
+            );
+        }
+    }
+
+    /// Speed of the BERT attention MatMul [1,12,128,64] x [1,12,64,128]:
+    /// `cargo test -p kiln-cpu --release -- --ignored bert_matmul_speed --nocapture`.
+    #[test]
+    #[ignore]
+    fn bert_matmul_speed() {
+        let mut rng = Rng::new(10);
+        let a = t(&[1, 12, 128, 64], rng.vec(12 * 128 * 64));
+        let b = t(&[1, 12, 64, 128], rng.vec(12 * 64 * 128));
+        let _ = matmul(&a, &b).unwrap();
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let start = std::time::Instant::now();
+            std::hint::black_box(matmul(&a, &b).unwrap());
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        let flops = 2.0 * 12.0 * 128.0 * 64.0 * 128.0;
+        println!(
+            "bert matmul [1,12,128,64]x[1,12,64,128]: {:.3} ms, {:.1} GFLOP/s (best of 20)",
+            best * 1e3,
+            flops / best / 1e9
+        );
     }
 
     /// Rough speed of a 1024^3 f32 matmul: `cargo test -p kiln-cpu --release

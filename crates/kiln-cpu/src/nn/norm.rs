@@ -3,8 +3,9 @@
 
 use super::{float_prec, float_tensor, numel, values, Prec, Real};
 use crate::util::{broadcast_indices, broadcast_shape, normalize_axis};
-use crate::{invalid, Result};
+use crate::{fastmath, invalid, Result};
 use kiln_ir::{DType, Tensor};
+use rayon::prelude::*;
 
 /// A per-channel parameter of length `c`, as f64.
 fn channel_param(op: &str, what: &str, t: &Tensor, c: usize, x: &Tensor) -> Result<Vec<f64>> {
@@ -35,6 +36,7 @@ pub fn batch_norm(
     var: &Tensor,
 ) -> Result<Tensor> {
     match float_prec(x, "BatchNormalization")? {
+        // batch_norm_fast measured slower than this on 2 cores; not wired.
         Prec::F32 => batch_norm_impl::<f32>(eps, x, scale, b, mean, var),
         Prec::F64 => batch_norm_impl::<f64>(eps, x, scale, b, mean, var),
     }
@@ -72,6 +74,61 @@ fn batch_norm_impl<T: Real>(
         let ch = i % c;
         let (a, d) = (mul[ch], add[ch]);
         chunk.iter_mut().for_each(|v| *v = *v * a + d);
+    }
+    float_tensor(xs.to_vec(), y, x.dtype())
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// BatchNormalization for f32 compute: the same per-channel `x * a + d` as
+/// [`batch_norm_impl`], each plane in a vectorized loop, planes in parallel
+/// when the tensor is large.
+fn batch_norm_fast(
+    eps: f32,
+    x: &Tensor,
+    scale: &Tensor,
+    b: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "BatchNormalization";
+    let xs = x.shape();
+    if xs.is_empty() {
+        return Err(invalid!("{OP} expects X of rank >= 1, got a scalar"));
+    }
+    let c = if xs.len() == 1 { 1 } else { xs[1] };
+    let inner = if xs.len() <= 2 { 1 } else { numel(&xs[2..])? };
+    let s = channel_param(OP, "scale", scale, c, x)?;
+    let bb = channel_param(OP, "B", b, c, x)?;
+    let m = channel_param(OP, "input_mean", mean, c, x)?;
+    let v = channel_param(OP, "input_var", var, c, x)?;
+    let mul: Vec<f32> = (0..c)
+        .map(|i| (s[i] / (v[i] + eps as f64).sqrt()) as f32)
+        .collect();
+    let add: Vec<f32> = (0..c)
+        .map(|i| (bb[i] - m[i] * s[i] / (v[i] + eps as f64).sqrt()) as f32)
+        .collect();
+    let mut y = values::<f32>(x, OP)?.into_owned();
+    if inner == 0 || y.is_empty() {
+        return float_tensor(xs.to_vec(), y, x.dtype());
+    }
+    let planes = |first: usize, chunk: &mut [f32]| {
+        fastmath::simd(|| {
+            for (i, plane) in chunk.chunks_exact_mut(inner).enumerate() {
+                let ch = (first + i) % c;
+                let (a, d) = (mul[ch], add[ch]);
+                for v in plane.iter_mut() {
+                    *v = *v * a + d;
+                }
+            }
+        })
+    };
+    if y.len() < fastmath::PAR_MIN {
+        planes(0, &mut y);
+    } else {
+        let per = (fastmath::PAR_CHUNK / inner).max(1);
+        y.par_chunks_mut(per * inner)
+            .enumerate()
+            .for_each(|(t, chunk)| planes(t * per, chunk));
     }
     float_tensor(xs.to_vec(), y, x.dtype())
 }
@@ -139,7 +196,7 @@ pub fn layer_norm(
     num_outputs: usize,
 ) -> Result<Vec<Tensor>> {
     match float_prec(x, "LayerNormalization")? {
-        Prec::F32 => layer_norm_impl::<f32>(axis, eps, x, scale, b, num_outputs),
+        Prec::F32 => layer_norm_fast(axis, eps, x, scale, b, num_outputs),
         Prec::F64 => layer_norm_impl::<f64>(axis, eps, x, scale, b, num_outputs),
     }
 }
@@ -228,13 +285,140 @@ fn layer_norm_impl<T: Real>(
     Ok(outs)
 }
 
+/// Mean and 1/sqrt(var + eps) of an f32 row: two passes accumulated in f64
+/// (eight independent lanes, so the loops vectorize), like [`mean_inv_std`].
+#[inline(always)]
+fn mean_inv_std_f32(v: &[f32], eps: f32) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mut acc = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += c[i] as f64;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    let mean = (acc.iter().sum::<f64>() + tail) / n;
+    let mut acc = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            let d = c[i] as f64 - mean;
+            acc[i] += d * d;
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| (x as f64 - mean) * (x as f64 - mean))
+        .sum();
+    let var = (acc.iter().sum::<f64>() + tail) / n;
+    (mean, 1.0 / (var + eps as f64).sqrt())
+}
+
+/// LayerNormalization for f32 compute: the formula of [`layer_norm_impl`],
+/// rows in vectorized loops and in parallel when the tensor is large.
+fn layer_norm_fast(
+    axis: i64,
+    eps: f32,
+    x: &Tensor,
+    scale: &Tensor,
+    b: Option<&Tensor>,
+    num_outputs: usize,
+) -> Result<Vec<Tensor>> {
+    const OP: &str = "LayerNormalization";
+    let xs = x.shape();
+    let ax = normalize_axis(axis, xs.len()).map_err(|e| invalid!("{OP}: {e}"))?;
+    let norm_shape = &xs[ax..];
+    let inner = numel(norm_shape)?;
+    let outer = numel(&xs[..ax])?;
+    if inner == 0 {
+        return layer_norm_impl::<f32>(axis, eps, x, scale, b, num_outputs);
+    }
+    let param = |t: &Tensor, what: &str| -> Result<Vec<f32>> {
+        let ok = broadcast_shape(t.shape(), norm_shape)
+            .map(|s| s == norm_shape)
+            .unwrap_or(false);
+        if !ok {
+            return Err(invalid!(
+                "{OP}: {what} {:?} does not broadcast to the normalized shape {norm_shape:?} of X {xs:?} (axis {axis})",
+                t.shape()
+            ));
+        }
+        let v = values::<f32>(t, what)?;
+        if v.len() == inner {
+            return Ok(v.into_owned());
+        }
+        Ok(broadcast_indices(t.shape(), norm_shape)
+            .into_iter()
+            .map(|i| v[i])
+            .collect())
+    };
+    let sv = param(scale, "Scale")?;
+    let bv = match b {
+        Some(b) => Some(param(b, "B")?),
+        None => None,
+    };
+    let mut y = values::<f32>(x, OP)?.into_owned();
+    let mut means = vec![0.0f64; outer];
+    let mut invs = vec![0.0f64; outer];
+    let rows = |chunk: &mut [f32], mc: &mut [f64], ic: &mut [f64]| {
+        fastmath::simd(|| {
+            for ((row, m), iv) in chunk.chunks_exact_mut(inner).zip(mc).zip(ic) {
+                let (mean, inv) = mean_inv_std_f32(row, eps);
+                *m = mean;
+                *iv = inv;
+                let (mt, it) = (mean as f32, inv as f32);
+                match &bv {
+                    Some(bv) => {
+                        for ((v, &s), &bb) in row.iter_mut().zip(&sv).zip(bv) {
+                            *v = (*v - mt) * it * s + bb;
+                        }
+                    }
+                    None => {
+                        for (v, &s) in row.iter_mut().zip(&sv) {
+                            *v = (*v - mt) * it * s;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    if y.len() < fastmath::PAR_MIN || outer < 2 {
+        rows(&mut y, &mut means, &mut invs);
+    } else {
+        let per = (fastmath::PAR_CHUNK / inner).max(1);
+        y.par_chunks_mut(per * inner)
+            .zip(means.par_chunks_mut(per))
+            .zip(invs.par_chunks_mut(per))
+            .for_each(|((c, m), i)| rows(c, m, i));
+    }
+    let mut outs = vec![float_tensor(xs.to_vec(), y, x.dtype())?];
+    if num_outputs > 1 {
+        let mut stat_shape = xs[..ax].to_vec();
+        stat_shape.resize(xs.len(), 1);
+        let stat = |v: Vec<f64>| -> Result<Tensor> {
+            float_tensor(
+                stat_shape.clone(),
+                v.into_iter().map(|x| x as f32).collect(),
+                DType::F32,
+            )
+        };
+        outs.push(stat(means)?);
+        if num_outputs > 2 {
+            outs.push(stat(invs)?);
+        }
+    }
+    Ok(outs)
+}
+
 /// Softmax / LogSoftmax, numerically stable (max subtracted). `coerce_2d`:
 /// opset < 13 semantics, the input is viewed as 2-D `[prod(d[..axis]),
 /// prod(d[axis..])]` and each row is normalized as a whole.
 pub fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Result<Tensor> {
     let op = if log { "LogSoftmax" } else { "Softmax" };
     match float_prec(x, op)? {
-        Prec::F32 => softmax_impl::<f32>(op, x, axis, coerce_2d, log),
+        Prec::F32 => softmax_fast(op, x, axis, coerce_2d, log),
         Prec::F64 => softmax_impl::<f64>(op, x, axis, coerce_2d, log),
     }
 }
@@ -296,6 +480,121 @@ fn softmax_impl<T: Real>(
         }
     }
     float_tensor(xs.to_vec(), y, x.dtype())
+}
+
+/// Softmax / LogSoftmax for f32 compute. Rows along the last axis (or the
+/// coerced 2-D rows) run as max, `exp(x - max)` with its sum, and a scale, each
+/// a vectorized pass; other axes work on whole `[len, inner]` blocks a row of
+/// `inner` lanes at a time. Large tensors run their rows / blocks in parallel.
+/// Sums are in f32 (16 partial sums); the reference sums in f64.
+fn softmax_fast(op: &str, x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Result<Tensor> {
+    let xs = x.shape();
+    let rank = xs.len();
+    let ax = if coerce_2d && axis == rank as i64 {
+        rank
+    } else {
+        normalize_axis(axis, rank).map_err(|e| invalid!("{op}: {e}"))?
+    };
+    let (len, inner) = if coerce_2d {
+        (numel(&xs[ax..])?, 1)
+    } else {
+        (xs[ax], numel(&xs[ax + 1..])?)
+    };
+    let mut y = values::<f32>(x, op)?.into_owned();
+    if y.is_empty() || len == 0 {
+        return float_tensor(xs.to_vec(), y, x.dtype());
+    }
+    let block = len * inner;
+    let per = (fastmath::PAR_CHUNK / block).max(1);
+    let run = |chunk: &mut [f32]| {
+        let mut tmp = Vec::new();
+        for blk in chunk.chunks_exact_mut(block) {
+            if inner == 1 {
+                softmax_row(blk, log, &mut tmp);
+            } else {
+                softmax_block(blk, inner, log, &mut tmp);
+            }
+        }
+    };
+    if y.len() < fastmath::PAR_MIN || y.len() == block {
+        run(&mut y);
+    } else {
+        y.par_chunks_mut(per * block).for_each(run);
+    }
+    float_tensor(xs.to_vec(), y, x.dtype())
+}
+
+/// Softmax (or LogSoftmax) of one contiguous row in place.
+fn softmax_row(row: &mut [f32], log: bool, tmp: &mut Vec<f32>) {
+    let max = fastmath::max_of(row);
+    if log {
+        tmp.clear();
+        tmp.extend_from_slice(row);
+        let sum = fastmath::exp_shift_sum(tmp, max);
+        // (x - max) - ln(sum), like the reference: x - max is exact for
+        // values near the max, so large logits do not lose precision.
+        let ls = sum.ln();
+        fastmath::simd(|| row.iter_mut().for_each(|v| *v = (*v - max) - ls));
+    } else {
+        let sum = fastmath::exp_shift_sum(row, max);
+        let inv = 1.0 / sum;
+        fastmath::simd(|| row.iter_mut().for_each(|v| *v *= inv));
+    }
+}
+
+/// Softmax (or LogSoftmax) along the middle axis of a `[len, inner]` block:
+/// the `inner` lanes are processed together, one row of the block at a time.
+fn softmax_block(blk: &mut [f32], inner: usize, log: bool, tmp: &mut Vec<f32>) {
+    // tmp = [max (inner) | sum (inner) | exp row (inner)]
+    tmp.clear();
+    tmp.resize(3 * inner, 0.0);
+    let (max, rest) = tmp.split_at_mut(inner);
+    let (sum, e) = rest.split_at_mut(inner);
+    max.fill(f32::NEG_INFINITY);
+    fastmath::simd(|| {
+        for row in blk.chunks_exact(inner) {
+            for (m, &v) in max.iter_mut().zip(row) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+    });
+    for row in blk.chunks_exact_mut(inner) {
+        fastmath::simd(|| {
+            for ((d, &v), &m) in e.iter_mut().zip(row.iter()).zip(max.iter()) {
+                *d = v - m;
+            }
+        });
+        fastmath::exp_inplace(e);
+        fastmath::simd(|| {
+            for (s, &v) in sum.iter_mut().zip(e.iter()) {
+                *s += v;
+            }
+            if !log {
+                row.copy_from_slice(e);
+            }
+        });
+    }
+    fastmath::simd(|| {
+        if log {
+            for s in sum.iter_mut() {
+                *s = s.ln();
+            }
+            for row in blk.chunks_exact_mut(inner) {
+                for ((v, &s), &m) in row.iter_mut().zip(sum.iter()).zip(max.iter()) {
+                    *v = (*v - m) - s;
+                }
+            }
+        } else {
+            for s in sum.iter_mut() {
+                *s = 1.0 / *s;
+            }
+            for row in blk.chunks_exact_mut(inner) {
+                for (v, &s) in row.iter_mut().zip(sum.iter()) {
+                    *v *= s;
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -425,5 +724,169 @@ mod tests {
                 .unwrap(),
             &[0.5, 0.5]
         );
+    }
+
+    /// Random values (scaled to [-scale, scale)) with NaN / +-inf at the given
+    /// flat positions.
+    fn rand_t(shape: &[usize], seed: u64, scale: f32, specials: &[(usize, f32)]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut v: Vec<f32> = Rng::new(seed)
+            .vec(n)
+            .into_iter()
+            .map(|x| x * scale)
+            .collect();
+        for &(i, s) in specials {
+            if i < n {
+                v[i] = s;
+            }
+        }
+        t(shape, v)
+    }
+
+    /// Within `rel` relative + `abs` absolute, NaN where the reference is NaN.
+    fn assert_near(got: &[f32], want: &[f32], rel: f32, abs: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= rel * w.abs() + abs;
+            assert!(ok, "{what}: [{i}] fast {g:e}, reference {w:e}");
+        }
+    }
+
+    #[test]
+    fn fast_softmax_matches_reference() {
+        let cases: &[(&[usize], i64, bool)] = &[
+            (&[0, 3], -1, false),
+            (&[1, 1], -1, false),
+            (&[3, 17], -1, false),
+            (&[5, 33], 1, false),
+            (&[2, 3, 5], 1, false),
+            (&[2, 3, 5], 0, false),
+            (&[4, 129], 1, true),
+            (&[2, 3, 4], 0, true),
+            (&[2, 3, 4], 3, true),
+            (&[12, 128, 128], -1, false),
+            (&[4, 300, 70], 1, false),
+            (&[3, 50_257], -1, false),
+        ];
+        for (k, &(shape, axis, coerce)) in cases.iter().enumerate() {
+            // Large logits, and a NaN and an inf in some rows.
+            let specials = [(7, f32::NAN), (40, f32::INFINITY), (90, f32::NEG_INFINITY)];
+            let x = rand_t(shape, 11 + k as u64, 30.0, &specials);
+            for log in [false, true] {
+                let op = if log { "LogSoftmax" } else { "Softmax" };
+                let got = softmax_fast(op, &x, axis, coerce, log).unwrap();
+                let want = softmax_impl::<f32>(op, &x, axis, coerce, log).unwrap();
+                assert_eq!(got.shape(), want.shape());
+                let what = format!("{op} {shape:?} axis {axis} coerce {coerce}");
+                // LogSoftmax's x - (max + ln sum) cancels: its error scales
+                // with |max| (logits up to 30 here), i.e. 30 * 2^-23 ~ 4e-6.
+                let abs = if log { 8e-6 } else { 1e-7 };
+                assert_near(&f32s(&got), &f32s(&want), 2e-6, abs, &what);
+            }
+        }
+        // The public entry point takes the fast path for f32.
+        let x = rand_t(&[3, 9], 5, 4.0, &[]);
+        assert_eq!(
+            f32s(&softmax(&x, -1, false, false).unwrap()),
+            f32s(&softmax_fast("Softmax", &x, -1, false, false).unwrap())
+        );
+    }
+
+    #[test]
+    fn fast_layer_norm_matches_reference() {
+        let cases: &[(&[usize], i64, &[usize])] = &[
+            (&[2, 768], -1, &[768]),
+            (&[1, 1], -1, &[1]),
+            (&[3, 5, 7], 1, &[5, 7]),
+            (&[3, 5, 7], 1, &[7]),
+            (&[3, 5, 7], -1, &[1]),
+            (&[300, 301], -1, &[301]),
+            (&[128, 768], -1, &[768]),
+            (&[0, 4], -1, &[4]),
+        ];
+        for (k, &(shape, axis, pshape)) in cases.iter().enumerate() {
+            let x = rand_t(shape, 3 + k as u64, 3.0, &[(5, f32::NAN)]);
+            // An offset so the mean is far from zero (cancellation check).
+            let x = t(shape, f32s(&x).iter().map(|v| v + 100.0).collect());
+            let s = rand_t(pshape, 50 + k as u64, 2.0, &[]);
+            let b = rand_t(pshape, 90 + k as u64, 1.0, &[]);
+            for bias in [Some(&b), None] {
+                let got = layer_norm_fast(axis, 1e-5, &x, &s, bias, 3).unwrap();
+                let want = layer_norm_impl::<f32>(axis, 1e-5, &x, &s, bias, 3).unwrap();
+                for (o, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.shape(), w.shape());
+                    let what = format!("LayerNorm {shape:?} axis {axis} output {o}");
+                    assert_near(&f32s(g), &f32s(w), 1e-5, 1e-5, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_batch_norm_matches_reference_exactly() {
+        for (k, shape) in [
+            &[2usize, 5, 7, 9][..],
+            &[3, 4],
+            &[4],
+            &[1, 64, 40, 40],
+            &[0, 4, 3],
+            &[2, 4, 0],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let c = if shape.len() == 1 { 1 } else { shape[1] };
+            let x = rand_t(shape, 21 + k as u64, 5.0, &[(3, f32::NAN), (8, -0.0)]);
+            let p = |seed: u64, off: f32| {
+                t(
+                    &[c],
+                    Rng::new(seed).vec(c).iter().map(|v| v + off).collect(),
+                )
+            };
+            let (s, b, m, v) = (p(1, 0.0), p(2, 0.0), p(3, 0.0), p(4, 2.0));
+            let got = batch_norm_fast(1e-5, &x, &s, &b, &m, &v).unwrap();
+            let want = batch_norm_impl::<f32>(1e-5, &x, &s, &b, &m, &v).unwrap();
+            assert_eq!(got.shape(), want.shape());
+            let (g, w) = (f32s(&got), f32s(&want));
+            assert!(
+                g.iter()
+                    .zip(&w)
+                    .all(|(g, w)| g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan()),
+                "{shape:?}"
+            );
+        }
+    }
+
+    /// `cargo test --release -p kiln-cpu --lib norm_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn norm_speed() {
+        fn best(f: &mut dyn FnMut()) -> f64 {
+            let mut b = f64::INFINITY;
+            for _ in 0..15 {
+                let t0 = std::time::Instant::now();
+                f();
+                b = b.min(t0.elapsed().as_secs_f64());
+            }
+            b * 1e6
+        }
+        let x = rand_t(&[12, 128, 128], 1, 5.0, &[]);
+        let fast = best(&mut || drop(softmax_fast("Softmax", &x, -1, false, false).unwrap()));
+        let refr =
+            best(&mut || drop(softmax_impl::<f32>("Softmax", &x, -1, false, false).unwrap()));
+        eprintln!("Softmax [12,128,128]: reference {refr:.0} us, fast {fast:.0} us");
+        let x = rand_t(&[128, 768], 2, 5.0, &[]);
+        let s = rand_t(&[768], 3, 1.0, &[]);
+        let b = rand_t(&[768], 4, 1.0, &[]);
+        let fast = best(&mut || drop(layer_norm_fast(-1, 1e-5, &x, &s, Some(&b), 1).unwrap()));
+        let refr =
+            best(&mut || drop(layer_norm_impl::<f32>(-1, 1e-5, &x, &s, Some(&b), 1).unwrap()));
+        eprintln!("LayerNorm [128,768]: reference {refr:.0} us, fast {fast:.0} us");
+        let x = rand_t(&[1, 64, 112, 112], 5, 5.0, &[]);
+        let p = rand_t(&[64], 6, 1.0, &[]);
+        let v = t(&[64], vec![1.0; 64]);
+        let fast = best(&mut || drop(batch_norm_fast(1e-5, &x, &p, &p, &p, &v).unwrap()));
+        let refr = best(&mut || drop(batch_norm_impl::<f32>(1e-5, &x, &p, &p, &p, &v).unwrap()));
+        eprintln!("BatchNorm [1,64,112,112]: reference {refr:.0} us, fast {fast:.0} us");
     }
 }

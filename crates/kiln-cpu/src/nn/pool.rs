@@ -201,7 +201,15 @@ pub fn max_pool(a: &PoolAttrs, x: &Tensor, num_outputs: usize) -> Result<Vec<Ten
         }
         _ => match float_prec(x, "MaxPool")? {
             Prec::F32 => {
-                let (s, y, i) = pool_impl::<f32>("MaxPool", a, x, Kind::Max, want)?;
+                let fast = if want {
+                    None
+                } else {
+                    pool2d_fast("MaxPool", a, x, Kind::Max)?
+                };
+                let (s, y, i) = match fast {
+                    Some((s, y)) => (s, y, None),
+                    None => pool_impl::<f32>("MaxPool", a, x, Kind::Max, want)?,
+                };
                 (s, f32::into_data(y, x.dtype()), i)
             }
             Prec::F64 => {
@@ -221,7 +229,13 @@ pub fn max_pool(a: &PoolAttrs, x: &Tensor, num_outputs: usize) -> Result<Vec<Ten
 pub fn avg_pool(a: &PoolAttrs, x: &Tensor) -> Result<Tensor> {
     match float_prec(x, "AveragePool")? {
         Prec::F32 => {
-            let (s, y, _) = pool_impl::<f32>("AveragePool", a, x, Kind::Avg, false)?;
+            let (s, y) = match pool2d_fast("AveragePool", a, x, Kind::Avg)? {
+                Some(r) => r,
+                None => {
+                    let (s, y, _) = pool_impl::<f32>("AveragePool", a, x, Kind::Avg, false)?;
+                    (s, y)
+                }
+            };
             float_tensor(s, y, x.dtype())
         }
         Prec::F64 => {
@@ -239,7 +253,7 @@ pub fn global_pool(x: &Tensor, is_max: bool) -> Result<Tensor> {
         "GlobalAveragePool"
     };
     match float_prec(x, op)? {
-        Prec::F32 => global_impl::<f32>(op, x, is_max),
+        Prec::F32 => global_fast(op, x, is_max),
         Prec::F64 => global_impl::<f64>(op, x, is_max),
     }
 }
@@ -273,6 +287,209 @@ fn global_impl<T: Real>(op: &str, x: &Tensor, is_max: bool) -> Result<Tensor> {
             }
         })
         .collect();
+    float_tensor(out_shape, y, x.dtype())
+}
+
+/// One spatial axis of a 2-D pool: for every output position, the in-bounds
+/// input range `[lo, hi)` of its window and its tap count for the divisor.
+struct AxisWin {
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+    count: Vec<usize>,
+}
+
+fn axis_windows(
+    len: usize,
+    k: usize,
+    s: usize,
+    pb: usize,
+    pe: usize,
+    out: usize,
+    include_pad: bool,
+) -> AxisWin {
+    let (mut lo, mut hi, mut count) = (
+        Vec::with_capacity(out),
+        Vec::with_capacity(out),
+        Vec::with_capacity(out),
+    );
+    for o in 0..out {
+        let start = (o * s) as isize - pb as isize;
+        let end = start + k as isize;
+        let l = start.clamp(0, len as isize) as usize;
+        let h = end.clamp(0, len as isize) as usize;
+        lo.push(l);
+        hi.push(h.max(l));
+        let c = if include_pad {
+            // Taps inside the padded extent [-pb, len + pe).
+            let pl = start.max(-(pb as isize));
+            let ph = end.min((len + pe) as isize);
+            (ph - pl).max(0) as usize
+        } else {
+            h.saturating_sub(l)
+        };
+        count.push(c);
+    }
+    AxisWin { lo, hi, count }
+}
+
+/// MaxPool / AveragePool over 2-D planes (rank-4 f32 input, no dilation):
+/// for each output row, the window's input rows are first combined column by
+/// column (a contiguous, vectorized pass), then each output takes the max or
+/// sum of its columns. Planes run in parallel when large. Same semantics as
+/// [`pool_impl`]: max ignores NaN and padding (-inf when a window has no
+/// value), the average divides by the in-bounds (or, with count_include_pad,
+/// the padded-extent) tap count. `None` when the input does not qualify.
+fn pool2d_fast(
+    op: &str,
+    a: &PoolAttrs,
+    x: &Tensor,
+    kind: Kind,
+) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+    use rayon::prelude::*;
+    let xs = x.shape();
+    if xs.len() != 4 || a.kernel_shape.len() != 2 || a.dilations.iter().any(|&d| d != 1) {
+        return Ok(None);
+    }
+    let ceil = a.ceil_mode && a.auto_pad == kiln_ir::AutoPad::NotSet;
+    let win = resolve_window(
+        op,
+        &xs[2..],
+        &a.kernel_shape,
+        &a.strides,
+        &a.dilations,
+        &a.pads,
+        a.auto_pad,
+        ceil,
+    )?;
+    if win.dilations.iter().any(|&d| d != 1) {
+        return Ok(None);
+    }
+    let (h, w) = (xs[2], xs[3]);
+    let (oh, ow) = (win.out[0], win.out[1]);
+    let planes = xs[0] * xs[1];
+    let out_shape = vec![xs[0], xs[1], oh, ow];
+    let total = numel(&out_shape)?;
+    if total == 0 || h * w == 0 {
+        return Ok(None);
+    }
+    let incl = a.count_include_pad;
+    let wh = axis_windows(
+        h,
+        win.kernel[0],
+        win.strides[0],
+        win.pad_begin[0],
+        win.pad_end[0],
+        oh,
+        incl,
+    );
+    let ww = axis_windows(
+        w,
+        win.kernel[1],
+        win.strides[1],
+        win.pad_begin[1],
+        win.pad_end[1],
+        ow,
+        incl,
+    );
+    let xv = values::<f32>(x, op)?;
+    let mut y = vec![0.0f32; total];
+    let plane = |src: &[f32], dst: &mut [f32]| {
+        let mut acc = vec![0.0f32; w];
+        crate::fastmath::simd(|| {
+            for (r, drow) in dst.chunks_exact_mut(ow).enumerate() {
+                let rows = &src[wh.lo[r] * w..wh.hi[r] * w];
+                match kind {
+                    Kind::Max => {
+                        acc.fill(f32::NEG_INFINITY);
+                        for row in rows.chunks_exact(w) {
+                            for (m, &v) in acc.iter_mut().zip(row) {
+                                *m = if v > *m { v } else { *m };
+                            }
+                        }
+                        for (c, d) in drow.iter_mut().enumerate() {
+                            let mut m = f32::NEG_INFINITY;
+                            for &v in &acc[ww.lo[c]..ww.hi[c]] {
+                                m = if v > m { v } else { m };
+                            }
+                            *d = m;
+                        }
+                    }
+                    Kind::Avg => {
+                        acc.fill(0.0);
+                        for row in rows.chunks_exact(w) {
+                            for (m, &v) in acc.iter_mut().zip(row) {
+                                *m += v;
+                            }
+                        }
+                        for (c, d) in drow.iter_mut().enumerate() {
+                            let mut sum = 0.0f32;
+                            for &v in &acc[ww.lo[c]..ww.hi[c]] {
+                                sum += v;
+                            }
+                            *d = sum / (wh.count[r] * ww.count[c]) as f32;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let (in_n, out_n) = (h * w, oh * ow);
+    if xv.len() < crate::fastmath::PAR_MIN || planes < 2 {
+        for (src, dst) in xv.chunks_exact(in_n).zip(y.chunks_exact_mut(out_n)) {
+            plane(src, dst);
+        }
+    } else {
+        y.par_chunks_mut(out_n)
+            .zip(xv.par_chunks(in_n))
+            .for_each(|(dst, src)| plane(src, dst));
+    }
+    Ok(Some((out_shape, y)))
+}
+
+/// GlobalAveragePool / GlobalMaxPool for f32 compute: each plane's mean
+/// (accumulated in f64 lanes, like the reference's f64 sum) or NaN-winning
+/// max, planes in parallel when large.
+fn global_fast(op: &str, x: &Tensor, is_max: bool) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let xs = x.shape();
+    if xs.len() < 2 {
+        return Err(invalid!(
+            "{op} expects X of rank >= 2 [N, C, ...], got {xs:?}"
+        ));
+    }
+    let inner = numel(&xs[2..])?;
+    let planes = xs[0] * xs[1];
+    if inner == 0 || planes == 0 {
+        return global_impl::<f32>(op, x, is_max);
+    }
+    let mut out_shape = xs[..2].to_vec();
+    out_shape.resize(xs.len(), 1);
+    let xv = values::<f32>(x, op)?;
+    let one = |s: &[f32]| -> f32 {
+        if is_max {
+            crate::fastmath::simd(|| crate::fastmath::max_of(s))
+        } else {
+            crate::fastmath::simd(|| {
+                let mut acc = [0.0f64; 8];
+                let mut chunks = s.chunks_exact(8);
+                for c in &mut chunks {
+                    for i in 0..8 {
+                        acc[i] += c[i] as f64;
+                    }
+                }
+                let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+                ((acc.iter().sum::<f64>() + tail) / inner as f64) as f32
+            })
+        }
+    };
+    let y: Vec<f32> = if xv.len() < crate::fastmath::PAR_MIN {
+        xv.chunks_exact(inner).map(one).collect()
+    } else {
+        xv.par_chunks(inner)
+            .with_min_len((crate::fastmath::PAR_CHUNK / inner).max(1))
+            .map(one)
+            .collect()
+    };
     float_tensor(out_shape, y, x.dtype())
 }
 
@@ -434,5 +651,241 @@ mod tests {
             avg_pool(&pa(&[2, 2], &[], &[]), &x).unwrap().shape(),
             &[0, 3, 3, 3]
         );
+    }
+
+    #[test]
+    fn fast_pool2d_matches_reference() {
+        let mut rng = Rng::new(17);
+        // (input [N, C, H, W], kernel, strides, pads, ceil, count_include_pad, auto_pad)
+        let cases: Vec<(
+            Vec<usize>,
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+            bool,
+            bool,
+            AutoPad,
+        )> = vec![
+            (
+                vec![1, 3, 9, 9],
+                [3, 3],
+                [2, 2],
+                [1, 1, 1, 1],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 3, 9, 9],
+                [3, 3],
+                [2, 2],
+                [1, 1, 1, 1],
+                false,
+                true,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![2, 2, 8, 8],
+                [2, 2],
+                [2, 2],
+                [0, 0, 0, 0],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 2, 7, 7],
+                [2, 2],
+                [2, 2],
+                [0, 0, 0, 0],
+                true,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 2, 7, 7],
+                [3, 3],
+                [2, 2],
+                [1, 1, 1, 1],
+                true,
+                true,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 1, 5, 6],
+                [2, 3],
+                [1, 2],
+                [0, 1, 1, 0],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 2, 6, 5],
+                [3, 3],
+                [1, 1],
+                [0, 0, 0, 0],
+                false,
+                false,
+                AutoPad::SameUpper,
+            ),
+            (
+                vec![1, 2, 6, 5],
+                [2, 2],
+                [2, 2],
+                [0, 0, 0, 0],
+                false,
+                true,
+                AutoPad::SameLower,
+            ),
+            (
+                vec![1, 1, 1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 1, 3, 3],
+                [3, 3],
+                [1, 1],
+                [2, 2, 2, 2],
+                false,
+                true,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 64, 56, 56],
+                [3, 3],
+                [2, 2],
+                [1, 1, 1, 1],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![2, 0, 4, 4],
+                [2, 2],
+                [2, 2],
+                [0, 0, 0, 0],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+        ];
+        for (shape, k, st, pads, ceil, incl, auto_pad) in cases {
+            let n: usize = shape.iter().product();
+            let mut v = rng.vec(n);
+            // NaN and -inf inside some windows.
+            if n > 10 {
+                v[4] = f32::NAN;
+                v[9] = f32::NEG_INFINITY;
+            }
+            let x = t(&shape, v);
+            let a = PoolAttrs {
+                auto_pad,
+                ceil_mode: ceil,
+                dilations: vec![],
+                kernel_shape: k.to_vec(),
+                pads: if auto_pad == AutoPad::NotSet {
+                    pads.to_vec()
+                } else {
+                    vec![]
+                },
+                strides: st.to_vec(),
+                count_include_pad: incl,
+            };
+            for kind in [Kind::Max, Kind::Avg] {
+                let name = if kind == Kind::Max {
+                    "MaxPool"
+                } else {
+                    "AveragePool"
+                };
+                let (ws, wv, _) = pool_impl::<f32>(name, &a, &x, kind, false).unwrap();
+                let what = format!("{name} {shape:?} k{k:?} s{st:?} p{pads:?} ceil {ceil} incl {incl} {auto_pad:?}");
+                match pool2d_fast(name, &a, &x, kind).unwrap() {
+                    Some((gs, gv)) => {
+                        assert_eq!(gs, ws, "{what}");
+                        for (g, w) in gv.iter().zip(&wv) {
+                            let ok = (g.is_nan() && w.is_nan())
+                                || g == w
+                                || (g - w).abs() <= 1e-6 * w.abs().max(1.0);
+                            assert!(ok, "{what}: fast {gv:?} reference {wv:?}");
+                        }
+                    }
+                    None => assert_eq!(n, 0, "{what}: fast path declined"),
+                }
+            }
+        }
+        // Dilation goes to the reference.
+        let x = t(&[1, 1, 5, 5], rng.vec(25));
+        let mut a = pa(&[2, 2], &[1, 1], &[]);
+        a.dilations = vec![2, 2];
+        assert!(pool2d_fast("MaxPool", &a, &x, Kind::Max).unwrap().is_none());
+    }
+
+    #[test]
+    fn fast_global_pool_matches_reference() {
+        let mut rng = Rng::new(5);
+        for shape in [
+            &[1usize, 2048, 7, 7][..],
+            &[2, 3, 5],
+            &[1, 4],
+            &[2, 3, 0],
+            &[3, 70, 33, 33],
+        ] {
+            let n: usize = shape.iter().product();
+            let mut v = rng.vec(n);
+            if n > 3 {
+                v[2] = f32::NAN;
+            }
+            let x = t(shape, v);
+            for is_max in [false, true] {
+                let op = if is_max {
+                    "GlobalMaxPool"
+                } else {
+                    "GlobalAveragePool"
+                };
+                let g = global_fast(op, &x, is_max).unwrap();
+                let w = global_impl::<f32>(op, &x, is_max).unwrap();
+                assert_eq!(g.shape(), w.shape());
+                for (a, b) in f32s(&g).iter().zip(&f32s(&w)) {
+                    assert!(
+                        (a.is_nan() && b.is_nan())
+                            || a == b
+                            || (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{op} {shape:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `cargo test --release -p kiln-cpu --lib pool_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn pool_speed() {
+        fn best(f: &mut dyn FnMut()) -> f64 {
+            let mut b = f64::INFINITY;
+            for _ in 0..15 {
+                let t0 = std::time::Instant::now();
+                f();
+                b = b.min(t0.elapsed().as_secs_f64());
+            }
+            b * 1e6
+        }
+        let mut rng = Rng::new(1);
+        let x = t(&[1, 64, 112, 112], rng.vec(64 * 112 * 112));
+        let a = pa(&[3, 3], &[2, 2], &[1, 1, 1, 1]);
+        let fast = best(&mut || drop(pool2d_fast("MaxPool", &a, &x, Kind::Max).unwrap()));
+        let refr =
+            best(&mut || drop(pool_impl::<f32>("MaxPool", &a, &x, Kind::Max, false).unwrap()));
+        eprintln!("MaxPool 3x3s2 [1,64,112,112]: reference {refr:.0} us, fast {fast:.0} us");
+        let x = t(&[1, 2048, 7, 7], rng.vec(2048 * 49));
+        let fast = best(&mut || drop(global_fast("GlobalAveragePool", &x, false).unwrap()));
+        let refr = best(&mut || drop(global_impl::<f32>("GlobalAveragePool", &x, false).unwrap()));
+        eprintln!("GlobalAveragePool [1,2048,7,7]: reference {refr:.0} us, fast {fast:.0} us");
     }
 }

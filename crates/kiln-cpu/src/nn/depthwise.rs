@@ -1,0 +1,358 @@
+//! Direct f32 kernel for depthwise convs (and channel multipliers): every output
+//! channel reads exactly one input channel, so there is no reduction over
+//! channels to hand to a GEMM. 1-D convs run as 2-D ones of height 1.
+//!
+//! Each output plane is computed row by row: for each kernel row, the taps of
+//! that row are accumulated into the output row in one pass over the positions
+//! where all of them are inside the input (3 and 5 taps wide: fused loops),
+//! single-tap passes at the edges. A strided conv first splits each input row
+//! into `stride` phases (`phase p` holds columns `p, p + s, p + 2s, ...`), so
+//! every tap reads a contiguous run and the loops vectorize. The loops are
+//! compiled for AVX-512 / AVX2 too and chosen once per call by CPU feature.
+//!
+//! The reference is `conv_reference` (im2col + GEMM) in `conv.rs`.
+
+use super::conv::{valid_range, ConvGeometry, Epi};
+use rayon::prelude::*;
+
+/// One output plane's 2-D geometry (height 1 for 1-D convs).
+#[derive(Clone, Copy, Debug)]
+struct Plane2d {
+    ih: usize,
+    iw: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    ph: usize,
+    pw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// The instruction set the plane kernel was compiled for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// Depthwise conv of every plane of X into `y` (`[N, M, out...]`, fully
+/// overwritten), with the epilogue applied row by row. Needs `geo.cg == 1` and
+/// 1 or 2 spatial axes; parallel over output planes.
+pub(crate) fn depthwise_conv(
+    geo: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+) {
+    depthwise_conv_with(geo, x, w, epi, y, detect_isa())
+}
+
+fn depthwise_conv_with(
+    geo: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+    isa: Isa,
+) {
+    assert!(
+        geo.cg == 1 && (1..=2).contains(&geo.in_sp.len()),
+        "depthwise_conv needs one input channel per group and 1-2 spatial axes, got {geo:?}"
+    );
+    let win = &geo.win;
+    let g = if geo.in_sp.len() == 2 {
+        Plane2d {
+            ih: geo.in_sp[0],
+            iw: geo.in_sp[1],
+            kh: win.kernel[0],
+            kw: win.kernel[1],
+            sh: win.strides[0],
+            sw: win.strides[1],
+            dh: win.dilations[0],
+            dw: win.dilations[1],
+            ph: win.pad_begin[0],
+            pw: win.pad_begin[1],
+            oh: win.out[0],
+            ow: win.out[1],
+        }
+    } else {
+        Plane2d {
+            ih: 1,
+            iw: geo.in_sp[0],
+            kh: 1,
+            kw: win.kernel[0],
+            sh: 1,
+            sw: win.strides[0],
+            dh: 1,
+            dw: win.dilations[0],
+            ph: 0,
+            pw: win.pad_begin[0],
+            oh: 1,
+            ow: win.out[0],
+        }
+    };
+    let (c, m, mg, kn, in_n, out_n) = (geo.c, geo.m, geo.mg, geo.kn, geo.in_n, geo.out_n);
+    if out_n == 0 {
+        return;
+    }
+    y.par_chunks_mut(out_n)
+        .enumerate()
+        .for_each_init(Vec::new, |phases, (p, out)| {
+            let (ni, mi) = (p / m, p % m);
+            let ci = mi / mg;
+            let src = &x[(ni * c + ci) * in_n..][..in_n];
+            let filt = &w[mi * kn..][..kn];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx512` is only chosen after
+                // `is_x86_feature_detected!("avx512f")` returned true.
+                Isa::Avx512 => unsafe { plane_avx512(&g, src, filt, phases, out, epi, ni, mi) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
+                // detected on this CPU.
+                Isa::Avx2 => unsafe { plane_avx2(&g, src, filt, phases, out, epi, ni, mi) },
+                Isa::Portable => plane(&g, src, filt, phases, out, epi, ni, mi),
+            }
+        });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn plane_avx512(
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    phases: &mut Vec<f32>,
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    ch: usize,
+) {
+    plane(g, src, filt, phases, out, epi, ni, ch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn plane_avx2(
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    phases: &mut Vec<f32>,
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    ch: usize,
+) {
+    plane(g, src, filt, phases, out, epi, ni, ch)
+}
+
+/// One horizontal tap: its weight's column, the output range `[lo, hi)` it
+/// reaches inside the input, its phase and the offset into the phase row.
+#[derive(Clone, Copy)]
+struct HTap {
+    lo: usize,
+    hi: usize,
+    phase: usize,
+    base: isize,
+}
+
+/// One output plane: `out[oy, ox] = sum_{ky,kx} w[ky,kx] * src[iy, ix]`, then
+/// the epilogue per row. `phases` is scratch space kept between planes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn plane(
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    phases: &mut Vec<f32>,
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    ch: usize,
+) {
+    let sw = g.sw;
+    // Phase-split rows: phase p of input row iy is `rows[(p * ih + iy) * pl..][..pl]`.
+    let (rows, pl): (&[f32], usize) = if sw == 1 {
+        (src, g.iw)
+    } else {
+        let pl = g.iw.div_ceil(sw);
+        phases.clear();
+        phases.resize(sw * g.ih * pl, 0.0);
+        for iy in 0..g.ih {
+            let srow = &src[iy * g.iw..(iy + 1) * g.iw];
+            for p in 0..sw {
+                let prow = &mut phases[(p * g.ih + iy) * pl..][..pl];
+                for (d, &s) in prow.iter_mut().zip(srow.iter().skip(p).step_by(sw)) {
+                    *d = s;
+                }
+            }
+        }
+        (&phases[..], pl)
+    };
+    let htaps: Vec<HTap> = (0..g.kw)
+        .map(|kx| {
+            let off = (kx * g.dw) as isize - g.pw as isize;
+            let (lo, hi) = valid_range(g.ow, sw, off, g.iw);
+            HTap {
+                lo,
+                hi,
+                phase: off.rem_euclid(sw as isize) as usize,
+                base: off.div_euclid(sw as isize),
+            }
+        })
+        .collect();
+    // The output columns every horizontal tap reaches.
+    let lo_all = htaps.iter().map(|t| t.lo).max().unwrap_or(0);
+    let hi_all = htaps.iter().map(|t| t.hi).min().unwrap_or(0);
+    let fused = lo_all < hi_all && (g.kw == 3 || g.kw == 5);
+    let mut srcs: Vec<&[f32]> = Vec::with_capacity(g.kw);
+    for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
+        orow.fill(0.0);
+        for ky in 0..g.kh {
+            let iy = (oy * g.sh + ky * g.dh) as isize - g.ph as isize;
+            if iy < 0 || iy >= g.ih as isize {
+                continue;
+            }
+            let iy = iy as usize;
+            let wrow = &filt[ky * g.kw..(ky + 1) * g.kw];
+            srcs.clear();
+            // Each tap's source, aligned so that `srcs[t][ox]` is its input for
+            // output column ox (valid for ox in [lo, hi)).
+            for t in &htaps {
+                let prow = &rows[(t.phase * g.ih + iy) * pl..][..pl];
+                srcs.push(prow);
+            }
+            let tap_src = |t: usize, a: usize, b: usize| -> &[f32] {
+                let h = htaps[t];
+                let s0 = (a as isize + h.base) as usize;
+                &srcs[t][s0..s0 + (b - a)]
+            };
+            if fused {
+                let (a, b) = (lo_all, hi_all);
+                let dst = &mut orow[a..b];
+                if g.kw == 3 {
+                    taps3(
+                        dst,
+                        [tap_src(0, a, b), tap_src(1, a, b), tap_src(2, a, b)],
+                        [wrow[0], wrow[1], wrow[2]],
+                    );
+                } else {
+                    taps5(
+                        dst,
+                        [
+                            tap_src(0, a, b),
+                            tap_src(1, a, b),
+                            tap_src(2, a, b),
+                            tap_src(3, a, b),
+                            tap_src(4, a, b),
+                        ],
+                        [wrow[0], wrow[1], wrow[2], wrow[3], wrow[4]],
+                    );
+                }
+                // The edges the fused pass left out.
+                for (t, h) in htaps.iter().enumerate() {
+                    if h.lo < a {
+                        tap1(&mut orow[h.lo..a], tap_src(t, h.lo, a), wrow[t]);
+                    }
+                    if b < h.hi {
+                        tap1(&mut orow[b..h.hi], tap_src(t, b, h.hi), wrow[t]);
+                    }
+                }
+            } else {
+                for (t, h) in htaps.iter().enumerate() {
+                    if h.lo < h.hi {
+                        tap1(&mut orow[h.lo..h.hi], tap_src(t, h.lo, h.hi), wrow[t]);
+                    }
+                }
+            }
+        }
+        epi.apply(ni, ch, oy * g.ow, orow);
+    }
+}
+
+#[inline(always)]
+fn tap1(dst: &mut [f32], s: &[f32], w: f32) {
+    for (d, &x) in dst.iter_mut().zip(s) {
+        *d += w * x;
+    }
+}
+
+#[inline(always)]
+fn taps3(dst: &mut [f32], s: [&[f32]; 3], w: [f32; 3]) {
+    for (((d, &a), &b), &c) in dst.iter_mut().zip(s[0]).zip(s[1]).zip(s[2]) {
+        *d += w[0] * a + w[1] * b + w[2] * c;
+    }
+}
+
+#[inline(always)]
+fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
+    for (((((d, &a), &b), &c), &e), &f) in dst
+        .iter_mut()
+        .zip(s[0])
+        .zip(s[1])
+        .zip(s[2])
+        .zip(s[3])
+        .zip(s[4])
+    {
+        *d += w[0] * a + w[1] * b + w[2] * c + w[3] * e + w[4] * f;
+    }
+}
+
+/// Test hook: runs a depthwise conv through every instruction set this CPU
+/// supports (the portable loops first) and returns each output.
+#[cfg(test)]
+pub(crate) fn all_isas(
+    a: &kiln_ir::ConvAttrs,
+    x: &kiln_ir::Tensor,
+    w: &kiln_ir::Tensor,
+) -> Vec<Vec<f32>> {
+    let geo = super::conv::conv_geometry(a, x.shape(), w.shape()).unwrap();
+    let epi = Epi {
+        bias: None,
+        res: None,
+        act: kiln_ir::FusedAct::Identity,
+        m: geo.m,
+        out_n: geo.out_n,
+    };
+    let mut isas = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+    }
+    let (xv, wv) = (x.as_slice::<f32>().unwrap(), w.as_slice::<f32>().unwrap());
+    isas.into_iter()
+        .map(|isa| {
+            let mut y = vec![f32::NAN; geo.out_shape.iter().product()];
+            depthwise_conv_with(&geo, xv, wv, &epi, &mut y, isa);
+            y
+        })
+        .collect()
+}

@@ -1,0 +1,433 @@
+//! Kernels specialized once, at plan time, on a node's constant inputs.
+//!
+//! The runtime calls [`prepare`] for each node while it builds its plan, with
+//! the node's constant inputs (graph initializers). Where the op has weights
+//! worth packing, it gets a [`PreparedOp`] that holds them in the layout the
+//! GEMM microkernel reads, so no run repacks them:
+//!
+//! | op | constant | packed as |
+//! |---|---|---|
+//! | Conv, FusedConv (not depthwise) | f32 W | `PackedA` of `W_g [M/group, C/group * k...]` per group |
+//! | MatMul, FusedMatMul | f32 2-D B | `PackedB` of B |
+//! | Gemm | f32 2-D B | `PackedB` of B' (B or B^T, per `transB`) |
+//!
+//! [`PreparedOp::run`] has `run_op`'s contract. It checks that the W/B input it
+//! is given has the dtype and shape that was packed and errors out when not
+//! (it never computes with stale weights of another shape). Inputs that are not
+//! f32 (the packed W aside) take the unprepared kernel.
+
+use crate::nn::{self, MatmulB};
+use crate::util::{broadcast_indices, broadcast_shape};
+use crate::{fused, invalid};
+use kiln_gemm::{MatRef, PackedA, PackedB, Rhs};
+use kiln_ir::{ConvAttrs, DType, FusedAct, FusedOp, Op, Tensor, TensorData};
+
+/// A node's kernel specialized once, at plan time, on its constant inputs
+/// (packed weights).
+pub struct PreparedOp {
+    /// The op, for the unprepared fallback and error messages.
+    op: Op,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for PreparedOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.kind {
+            Kind::Conv { w_shape, .. } => format!("W {w_shape:?} packed per group"),
+            Kind::MatMul { b_shape, .. } => format!("B {b_shape:?} packed"),
+            Kind::Gemm { b_shape, .. } => format!("B {b_shape:?} packed"),
+        };
+        write!(f, "PreparedOp({}: {what})", self.op.name())
+    }
+}
+
+enum Kind {
+    /// Conv or FusedConv with W packed per group.
+    Conv {
+        attrs: ConvAttrs,
+        /// `Some` for FusedConv.
+        fused: Option<FusedAct>,
+        w_shape: Vec<usize>,
+        packed: Vec<PackedA>,
+    },
+    /// MatMul or FusedMatMul with a packed 2-D B.
+    MatMul {
+        fused: Option<FusedAct>,
+        b_shape: Vec<usize>,
+        packed: PackedB,
+    },
+    /// Gemm with a packed B' (`transB` applied).
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        b_shape: Vec<usize>,
+        packed: PackedB,
+    },
+}
+
+/// Specializes `op` on its constant inputs. `constants[i]` is the input's
+/// tensor when input i is a constant of the graph (same length as the node's
+/// inputs). Returns None when the op has nothing worth preparing (the runtime
+/// then uses `run_op`).
+pub fn prepare(op: &Op, constants: &[Option<&Tensor>]) -> Option<PreparedOp> {
+    let f32_const = |i: usize| {
+        constants
+            .get(i)
+            .copied()
+            .flatten()
+            .filter(|t| t.dtype() == DType::F32)
+    };
+    let kind = match op {
+        Op::Conv(attrs) => prepare_conv(attrs, None, f32_const(1)?)?,
+        Op::Fused(FusedOp::Conv { conv, act }) => prepare_conv(conv, Some(*act), f32_const(1)?)?,
+        Op::MatMul => prepare_matmul(None, f32_const(1)?)?,
+        Op::Fused(FusedOp::MatMul { act }) => prepare_matmul(Some(*act), f32_const(1)?)?,
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            let b = f32_const(1)?;
+            if b.rank() != 2 {
+                return None;
+            }
+            let bv = b.as_slice::<f32>()?;
+            let (r, c) = (b.shape()[0], b.shape()[1]);
+            let view = MatRef::row_major(bv, r, c);
+            let view = if *trans_b { view.t() } else { view };
+            Kind::Gemm {
+                alpha: *alpha,
+                beta: *beta,
+                trans_a: *trans_a,
+                b_shape: b.shape().to_vec(),
+                packed: PackedB::new(view),
+            }
+        }
+        _ => return None,
+    };
+    Some(PreparedOp {
+        op: op.clone(),
+        kind,
+    })
+}
+
+fn prepare_conv(attrs: &ConvAttrs, fused: Option<FusedAct>, w: &Tensor) -> Option<Kind> {
+    let ws = w.shape();
+    let (m, group) = (*ws.first()?, attrs.group);
+    if ws.len() < 3
+        || group == 0
+        || m == 0
+        || m % group != 0
+        || ws[1] == 0
+        || ws[2..].contains(&0)
+        || nn::uses_direct_kernel(ws[1], ws.len() - 2)
+    {
+        // Invalid (run_op reports it), empty, or depthwise (read unpacked).
+        return None;
+    }
+    let wv = w.as_slice::<f32>()?;
+    Some(Kind::Conv {
+        attrs: attrs.clone(),
+        fused,
+        w_shape: ws.to_vec(),
+        packed: nn::pack_conv_weights(wv, m, group),
+    })
+}
+
+fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
+    if b.rank() != 2 {
+        return None;
+    }
+    let (k, n) = (b.shape()[0], b.shape()[1]);
+    Some(Kind::MatMul {
+        fused,
+        b_shape: b.shape().to_vec(),
+        packed: PackedB::new(MatRef::row_major(b.as_slice::<f32>()?, k, n)),
+    })
+}
+
+impl PreparedOp {
+    /// Same contract as `run_op`: the node's present inputs (constant ones
+    /// included, unchanged).
+    pub fn run(
+        &self,
+        inputs: &[Option<&Tensor>],
+        num_outputs: usize,
+    ) -> crate::Result<Vec<Tensor>> {
+        let name = self.op.name();
+        // The packed input must be the one that was packed: same dtype, shape.
+        let (packed_shape, packed_what) = match &self.kind {
+            Kind::Conv { w_shape, .. } => (w_shape, "W"),
+            Kind::MatMul { b_shape, .. } | Kind::Gemm { b_shape, .. } => (b_shape, "B"),
+        };
+        let given = inputs
+            .get(1)
+            .copied()
+            .flatten()
+            .ok_or_else(|| invalid!("{name}: missing required input 1 ({packed_what})"))?;
+        if given.dtype() != DType::F32 || given.shape() != packed_shape.as_slice() {
+            return Err(invalid!(
+                "{name}: {packed_what} was prepared as f32 {packed_shape:?} but the run gives {} {:?}",
+                given.dtype(),
+                given.shape()
+            ));
+        }
+        // Anything else not f32 (e.g. f16 activations): the unprepared kernel.
+        if inputs.iter().flatten().any(|t| t.dtype() != DType::F32) {
+            return crate::run_op(&self.op, inputs, num_outputs);
+        }
+        let x = |i: usize, what: &str| crate::required(inputs, i, &format!("{name} {what}"));
+        let opt = |i: usize| crate::optional(inputs, i);
+        let y = match &self.kind {
+            Kind::Conv {
+                attrs,
+                fused,
+                w_shape,
+                packed,
+            } => match fused {
+                Some(act) => fused::run_fast(
+                    &FusedOp::Conv {
+                        conv: attrs.clone(),
+                        act: *act,
+                    },
+                    inputs,
+                    fused::Packed::Conv(packed, w_shape),
+                )?,
+                None => nn::conv_f32(
+                    attrs,
+                    x(0, "X")?,
+                    w_shape,
+                    nn::ConvWeights::Packed(packed),
+                    opt(2),
+                    None,
+                    FusedAct::Identity,
+                )?,
+            },
+            Kind::MatMul { fused, packed, .. } => match fused {
+                Some(act) => fused::run_fast(
+                    &FusedOp::MatMul { act: *act },
+                    inputs,
+                    fused::Packed::MatMul(packed),
+                )?,
+                None => {
+                    let a = x(0, "A")?;
+                    let s = nn::matmul_shape(a.shape(), &[packed.rows(), packed.cols()])?;
+                    let y = nn::matmul_f32(
+                        &s,
+                        nn::f32_slice(a, "MatMul A")?,
+                        MatmulB::Packed(packed),
+                        None,
+                    )?;
+                    crate::util::tensor(s.out_shape, TensorData::F32(y))?
+                }
+            },
+            Kind::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                packed,
+                ..
+            } => {
+                let a = x(0, "A")?;
+                if a.rank() != 2 {
+                    return Err(invalid!("Gemm expects 2-D A, got A {:?}", a.shape()));
+                }
+                let av = nn::f32_slice(a, "Gemm A")?;
+                let (r, c) = (a.shape()[0], a.shape()[1]);
+                let view = MatRef::row_major(av, r, c);
+                let view = if *trans_a { view.t() } else { view };
+                let (m, k, n) = (view.rows(), view.cols(), packed.cols());
+                if k != packed.rows() {
+                    return Err(invalid!(
+                        "Gemm: inner dimensions differ: A {:?} (trans_a={trans_a}) gives K={k}, the prepared B gives K={}",
+                        a.shape(),
+                        packed.rows()
+                    ));
+                }
+                let c = match opt(2).filter(|_| *beta != 0.0) {
+                    Some(c) => {
+                        if broadcast_shape(c.shape(), &[m, n])? != [m, n] {
+                            return Err(invalid!(
+                                "Gemm: C {:?} does not broadcast to the output [{m}, {n}]",
+                                c.shape()
+                            ));
+                        }
+                        Some((
+                            nn::f32_slice(c, "Gemm C")?,
+                            broadcast_indices(c.shape(), &[m, n]),
+                        ))
+                    }
+                    None => None,
+                };
+                nn::gemm_f32(*alpha, *beta, view, Rhs::Packed(packed), c)?
+            }
+        };
+        Ok(vec![y])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::*;
+    use kiln_ir::AutoPad;
+
+    fn conv_attrs(group: usize, pads: &[usize], strides: &[usize]) -> ConvAttrs {
+        ConvAttrs {
+            auto_pad: AutoPad::NotSet,
+            dilations: vec![],
+            group,
+            kernel_shape: vec![],
+            pads: pads.to_vec(),
+            strides: strides.to_vec(),
+        }
+    }
+
+    /// Runs `op` prepared on input `const_idx` and unprepared; both must agree.
+    fn check_prepared(op: &Op, inputs: &[Option<&Tensor>], const_idx: usize) {
+        let mut consts: Vec<Option<&Tensor>> = vec![None; inputs.len()];
+        consts[const_idx] = inputs[const_idx];
+        let p = prepare(op, &consts).expect("op should be prepared");
+        let got = p.run(inputs, 1).unwrap();
+        let want = crate::run_op(op, inputs, 1).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].shape(), want[0].shape(), "{op:?}");
+        assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+    }
+
+    #[test]
+    fn prepared_conv_matches_unprepared() {
+        let mut rng = Rng::new(21);
+        // (N, C, M, group, H, W, k, pads, strides)
+        for &(n, c, m, g, h, w, k, p, s) in &[
+            (1, 3, 8, 1, 9, 7, 3, 1, 1),
+            (2, 4, 6, 2, 6, 6, 3, 0, 2),
+            (1, 5, 7, 1, 5, 5, 1, 0, 1),
+            (1, 8, 4, 1, 11, 9, 7, 3, 2),
+        ] {
+            let x = t(&[n, c, h, w], rng.vec(n * c * h * w));
+            let wt = t(&[m, c / g, k, k], rng.vec(m * (c / g) * k * k));
+            let b = t(&[m], rng.vec(m));
+            let a = conv_attrs(g, &[p; 4], &[s, s]);
+            check_prepared(&Op::Conv(a.clone()), &[Some(&x), Some(&wt), Some(&b)], 1);
+            check_prepared(&Op::Conv(a.clone()), &[Some(&x), Some(&wt)], 1);
+            let fused = Op::Fused(FusedOp::Conv {
+                conv: a.clone(),
+                act: FusedAct::Relu,
+            });
+            let y = crate::run_op(&Op::Conv(a), &[Some(&x), Some(&wt)], 1).unwrap();
+            let res = t(y[0].shape(), rng.vec(y[0].len()));
+            check_prepared(&fused, &[Some(&x), Some(&wt), Some(&b), Some(&res)], 1);
+        }
+    }
+
+    #[test]
+    fn prepared_matmul_and_gemm_match_unprepared() {
+        let mut rng = Rng::new(22);
+        let b = t(&[5, 7], rng.vec(35));
+        for a_shape in [
+            vec![3, 5],
+            vec![2, 3, 5],
+            vec![5],
+            vec![0, 5],
+            vec![2, 1, 4, 5],
+        ] {
+            let a = t(&a_shape, rng.vec(a_shape.iter().product()));
+            check_prepared(&Op::MatMul, &[Some(&a), Some(&b)], 1);
+            for act in [FusedAct::Identity, FusedAct::GeluErf] {
+                let op = Op::Fused(FusedOp::MatMul { act });
+                let bias = t(&[7], rng.vec(7));
+                check_prepared(&op, &[Some(&a), Some(&b), Some(&bias)], 1);
+            }
+        }
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (m, k, n) = (4, 5, 3);
+            let a = t(&if ta { [k, m] } else { [m, k] }, rng.vec(m * k));
+            let bb = t(&if tb { [n, k] } else { [k, n] }, rng.vec(k * n));
+            let c = t(&[n], rng.vec(n));
+            let op = Op::Gemm {
+                alpha: 0.5,
+                beta: 2.0,
+                trans_a: ta,
+                trans_b: tb,
+            };
+            check_prepared(&op, &[Some(&a), Some(&bb), Some(&c)], 1);
+            check_prepared(&op, &[Some(&a), Some(&bb)], 1);
+        }
+    }
+
+    #[test]
+    fn mismatched_runtime_weights_are_an_error() {
+        let mut rng = Rng::new(23);
+        let w = t(&[4, 3, 3, 3], rng.vec(108));
+        let op = Op::Conv(conv_attrs(1, &[1; 4], &[1, 1]));
+        let p = prepare(&op, &[None, Some(&w)]).unwrap();
+        let x = t(&[1, 3, 5, 5], rng.vec(75));
+        // A W of another shape.
+        let w2 = t(&[4, 3, 1, 1], rng.vec(12));
+        let e = p.run(&[Some(&x), Some(&w2)], 1).unwrap_err().to_string();
+        assert!(
+            e.contains("[4, 3, 3, 3]") && e.contains("[4, 3, 1, 1]"),
+            "{e}"
+        );
+        // A W of another dtype.
+        let w64 = Tensor::from_vec(vec![4, 3, 3, 3], vec![0.0f64; 108]).unwrap();
+        assert!(p.run(&[Some(&x), Some(&w64)], 1).is_err());
+        // W missing.
+        assert!(p.run(&[Some(&x), None], 1).is_err());
+        // X with the wrong channel count.
+        let x2 = t(&[1, 2, 5, 5], rng.vec(50));
+        assert!(p.run(&[Some(&x2), Some(&w)], 1).is_err());
+        // MatMul: B of another shape, and an A whose K differs.
+        let b = t(&[5, 7], rng.vec(35));
+        let p = prepare(&Op::MatMul, &[None, Some(&b)]).unwrap();
+        let a = t(&[3, 5], rng.vec(15));
+        let b2 = t(&[7, 5], rng.vec(35));
+        assert!(p.run(&[Some(&a), Some(&b2)], 1).is_err());
+        let a2 = t(&[3, 4], rng.vec(12));
+        assert!(p.run(&[Some(&a2), Some(&b)], 1).is_err());
+        // Gemm: A with the wrong K.
+        let op = Op::Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: false,
+        };
+        let p = prepare(&op, &[None, Some(&b)]).unwrap();
+        assert!(p.run(&[Some(&a2), Some(&b)], 1).is_err());
+    }
+
+    #[test]
+    fn nothing_to_prepare() {
+        let mut rng = Rng::new(24);
+        let w = t(&[4, 1, 3, 3], rng.vec(36));
+        // Depthwise: read unpacked by the direct kernel.
+        let dw = Op::Conv(conv_attrs(4, &[1; 4], &[1, 1]));
+        assert!(prepare(&dw, &[None, Some(&w)]).is_none());
+        // W not constant, or not f32.
+        let op = Op::Conv(conv_attrs(1, &[], &[]));
+        assert!(prepare(&op, &[None, None]).is_none());
+        let w64 = Tensor::from_vec(vec![4, 3, 3, 3], vec![0.0f64; 108]).unwrap();
+        assert!(prepare(&op, &[None, Some(&w64)]).is_none());
+        // Batched B, and ops with no weights.
+        let b3 = t(&[2, 3, 4], rng.vec(24));
+        assert!(prepare(&Op::MatMul, &[None, Some(&b3)]).is_none());
+        assert!(prepare(&Op::Identity, &[Some(&w)]).is_none());
+    }
+
+    #[test]
+    fn prepared_conv_with_f16_input_takes_the_unprepared_kernel() {
+        let mut rng = Rng::new(25);
+        let w = t(&[2, 3, 1, 1], rng.vec(6));
+        let op = Op::Conv(conv_attrs(1, &[], &[]));
+        let p = prepare(&op, &[None, Some(&w)]).unwrap();
+        let xv: Vec<half::f16> = rng.vec(12).into_iter().map(half::f16::from_f32).collect();
+        let x = Tensor::from_vec(vec![1, 3, 2, 2], xv).unwrap();
+        let got = p.run(&[Some(&x), Some(&w)], 1).unwrap();
+        let want = crate::run_op(&op, &[Some(&x), Some(&w)], 1).unwrap();
+        assert_eq!(got[0].dtype(), DType::F16);
+        assert_eq!(got[0], want[0]);
+    }
+}

@@ -1,0 +1,260 @@
+//! The blocked GEMM driver.
+//!
+//! Both operands are first brought into the packed layout of [`crate::pack`]
+//! (already so for `PackedA`/`PackedB`; packed per call, in parallel, into
+//! reusable thread-local buffers otherwise). C is then cut into a grid of tasks,
+//! each `mc` rows (a multiple of MR) by `ncb` NR-panels. A task walks k in
+//! blocks of `kc`; inside a block it takes one A micro-panel (`MR x kc`, which
+//! stays in L1) against each B micro-panel of its column range (the `kc x ncb*NR`
+//! B block stays in L2 and is reused by every A panel of the task). The task's
+//! C region stays in L2 across k blocks, and the epilogue runs on it right
+//! after its last k block. Tasks run on the caller's rayon pool; the packed
+//! operands are shared by all of them.
+
+use crate::kernels::Kernel;
+use crate::pack::{self, AlignedBuf};
+use crate::{Epilogue, MatRef};
+use rayon::prelude::*;
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// Cache-derived block sizes for one kernel.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Blocking {
+    /// k per block.
+    pub kc: usize,
+    /// NR-panels of B per task (the `kc x ncb*NR` B block fills about half of L2).
+    pub ncb: usize,
+    /// Most MR-panels of A per task.
+    pub mcb: usize,
+}
+
+/// Below this many flops (2mnk) a product runs on the caller's thread.
+pub(crate) const PAR_MIN_FLOPS: f64 = 4e6;
+
+pub(crate) fn blocking(kernel: &Kernel) -> Blocking {
+    let caches = &kiln_hw::cpu().caches;
+    let l1 = caches.l1d.unwrap_or(32 << 10).clamp(16 << 10, 256 << 10);
+    let l2 = caches.l2.unwrap_or(512 << 10).clamp(128 << 10, 8 << 20);
+    let f = std::mem::size_of::<f32>();
+    // The A micro-panel (MR x kc) takes about a third of L1, leaving room for
+    // the B rows streaming through and the C tile.
+    let mut kc = (l1 / 3 / (kernel.mr * f)).clamp(64, 512);
+    if let Some(v) = env_usize("KILN_GEMM_KC") {
+        kc = v.max(1);
+    }
+    // The B block (kc x ncb*NR) fills about half of L2.
+    let mut ncb = (l2 / 2 / (kc * kernel.nr * f)).max(1);
+    if let Some(v) = env_usize("KILN_GEMM_NCB") {
+        ncb = v.max(1);
+    }
+    let mut mcb = (192 / kernel.mr).max(1);
+    if let Some(v) = env_usize("KILN_GEMM_MCB") {
+        mcb = v.max(1);
+    }
+    Blocking { kc, ncb, mcb }
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+/// The blocking of the selected kernel, computed once.
+pub(crate) fn blocking_cached(kernel: &'static Kernel) -> Blocking {
+    static B: OnceLock<Vec<(usize, Blocking)>> = OnceLock::new();
+    let all = B.get_or_init(|| {
+        crate::kernels::available()
+            .into_iter()
+            .map(|k| (k as *const Kernel as usize, blocking(k)))
+            .collect()
+    });
+    all.iter()
+        .find(|(p, _)| *p == kernel as *const Kernel as usize)
+        .map(|(_, b)| *b)
+        .unwrap_or_else(|| blocking(kernel))
+}
+
+thread_local! {
+    static BUF_A: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
+    static BUF_B: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
+}
+
+/// Buffers larger than this are freed after the call instead of cached.
+const KEEP_MAX_FLOATS: usize = 16 << 20;
+
+/// A packed operand: borrowed (prepacked) or packed now into a thread-local buffer.
+pub(crate) enum Packed<'a> {
+    Borrowed(&'a [f32]),
+    Owned(AlignedBuf, &'static std::thread::LocalKey<Cell<AlignedBuf>>),
+}
+
+impl Packed<'_> {
+    pub(crate) fn data(&self) -> &[f32] {
+        match self {
+            Packed::Borrowed(d) => d,
+            Packed::Owned(b, _) => b.as_slice(),
+        }
+    }
+}
+
+impl Drop for Packed<'_> {
+    fn drop(&mut self) {
+        if let Packed::Owned(buf, key) = self {
+            let buf = std::mem::take(buf);
+            if buf.capacity_floats() <= KEEP_MAX_FLOATS {
+                key.with(|c| c.set(buf));
+            }
+        }
+    }
+}
+
+pub(crate) fn pack_a_now(a: MatRef<'_>, mr: usize) -> Packed<'static> {
+    let mut buf = BUF_A.with(|c| c.take());
+    buf.reset(a.rows().div_ceil(mr) * mr * a.cols());
+    pack::pack_a(a, mr, buf.as_mut_slice());
+    Packed::Owned(buf, &BUF_A)
+}
+
+pub(crate) fn pack_b_now(b: MatRef<'_>, nr: usize) -> Packed<'static> {
+    let mut buf = BUF_B.with(|c| c.take());
+    buf.reset(b.cols().div_ceil(nr) * nr * b.rows());
+    pack::pack_b(b, nr, buf.as_mut_slice());
+    Packed::Owned(buf, &BUF_B)
+}
+
+/// A raw pointer to C that tasks share; each task writes only its own region.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: tasks write disjoint regions of C (see `run_task`), and the slice it
+// points into outlives the parallel section (it is borrowed by `gemm_packed`).
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+
+/// The shape and scalars of one product over packed operands.
+pub(crate) struct Job<'a> {
+    pub kernel: &'static Kernel,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub ldc: usize,
+    pub epilogue: Option<&'a Epilogue<'a>>,
+}
+
+/// `C = alpha * A·B + beta * C` (+ epilogue) over packed A and B, `k >= 1`.
+pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
+    let kern = job.kernel;
+    let (m, n, k) = (job.m, job.n, job.k);
+    debug_assert!(m > 0 && n > 0 && k > 0);
+    assert!(c.len() >= (m - 1) * job.ldc + n);
+    assert!(job.a.len() >= m.div_ceil(kern.mr) * kern.mr * k);
+    assert!(job.b.len() >= n.div_ceil(kern.nr) * kern.nr * k);
+    let blk = blocking_cached(kern);
+    let mp = m.div_ceil(kern.mr);
+    let np = n.div_ceil(kern.nr);
+    let threads = rayon::current_num_threads().max(1);
+    let flops = 2.0 * m as f64 * n as f64 * k as f64;
+    let parallel = threads > 1 && flops >= PAR_MIN_FLOPS;
+
+    // Column blocks: as wide as L2 allows, evened out.
+    let mut nb = np.div_ceil(blk.ncb.min(np));
+    // Row blocks: at most mcb panels, and enough tasks to balance the threads.
+    let mut mb = mp.div_ceil(blk.mcb.min(mp));
+    if parallel {
+        let want = 4 * threads;
+        if nb * mb < want {
+            mb = mb.max(want.div_ceil(nb)).min(mp);
+        }
+        if nb * mb < want {
+            nb = nb.max(want.div_ceil(mb)).min(np);
+        }
+    }
+    let ncb = np.div_ceil(nb);
+    let nb = np.div_ceil(ncb);
+    let mcb = mp.div_ceil(mb);
+    let mb = mp.div_ceil(mcb);
+    let cp = CPtr(c.as_mut_ptr());
+    // Column-block-major order: rayon hands each thread a contiguous range of
+    // tasks, so consecutive tasks of a thread share the same B block.
+    let task = |t: usize| {
+        let (jb, ib) = (t / mb, t % mb);
+        let p0 = ib * mcb;
+        let p1 = (p0 + mcb).min(mp);
+        let q0 = jb * ncb;
+        let q1 = (q0 + ncb).min(np);
+        // SAFETY: the task grid partitions C's tiles: task t owns rows
+        // [p0*MR, min(p1*MR, m)) x columns [q0*NR, min(q1*NR, n)), and no other
+        // task touches them; `c` is long enough (asserted above).
+        unsafe { run_task(job, &blk, cp, p0, p1, q0, q1) };
+    };
+    let tasks = nb * mb;
+    if parallel {
+        (0..tasks).into_par_iter().with_max_len(1).for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// One task: A panels `p0..p1` against B panels `q0..q1`, all of k.
+///
+/// # Safety
+/// No other thread may access this task's region of C while it runs, and
+/// `cp` must point to a C of at least `(m-1)*ldc + n` floats.
+unsafe fn run_task(
+    job: &Job<'_>,
+    blk: &Blocking,
+    cp: CPtr,
+    p0: usize,
+    p1: usize,
+    q0: usize,
+    q1: usize,
+) {
+    let kern = job.kernel;
+    let (mr, nr, k) = (kern.mr, kern.nr, job.k);
+    let (m, n, ldc) = (job.m, job.n, job.ldc);
+    let c = cp.0;
+    let mut pc = 0;
+    while pc < k {
+        let kc = blk.kc.min(k - pc);
+        let beta = if pc == 0 { job.beta } else { 1.0 };
+        for ip in p0..p1 {
+            let rows = mr.min(m - ip * mr);
+            let a = job.a[ip * mr * k + pc * mr..].as_ptr();
+            for jq in q0..q1 {
+                let cols = nr.min(n - jq * nr);
+                let b = job.b[jq * nr * k + pc * nr..].as_ptr();
+                // SAFETY: A panel ip holds mr*k floats from ip*mr*k, so kc*mr
+                // remain from pc*mr; likewise B. The tile starting at row ip*mr,
+                // column jq*nr with `rows x cols` is inside C and inside this
+                // task's region (caller's contract).
+                unsafe {
+                    kern.micro(
+                        kc,
+                        a,
+                        b,
+                        c.add(ip * mr * ldc + jq * nr),
+                        ldc,
+                        job.alpha,
+                        beta,
+                        rows,
+                        cols,
+                    )
+                };
+            }
+        }
+        pc += kc;
+    }
+    if let Some(epi) = job.epilogue {
+        let col0 = q0 * nr;
+        let width = (q1 * nr).min(n) - col0;
+        for i in p0 * mr..(p1 * mr).min(m) {
+            // SAFETY: row i, columns [col0, col0 + width) are this task's, and
+            // in bounds of C; no other reference to them exists during the call.
+            let seg = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc + col0), width) };
+            epi(i, col0, seg);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! AVX2 + FMA microkernel: a 6 x 16 tile of C in 12 ymm accumulators (two B
+//! vectors and one broadcast make 15 of the 16 registers). Partial-width edge
+//! tiles are computed in registers, spilled to a small stack tile and merged
+//! into C element by element.
+
+use core::arch::x86_64::*;
+
+pub(crate) const MR: usize = 6;
+pub(crate) const NR: usize = 16;
+
+/// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile (`beta == 0`: C not read).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. `a` must point to `kc * MR` readable
+/// floats, `b` to `kc * NR`, and `c` to an `mr x nr` tile with row stride `ldc`,
+/// with `1 <= mr <= MR`, `1 <= nr <= NR`.
+pub(crate) unsafe fn micro(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    mr: usize,
+    nr: usize,
+) {
+    debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        match mr {
+            1 => tile::<1>(kc, a, b, c, ldc, alpha, beta, nr),
+            2 => tile::<2>(kc, a, b, c, ldc, alpha, beta, nr),
+            3 => tile::<3>(kc, a, b, c, ldc, alpha, beta, nr),
+            4 => tile::<4>(kc, a, b, c, ldc, alpha, beta, nr),
+            5 => tile::<5>(kc, a, b, c, ldc, alpha, beta, nr),
+            6 => tile::<6>(kc, a, b, c, ldc, alpha, beta, nr),
+            _ => unreachable!("avx2 tile rows {mr}"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const R: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    nr: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let (mut a, mut b) = (a, b);
+    // SAFETY (whole body): `a` has kc*MR floats and `b` kc*NR floats; each step
+    // reads a[..R] and b[..16]. C accesses stay inside the mr x nr tile: full
+    // vector stores only when nr == 16, element-wise otherwise.
+    unsafe {
+        for _ in 0..kc {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*a.add(r));
+                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        let va = _mm256_set1_ps(alpha);
+        if nr == NR {
+            let vb = _mm256_set1_ps(beta);
+            for r in 0..R {
+                let p = c.add(r * ldc);
+                for v in 0..2 {
+                    let x = _mm256_mul_ps(acc[r][v], va);
+                    let y = if beta == 0.0 {
+                        x
+                    } else {
+                        _mm256_fmadd_ps(vb, _mm256_loadu_ps(p.add(8 * v)), x)
+                    };
+                    _mm256_storeu_ps(p.add(8 * v), y);
+                }
+            }
+        } else {
+            let mut tmp = [0f32; NR];
+            for r in 0..R {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), _mm256_mul_ps(acc[r][0], va));
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), _mm256_mul_ps(acc[r][1], va));
+                let p = c.add(r * ldc);
+                for (j, &x) in tmp.iter().enumerate().take(nr) {
+                    *p.add(j) = if beta == 0.0 {
+                        x
+                    } else {
+                        beta.mul_add(*p.add(j), x)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `y += alpha * x`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    super::portable::axpy_body::<super::portable::Fused>(alpha, x, y)
+}
+
+/// `sum x[p] * y[p]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
+    super::portable::dot_body::<super::portable::Fused>(x, y)
+}

@@ -1,0 +1,205 @@
+//! AVX-512F microkernel: a 6 x 64 tile of C in 24 zmm accumulators. Each k step
+//! loads four zmm of the packed B row (64 floats, one cache line each) and
+//! broadcasts six A values, for 24 FMAs. Edge tiles run a narrower instance
+//! (fewer rows, fewer B vectors) and store the last vector with a lane mask, so
+//! no temporary tile is needed.
+
+use core::arch::x86_64::*;
+
+pub(crate) const MR: usize = 6;
+pub(crate) const NR: usize = 64;
+
+/// How far ahead (in k steps) B is prefetched into L1.
+const PREFETCH_B: usize = 16;
+/// How far ahead (in k steps) A is prefetched into L1 (A streams from L3 on a
+/// task's first pass, too slowly for the hardware prefetcher alone).
+const PREFETCH_A: usize = 48;
+
+/// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile (`beta == 0`: C not read).
+///
+/// # Safety
+/// The CPU must support AVX-512F. `a` must point to `kc * MR` readable floats,
+/// `b` to `kc * NR`, and `c` to an `mr x nr` tile with row stride `ldc`, with
+/// `1 <= mr <= MR`, `1 <= nr <= NR`.
+pub(crate) unsafe fn micro(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    mr: usize,
+    nr: usize,
+) {
+    debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
+    let nv = nr.div_ceil(16);
+    macro_rules! dispatch {
+        ($($r:literal),*) => {
+            match (mr, nv) {
+                $(
+                    ($r, 1) => tile::<$r, 1>(kc, a, b, c, ldc, alpha, beta, nr),
+                    ($r, 2) => tile::<$r, 2>(kc, a, b, c, ldc, alpha, beta, nr),
+                    ($r, 3) => tile::<$r, 3>(kc, a, b, c, ldc, alpha, beta, nr),
+                    ($r, 4) => tile::<$r, 4>(kc, a, b, c, ldc, alpha, beta, nr),
+                )*
+                _ => unreachable!("avx512 tile {mr}x{nr}"),
+            }
+        };
+    }
+    // SAFETY: forwarded from this function's contract (AVX-512F present, pointers
+    // valid for the tile); `nv = ceil(nr / 16)` so the instance reads only the
+    // B vectors that hold live columns and masks the last one.
+    unsafe { dispatch!(1, 2, 3, 4, 5, 6) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const R: usize, const V: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    nr: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let (mut a, mut b) = (a, b);
+    // SAFETY (whole body): `a` has kc*MR floats and `b` kc*NR floats (contract);
+    // each step reads a[..R] and b[..16*V] then advances by MR / NR. Prefetches
+    // never fault, even past the end of the buffer.
+    unsafe {
+        // The C tile is read (or written) at the end; start fetching it now.
+        for r in 0..R {
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 16 * v) as *const i8);
+            }
+        }
+        for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A * MR) as *const i8);
+            let mut bv = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B * NR + 16 * v) as *const i8);
+                bv[v] = _mm512_loadu_ps(b.add(16 * v));
+            }
+            for r in 0..R {
+                let av = _mm512_set1_ps(*a.add(r));
+                for v in 0..V {
+                    acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+                }
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        let va = _mm512_set1_ps(alpha);
+        let vb = _mm512_set1_ps(beta);
+        let tail = nr - 16 * (V - 1);
+        let mask: __mmask16 = if tail == 16 {
+            0xffff
+        } else {
+            (1u16 << tail) - 1
+        };
+        for r in 0..R {
+            let crow = c.add(r * ldc);
+            for v in 0..V {
+                let p = crow.add(16 * v);
+                let x = _mm512_mul_ps(acc[r][v], va);
+                if v + 1 < V || mask == 0xffff {
+                    let y = if beta == 0.0 {
+                        x
+                    } else {
+                        _mm512_fmadd_ps(vb, _mm512_loadu_ps(p), x)
+                    };
+                    _mm512_storeu_ps(p, y);
+                } else {
+                    let y = if beta == 0.0 {
+                        x
+                    } else {
+                        _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, p), x)
+                    };
+                    _mm512_mask_storeu_ps(p, mask, y);
+                }
+            }
+        }
+    }
+}
+
+/// `y[j] += sum_p x[p] * rows[p][j]` over contiguous rows: the m == 1 (GEMV) core.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let va = _mm512_set1_ps(alpha);
+    let mut j = 0;
+    // SAFETY: every access is below `n`, the shorter length; the tail uses a mask.
+    unsafe {
+        while j + 64 <= n {
+            for v in 0..4 {
+                let p = y.as_mut_ptr().add(j + 16 * v);
+                let xv = _mm512_loadu_ps(x.as_ptr().add(j + 16 * v));
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(va, xv, _mm512_loadu_ps(p)));
+            }
+            j += 64;
+        }
+        while j < n {
+            let lanes = (n - j).min(16);
+            let mask: __mmask16 = if lanes == 16 {
+                0xffff
+            } else {
+                (1u16 << lanes) - 1
+            };
+            let p = y.as_mut_ptr().add(j);
+            let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(j));
+            let yv = _mm512_maskz_loadu_ps(mask, p);
+            _mm512_mask_storeu_ps(p, mask, _mm512_fmadd_ps(va, xv, yv));
+            j += lanes;
+        }
+    }
+}
+
+/// `sum_p x[p] * y[p]` with eight independent accumulators.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let mut j = 0;
+    // SAFETY: every access is below `n`; the tail uses a mask.
+    unsafe {
+        while j + 128 <= n {
+            for (v, s) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(j + 16 * v));
+                let yv = _mm512_loadu_ps(y.as_ptr().add(j + 16 * v));
+                *s = _mm512_fmadd_ps(xv, yv, *s);
+            }
+            j += 128;
+        }
+        while j < n {
+            let lanes = (n - j).min(16);
+            let mask: __mmask16 = if lanes == 16 {
+                0xffff
+            } else {
+                (1u16 << lanes) - 1
+            };
+            let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(j));
+            let yv = _mm512_maskz_loadu_ps(mask, y.as_ptr().add(j));
+            acc[0] = _mm512_fmadd_ps(xv, yv, acc[0]);
+            j += lanes;
+        }
+    }
+    let s = [
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+        _mm512_add_ps(acc[4], acc[5]),
+        _mm512_add_ps(acc[6], acc[7]),
+    ];
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(s[0], s[1]),
+        _mm512_add_ps(s[2], s[3]),
+    ))
+}

@@ -1,0 +1,197 @@
+//! Microkernels and their run-time selection.
+//!
+//! A [`Kernel`] names a microkernel, its tile (`mr x nr`) and its GEMV helpers.
+//! The AVX-512 and AVX2 kernels can only be obtained through [`avx512`] /
+//! [`avx2`], which check the CPU first (`is_x86_feature_detected!`): holding a
+//! `&Kernel` is the proof that calling its function pointers is sound.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+pub(crate) mod portable;
+
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KernelKind {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile, `A` a packed
+/// `kc x MR` micro-panel and `B` a packed `kc x NR` micro-panel (`beta == 0`:
+/// C is not read). Safety contract: see each kernel's `micro`.
+pub(crate) type MicroFn = unsafe fn(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    mr: usize,
+    nr: usize,
+);
+
+pub(crate) struct Kernel {
+    pub kind: KernelKind,
+    pub name: &'static str,
+    pub mr: usize,
+    pub nr: usize,
+    micro: MicroFn,
+    axpy: unsafe fn(f32, &[f32], &mut [f32]),
+    dot: unsafe fn(&[f32], &[f32]) -> f32,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kernel({}, {}x{})", self.name, self.mr, self.nr)
+    }
+}
+
+impl Kernel {
+    /// One tile; see [`MicroFn`].
+    ///
+    /// # Safety
+    /// `a` must point to `kc * self.mr` readable floats, `b` to `kc * self.nr`,
+    /// and `c` to an `mr x nr` tile with row stride `ldc` that nothing else
+    /// accesses meanwhile, with `1 <= mr <= self.mr` and `1 <= nr <= self.nr`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn micro(
+        &self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    ) {
+        // SAFETY: pointer validity is the caller's contract; CPU support for the
+        // kernel's instructions was checked when this `Kernel` was handed out.
+        unsafe { (self.micro)(kc, a, b, c, ldc, alpha, beta, mr, nr) }
+    }
+
+    /// `y += alpha * x` over the shorter length.
+    #[inline]
+    pub(crate) fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]) {
+        // SAFETY: CPU support was checked when this `Kernel` was handed out;
+        // the helper bounds every access by the slices' lengths.
+        unsafe { (self.axpy)(alpha, x, y) }
+    }
+
+    /// `sum x[p] * y[p]` over the shorter length.
+    #[inline]
+    pub(crate) fn dot(&self, x: &[f32], y: &[f32]) -> f32 {
+        // SAFETY: as in `axpy`.
+        unsafe { (self.dot)(x, y) }
+    }
+}
+
+static PORTABLE: Kernel = Kernel {
+    kind: KernelKind::Portable,
+    name: if cfg!(target_arch = "aarch64") {
+        "portable-8x12"
+    } else {
+        "portable-4x8"
+    },
+    mr: portable::MR,
+    nr: portable::NR,
+    micro: portable::micro,
+    axpy: portable_axpy,
+    dot: portable_dot,
+};
+
+unsafe fn portable_axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    portable::axpy(alpha, x, y)
+}
+
+unsafe fn portable_dot(x: &[f32], y: &[f32]) -> f32 {
+    portable::dot(x, y)
+}
+
+pub(crate) fn portable() -> &'static Kernel {
+    &PORTABLE
+}
+
+/// The AVX-512F kernel, if this CPU has AVX-512F.
+pub(crate) fn avx512() -> Option<&'static Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static K: Kernel = Kernel {
+            kind: KernelKind::Avx512,
+            name: "avx512-6x64",
+            mr: avx512::MR,
+            nr: avx512::NR,
+            micro: avx512::micro,
+            axpy: avx512::axpy,
+            dot: avx512::dot,
+        };
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(&K);
+        }
+    }
+    None
+}
+
+/// The AVX2+FMA kernel, if this CPU has both.
+pub(crate) fn avx2() -> Option<&'static Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static K: Kernel = Kernel {
+            kind: KernelKind::Avx2,
+            name: "avx2-6x16",
+            mr: avx2::MR,
+            nr: avx2::NR,
+            micro: avx2::micro,
+            axpy: avx2::axpy,
+            dot: avx2::dot,
+        };
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(&K);
+        }
+    }
+    None
+}
+
+/// The kernel for packed operands of `kind` (it was available when they were packed).
+pub(crate) fn of_kind(kind: KernelKind) -> &'static Kernel {
+    match kind {
+        KernelKind::Portable => portable(),
+        KernelKind::Avx2 => avx2().expect("operand packed for AVX2 on a CPU without it"),
+        KernelKind::Avx512 => avx512().expect("operand packed for AVX-512 on a CPU without it"),
+    }
+}
+
+/// Every kernel this CPU can run (for tests and benchmarks).
+pub(crate) fn available() -> Vec<&'static Kernel> {
+    let mut v = vec![portable()];
+    v.extend(avx2());
+    v.extend(avx512());
+    v
+}
+
+/// The best kernel for this CPU, chosen once. `KILN_GEMM_KERNEL=portable|avx2|avx512`
+/// picks a lower one (for comparisons); an unknown or unavailable name is ignored.
+pub(crate) fn selected() -> &'static Kernel {
+    static SEL: OnceLock<&'static Kernel> = OnceLock::new();
+    SEL.get_or_init(|| {
+        let forced = std::env::var("KILN_GEMM_KERNEL").ok();
+        let by_name = match forced.as_deref() {
+            Some("portable") => Some(portable()),
+            Some("avx2") => avx2(),
+            Some("avx512") => avx512(),
+            _ => None,
+        };
+        by_name
+            .or_else(avx512)
+            .or_else(avx2)
+            .unwrap_or_else(portable)
+    })
+}

@@ -1,0 +1,162 @@
+//! Packing: A into `MR`-row micro-panels and B into `NR`-column micro-panels,
+//! each spanning the whole `k` and stored k-major, so that the panel slice for
+//! any k-block `[pc, pc + kc)` is contiguous (`panel + pc * MR` for A, `panel +
+//! pc * NR` for B). Rows/columns past the matrix edge are zero.
+//!
+//! The same layout serves operands packed once at plan time ([`crate::PackedA`],
+//! [`crate::PackedB`]) and operands packed per call, so the compute loop never
+//! needs to know which it got.
+
+use crate::MatRef;
+use rayon::prelude::*;
+
+/// One 64-byte-aligned group of 16 floats: the unit of [`AlignedBuf`], so every
+/// packed B row of a panel (16, 32 or 64 floats) starts on a cache line.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; 16]);
+
+/// A 64-byte-aligned, zero-initialised f32 buffer.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AlignedBuf {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
+        let mut b = AlignedBuf::default();
+        b.reset(len);
+        b
+    }
+
+    /// Resizes to `len` floats, keeping the allocation when it is big enough.
+    /// Contents are unspecified afterwards (packing overwrites every element).
+    pub(crate) fn reset(&mut self, len: usize) {
+        let n = len.div_ceil(16);
+        if self.lines.len() < n {
+            self.lines.resize(n, Line([0.0; 16]));
+        }
+        self.len = len;
+    }
+
+    pub(crate) fn capacity_floats(&self) -> usize {
+        self.lines.capacity() * 16
+    }
+
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        // SAFETY: `Line` is `repr(C)` around `[f32; 16]` (size 64, no padding), so
+        // `lines` is `lines.len() * 16` initialised, contiguous f32s, and
+        // `len <= lines.len() * 16` by `reset`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.len) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in `as_slice`; the unique borrow of `self` makes it exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len) }
+    }
+}
+
+/// Below this many floats, packing runs on the calling thread.
+const PAR_PACK_MIN: usize = 1 << 16;
+
+/// Packs all of `a` (`m x k`) into `dst` (`ceil(m/mr) * mr * k` floats).
+pub(crate) fn pack_a(a: MatRef<'_>, mr: usize, dst: &mut [f32]) {
+    let (m, k) = (a.rows(), a.cols());
+    let panel = mr * k;
+    assert_eq!(
+        dst.len(),
+        m.div_ceil(mr) * panel,
+        "pack_a: wrong buffer size"
+    );
+    if panel == 0 {
+        return;
+    }
+    let work = |(ip, d): (usize, &mut [f32])| pack_a_panel(a, ip * mr, mr, d);
+    if dst.len() >= PAR_PACK_MIN && rayon::current_num_threads() > 1 {
+        dst.par_chunks_mut(panel).enumerate().for_each(work);
+    } else {
+        dst.chunks_mut(panel).enumerate().for_each(work);
+    }
+}
+
+/// Packs all of `b` (`k x n`) into `dst` (`ceil(n/nr) * nr * k` floats).
+pub(crate) fn pack_b(b: MatRef<'_>, nr: usize, dst: &mut [f32]) {
+    let (k, n) = (b.rows(), b.cols());
+    let panel = nr * k;
+    assert_eq!(
+        dst.len(),
+        n.div_ceil(nr) * panel,
+        "pack_b: wrong buffer size"
+    );
+    if panel == 0 {
+        return;
+    }
+    let work = |(jp, d): (usize, &mut [f32])| pack_b_panel(b, jp * nr, nr, d);
+    if dst.len() >= PAR_PACK_MIN && rayon::current_num_threads() > 1 {
+        dst.par_chunks_mut(panel).enumerate().for_each(work);
+    } else {
+        dst.chunks_mut(panel).enumerate().for_each(work);
+    }
+}
+
+/// Rows `i0 .. i0 + mr` of `a` (zero past the last row): `dst[p * mr + r] = a[i0 + r, p]`.
+fn pack_a_panel(a: MatRef<'_>, i0: usize, mr: usize, dst: &mut [f32]) {
+    let k = a.cols();
+    let rows = mr.min(a.rows() - i0);
+    let (rs, cs, data) = (a.row_stride(), a.col_stride(), a.data());
+    if rows < mr {
+        dst.fill(0.0);
+    }
+    if cs == 1 {
+        // Row-major rows: read each row contiguously, scatter with stride mr.
+        for r in 0..rows {
+            let src = &data[(i0 + r) * rs..(i0 + r) * rs + k];
+            for (p, &v) in src.iter().enumerate() {
+                dst[p * mr + r] = v;
+            }
+        }
+    } else if rs == 1 {
+        // Column-major (a transposed view): each k step is a contiguous run of rows.
+        for p in 0..k {
+            let src = &data[p * cs + i0..p * cs + i0 + rows];
+            dst[p * mr..p * mr + rows].copy_from_slice(src);
+        }
+    } else {
+        for p in 0..k {
+            for r in 0..rows {
+                dst[p * mr + r] = data[(i0 + r) * rs + p * cs];
+            }
+        }
+    }
+}
+
+/// Columns `j0 .. j0 + nr` of `b` (zero past the last column): `dst[p * nr + c] = b[p, j0 + c]`.
+fn pack_b_panel(b: MatRef<'_>, j0: usize, nr: usize, dst: &mut [f32]) {
+    let k = b.rows();
+    let cols = nr.min(b.cols() - j0);
+    let (rs, cs, data) = (b.row_stride(), b.col_stride(), b.data());
+    if cols < nr {
+        dst.fill(0.0);
+    }
+    if cs == 1 {
+        for p in 0..k {
+            let src = &data[p * rs + j0..p * rs + j0 + cols];
+            dst[p * nr..p * nr + cols].copy_from_slice(src);
+        }
+    } else if rs == 1 {
+        // A transposed view: each column is contiguous in k.
+        for c in 0..cols {
+            let src = &data[(j0 + c) * cs..(j0 + c) * cs + k];
+            for (p, &v) in src.iter().enumerate() {
+                dst[p * nr + c] = v;
+            }
+        }
+    } else {
+        for p in 0..k {
+            for c in 0..cols {
+                dst[p * nr + c] = data[p * rs + (j0 + c) * cs];
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! Every kernel (forced through `sgemm_with`) against `sgemm_reference` on
+//! edge-case and random shapes, layouts, packings, scalars, thread counts.
+
+use super::*;
+use crate::driver::blocking;
+use crate::kernels::{available, selected};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Deterministic values in [-1, 1) (an LCG; no dependency needed).
+fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("test thread pool")
+}
+
+/// How an operand is handed to `sgemm`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    RowMajor,
+    /// Stored transposed, passed as a `.t()` view (col_stride != 1).
+    Transposed,
+    /// A strided sub-view: row stride padded, every other column.
+    Strided,
+    Packed,
+}
+
+const LAYOUTS: [Layout; 4] = [
+    Layout::RowMajor,
+    Layout::Transposed,
+    Layout::Strided,
+    Layout::Packed,
+];
+
+/// Storage for a `rows x cols` operand in one of the layouts; `vals` row-major.
+struct Operand {
+    store: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+}
+
+impl Operand {
+    fn new(vals: &[f32], rows: usize, cols: usize, layout: Layout) -> Operand {
+        let store = match layout {
+            Layout::RowMajor | Layout::Packed => vals.to_vec(),
+            Layout::Transposed => {
+                let mut t = vec![0.0; rows * cols];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        t[j * rows + i] = vals[i * cols + j];
+                    }
+                }
+                t
+            }
+            Layout::Strided => {
+                // Element (i, j) at i * (2*cols + 3) + 2*j; gaps hold NaN so a
+                // wrong index shows.
+                let rs = 2 * cols + 3;
+                let mut s = vec![f32::NAN; rows * rs + 1];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        s[i * rs + 2 * j] = vals[i * cols + j];
+                    }
+                }
+                s
+            }
+        };
+        Operand {
+            store,
+            rows,
+            cols,
+            layout,
+        }
+    }
+
+    fn view(&self) -> MatRef<'_> {
+        let (r, c) = (self.rows, self.cols);
+        match self.layout {
+            Layout::RowMajor | Layout::Packed => MatRef::row_major(&self.store, r, c),
+            Layout::Transposed => MatRef::row_major(&self.store, c, r).t(),
+            Layout::Strided => MatRef::new(&self.store, r, c, 2 * c + 3, 2),
+        }
+    }
+}
+
+/// One product checked against the reference. Returns nothing; panics on mismatch.
+#[allow(clippy::too_many_arguments)]
+fn check_case(
+    kernel: &'static Kernel,
+    (m, k, n): (usize, usize, usize),
+    (la, lb): (Layout, Layout),
+    alpha: f32,
+    beta: f32,
+    ldc: usize,
+    with_epilogue: bool,
+    seed: u64,
+) {
+    let ctx = format!(
+        "{} m={m} k={k} n={n} A={la:?} B={lb:?} alpha={alpha} beta={beta} ldc={ldc} epi={with_epilogue}",
+        kernel.name
+    );
+    let av = rand_vec(m * k, seed);
+    let bv = rand_vec(k * n, seed + 1);
+    let a_op = Operand::new(&av, m, k, la);
+    let b_op = Operand::new(&bv, k, n, lb);
+    let pa = PackedA::for_kernel(kernel, a_op.view());
+    let pb = PackedB::for_kernel(kernel, b_op.view());
+    let a = if la == Layout::Packed {
+        Lhs::Packed(&pa)
+    } else {
+        Lhs::Mat(a_op.view())
+    };
+    let b = if lb == Layout::Packed {
+        Rhs::Packed(&pb)
+    } else {
+        Rhs::Mat(b_op.view())
+    };
+    let c_len = if m == 0 { 0 } else { (m - 1) * ldc + n };
+    let mut c0 = rand_vec(c_len, seed + 2);
+    if beta == 0.0 {
+        // beta == 0 must ignore C entirely, NaN included.
+        for (i, v) in c0.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *v = f32::NAN;
+            }
+        }
+    }
+    // Padding between rows gets a sentinel that must survive.
+    for i in 0..m {
+        for j in n..ldc {
+            if i * ldc + j < c_len {
+                c0[i * ldc + j] = 1234.5;
+            }
+        }
+    }
+    let bias = rand_vec(n, seed + 3);
+    let seen: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
+    let epi = |row: usize, col0: usize, vals: &mut [f32]| {
+        for (j, v) in vals.iter_mut().enumerate() {
+            seen[row * n + col0 + j].fetch_add(1, Ordering::Relaxed);
+            *v = (*v + bias[col0 + j]).max(0.0);
+        }
+    };
+    let epi_ref = |_row: usize, col0: usize, vals: &mut [f32]| {
+        for (j, v) in vals.iter_mut().enumerate() {
+            *v = (*v + bias[col0 + j]).max(0.0);
+        }
+    };
+    let mut got = c0.clone();
+    sgemm_with(
+        kernel,
+        alpha,
+        a,
+        b,
+        beta,
+        &mut got,
+        ldc,
+        if with_epilogue { Some(&epi) } else { None },
+    );
+    let mut want = c0.clone();
+    sgemm_reference(
+        alpha,
+        Lhs::Mat(a_op.view()),
+        Rhs::Mat(b_op.view()),
+        beta,
+        &mut want,
+        ldc,
+        if with_epilogue { Some(&epi_ref) } else { None },
+    );
+    // Error bound: f32 accumulation of k products, relative to sum |a||b|.
+    let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let (aa, ba) = (abs(&av), abs(&bv));
+    let mut bound = abs(&c0)
+        .iter()
+        .map(|x| if x.is_nan() { 0.0 } else { *x })
+        .collect::<Vec<_>>();
+    sgemm_reference(
+        alpha.abs(),
+        Lhs::Mat(MatRef::row_major(&aa, m, k)),
+        Rhs::Mat(MatRef::row_major(&ba, k, n)),
+        if beta == 0.0 { 0.0 } else { beta.abs() },
+        &mut bound,
+        ldc,
+        None,
+    );
+    for i in 0..m {
+        for j in 0..n {
+            let (g, w) = (got[i * ldc + j], want[i * ldc + j]);
+            // The epilogue's bias add rounds relative to |bias| too.
+            let scale = bound[i * ldc + j] + if with_epilogue { bias[j].abs() } else { 0.0 };
+            let tol = (k as f32 + 4.0) * f32::EPSILON * scale + 1e-30;
+            assert!(
+                !g.is_nan() && (g - w).abs() <= tol,
+                "{ctx}: C[{i},{j}] = {g}, want {w} (tol {tol})"
+            );
+        }
+        for j in n..ldc {
+            if i * ldc + j < c_len {
+                assert_eq!(
+                    got[i * ldc + j],
+                    1234.5,
+                    "{ctx}: padding C[{i},{j}] written"
+                );
+            }
+        }
+    }
+    if with_epilogue {
+        for (idx, s) in seen.iter().enumerate() {
+            let s = s.load(Ordering::Relaxed);
+            assert_eq!(
+                s,
+                1,
+                "{ctx}: epilogue saw C[{},{}] {s} times",
+                idx / n,
+                idx % n
+            );
+        }
+    }
+}
+
+/// Edge-case dimensions for one kernel: around MR, NR, KC and the task block.
+fn edge_dims(kernel: &Kernel) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let blk = blocking(kernel);
+    let (mr, nr, kc) = (kernel.mr, kernel.nr, blk.kc);
+    let mc = blk.mcb * mr;
+    let ms = vec![1, 2, mr - 1, mr, mr + 1, 2 * mc + 3];
+    let ns = vec![1, 2, nr - 1, nr, nr + 1, 3 * nr + 5];
+    let ks = vec![1, 2, 7, kc - 1, kc, kc + 1];
+    (ms, ns, ks)
+}
+
+/// Runs the full edge-case grid for `kernel`: every (m, k, n) combination, with
+/// layouts, scalars, ldc, epilogue and thread count rotating across cases so
+/// each appears with many shapes.
+fn edge_grid(kernel: &'static Kernel) {
+    let (ms, ns, ks) = edge_dims(kernel);
+    let scalars = [(1.0, 0.0), (0.5, 2.0), (-1.5, 1.0), (1.0, -0.25)];
+    let pools = [pool(1), pool(2)];
+    let mut case = 0u64;
+    for &m in &ms {
+        for &k in &ks {
+            for &n in &ns {
+                let la = LAYOUTS[(case % 4) as usize];
+                let lb = LAYOUTS[((case / 4 + case) % 4) as usize];
+                let (alpha, beta) = scalars[((case / 3) % 4) as usize];
+                let ldc = if case % 2 == 0 { n } else { n + 3 };
+                let epi = case % 5 != 0;
+                pools[(case % 2) as usize].install(|| {
+                    check_case(kernel, (m, k, n), (la, lb), alpha, beta, ldc, epi, case)
+                });
+                case += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn portable_kernel_matches_reference_on_edge_grid() {
+    edge_grid(kernels::portable());
+}
+
+#[test]
+fn avx2_kernel_matches_reference_on_edge_grid() {
+    match kernels::avx2() {
+        Some(k) => edge_grid(k),
+        None => eprintln!("AVX2+FMA not available on this CPU: kernel not tested here"),
+    }
+}
+
+#[test]
+fn avx512_kernel_matches_reference_on_edge_grid() {
+    match kernels::avx512() {
+        Some(k) => edge_grid(k),
+        None => eprintln!("AVX-512F not available on this CPU: kernel not tested here"),
+    }
+}
+
+#[test]
+fn every_layout_pair_and_thread_count_matches_reference() {
+    // All 16 layout pairs on shapes that take the parallel GEMM path, both
+    // GEMV paths and the dot path, with each kernel.
+    let shapes = [
+        (37, 45, 131),
+        (130, 200, 70),
+        (1, 300, 517),
+        (300, 129, 1),
+        (1, 77, 1),
+    ];
+    for kernel in available() {
+        for threads in [1, 2] {
+            let p = pool(threads);
+            for (s, &shape) in shapes.iter().enumerate() {
+                for (x, &la) in LAYOUTS.iter().enumerate() {
+                    for (y, &lb) in LAYOUTS.iter().enumerate() {
+                        let seed = (s * 16 + x * 4 + y) as u64;
+                        let beta = if seed % 2 == 0 { 0.0 } else { 0.75 };
+                        p.install(|| {
+                            check_case(kernel, shape, (la, lb), 1.25, beta, shape.2 + 1, true, seed)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn random_shapes_match_reference() {
+    let mut r = rand_vec(4000, 99)
+        .into_iter()
+        .map(|x| ((x + 1.0) * 1e6) as usize);
+    let mut next = |max: usize| r.next().expect("enough random numbers") % max;
+    for kernel in available() {
+        for case in 0..25u64 {
+            let (m, k, n) = (next(150), next(300), next(170));
+            let la = LAYOUTS[next(4)];
+            let lb = LAYOUTS[next(4)];
+            let ldc = n + next(3);
+            let threads = 1 + next(2);
+            pool(threads).install(|| {
+                check_case(
+                    kernel,
+                    (m, k, n),
+                    (la, lb),
+                    0.7,
+                    1.5,
+                    ldc,
+                    case % 2 == 0,
+                    case,
+                )
+            });
+        }
+    }
+}
+
+#[test]
+fn zero_sized_dims() {
+    for kernel in available() {
+        for (m, k, n) in [
+            (0, 4, 4),
+            (4, 0, 4),
+            (4, 4, 0),
+            (0, 0, 0),
+            (3, 0, 1),
+            (1, 0, 5),
+        ] {
+            for beta in [0.0, 2.0] {
+                check_case(
+                    kernel,
+                    (m, k, n),
+                    (Layout::RowMajor, Layout::Packed),
+                    1.0,
+                    beta,
+                    n + 1,
+                    true,
+                    7,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn nested_calls_inside_par_iter() {
+    use rayon::prelude::*;
+    let (m, k, n) = (64, 96, 80);
+    let av = rand_vec(m * k, 11);
+    let bv = rand_vec(k * n, 12);
+    let mut want = vec![0.0; m * n];
+    sgemm_reference(
+        1.0,
+        Lhs::Mat(MatRef::row_major(&av, m, k)),
+        Rhs::Mat(MatRef::row_major(&bv, k, n)),
+        0.0,
+        &mut want,
+        n,
+        None,
+    );
+    let outs: Vec<Vec<f32>> = pool(2).install(|| {
+        (0..6)
+            .into_par_iter()
+            .map(|_| {
+                let mut c = vec![f32::NAN; m * n];
+                sgemm(
+                    1.0,
+                    Lhs::Mat(MatRef::row_major(&av, m, k)),
+                    Rhs::Mat(MatRef::row_major(&bv, k, n)),
+                    0.0,
+                    &mut c,
+                    n,
+                    None,
+                );
+                c
+            })
+            .collect()
+    });
+    for c in outs {
+        for (g, w) in c.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4, "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn operands_packed_for_another_kernel_still_work() {
+    // PackedA for the portable kernel with PackedB for the selected one: sgemm
+    // follows A's kernel and repacks B.
+    let (m, k, n) = (20, 33, 40);
+    let av = rand_vec(m * k, 21);
+    let bv = rand_vec(k * n, 22);
+    let a = MatRef::row_major(&av, m, k);
+    let b = MatRef::row_major(&bv, k, n);
+    let pa = PackedA::for_kernel(kernels::portable(), a);
+    let pb = PackedB::for_kernel(selected(), b);
+    let mut want = vec![0.0; m * n];
+    sgemm_reference(1.0, Lhs::Mat(a), Rhs::Mat(b), 0.0, &mut want, n, None);
+    for (la, rb) in [
+        (Lhs::Packed(&pa), Rhs::Packed(&pb)),
+        (Lhs::Mat(a), Rhs::Packed(&pb)),
+        (Lhs::Packed(&pa), Rhs::Mat(b)),
+    ] {
+        let mut c = vec![0.0; m * n];
+        sgemm(1.0, la, rb, 0.0, &mut c, n, None);
+        for (g, w) in c.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4, "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn packed_operands_round_trip() {
+    let (r, c) = (13, 70);
+    let v = rand_vec(r * c, 31);
+    for kernel in available() {
+        let pa = PackedA::for_kernel(kernel, MatRef::row_major(&v, r, c));
+        let pb = PackedB::for_kernel(kernel, MatRef::row_major(&v, r, c));
+        assert_eq!(pa.to_row_major(), v, "{}", kernel.name);
+        assert_eq!(pb.to_row_major(), v, "{}", kernel.name);
+        assert_eq!((pa.rows(), pa.cols(), pb.rows(), pb.cols()), (r, c, r, c));
+    }
+}
+
+#[test]
+fn nan_and_inf_in_operands_propagate_like_the_reference() {
+    let (m, k, n) = (9, 20, 70);
+    let mut av = rand_vec(m * k, 41);
+    av[2 * k + 5] = f32::NAN; // row 2 becomes NaN
+    av[6 * k + 1] = f32::INFINITY; // row 6 becomes +-inf (or NaN)
+    let bv = rand_vec(k * n, 42);
+    for kernel in available() {
+        let mut got = vec![0.0; m * n];
+        let mut want = vec![0.0; m * n];
+        let a = MatRef::row_major(&av, m, k);
+        let b = MatRef::row_major(&bv, k, n);
+        sgemm_with(
+            kernel,
+            1.0,
+            Lhs::Mat(a),
+            Rhs::Mat(b),
+            0.0,
+            &mut got,
+            n,
+            None,
+        );
+        sgemm_reference(1.0, Lhs::Mat(a), Rhs::Mat(b), 0.0, &mut want, n, None);
+        for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+            let ok = if w.is_finite() {
+                (g - w).abs() <= 1e-4
+            } else {
+                g.is_nan() == w.is_nan() && (w.is_nan() || g == w)
+            };
+            assert!(ok, "{} [{idx}]: {g} vs {w}", kernel.name);
+        }
+    }
+}
+
+#[test]
+fn selected_kernel_is_the_best_available() {
+    let name = selected_kernel();
+    assert!(available().iter().any(|k| k.name == name));
+    if std::env::var("KILN_GEMM_KERNEL").is_err() {
+        assert_eq!(
+            name,
+            available().last().expect("portable always there").name
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! BatchNormalization folded into the preceding Conv, Gemm or MatMul.
+//!
+//! With `s = scale / sqrt(var + eps)` per channel: a Conv gets
+//! `W' = W * s` (per output channel) and `B' = (B - mean) * s + beta`; a Gemm
+//! gets its B scaled per output column and `C' = beta_gemm * C * s + shift`; a
+//! MatMul `[M, K] x [K, N]` gets B scaled per column and the BatchNorm becomes
+//! an Add of the shift (which fusion then takes into the MatMul's epilogue).
+//!
+//! Requires constant f32 weights and statistics, the producer's output read by
+//! the BatchNorm alone and by nothing outside the graph, and (for Gemm/MatMul)
+//! a 2-D output whose channel axis is its last. New weights get new names, so
+//! weights shared with other nodes stay intact.
+
+use crate::util::{
+    add_constant, constant, dtype_of, f32_tensor, shape_of, single_reader_is, Index,
+};
+use crate::PassCtx;
+use kiln_ir::{BinaryOp, DType, Graph, Op, Tensor};
+
+pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
+    let mut count = 0;
+    'outer: loop {
+        let Some(ix) = Index::new(g) else {
+            return count;
+        };
+        for &i in &ix.order {
+            if fold_one(g, &ix, i) {
+                count += 1;
+                continue 'outer;
+            }
+        }
+        return count;
+    }
+}
+
+/// Per-channel scale `s` and shift `beta - mean * s` of BatchNorm node `bn`.
+fn bn_affine(g: &Graph, ix: &Index, bn: usize) -> Option<(Vec<f64>, Vec<f64>)> {
+    let n = &g.nodes[bn];
+    let Op::BatchNormalization { epsilon } = n.op else {
+        return None;
+    };
+    let vals = |k: usize| -> Option<Vec<f64>> {
+        let t = constant(g, ix, n.input(k)?)?;
+        (t.dtype() == DType::F32 && t.rank() == 1).then(|| t.to_f64_vec().ok())?
+    };
+    let (scale, beta, mean, var) = (vals(1)?, vals(2)?, vals(3)?, vals(4)?);
+    let m = scale.len();
+    if [beta.len(), mean.len(), var.len()] != [m, m, m] {
+        return None;
+    }
+    // Only Y may be in use (training-mode outputs never are in inference graphs).
+    if n.outputs
+        .iter()
+        .skip(1)
+        .flatten()
+        .any(|o| ix.is_pinned(o) || !ix.readers(o).is_empty())
+    {
+        return None;
+    }
+    let s: Vec<f64> = (0..m)
+        .map(|c| scale[c] / (var[c] + epsilon as f64).sqrt())
+        .collect();
+    let shift = (0..m).map(|c| beta[c] - mean[c] * s[c]).collect();
+    Some((s, shift))
+}
+
+fn fold_one(g: &mut Graph, ix: &Index, bn: usize) -> bool {
+    if !matches!(g.nodes[bn].op, Op::BatchNormalization { .. }) {
+        return false;
+    }
+    let Some(x) = g.nodes[bn].input(0).map(str::to_string) else {
+        return false;
+    };
+    let Some(bn_out) = g.nodes[bn].outputs.first().cloned().flatten() else {
+        return false;
+    };
+    let Some(p) = ix.producer_of(&x) else {
+        return false;
+    };
+    if !single_reader_is(ix, &x, bn) || dtype_of(g, &x) != Some(DType::F32) {
+        return false;
+    }
+    let Some((s, shift)) = bn_affine(g, ix, bn) else {
+        return false;
+    };
+    let m = s.len();
+    let prod = g.nodes[p].clone();
+    match &prod.op {
+        Op::Conv(_) => {
+            let Some(w) = prod.input(1).and_then(|w| constant(g, ix, w)) else {
+                return false;
+            };
+            if w.dtype() != DType::F32 || w.rank() < 1 || w.shape()[0] != m {
+                return false;
+            }
+            let per = w.len() / m.max(1);
+            let wv = w.as_slice::<f32>().expect("f32 checked");
+            let w2: Vec<f32> = wv
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| (v as f64 * s[k / per.max(1)]) as f32)
+                .collect();
+            let w_shape = w.shape().to_vec();
+            let bias: Vec<f64> = match prod.input(2) {
+                None => vec![0.0; m],
+                Some(b) => match constant(g, ix, b) {
+                    Some(t) if t.dtype() == DType::F32 && t.shape() == [m] => {
+                        t.to_f64_vec().expect("f32")
+                    }
+                    _ => return false,
+                },
+            };
+            let b2: Vec<f32> = (0..m).map(|c| (bias[c] * s[c] + shift[c]) as f32).collect();
+            let base = prod.input(1).unwrap_or("W").to_string();
+            let wn = add_constant(g, &format!("{base}_bnfold"), f32_tensor(w_shape, w2));
+            let bnm = add_constant(
+                g,
+                &format!("{}_bias_bnfold", prod.name),
+                f32_tensor(vec![m], b2),
+            );
+            let conv = &mut g.nodes[p];
+            conv.inputs.resize(3, None);
+            conv.inputs[1] = Some(wn);
+            conv.inputs[2] = Some(bnm);
+            conv.outputs[0] = Some(bn_out);
+            g.value_types.remove(&x);
+            g.nodes.remove(bn);
+            true
+        }
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            let Some(bt) = prod.input(1).and_then(|b| constant(g, ix, b)) else {
+                return false;
+            };
+            let cols_last = !trans_b;
+            let Some(b2) = scale_columns(bt, &s, cols_last) else {
+                return false;
+            };
+            // C' = beta * C * s + shift, as a [M] vector.
+            let c: Vec<f64> = match prod.input(2) {
+                None => vec![0.0; m],
+                Some(cn) => match constant(g, ix, cn) {
+                    Some(t)
+                        if t.dtype() == DType::F32
+                            && t.len() == m
+                            && (t.shape() == [m] || t.shape() == [1, m]) =>
+                    {
+                        t.to_f64_vec().expect("f32")
+                    }
+                    Some(t) if t.dtype() == DType::F32 && t.len() == 1 && t.rank() <= 2 => {
+                        vec![t.to_f64_vec().expect("f32")[0]; m]
+                    }
+                    _ => return false,
+                },
+            };
+            let c2: Vec<f32> = (0..m)
+                .map(|k| (*beta as f64 * c[k] * s[k] + shift[k]) as f32)
+                .collect();
+            let base = prod.input(1).unwrap_or("B").to_string();
+            let bn_name = add_constant(g, &format!("{base}_bnfold"), b2);
+            let cn = add_constant(
+                g,
+                &format!("{}_C_bnfold", prod.name),
+                f32_tensor(vec![m], c2),
+            );
+            let gemm = &mut g.nodes[p];
+            gemm.op = Op::Gemm {
+                alpha: *alpha,
+                beta: 1.0,
+                trans_a: *trans_a,
+                trans_b: *trans_b,
+            };
+            gemm.inputs.resize(3, None);
+            gemm.inputs[1] = Some(bn_name);
+            gemm.inputs[2] = Some(cn);
+            gemm.outputs[0] = Some(bn_out);
+            g.value_types.remove(&x);
+            g.nodes.remove(bn);
+            true
+        }
+        Op::MatMul => {
+            // The BatchNorm channel axis (1) is the last only for 2-D outputs.
+            if shape_of(g, &x).map(|s| s.len()) != Some(2) {
+                return false;
+            }
+            let Some(bt) = prod.input(1).and_then(|b| constant(g, ix, b)) else {
+                return false;
+            };
+            if bt.rank() != 2 {
+                return false;
+            }
+            let Some(b2) = scale_columns(bt, &s, true) else {
+                return false;
+            };
+            let base = prod.input(1).unwrap_or("B").to_string();
+            let bn_name = add_constant(g, &format!("{base}_bnfold"), b2);
+            let shift32: Vec<f32> = shift.iter().map(|&v| v as f32).collect();
+            let sh = add_constant(
+                g,
+                &format!("{}_shift_bnfold", prod.name),
+                f32_tensor(vec![m], shift32),
+            );
+            g.nodes[p].inputs[1] = Some(bn_name);
+            let node = &mut g.nodes[bn];
+            node.op = Op::Binary(BinaryOp::Add);
+            node.inputs = vec![Some(x), Some(sh)];
+            node.outputs.truncate(1);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A 2-D f32 weight with each output column `c` scaled by `s[c]`: columns are
+/// the last axis when `cols_last`, else the first (a transposed weight).
+fn scale_columns(t: &Tensor, s: &[f64], cols_last: bool) -> Option<Tensor> {
+    if t.dtype() != DType::F32 || t.rank() != 2 {
+        return None;
+    }
+    let (r, c) = (t.shape()[0], t.shape()[1]);
+    if (cols_last && c != s.len()) || (!cols_last && r != s.len()) {
+        return None;
+    }
+    let v = t.as_slice::<f32>()?;
+    let out = v
+        .iter()
+        .enumerate()
+        .map(|(k, &x)| {
+            let ch = if cols_last { k % c } else { k / c };
+            (x as f64 * s[ch]) as f32
+        })
+        .collect();
+    Some(f32_tensor(vec![r, c], out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use kiln_ir::{AutoPad, ConvAttrs, UnaryOp};
+
+    fn conv_attrs() -> ConvAttrs {
+        ConvAttrs {
+            auto_pad: AutoPad::NotSet,
+            dilations: vec![],
+            group: 1,
+            kernel_shape: vec![3, 3],
+            pads: vec![1, 1, 1, 1],
+            strides: vec![],
+        }
+    }
+
+    fn bn_params(b: &mut Builder, m: usize) -> Vec<String> {
+        vec![
+            b.init_rand("bn_s", &[m], 0.5, 1.5),
+            b.init_rand("bn_b", &[m], -0.5, 0.5),
+            b.init_rand("bn_m", &[m], -0.5, 0.5),
+            b.init_rand("bn_v", &[m], 0.2, 2.0),
+        ]
+    }
+
+    fn conv_bn(with_bias: bool, extra_reader: bool) -> Graph {
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[1, 3, 5, 5]);
+        let w = b.init_rand("w", &[4, 3, 3, 3], -1.0, 1.0);
+        let cb = b.init_rand("cb", &[4], -1.0, 1.0);
+        let p = bn_params(&mut b, 4);
+        let ins: Vec<&str> = if with_bias {
+            vec!["x", &w, &cb]
+        } else {
+            vec!["x", &w]
+        };
+        b.node(Op::Conv(conv_attrs()), &ins, &["c"]);
+        b.node(
+            Op::BatchNormalization { epsilon: 1e-5 },
+            &["c", &p[0], &p[1], &p[2], &p[3]],
+            &["y"],
+        );
+        if extra_reader {
+            b.node(Op::Unary(UnaryOp::Relu), &["c"], &["r"]);
+            b.output("r", DType::F32);
+        }
+        b.output("y", DType::F32);
+        b.finish()
+    }
+
+    #[test]
+    fn folds_into_conv_with_and_without_bias() {
+        for bias in [false, true] {
+            let g = conv_bn(bias, false);
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 1);
+            assert_eq!(count_op(&after, "BatchNormalization"), 0);
+            assert_eq!(after.nodes.len(), 1);
+            assert_eq!(after.nodes[0].outputs[0].as_deref(), Some("y"));
+            // The original weight is untouched (it might be shared).
+            assert_eq!(after.initializers["w"], g.initializers["w"]);
+        }
+    }
+
+    #[test]
+    fn leaves_conv_whose_output_has_other_readers() {
+        let g = conv_bn(true, true);
+        let (after, n) = check_pass(&g, run);
+        assert_eq!(n, 0);
+        assert_eq!(after, g);
+    }
+
+    #[test]
+    fn leaves_conv_with_non_constant_weight_or_overridable_stats() {
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[1, 3, 5, 5]);
+        b.input("w", DType::F32, &[4, 3, 3, 3]);
+        let p = bn_params(&mut b, 4);
+        b.node(Op::Conv(conv_attrs()), &["x", "w"], &["c"]);
+        b.node(
+            Op::BatchNormalization { epsilon: 1e-5 },
+            &["c", &p[0], &p[1], &p[2], &p[3]],
+            &["y"],
+        );
+        b.output("y", DType::F32);
+        let g = b.finish();
+        let (after, n) = check_pass(&g, run);
+        assert_eq!((n, &after), (0, &g));
+
+        let mut g2 = conv_bn(false, false);
+        // Make the running mean an overridable input.
+        g2.inputs.push(kiln_ir::ValueInfo {
+            name: "bn_m".into(),
+            ty: kiln_ir::ValueType::new(DType::F32, Some(kiln_ir::known_shape(&[4]))),
+        });
+        let (after, n) = check_pass(&g2, run);
+        assert_eq!((n, &after), (0, &g2));
+    }
+
+    #[test]
+    fn folds_into_gemm_and_matmul() {
+        for (trans_b, c_shape) in [
+            (false, None),
+            (true, Some(vec![4])),
+            (true, Some(vec![1, 4])),
+            (false, Some(vec![1])),
+        ] {
+            let mut b = Builder::new();
+            b.input("x", DType::F32, &[3, 5]);
+            let w = if trans_b {
+                b.init_rand("w", &[4, 5], -1.0, 1.0)
+            } else {
+                b.init_rand("w", &[5, 4], -1.0, 1.0)
+            };
+            let mut ins = vec!["x".to_string(), w];
+            if let Some(cs) = &c_shape {
+                ins.push(b.init_rand("c", cs, -1.0, 1.0));
+            }
+            let p = bn_params(&mut b, 4);
+            let ins: Vec<&str> = ins.iter().map(|s| s.as_str()).collect();
+            b.node(
+                Op::Gemm {
+                    alpha: 0.7,
+                    beta: 1.3,
+                    trans_a: false,
+                    trans_b,
+                },
+                &ins,
+                &["g"],
+            );
+            b.node(
+                Op::BatchNormalization { epsilon: 1e-3 },
+                &["g", &p[0], &p[1], &p[2], &p[3]],
+                &["y"],
+            );
+            b.output("y", DType::F32);
+            let g = b.finish();
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 1, "trans_b {trans_b} C {c_shape:?}");
+            assert_eq!(after.nodes.len(), 1);
+        }
+
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[3, 5]);
+        let w = b.init_rand("w", &[5, 4], -1.0, 1.0);
+        let p = bn_params(&mut b, 4);
+        b.node(Op::MatMul, &["x", &w], &["g"]);
+        b.node(
+            Op::BatchNormalization { epsilon: 1e-3 },
+            &["g", &p[0], &p[1], &p[2], &p[3]],
+            &["y"],
+        );
+        b.output("y", DType::F32);
+        let g = b.finish();
+        let (after, n) = check_pass(&g, run);
+        assert_eq!(n, 1);
+        assert_eq!(count_op(&after, "Add"), 1);
+        assert_eq!(count_op(&after, "BatchNormalization"), 0);
+    }
+
+    #[test]
+    fn leaves_matmul_whose_channel_axis_is_not_last() {
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[2, 4, 5]);
+        let w = b.init_rand("w", &[5, 4], -1.0, 1.0);
+        let p = bn_params(&mut b, 4);
+        b.node(Op::MatMul, &["x", &w], &["g"]);
+        b.node(
+            Op::BatchNormalization { epsilon: 1e-3 },
+            &["g", &p[0], &p[1], &p[2], &p[3]],
+            &["y"],
+        );
+        b.output("y", DType::F32);
+        let g = b.finish();
+        let (after, n) = check_pass(&g, run);
+        assert_eq!((n, &after), (0, &g));
+    }
+}
