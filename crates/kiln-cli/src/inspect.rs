@@ -21,7 +21,13 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
-    let session = Session::load(&args.model, &SessionOptions::default())?;
+    let session = Session::load(
+        &args.model,
+        &SessionOptions {
+            optimize: false,
+            ..SessionOptions::default()
+        },
+    )?;
     let graph = session.graph();
     let mut bindings = HashMap::new();
     for spec in &args.dims {
