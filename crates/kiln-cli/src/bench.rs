@@ -7,6 +7,7 @@
 
 use crate::bench_server::ServerBenchArgs;
 use crate::flops::{self, Shape};
+use crate::run::parse_dims;
 use crate::{npy, Failure};
 use clap::Args;
 use half::{bf16, f16};
@@ -632,23 +633,6 @@ fn rusage_max_rss() -> Option<u64> {
 #[cfg(not(all(unix, target_pointer_width = "64")))]
 fn rusage_max_rss() -> Option<u64> {
     None
-}
-
-fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failure> {
-    specs
-        .iter()
-        .map(|s| {
-            let (name, value) = s
-                .split_once('=')
-                .ok_or_else(|| Failure::usage(format!("--dim '{s}' must be NAME=VALUE")))?;
-            let value = value.parse::<usize>().map_err(|_| {
-                Failure::usage(format!(
-                    "--dim '{s}': '{value}' is not a non-negative integer"
-                ))
-            })?;
-            Ok((name.to_string(), value))
-        })
-        .collect()
 }
 
 /// The symbolic dims of the model's inputs, bound by the actual tensors.

@@ -79,7 +79,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failure> {
+pub(crate) fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failure> {
     specs
         .iter()
         .map(|s| {
