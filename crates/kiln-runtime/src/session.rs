@@ -1,6 +1,6 @@
 //! The Session API: load a model once, run it many times, from many threads.
 
-use crate::control_flow::{execute, execute_profiled};
+use crate::control_flow::execute_profiled;
 use crate::plan::Plan;
 use crate::value::{Val, Value};
 use crate::{Error, Result};
@@ -213,36 +213,14 @@ impl Session {
     /// optional inputs or outputs needs [`Session::run_values`] (a tensor given for
     /// an optional tensor input is accepted as present).
     pub fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
-        let outs = self.run_values(
-            inputs
-                .into_iter()
-                .map(|(n, t)| (n, Value::Tensor(t)))
-                .collect(),
-        )?;
-        outs.into_iter()
-            .map(|(name, v)| match v {
-                Value::Tensor(t) => Ok((name, t)),
-                other => Err(Error::Input(format!(
-                    "output '{name}' is not a tensor ({}): use Session::run_values",
-                    other.describe()
-                ))),
-            })
-            .collect()
+        tensor_outputs(self.run_with(tensor_feeds(inputs), None)?)
     }
 
     /// Runs the model on values of any kind (tensors, sequences, optionals).
     /// Every required input must be given by name; returns every graph output,
     /// in order.
     pub fn run_values(&self, inputs: Vec<(String, Value)>) -> Result<Vec<(String, Value)>> {
-        let feeds = self.check_inputs(inputs)?;
-        let outs = self.pool.install(|| execute(&self.plan, feeds, &[]))?;
-        Ok(self
-            .plan
-            .outputs
-            .iter()
-            .zip(outs)
-            .map(|((name, _), v)| (name.clone(), v.into_value()))
-            .collect())
+        self.run_with(inputs, None)
     }
 
     /// [`Session::run`], also timing every top-level node (in execution order).
@@ -250,30 +228,28 @@ impl Session {
         &self,
         inputs: Vec<(String, Tensor)>,
     ) -> Result<(Vec<(String, Tensor)>, Vec<NodeTiming>)> {
-        let feeds = self.check_inputs(
-            inputs
-                .into_iter()
-                .map(|(n, t)| (n, Value::Tensor(t)))
-                .collect(),
-        )?;
         let mut timings = Vec::with_capacity(self.plan.steps.len());
+        let outs = tensor_outputs(self.run_with(tensor_feeds(inputs), Some(&mut timings))?)?;
+        Ok((outs, timings))
+    }
+
+    /// Checks the inputs and runs the plan in this session's pool.
+    fn run_with(
+        &self,
+        inputs: Vec<(String, Value)>,
+        profile: Option<&mut Vec<NodeTiming>>,
+    ) -> Result<Vec<(String, Value)>> {
+        let feeds = self.check_inputs(inputs)?;
         let outs = self
             .pool
-            .install(|| execute_profiled(&self.plan, feeds, &[], Some(&mut timings)))?;
-        let outs = self
+            .install(|| execute_profiled(&self.plan, feeds, &[], profile))?;
+        Ok(self
             .plan
             .outputs
             .iter()
             .zip(outs)
-            .map(|((name, _), v)| match v.into_value() {
-                Value::Tensor(t) => Ok((name.clone(), t)),
-                other => Err(Error::Input(format!(
-                    "output '{name}' is not a tensor ({}): use Session::run_values",
-                    other.describe()
-                ))),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((outs, timings))
+            .map(|((name, _), v)| (name.clone(), v.into_value()))
+            .collect())
     }
 
     /// Validates names, kinds, dtypes and shapes of the caller's inputs (binding
@@ -310,6 +286,26 @@ impl Session {
         }
         Ok(feeds)
     }
+}
+
+fn tensor_feeds(inputs: Vec<(String, Tensor)>) -> Vec<(String, Value)> {
+    inputs
+        .into_iter()
+        .map(|(n, t)| (n, Value::Tensor(t)))
+        .collect()
+}
+
+/// The outputs as tensors; a sequence or optional output is an error naming it.
+fn tensor_outputs(outs: Vec<(String, Value)>) -> Result<Vec<(String, Tensor)>> {
+    outs.into_iter()
+        .map(|(name, v)| match v {
+            Value::Tensor(t) => Ok((name, t)),
+            other => Err(Error::Input(format!(
+                "output '{name}' is not a tensor ({}): use Session::run_values",
+                other.describe()
+            ))),
+        })
+        .collect()
 }
 
 /// Symbolic dims bound so far: symbol -> (value, the input that bound it).
