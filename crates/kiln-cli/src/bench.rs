@@ -8,12 +8,10 @@
 use crate::bench_server::ServerBenchArgs;
 use crate::flops::{self, Shape};
 use crate::run::parse_dims;
-use crate::{npy, Failure};
+use crate::Failure;
 use clap::Args;
-use half::{bf16, f16};
-use kiln_ir::{DType, Dim, Node, Tensor, TensorData};
-use kiln_runtime::{IoInfo, NodeTiming, Session, SessionOptions};
-use rand::{Rng, SeedableRng};
+use kiln_ir::{DType, Dim, Node, Tensor};
+use kiln_runtime::{IoInfo, NodeTiming, Session, SessionOptions, Value};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -655,141 +653,35 @@ fn bind_dims(infos: &[IoInfo], inputs: &[(String, Tensor)]) -> HashMap<String, u
     b
 }
 
-/// Inputs from files where given (`[NAME=]PATH`), random tensors for the other
-/// required inputs (the scheme of `kiln run`: floats in [0, 1), integers in
-/// [0, 10), symbolic dims from `--dim` or 1).
+/// Inputs from files where given (`[NAME=]PATH`, as `kiln run` reads them),
+/// random tensors (`kiln run`'s scheme) for the other required inputs.
 fn build_inputs(
     infos: &[IoInfo],
     specs: &[String],
     dims: &[(String, usize)],
     seed: u64,
 ) -> Result<Vec<(String, Tensor)>, Failure> {
-    let mut out: Vec<(String, Tensor)> = Vec::new();
-    let mut positional = infos
-        .iter()
-        .filter(|i| !i.has_default)
-        .chain(infos.iter().filter(|i| i.has_default));
-    for spec in specs {
-        let (name, path) = match spec.split_once('=') {
-            Some((n, p)) if !n.is_empty() && !Path::new(spec).exists() => {
-                (n.to_string(), p.to_string())
+    let mut out = Vec::new();
+    for (name, v) in crate::run::file_inputs(infos, specs)? {
+        match v {
+            Value::Tensor(t) => out.push((name, t)),
+            other => {
+                return Err(Failure::usage(format!(
+                    "input '{name}' is a {}: kiln bench runs tensor inputs only",
+                    other.kind_name()
+                )))
             }
-            _ => {
-                let info = positional.next().ok_or_else(|| {
-                    Failure::usage(format!(
-                        "too many inputs: the model takes {} ({spec} is extra)",
-                        infos.len()
-                    ))
-                })?;
-                (info.name.clone(), spec.clone())
-            }
-        };
-        if !infos.iter().any(|i| i.name == name) {
-            return Err(Failure::usage(format!(
-                "the model has no input '{name}' (it has: {})",
-                infos
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
         }
-        out.push((name, read_tensor_file(Path::new(&path))?));
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for info in infos.iter().filter(|i| !i.has_default) {
-        if out.iter().any(|(n, _)| *n == info.name) {
-            continue;
-        }
-        out.push((info.name.clone(), random_tensor(info, dims, &mut rng)?));
-    }
+    let given: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
+    out.extend(crate::run::random_inputs(infos, dims, seed, &given)?);
     Ok(out)
-}
-
-fn read_tensor_file(path: &Path) -> Result<Tensor, Failure> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Failure::error(format!("cannot read {}: {e}", path.display())))?;
-    let parsed = if bytes.starts_with(b"\x93NUMPY") {
-        npy::read(&bytes)
-    } else {
-        kiln_onnx::read_tensor_pb(&bytes).map_err(|e| format!("not a .npy file, and {e}"))
-    };
-    parsed.map_err(|e| Failure::error(format!("{}: {e}", path.display())))
-}
-
-/// Largest random input kiln makes (elements): guards against absurd dims.
-const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
-
-fn random_tensor(
-    info: &IoInfo,
-    dims: &[(String, usize)],
-    rng: &mut rand::rngs::StdRng,
-) -> Result<Tensor, Failure> {
-    if info.kind != kiln_ir::ValueKind::Tensor {
-        return Err(Failure::usage(format!(
-            "input '{}' is a {}: kiln bench runs tensor inputs only",
-            info.name,
-            info.type_string()
-        )));
-    }
-    let shape: Vec<usize> = info
-        .shape
-        .as_ref()
-        .ok_or_else(|| {
-            Failure::usage(format!(
-                "input '{}' has unknown rank; give it with --input",
-                info.name
-            ))
-        })?
-        .iter()
-        .map(|d| match d {
-            Dim::Known(v) => *v,
-            Dim::Named(n) => dims
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| *v)
-                .unwrap_or(1),
-            _ => 1,
-        })
-        .collect();
-    let n = kiln_ir::checked_numel(&shape)
-        .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
-        .ok_or_else(|| {
-            Failure::error(format!(
-                "input '{}' would have shape {shape:?}, too large for a random input; give it with --input",
-                info.name
-            ))
-        })?;
-    fn ints(n: usize, rng: &mut rand::rngs::StdRng) -> Vec<i64> {
-        (0..n).map(|_| rng.gen_range(0..10)).collect()
-    }
-    let data = match info.dtype {
-        DType::F32 => TensorData::F32((0..n).map(|_| rng.gen::<f32>()).collect()),
-        DType::F64 => TensorData::F64((0..n).map(|_| rng.gen::<f64>()).collect()),
-        DType::F16 => TensorData::F16((0..n).map(|_| f16::from_f32(rng.gen())).collect()),
-        DType::BF16 => TensorData::BF16((0..n).map(|_| bf16::from_f32(rng.gen())).collect()),
-        DType::Bool => TensorData::Bool((0..n).map(|_| rng.gen()).collect()),
-        DType::I64 => TensorData::I64(ints(n, rng)),
-        DType::I32 => TensorData::I32(ints(n, rng).into_iter().map(|x| x as i32).collect()),
-        DType::I16 => TensorData::I16(ints(n, rng).into_iter().map(|x| x as i16).collect()),
-        DType::I8 => TensorData::I8(ints(n, rng).into_iter().map(|x| x as i8).collect()),
-        DType::U64 => TensorData::U64(ints(n, rng).into_iter().map(|x| x as u64).collect()),
-        DType::U32 => TensorData::U32(ints(n, rng).into_iter().map(|x| x as u32).collect()),
-        DType::U16 => TensorData::U16(ints(n, rng).into_iter().map(|x| x as u16).collect()),
-        DType::U8 => TensorData::U8(ints(n, rng).into_iter().map(|x| x as u8).collect()),
-        other => {
-            return Err(Failure::usage(format!(
-                "input '{}': kiln bench cannot make random {other} values; give it with --input",
-                info.name
-            )))
-        }
-    };
-    Tensor::new(shape, data).map_err(|e| Failure::error(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn ms(v: &[u64]) -> Vec<Duration> {
         v.iter().map(|&x| Duration::from_millis(x)).collect()
@@ -881,14 +773,11 @@ mod tests {
             has_default: false,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let t = random_tensor(&info, &[("S".into(), 5)], &mut rng)
+        let t = crate::run::random_tensor(&info, &[("S".into(), 5)], &mut rng)
             .unwrap_or_else(|f| panic!("{}", f.message));
         assert_eq!(t.shape(), &[1, 5]);
-        assert!(t
-            .as_slice::<i64>()
-            .unwrap()
-            .iter()
-            .all(|&x| (0..10).contains(&x)));
+        let v = t.as_slice::<i64>().unwrap();
+        assert!(v.iter().all(|&x| x == 0 || x == 1), "{v:?}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
     }
     let mut histogram: BTreeMap<&str, usize> = BTreeMap::new();
     count_ops(graph, &mut histogram);
-    let (params, param_bytes) = graph.parameter_stats();
+    let (params, param_bytes) = session.parameter_stats();
     let flops = crate::flops::estimate_graph(graph, &bindings);
     let io = |v: &[IoInfo]| -> Vec<serde_json::Value> {
         v.iter()

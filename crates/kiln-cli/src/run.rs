@@ -55,7 +55,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 
     let random = args.inputs.is_empty();
     let inputs = if random {
-        random_inputs(session.inputs(), &dims, args.seed)?
+        random_inputs(session.inputs(), &dims, args.seed, &[])?
+            .into_iter()
+            .map(|(n, t)| (n, Value::Tensor(t)))
+            .collect()
     } else {
         file_inputs(session.inputs(), &args.inputs)?
     };
@@ -148,8 +151,12 @@ fn read_value_file(path: &Path, info: Option<&IoInfo>) -> Result<Value, Failure>
     parsed.map_err(|e| Failure::error(format!("{}: {e}", path.display())))
 }
 
-fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Value)>, Failure> {
-    // Positional inputs bind to the inputs without defaults first, in order.
+/// Binds `[NAME=]PATH` specs to the model's inputs (unnamed ones to the inputs
+/// without defaults first, in order) and reads each file as its input's kind.
+pub(crate) fn file_inputs(
+    infos: &[IoInfo],
+    specs: &[String],
+) -> Result<Vec<(String, Value)>, Failure> {
     let mut positional = infos
         .iter()
         .filter(|i| !i.has_default)
@@ -170,8 +177,17 @@ fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Value)
                 (info.name.clone(), spec.clone())
             }
         };
-        let info = infos.iter().find(|i| i.name == name);
-        out.push((name, read_value_file(Path::new(&path), info)?));
+        let Some(info) = infos.iter().find(|i| i.name == name) else {
+            return Err(Failure::usage(format!(
+                "the model has no input '{name}' (it has: {})",
+                infos
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        out.push((name, read_value_file(Path::new(&path), Some(info))?));
     }
     Ok(out)
 }
@@ -179,73 +195,84 @@ fn file_inputs(infos: &[IoInfo], specs: &[String]) -> Result<Vec<(String, Value)
 /// Largest random input kiln makes (elements): guards against absurd declared dims.
 const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
 
-fn random_inputs(
+/// Random tensors (seeded) for the required inputs not named in `given`.
+pub(crate) fn random_inputs(
     infos: &[IoInfo],
     dims: &[(String, usize)],
     seed: u64,
-) -> Result<Vec<(String, Value)>, Failure> {
+    given: &[String],
+) -> Result<Vec<(String, Tensor)>, Failure> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Vec::new();
-    for info in infos.iter().filter(|i| !i.has_default) {
-        if info.kind != ValueKind::Tensor {
-            return Err(Failure::usage(format!(
-                "input '{}' is a {}, not a tensor: kiln makes random tensors only; give it with --input",
-                info.name,
-                info.type_string()
-            )));
-        }
-        let shape: Vec<usize> = match &info.shape {
-            Some(s) => s
-                .iter()
-                .map(|d| match d {
-                    Dim::Known(v) => *v,
-                    Dim::Named(n) => dims
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .map(|(_, v)| *v)
-                        .unwrap_or(1),
-                    _ => 1,
-                })
-                .collect(),
-            None => {
-                return Err(Failure::usage(format!(
-                    "input '{}' has unknown rank; give it with --input",
-                    info.name
-                )))
-            }
-        };
-        let numel = kiln_ir::checked_numel(&shape)
-            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
-            .ok_or_else(|| {
-                Failure::error(format!(
-                    "input '{}' would have shape {shape:?}, too large for a random input; give it with --input",
-                    info.name
-                ))
-            })?;
-        // Floats in [0, 1); integers in [0, 10) so they are valid indices and ids
-        // for most models.
-        let data = match info.dtype {
-            DType::F32 => TensorData::F32((0..numel).map(|_| rng.gen::<f32>()).collect()),
-            DType::F64 => TensorData::F64((0..numel).map(|_| rng.gen::<f64>()).collect()),
-            DType::F16 => TensorData::F16((0..numel).map(|_| f16::from_f32(rng.gen())).collect()),
-            DType::BF16 => {
-                TensorData::BF16((0..numel).map(|_| bf16::from_f32(rng.gen())).collect())
-            }
-            DType::Bool => TensorData::Bool((0..numel).map(|_| rng.gen()).collect()),
-            DType::String => TensorData::String((0..numel).map(|i| format!("s{i}")).collect()),
-            int => {
-                let v: Vec<i64> = (0..numel).map(|_| rng.gen_range(0..10)).collect();
-                let t = Tensor::from_vec(shape.clone(), v)
-                    .map_err(|e| Failure::error(e.to_string()))?;
-                cast_int(&t, int)?
-            }
-        };
-        out.push((
-            info.name.clone(),
-            Value::Tensor(Tensor::new(shape, data).map_err(|e| Failure::error(e.to_string()))?),
-        ));
+    infos
+        .iter()
+        .filter(|i| !i.has_default && !given.contains(&i.name))
+        .map(|info| Ok((info.name.clone(), random_tensor(info, dims, &mut rng)?)))
+        .collect()
+}
+
+/// A random tensor for `info`: floats in [0, 1); integers 0 or 1, so that they
+/// are valid token ids, indices, token types and attention masks for most
+/// models; booleans either way. Symbolic dims come from `dims`, else 1.
+pub(crate) fn random_tensor(
+    info: &IoInfo,
+    dims: &[(String, usize)],
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Tensor, Failure> {
+    if info.kind != ValueKind::Tensor {
+        return Err(Failure::usage(format!(
+            "input '{}' is a {}, not a tensor: kiln makes random tensors only; give it with --input",
+            info.name,
+            info.type_string()
+        )));
     }
-    Ok(out)
+    let shape: Vec<usize> = info
+        .shape
+        .as_ref()
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "input '{}' has unknown rank; give it with --input",
+                info.name
+            ))
+        })?
+        .iter()
+        .map(|d| match d {
+            Dim::Known(v) => *v,
+            Dim::Named(n) => dims
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| *v)
+                .unwrap_or(1),
+            _ => 1,
+        })
+        .collect();
+    let n = kiln_ir::checked_numel(&shape)
+        .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+        .ok_or_else(|| {
+            Failure::error(format!(
+                "input '{}' would have shape {shape:?}, too large for a random input; give it with --input",
+                info.name
+            ))
+        })?;
+    let data = match info.dtype {
+        DType::F32 => TensorData::F32((0..n).map(|_| rng.gen::<f32>()).collect()),
+        DType::F64 => TensorData::F64((0..n).map(|_| rng.gen::<f64>()).collect()),
+        DType::F16 => TensorData::F16((0..n).map(|_| f16::from_f32(rng.gen())).collect()),
+        DType::BF16 => TensorData::BF16((0..n).map(|_| bf16::from_f32(rng.gen())).collect()),
+        DType::Bool => TensorData::Bool((0..n).map(|_| rng.gen()).collect()),
+        DType::String => TensorData::String((0..n).map(|i| format!("s{i}")).collect()),
+        int => {
+            let v: Vec<i64> = (0..n).map(|_| rng.gen_range(0..2)).collect();
+            let t =
+                Tensor::from_vec(shape.clone(), v).map_err(|e| Failure::error(e.to_string()))?;
+            cast_int(&t, int).map_err(|f| {
+                Failure::usage(format!(
+                    "input '{}': {}; give it with --input",
+                    info.name, f.message
+                ))
+            })?
+        }
+    };
+    Tensor::new(shape, data).map_err(|e| Failure::error(e.to_string()))
 }
 
 fn cast_int(t: &Tensor, to: DType) -> Result<TensorData, Failure> {

@@ -11,10 +11,12 @@
 //! | MatMul, FusedMatMul | f32 2-D B | `PackedB` of B |
 //! | Gemm | f32 2-D B | `PackedB` of B' (B or B^T, per `transB`) |
 //!
-//! [`PreparedOp::run`] has `run_op`'s contract. It checks that the W/B input it
-//! is given has the dtype and shape that was packed and errors out when not
-//! (it never computes with stale weights of another shape). Inputs that are not
-//! f32 (the packed W aside) take the unprepared kernel.
+//! [`PreparedOp::run`] has `run_op`'s contract, except that the packed input
+//! ([`PreparedOp::packed_input`]) may be absent: the op holds its data, so the
+//! runtime can free the original constant. When it is given, it must have the
+//! dtype and shape that was packed (it never computes with stale weights of
+//! another shape). Other inputs that are not f32 take the unprepared kernel,
+//! which needs the original W/B to be given.
 
 use crate::nn::{self, MatmulB};
 use crate::util::{broadcast_indices, broadcast_shape};
@@ -149,8 +151,14 @@ fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
 }
 
 impl PreparedOp {
-    /// Same contract as `run_op`: the node's present inputs (constant ones
-    /// included, unchanged).
+    /// The input whose data this op holds packed (W for Conv, B for
+    /// MatMul/Gemm): `run` does not read it, so the caller may pass None.
+    pub fn packed_input(&self) -> usize {
+        1
+    }
+
+    /// Same contract as `run_op`: the node's present inputs, except that the
+    /// [`packed_input`](Self::packed_input) may be None.
     pub fn run(
         &self,
         inputs: &[Option<&Tensor>],
@@ -162,20 +170,25 @@ impl PreparedOp {
             Kind::Conv { w_shape, .. } => (w_shape, "W"),
             Kind::MatMul { b_shape, .. } | Kind::Gemm { b_shape, .. } => (b_shape, "B"),
         };
-        let given = inputs
-            .get(1)
-            .copied()
-            .flatten()
-            .ok_or_else(|| invalid!("{name}: missing required input 1 ({packed_what})"))?;
-        if given.dtype() != DType::F32 || given.shape() != packed_shape.as_slice() {
-            return Err(invalid!(
-                "{name}: {packed_what} was prepared as f32 {packed_shape:?} but the run gives {} {:?}",
-                given.dtype(),
-                given.shape()
-            ));
+        let given = inputs.get(1).copied().flatten();
+        if let Some(given) = given {
+            if given.dtype() != DType::F32 || given.shape() != packed_shape.as_slice() {
+                return Err(invalid!(
+                    "{name}: {packed_what} was prepared as f32 {packed_shape:?} but the run gives {} {:?}",
+                    given.dtype(),
+                    given.shape()
+                ));
+            }
         }
-        // Anything else not f32 (e.g. f16 activations): the unprepared kernel.
-        if inputs.iter().flatten().any(|t| t.dtype() != DType::F32) {
+        // Anything else not f32 (e.g. f16 activations): the unprepared kernel,
+        // which needs the original weights.
+        if let Some(t) = inputs.iter().flatten().find(|t| t.dtype() != DType::F32) {
+            if given.is_none() {
+                return Err(invalid!(
+                    "{name}: {packed_what} was prepared for f32 inputs, but an input is {}",
+                    t.dtype()
+                ));
+            }
             return crate::run_op(&self.op, inputs, num_outputs);
         }
         let x = |i: usize, what: &str| crate::required(inputs, i, &format!("{name} {what}"));
@@ -295,6 +308,11 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].shape(), want[0].shape(), "{op:?}");
         assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+        // Without the packed input (the runtime freed the constant): same values.
+        let mut without = inputs.to_vec();
+        without[p.packed_input()] = None;
+        let held = p.run(&without, 1).unwrap();
+        assert_eq!(f32s(&held[0]), f32s(&got[0]), "{op:?}");
     }
 
     #[test]
@@ -375,8 +393,14 @@ mod tests {
         // A W of another dtype.
         let w64 = Tensor::from_vec(vec![4, 3, 3, 3], vec![0.0f64; 108]).unwrap();
         assert!(p.run(&[Some(&x), Some(&w64)], 1).is_err());
-        // W missing.
-        assert!(p.run(&[Some(&x), None], 1).is_err());
+        // W left out: the prepared op holds it (the runtime frees the original).
+        let held = p.run(&[Some(&x), None], 1).unwrap();
+        let want = crate::run_op(&op, &[Some(&x), Some(&w)], 1).unwrap();
+        assert_eq!(f32s(&held[0]), f32s(&want[0]));
+        // W left out with non-f32 activations: no original to fall back on.
+        let x64 = Tensor::from_vec(vec![1, 3, 5, 5], vec![0.0f64; 75]).unwrap();
+        let e = p.run(&[Some(&x64), None], 1).unwrap_err().to_string();
+        assert!(e.contains("prepared for f32"), "{e}");
         // X with the wrong channel count.
         let x2 = t(&[1, 2, 5, 5], rng.vec(50));
         assert!(p.run(&[Some(&x2), Some(&w)], 1).is_err());

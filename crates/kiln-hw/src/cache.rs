@@ -48,9 +48,11 @@ pub fn load_cached(path: &Path, fingerprint: &str, threads: usize) -> Option<Mea
     file.measurements.into_iter().find(|m| m.threads == threads)
 }
 
-/// Adds (or replaces) `m` in the cache at `path`. Entries for other thread
-/// counts are kept when the fingerprint matches; a file from other hardware is
-/// replaced. Writes a temporary file and renames it, so a reader never sees
+/// Adds `m` to the cache at `path`, merged with the entry for the same thread
+/// count by keeping the higher value of each peak (a peak is what the hardware
+/// sustains; a lower reading means other work shared the cores then). Entries
+/// for other thread counts are kept when the fingerprint matches; a file from
+/// other hardware is replaced. Writes a temporary file and renames it, so a reader never sees
 /// half a file.
 pub fn store_cached(path: &Path, fingerprint: &str, m: &Measured) -> std::io::Result<()> {
     let mut file = std::fs::read_to_string(path)
@@ -61,8 +63,12 @@ pub fn store_cached(path: &Path, fingerprint: &str, m: &Measured) -> std::io::Re
             fingerprint: fingerprint.to_string(),
             measurements: Vec::new(),
         });
+    let merged = match file.measurements.iter().find(|e| e.threads == m.threads) {
+        Some(old) => best_of(old, m),
+        None => m.clone(),
+    };
     file.measurements.retain(|e| e.threads != m.threads);
-    file.measurements.push(m.clone());
+    file.measurements.push(merged);
     file.measurements.sort_by_key(|e| e.threads);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -73,6 +79,27 @@ pub fn store_cached(path: &Path, fingerprint: &str, m: &Measured) -> std::io::Re
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// Each peak's higher reading of two measurements of the same hardware.
+fn best_of(a: &Measured, b: &Measured) -> Measured {
+    let opt_max = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    let (f32_gflops, f32_path) = if b.peak_f32_gflops >= a.peak_f32_gflops {
+        (b.peak_f32_gflops, b.f32_path.clone())
+    } else {
+        (a.peak_f32_gflops, a.f32_path.clone())
+    };
+    Measured {
+        threads: b.threads,
+        peak_f32_gflops: f32_gflops,
+        f32_path,
+        peak_bf16_gflops: opt_max(a.peak_bf16_gflops, b.peak_bf16_gflops),
+        peak_int8_gops: opt_max(a.peak_int8_gops, b.peak_int8_gops),
+        mem_bandwidth_gbs: a.mem_bandwidth_gbs.max(b.mem_bandwidth_gbs),
+    }
 }
 
 /// Where a [`Measured`] came from.
@@ -135,10 +162,19 @@ mod tests {
         assert_eq!(load_cached(&path, fp, 1), Some(sample(1, 100.0)));
         assert_eq!(load_cached(&path, fp, 4), Some(sample(4, 350.0)));
         assert_eq!(load_cached(&path, fp, 2), None, "never measured");
-        // Re-storing a thread count replaces its entry.
+        // Re-storing a thread count keeps each peak's higher reading.
         store_cached(&path, fp, &sample(1, 120.0)).unwrap();
         assert_eq!(load_cached(&path, fp, 1), Some(sample(1, 120.0)));
         assert_eq!(load_cached(&path, fp, 4), Some(sample(4, 350.0)));
+        let mut disturbed = sample(1, 60.0);
+        disturbed.mem_bandwidth_gbs = 30.0;
+        disturbed.peak_int8_gops = Some(400.0);
+        store_cached(&path, fp, &disturbed).unwrap();
+        let kept = load_cached(&path, fp, 1).unwrap();
+        assert_eq!(kept.peak_f32_gflops, 120.0);
+        assert_eq!(kept.peak_bf16_gflops, Some(240.0));
+        assert_eq!(kept.peak_int8_gops, Some(400.0));
+        assert_eq!(kept.mem_bandwidth_gbs, 30.0);
         std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap()).unwrap();
     }
 

@@ -4,7 +4,7 @@
 //! that every later stage sees a single form.
 
 use crate::attrs::Attrs;
-use crate::proto::{GraphProto, NodeProto, ValueInfoProto};
+use crate::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::tensor_proto::{dtype_from_onnx, tensor_from_proto, TensorLimits};
 use crate::{OnnxError, Result};
 use kiln_ir::*;
@@ -34,13 +34,37 @@ impl Converter {
             ..Default::default()
         };
         for init in &g.initializer {
-            let name = init.name.clone().unwrap_or_default();
-            if name.is_empty() {
-                return Err(OnnxError::Invalid("an initializer has no name".into()));
-            }
-            let t = tensor_from_proto(init, &self.limits)?;
-            graph.initializers.insert(name, Arc::new(t));
+            self.add_initializer(&mut graph, init)?;
         }
+        self.graph_body(g, is_main, graph)
+    }
+
+    /// [`graph`](Self::graph) on a graph it may consume: each initializer's
+    /// proto (with its raw bytes) is freed as soon as it is converted, so a
+    /// big model does not hold its weights twice while loading.
+    pub fn graph_owned(&mut self, mut g: GraphProto, is_main: bool) -> Result<Graph> {
+        let mut graph = Graph {
+            name: g.name.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        for init in std::mem::take(&mut g.initializer) {
+            self.add_initializer(&mut graph, &init)?;
+        }
+        self.graph_body(&g, is_main, graph)
+    }
+
+    fn add_initializer(&self, graph: &mut Graph, init: &TensorProto) -> Result<()> {
+        let name = init.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            return Err(OnnxError::Invalid("an initializer has no name".into()));
+        }
+        let t = tensor_from_proto(init, &self.limits)?;
+        graph.initializers.insert(name, Arc::new(t));
+        Ok(())
+    }
+
+    /// Everything of `g` but its initializers, into `graph`.
+    fn graph_body(&mut self, g: &GraphProto, is_main: bool, mut graph: Graph) -> Result<Graph> {
         if !g.sparse_initializer.is_empty() {
             return Err(OnnxError::UnsupportedFeature("sparse initializers".into()));
         }

@@ -92,10 +92,14 @@ pub struct Model {
 
 /// Loads a model file. External data paths are resolved in the file's folder.
 pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Model> {
-    let bytes = std::fs::read(path).map_err(|e| OnnxError::Io {
-        path: path.display().to_string(),
-        source: e,
-    })?;
+    let proto = {
+        let bytes = std::fs::read(path).map_err(|e| OnnxError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        decode(&bytes)?
+        // The file's bytes are freed here, before the weights are converted.
+    };
     let dir = path.parent().map(|p| {
         if p.as_os_str().is_empty() {
             Path::new(".")
@@ -103,7 +107,11 @@ pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Model> {
             p
         }
     });
-    load_model_bytes(&bytes, dir, options)
+    model_from_proto(proto, dir, options)
+}
+
+fn decode(bytes: &[u8]) -> Result<proto::ModelProto> {
+    proto::ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))
 }
 
 /// Loads a model from bytes. `base_dir` is where external data files live; with
@@ -113,10 +121,19 @@ pub fn load_model_bytes(
     base_dir: Option<&Path>,
     options: &LoadOptions,
 ) -> Result<Model> {
-    let proto = proto::ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    model_from_proto(decode(bytes)?, base_dir, options)
+}
+
+/// Converts a decoded model, consuming it so each weight's proto is freed
+/// once converted.
+fn model_from_proto(
+    mut proto: proto::ModelProto,
+    base_dir: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<Model> {
     let graph_proto = proto
         .graph
-        .as_ref()
+        .take()
         .ok_or_else(|| OnnxError::Decode("the file has no graph (is it an ONNX model?)".into()))?;
     let mut opset = None;
     let mut opset_imports = Vec::new();
@@ -164,7 +181,7 @@ pub fn load_model_bytes(
         max_tensor_bytes: options.max_tensor_bytes,
     };
     let mut conv = convert::Converter::new(opset, limits);
-    let graph = conv.graph(graph_proto, true)?;
+    let graph = conv.graph_owned(graph_proto, true)?;
     Ok(Model {
         graph,
         ir_version: proto.ir_version.unwrap_or(0),

@@ -83,7 +83,11 @@ fn timing(step: &Step, values: &[Option<Val>], outs: &[Val], seconds: f64) -> No
         inputs: step
             .inputs
             .iter()
-            .map(|s| describe(s.and_then(|s| values[s].as_ref())))
+            .enumerate()
+            .map(|(i, s)| match step.held.iter().find(|(h, _)| *h == i) {
+                Some((_, held)) => Some(held.clone()),
+                None => describe(s.and_then(|s| values[s].as_ref())),
+            })
             .collect(),
         outputs: outs.iter().map(|v| describe(Some(v))).collect(),
     }

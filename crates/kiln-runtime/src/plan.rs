@@ -21,6 +21,9 @@ pub(crate) struct Step {
     /// The kernel specialized on the node's constant inputs (packed weights),
     /// made once here instead of on every run.
     pub prepared: Option<kiln_cpu::PreparedOp>,
+    /// Inputs whose constant was freed because `prepared` holds its data
+    /// (packed): (input index, dtype and shape), for profiles.
+    pub held: Vec<(usize, (kiln_ir::DType, Vec<usize>))>,
 }
 
 /// A compiled graph. Subgraph plans read enclosing values through `outer`.
@@ -35,6 +38,9 @@ pub(crate) struct Plan {
     pub steps: Vec<Step>,
     /// Graph outputs: (name, slot).
     pub outputs: Vec<(String, usize)>,
+    /// Initializers not kept as constants because prepared steps hold their
+    /// data packed (see [`release_packed_constants`]).
+    pub released: Vec<String>,
 }
 
 impl Plan {
@@ -136,6 +142,7 @@ impl Plan {
                 subplans,
                 subplan_outer,
                 prepared,
+                held: Vec::new(),
             });
         }
         let outputs: Vec<(String, usize)> = graph
@@ -150,8 +157,17 @@ impl Plan {
             }
         }
 
-        // Liveness: free each slot after its last reader, unless it is an output.
         let keep: HashSet<usize> = outputs.iter().map(|(_, s)| *s).collect();
+        let released_slots =
+            release_packed_constants(&mut constants, &mut steps, &mut reads_per_step, &keep);
+        let mut released: Vec<String> = slots
+            .iter()
+            .filter(|(_, s)| released_slots.contains(s))
+            .map(|(n, _)| n.clone())
+            .collect();
+        released.sort();
+
+        // Liveness: free each slot after its last reader, unless it is an output.
         let mut last_use: HashMap<usize, usize> = HashMap::new();
         for (si, reads) in reads_per_step.iter().enumerate() {
             for &s in reads {
@@ -178,8 +194,59 @@ impl Plan {
             outer: outer_slots,
             steps,
             outputs,
+            released,
         })
     }
+}
+
+/// Drops each constant whose only readers are prepared steps that hold its
+/// data packed (their `packed_input`): keeping the original as well would
+/// double the weights' memory. Those steps get None for that input.
+fn release_packed_constants(
+    constants: &mut Vec<(usize, Arc<Tensor>)>,
+    steps: &mut [Step],
+    reads_per_step: &mut [Vec<usize>],
+    keep: &HashSet<usize>,
+) -> HashSet<usize> {
+    // Per slot: how many reads in all, and how many a prepared op holds.
+    let mut reads: HashMap<usize, (usize, usize)> = HashMap::new();
+    for (step, step_reads) in steps.iter().zip(reads_per_step.iter()) {
+        for &s in step_reads {
+            reads.entry(s).or_default().0 += 1;
+        }
+        if let Some(p) = &step.prepared {
+            if let Some(Some(s)) = step.inputs.get(p.packed_input()) {
+                reads.entry(*s).or_default().1 += 1;
+            }
+        }
+    }
+    let released: HashSet<usize> = constants
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| !keep.contains(s) && matches!(reads.get(s), Some(&(all, held)) if all == held))
+        .collect();
+    if released.is_empty() {
+        return released;
+    }
+    let described: HashMap<usize, (kiln_ir::DType, Vec<usize>)> = constants
+        .iter()
+        .filter(|(s, _)| released.contains(s))
+        .map(|(s, t)| (*s, (t.dtype(), t.shape().to_vec())))
+        .collect();
+    constants.retain(|(s, _)| !released.contains(s));
+    for (step, step_reads) in steps.iter_mut().zip(reads_per_step.iter_mut()) {
+        let Some(idx) = step.prepared.as_ref().map(|p| p.packed_input()) else {
+            continue;
+        };
+        if let Some(slot) = step.inputs.get(idx).copied().flatten() {
+            if released.contains(&slot) {
+                step.inputs[idx] = None;
+                step.held.push((idx, described[&slot].clone()));
+                step_reads.retain(|&s| s != slot);
+            }
+        }
+    }
+    released
 }
 
 /// The slot of `name`, allocating the next one on first sight.

@@ -86,6 +86,8 @@ pub struct Session {
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     warnings: Vec<String>,
+    /// (elements, bytes) of the model's weights after optimization.
+    parameters: (usize, usize),
 }
 
 impl Session {
@@ -142,7 +144,18 @@ impl Session {
                 Err(e) => tracing::warn!("optimizer skipped: {e}"),
             }
         }
+        let parameters = graph.parameter_stats();
         let plan = Plan::compile(&graph, &HashSet::new())?;
+        // The plan's prepared kernels hold these weights packed; keeping the
+        // originals here too would double the model's memory. Their types stay.
+        for name in &plan.released {
+            if let Some(t) = graph.initializers.remove(name) {
+                graph.value_types.insert(
+                    name.clone(),
+                    kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape()))),
+                );
+            }
+        }
         let inputs = graph
             .inputs
             .iter()
@@ -174,6 +187,7 @@ impl Session {
             inputs,
             outputs,
             warnings: report.warnings,
+            parameters,
         })
     }
 
@@ -186,7 +200,15 @@ impl Session {
         &self.outputs
     }
 
-    /// The graph after loading and inference.
+    /// The model's weights after optimization: (elements, bytes), including
+    /// the ones the plan holds packed (which `graph()` no longer lists).
+    pub fn parameter_stats(&self) -> (usize, usize) {
+        self.parameters
+    }
+
+    /// The graph after loading, inference and optimization. Weights the plan
+    /// holds packed (Conv W, MatMul/Gemm B) are not among its initializers:
+    /// their types are in `value_types`.
     pub fn graph(&self) -> &Graph {
         &self.graph
     }

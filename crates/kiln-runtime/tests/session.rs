@@ -277,3 +277,72 @@ fn kernel_failures_name_the_node() {
         "{e}"
     );
 }
+
+/// A weight read only by a MatMul is held packed by the plan and freed from the
+/// graph; one also read by a Gather (tied embeddings) stays. Values agree with
+/// the unoptimized session either way.
+#[test]
+fn packed_weights_free_their_originals_unless_read_elsewhere() {
+    let w: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let graph = |tied: bool| {
+        let mut nodes = vec![node("mm", Op::MatMul, &["x", "w"], &["y"])];
+        let mut outputs = vec![vi("y", DType::F32, vec![Dim::Known(2), Dim::Known(4)])];
+        if tied {
+            nodes.push(node("emb", Op::Gather { axis: 0 }, &["w", "ids"], &["e"]));
+            outputs.push(vi("e", DType::F32, vec![Dim::Known(1), Dim::Known(4)]));
+        }
+        let mut g = Graph {
+            inputs: vec![vi("x", DType::F32, vec![Dim::Known(2), Dim::Known(3)])],
+            outputs,
+            nodes,
+            ..Default::default()
+        };
+        g.initializers.insert(
+            "w".into(),
+            Arc::new(Tensor::from_vec(vec![3, 4], w.clone()).unwrap()),
+        );
+        g.initializers
+            .insert("ids".into(), Arc::new(Tensor::vector(vec![2i64])));
+        g
+    };
+    let x = Tensor::from_vec(vec![2, 3], vec![1.0f32, 2.0, 3.0, -1.0, 0.5, 4.0]).unwrap();
+    // y = x @ w, by hand.
+    let want: Vec<f32> = (0..2)
+        .flat_map(|i| {
+            let x = &x;
+            let w = &w;
+            (0..4).map(move |j| {
+                (0..3)
+                    .map(|k| x.as_slice::<f32>().unwrap()[i * 3 + k] * w[k * 4 + j])
+                    .sum()
+            })
+        })
+        .collect();
+
+    let s = session(graph(false)).unwrap();
+    assert!(
+        !s.graph().initializers.contains_key("w"),
+        "w is held packed"
+    );
+    assert_eq!(
+        s.graph().value_type("w").unwrap().shape,
+        Some(known_shape(&[3, 4]))
+    );
+    // (The unused ids initializer is dropped by the optimizer.)
+    assert_eq!(s.parameter_stats().0, 12, "w still counts as a parameter");
+    let out = s.run(vec![("x".into(), x.clone())]).unwrap();
+    assert_eq!(f32s(&out[0].1), want);
+    let (_, profile) = s.run_profiled(vec![("x".into(), x.clone())]).unwrap();
+    let mm = profile.iter().find(|t| t.node == "mm").unwrap();
+    assert_eq!(
+        mm.inputs[1],
+        Some((DType::F32, vec![3, 4])),
+        "profile sees w"
+    );
+
+    let s = session(graph(true)).unwrap();
+    assert!(s.graph().initializers.contains_key("w"), "Gather reads w");
+    let out = s.run(vec![("x".into(), x)]).unwrap();
+    assert_eq!(f32s(&out[0].1), want);
+    assert_eq!(f32s(&out[1].1), w[8..12].to_vec());
+}

@@ -2,7 +2,10 @@
 //!
 //! - A node whose inputs are all constants (initializers the caller cannot
 //!   override) is evaluated once with the reference kernels and becomes an
-//!   initializer, unless an output would exceed `max_folded_bytes`.
+//!   initializer, unless an output would exceed both `max_folded_bytes` and
+//!   the largest input (so a Transpose or Cast of a big weight still folds:
+//!   it never creates a constant bigger than one the model already holds,
+//!   and the runtime drops the original when nothing else reads it).
 //! - `Shape`/`Size` of a value whose shape is fully known statically become
 //!   constants (then the Gather/Concat/Slice/Unsqueeze/Cast chains over them fold
 //!   by the first rule in the next round).
@@ -47,7 +50,14 @@ pub fn run(g: &mut Graph, ctx: &PassCtx) -> usize {
 /// The values of node `i`'s present outputs, when they can be known now.
 fn fold_node(g: &Graph, ix: &Index, ctx: &PassCtx, i: usize) -> Option<Vec<Tensor>> {
     let n = &g.nodes[i];
-    let fits = |t: &Tensor| t.byte_size() <= ctx.max_folded_bytes;
+    let largest_input = n
+        .present_inputs()
+        .filter_map(|name| constant(g, ix, name))
+        .map(|t| t.byte_size())
+        .max()
+        .unwrap_or(0);
+    let limit = ctx.max_folded_bytes.max(largest_input);
+    let fits = |t: &Tensor| t.byte_size() <= limit;
     // Shape and Size only need the input's static shape.
     if let (Op::Shape { start, end }, Some(x)) = (&n.op, n.input(0)) {
         let dims = static_shape(g, x)?;
@@ -69,7 +79,7 @@ fn fold_node(g: &Graph, ix: &Index, ctx: &PassCtx, i: usize) -> Option<Vec<Tenso
         for o in n.present_outputs() {
             if let (Some(shape), Some(dt)) = (static_shape(g, o), crate::util::dtype_of(g, o)) {
                 let bytes = kiln_ir::checked_numel(&shape)?.checked_mul(dt.size().max(1))?;
-                if bytes > ctx.max_folded_bytes {
+                if bytes > limit {
                     return None;
                 }
             }
@@ -144,6 +154,37 @@ mod tests {
         assert_eq!(n, 2);
         assert_eq!(after.nodes.len(), 1);
         assert!(after.initializers.contains_key("w3"));
+    }
+
+    #[test]
+    fn folds_transpose_of_weight_past_limit_but_not_growth() {
+        // A tied LM head reads Transpose(embedding): folding it never makes a
+        // constant bigger than the embedding, so it folds past the limit; a
+        // Tile of the same weight would double it, so it does not.
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[2, 64]);
+        let w = b.init_rand("w", &[256, 64], -1.0, 1.0);
+        let reps = b.init_i64("reps", vec![2, 1]);
+        b.node(
+            Op::Transpose {
+                perm: Some(vec![1, 0]),
+            },
+            &[&w],
+            &["wt"],
+        );
+        b.node(Op::MatMul, &["x", "wt"], &["y"]);
+        b.node(Op::Tile, &[&w, &reps], &["w2"]);
+        b.output("y", DType::F32);
+        b.output("w2", DType::F32);
+        let g = b.finish();
+        let mut after = g.clone();
+        let mut ctx = ctx_for(&g);
+        ctx.max_folded_bytes = 1024; // far below the 64 KiB weight
+        let n = run(&mut after, &ctx);
+        assert_equivalent(&g, &after);
+        assert_eq!(n, 1);
+        assert!(after.initializers.contains_key("wt"));
+        assert_eq!(count_op(&after, "Tile"), 1);
     }
 
     #[test]
