@@ -443,7 +443,8 @@ pub const PAR_CHUNK: usize = 16 * 1024;
 
 /// `func` over `src` into a new vector, in parallel chunks when large.
 pub fn map_vec(func: Func, src: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; src.len()];
+    // `map` writes every element.
+    let mut out = crate::buffers::take_f32(src.len());
     if src.len() < PAR_MIN {
         map(func, src, &mut out);
     } else {

@@ -7,6 +7,7 @@
 //! (If, Loop) is the runtime's job, since it needs to execute subgraphs.
 
 mod attn;
+pub mod buffers;
 mod elementwise;
 pub mod fastmath;
 pub mod fused;

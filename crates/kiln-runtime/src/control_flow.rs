@@ -57,7 +57,13 @@ pub(crate) fn execute_profiled(
             ));
         }
         for &slot in &step.frees {
-            values[slot] = None;
+            // A big f32 buffer nothing else holds goes back to the kernels'
+            // pool instead of to the OS (see kiln_cpu::buffers).
+            if let Some(Val::Tensor(t)) = values[slot].take() {
+                if let Ok(t) = Arc::try_unwrap(t) {
+                    kiln_cpu::buffers::recycle_tensor(t);
+                }
+            }
         }
     }
     plan.outputs

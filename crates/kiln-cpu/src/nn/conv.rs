@@ -585,7 +585,14 @@ pub(crate) fn conv_f32(
             None
         }
     };
-    let mut y = vec![0.0f32; numel(&geo.out_shape)?];
+    // Every element is written below (GEMM with beta 0, depthwise planes
+    // cleared first), except with no input channels, which needs zeros.
+    let total = numel(&geo.out_shape)?;
+    let mut y = if geo.cg == 0 {
+        vec![0.0f32; total]
+    } else {
+        crate::buffers::take_f32(total)
+    };
     let epi = Epi {
         bias,
         res,
@@ -2102,17 +2109,28 @@ mod tests {
     #[test]
     fn depthwise_isas_agree() {
         let mut rng = Rng::new(78);
-        for &(h, w, k, s) in &[
-            (13, 29, 3, 1),
-            (14, 31, 3, 2),
-            (12, 37, 5, 1),
-            (15, 33, 5, 2),
+        // (H, W, k, stride, pads [top, left, bottom, right]): long rows, the
+        // narrow planes of late layers, asymmetric and no padding, 1x1 planes.
+        for &(h, w, k, s, p) in &[
+            (13, 29, 3, 1, [1, 1, 1, 1]),
+            (14, 31, 3, 2, [1, 1, 1, 1]),
+            (12, 37, 5, 1, [2, 2, 2, 2]),
+            (15, 33, 5, 2, [2, 2, 2, 2]),
+            (7, 7, 3, 1, [1, 1, 1, 1]),
+            (14, 14, 3, 2, [0, 0, 1, 1]),
+            (14, 14, 3, 2, [1, 1, 1, 1]),
+            (9, 6, 3, 1, [0, 0, 0, 0]),
+            (8, 11, 3, 2, [0, 2, 1, 0]),
+            (1, 1, 3, 1, [1, 1, 1, 1]),
+            (2, 3, 5, 2, [2, 2, 2, 2]),
+            (5, 5, 2, 1, [0, 0, 1, 1]),
+            (6, 10, 4, 2, [1, 2, 2, 1]),
         ] {
             let c = 3;
             let xs = [2, c, h, w];
             let x = t(&xs, rng.vec(2 * c * h * w));
             let wt = t(&[c, 1, k, k], rng.vec(c * k * k));
-            let a = attrs(AutoPad::NotSet, c, &[], &[k / 2; 4], &[s, s]);
+            let a = attrs(AutoPad::NotSet, c, &[], &p, &[s, s]);
             let want = conv_reference(&a, &x, &wt, None).unwrap();
             let got = super::super::depthwise::all_isas(&a, &x, &wt);
             assert!(!got.is_empty());

@@ -116,25 +116,59 @@ fn depthwise_conv_with(
     if out_n == 0 {
         return;
     }
-    y.par_chunks_mut(out_n)
+    // Several small planes per task: a 7x7 plane is ~100 ns of work, less
+    // than scheduling a task costs.
+    let per_task = (PLANE_TASK_ELEMS / out_n).clamp(1, 256);
+    y.par_chunks_mut(out_n * per_task)
         .enumerate()
-        .for_each_init(Vec::new, |phases, (p, out)| {
-            let (ni, mi) = (p / m, p % m);
-            let ci = mi / mg;
-            let src = &x[(ni * c + ci) * in_n..][..in_n];
-            let filt = &w[mi * kn..][..kn];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx512` is only chosen after
-                // `is_x86_feature_detected!("avx512f")` returned true.
-                Isa::Avx512 => unsafe { plane_avx512(&g, src, filt, phases, out, epi, ni, mi) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
-                // detected on this CPU.
-                Isa::Avx2 => unsafe { plane_avx2(&g, src, filt, phases, out, epi, ni, mi) },
-                Isa::Portable => plane(&g, src, filt, phases, out, epi, ni, mi),
-            }
+        .for_each(|(task, outs)| {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                for (k, out) in outs.chunks_exact_mut(out_n).enumerate() {
+                    let p = task * per_task + k;
+                    let (ni, mi) = (p / m, p % m);
+                    let ci = mi / mg;
+                    let src = &x[(ni * c + ci) * in_n..][..in_n];
+                    let filt = &w[mi * kn..][..kn];
+                    plane_dispatch(isa, &g, src, filt, &mut scratch, out, epi, ni, mi);
+                }
+            })
         });
+}
+
+/// Output elements per parallel task (whole planes).
+const PLANE_TASK_ELEMS: usize = 4096;
+
+thread_local! {
+    /// Per-thread scratch for phase planes and accumulators, kept between
+    /// calls so planes do not allocate.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn plane_dispatch(
+    isa: Isa,
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    phases: &mut Vec<f32>,
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    mi: usize,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only chosen after
+        // `is_x86_feature_detected!("avx512f")` returned true.
+        Isa::Avx512 => unsafe { plane_avx512(g, src, filt, phases, out, epi, ni, mi) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
+        // detected on this CPU.
+        Isa::Avx2 => unsafe { plane_avx2(g, src, filt, phases, out, epi, ni, mi) },
+        Isa::Portable => plane(g, src, filt, phases, out, epi, ni, mi),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -193,6 +227,13 @@ fn plane(
     ni: usize,
     ch: usize,
 ) {
+    if flat_applies(g) {
+        return if g.sh == 1 {
+            plane_flat::<1>(g, src, filt, phases, out, epi, ni, ch)
+        } else {
+            plane_flat::<2>(g, src, filt, phases, out, epi, ni, ch)
+        };
+    }
     let sw = g.sw;
     // Phase-split rows: phase p of input row iy is `rows[(p * ih + iy) * pl..][..pl]`.
     let (rows, pl): (&[f32], usize) = if sw == 1 {
@@ -291,6 +332,149 @@ fn plane(
         }
         epi.apply(ni, ch, oy * g.ow, orow);
     }
+}
+
+/// Whether [`plane_flat`] handles this geometry: 2-D, no dilation, the same
+/// stride (1 or 2) on both axes.
+fn flat_applies(g: &Plane2d) -> bool {
+    g.dh == 1
+        && g.dw == 1
+        && g.sh == g.sw
+        && (g.sh == 1 || g.sh == 2)
+        && g.oh > 0
+        && g.ow > 0
+        && g.kh * g.kw <= MAX_FLAT_TAPS
+}
+
+/// Largest kernel [`plane_flat`] takes (its tap table lives on the stack).
+const MAX_FLAT_TAPS: usize = 64;
+
+/// One output plane as a single long 1-D convolution, which vectorizes well
+/// however narrow the plane is (7x7 and 14x14 planes have rows shorter than
+/// two AVX-512 vectors, so the row-by-row kernel ran mostly scalar).
+///
+/// The zero-padded input is split into `s * s` phase planes (row parity x
+/// column parity for stride 2; one plane for stride 1):
+/// `phase[ry][rx][i][j] = padded[s*i + ry][s*j + rx]`, each `rows` x `pitch`.
+/// Output `(oy, ox)` is then `sum w[ky][kx] * phase[ky%s][kx%s][oy + ky/s][ox + kx/s]`:
+/// at flat index `q = oy * pitch + ox` every tap reads its phase plane at the
+/// constant shift `(ky/s) * pitch + kx/s`. The `pitch - ow` columns past each
+/// output row are computed and dropped.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn plane_flat<const S: usize>(
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    ch: usize,
+) {
+    // The stride is a constant so that the index arithmetic below compiles
+    // to shifts and the stride-2 column split vectorizes.
+    let s = S;
+    let (kh, kw) = (g.kh, g.kw);
+    let pitch = g.ow + (kw - 1) / s;
+    let rows = g.oh + (kh - 1) / s;
+    let plane_len = rows * pitch;
+    let n_out = g.oh * pitch;
+    // Phase planes, then one padding row so the widest shift stays in
+    // bounds, then the accumulator.
+    let phases_len = s * s * plane_len + pitch;
+    scratch.clear();
+    scratch.resize(phases_len + n_out, 0.0);
+    let (phase_buf, acc) = scratch.split_at_mut(phases_len);
+    for ry in 0..s {
+        for rx in 0..s {
+            let plane = &mut phase_buf[(ry * s + rx) * plane_len..][..plane_len];
+            for i in 0..rows {
+                // Padded row s*i + ry is input row s*i + ry - ph.
+                let iy = (s * i + ry) as isize - g.ph as isize;
+                if iy < 0 || iy >= g.ih as isize {
+                    continue;
+                }
+                let srow = &src[iy as usize * g.iw..][..g.iw];
+                let prow = &mut plane[i * pitch..][..pitch];
+                // Column j is input column s*j + off.
+                let off = rx as isize - g.pw as isize;
+                let (lo, hi) = valid_range(pitch, s, off, g.iw);
+                if s == 1 {
+                    let a = (lo as isize + off) as usize;
+                    prow[lo..hi].copy_from_slice(&srow[a..a + (hi - lo)]);
+                } else {
+                    for (j, d) in prow.iter_mut().enumerate().take(hi).skip(lo) {
+                        *d = srow[((s * j) as isize + off) as usize];
+                    }
+                }
+            }
+        }
+    }
+    let phase_buf = &*phase_buf;
+    // Where each tap (ky, kx), in filter order, reads: its phase plane at
+    // its shift.
+    let mut starts = [0usize; MAX_FLAT_TAPS];
+    for ky in 0..kh {
+        for kx in 0..kw {
+            starts[ky * kw + kx] = ((ky % s) * s + kx % s) * plane_len + (ky / s) * pitch + kx / s;
+        }
+    }
+    let taps = kh * kw;
+    // Three taps per pass (one kernel row for 3x3), so the accumulator is
+    // read and written a third as often.
+    let mut first = true;
+    for t0 in (0..taps).step_by(3) {
+        let w = |t: usize| filt[t0 + t];
+        let src_of = |t: usize| &phase_buf[starts[t0 + t]..][..n_out];
+        match (taps - t0).min(3) {
+            3 => {
+                let (a, b, c) = (src_of(0), src_of(1), src_of(2));
+                let (wa, wb, wc) = (w(0), w(1), w(2));
+                if first {
+                    for (((d, &x), &y), &z) in acc.iter_mut().zip(a).zip(b).zip(c) {
+                        *d = wa * x + wb * y + wc * z;
+                    }
+                } else {
+                    for (((d, &x), &y), &z) in acc.iter_mut().zip(a).zip(b).zip(c) {
+                        *d += wa * x + wb * y + wc * z;
+                    }
+                }
+            }
+            2 => {
+                let (a, b) = (src_of(0), src_of(1));
+                let (wa, wb) = (w(0), w(1));
+                if first {
+                    for ((d, &x), &y) in acc.iter_mut().zip(a).zip(b) {
+                        *d = wa * x + wb * y;
+                    }
+                } else {
+                    for ((d, &x), &y) in acc.iter_mut().zip(a).zip(b) {
+                        *d += wa * x + wb * y;
+                    }
+                }
+            }
+            _ => {
+                let (a, wa) = (src_of(0), w(0));
+                if first {
+                    for (d, &x) in acc.iter_mut().zip(a) {
+                        *d = wa * x;
+                    }
+                } else {
+                    tap1(acc, a, wa);
+                }
+            }
+        }
+        first = false;
+    }
+    for (orow, arow) in out
+        .chunks_exact_mut(g.ow)
+        .zip(acc.chunks_exact(pitch))
+        .take(g.oh)
+    {
+        orow.copy_from_slice(&arow[..g.ow]);
+    }
+    epi.apply(ni, ch, 0, &mut out[..g.oh * g.ow]);
 }
 
 #[inline(always)]

@@ -489,7 +489,13 @@ pub(crate) fn gemm_f32(
             b.rows()
         ));
     }
-    let mut y = vec![0.0f32; numel(&[m, n])?];
+    // Written in full below: from C, or by sgemm with beta 0, or zeros for
+    // an empty sum.
+    let mut y = if c.is_none() && a.cols() == 0 {
+        vec![0.0f32; numel(&[m, n])?]
+    } else {
+        crate::buffers::take_f32(numel(&[m, n])?)
+    };
     let beta = match c {
         Some((cv, idx)) => {
             for (v, &i) in y.iter_mut().zip(&idx) {
@@ -530,7 +536,12 @@ pub(crate) fn matmul_f32(
 ) -> Result<Vec<f32>> {
     let (m, k, n) = (s.m, s.k, s.n);
     let batch = numel(&s.out_batch)?;
-    let mut y = vec![0.0f32; numel(&s.out_shape)?];
+    // sgemm with beta 0 writes every element; empty sums (k = 0) need zeros.
+    let mut y = if k == 0 {
+        vec![0.0f32; numel(&s.out_shape)?]
+    } else {
+        crate::buffers::take_f32(numel(&s.out_shape)?)
+    };
     if y.is_empty() {
         return Ok(y);
     }
