@@ -42,13 +42,22 @@ impl Converter {
     /// [`graph`](Self::graph) on a graph it may consume: each initializer's
     /// proto (with its raw bytes) is freed as soon as it is converted, so a
     /// big model does not hold its weights twice while loading.
-    pub fn graph_owned(&mut self, mut g: GraphProto, is_main: bool) -> Result<Graph> {
+    /// `more` supplies initializers read separately (streamed from the file).
+    pub fn graph_owned(
+        &mut self,
+        mut g: GraphProto,
+        is_main: bool,
+        more: &mut dyn Iterator<Item = Result<TensorProto>>,
+    ) -> Result<Graph> {
         let mut graph = Graph {
             name: g.name.clone().unwrap_or_default(),
             ..Default::default()
         };
         for init in std::mem::take(&mut g.initializer) {
             self.add_initializer(&mut graph, &init)?;
+        }
+        for init in more {
+            self.add_initializer(&mut graph, &init?)?;
         }
         self.graph_body(&g, is_main, graph)
     }

@@ -12,6 +12,7 @@ mod convert_text;
 mod convert_vision;
 #[allow(clippy::all, missing_docs)]
 pub mod proto;
+mod stream;
 mod tensor_proto;
 #[cfg(test)]
 mod test_util;
@@ -92,13 +93,9 @@ pub struct Model {
 
 /// Loads a model file. External data paths are resolved in the file's folder.
 pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Model> {
-    let proto = {
-        let bytes = std::fs::read(path).map_err(|e| OnnxError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-        decode(&bytes)?
-        // The file's bytes are freed here, before the weights are converted.
+    let io = |e: std::io::Error| OnnxError::Io {
+        path: path.display().to_string(),
+        source: e,
     };
     let dir = path.parent().map(|p| {
         if p.as_os_str().is_empty() {
@@ -107,7 +104,53 @@ pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Model> {
             p
         }
     });
-    model_from_proto(proto, dir, options)
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len >= STREAM_MIN_BYTES {
+        return load_streaming(&mut file, len, dir, options);
+    }
+    let proto = {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io)?;
+        decode(&bytes)?
+        // The file's bytes are freed here, before the weights are converted.
+    };
+    model_from_proto(proto, dir, options, &mut std::iter::empty())
+}
+
+/// Files at least this big stream their weights (see `stream.rs`): the
+/// file's bytes and the decoded weights are never all in memory at once.
+const STREAM_MIN_BYTES: u64 = 16 << 20;
+
+/// Loads a model by decoding its skeleton, then reading, decoding and
+/// converting one initializer at a time.
+fn load_streaming(
+    file: &mut std::fs::File,
+    len: u64,
+    dir: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<Model> {
+    let split = stream::split_model(&mut *file, len)?;
+    let proto = decode(&split.skeleton)?;
+    let max_bytes = options.max_tensor_bytes;
+    let mut inits = split
+        .initializers
+        .into_iter()
+        .enumerate()
+        .map(move |(i, (offset, n))| {
+            // A TensorProto is its data plus a little framing: refuse absurd
+            // lengths before allocating for them.
+            if n > max_bytes.saturating_add(1 << 20) {
+                return Err(OnnxError::Invalid(format!(
+                    "initializer #{i} (at byte {offset}) is {n} bytes, over the limit of {max_bytes}"
+                )));
+            }
+            let buf = stream::read_at(&mut *file, offset, n)?;
+            proto::TensorProto::decode(buf.as_slice()).map_err(|e| {
+                OnnxError::Decode(format!("initializer #{i} (at byte {offset}): {e}"))
+            })
+        });
+    model_from_proto(proto, dir, options, &mut inits)
 }
 
 fn decode(bytes: &[u8]) -> Result<proto::ModelProto> {
@@ -121,7 +164,7 @@ pub fn load_model_bytes(
     base_dir: Option<&Path>,
     options: &LoadOptions,
 ) -> Result<Model> {
-    model_from_proto(decode(bytes)?, base_dir, options)
+    model_from_proto(decode(bytes)?, base_dir, options, &mut std::iter::empty())
 }
 
 /// Converts a decoded model, consuming it so each weight's proto is freed
@@ -130,6 +173,7 @@ fn model_from_proto(
     mut proto: proto::ModelProto,
     base_dir: Option<&Path>,
     options: &LoadOptions,
+    more_initializers: &mut dyn Iterator<Item = Result<proto::TensorProto>>,
 ) -> Result<Model> {
     let graph_proto = proto
         .graph
@@ -181,7 +225,7 @@ fn model_from_proto(
         max_tensor_bytes: options.max_tensor_bytes,
     };
     let mut conv = convert::Converter::new(opset, limits);
-    let graph = conv.graph_owned(graph_proto, true)?;
+    let graph = conv.graph_owned(graph_proto, true, more_initializers)?;
     Ok(Model {
         graph,
         ir_version: proto.ir_version.unwrap_or(0),

@@ -39,15 +39,41 @@ pub(crate) struct Plan {
     /// Graph outputs: (name, slot).
     pub outputs: Vec<(String, usize)>,
     /// Initializers not kept as constants because prepared steps hold their
-    /// data packed (see [`release_packed_constants`]).
+    /// data packed (see [`Plan::compile_releasing`]).
     pub released: Vec<String>,
 }
 
 impl Plan {
     /// Compiles `graph`. `outer` names the values visible from enclosing graphs.
     pub fn compile(graph: &Graph, outer: &HashSet<String>) -> Result<Plan> {
+        let mut inits = graph.initializers.clone();
+        Plan::compile_with(graph, &mut inits, false, outer)
+    }
+
+    /// Compiles a top-level graph whose initializers the caller moved into
+    /// `inits`. A weight whose only readers are prepared steps that hold it
+    /// packed is removed from `inits` as soon as its last reader is prepared,
+    /// so the original and the packed copy of every weight never all coexist
+    /// (that would double a model's peak memory); those steps get None for it.
+    pub fn compile_releasing(
+        graph: &Graph,
+        inits: &mut std::collections::BTreeMap<String, Arc<Tensor>>,
+    ) -> Result<Plan> {
+        Plan::compile_with(graph, inits, true, &HashSet::new())
+    }
+
+    fn compile_with(
+        graph: &Graph,
+        inits: &mut std::collections::BTreeMap<String, Arc<Tensor>>,
+        release: bool,
+        outer: &HashSet<String>,
+    ) -> Result<Plan> {
+        // The initializers may have been moved out of `graph` into `inits`:
+        // they are available values all the same.
+        let mut available = outer.clone();
+        available.extend(inits.keys().cloned());
         let order = graph
-            .topo_order(outer)
+            .topo_order(&available)
             .map_err(|e| Error::InvalidModel(e.to_string()))?;
         let mut slots: HashMap<String, usize> = HashMap::new();
 
@@ -55,9 +81,8 @@ impl Plan {
         for vi in &graph.inputs {
             inputs.push((vi.name.clone(), slot_of(&vi.name, &mut slots)));
         }
-        let mut constants = Vec::new();
-        for (name, t) in &graph.initializers {
-            constants.push((slot_of(name, &mut slots), t.clone()));
+        for name in inits.keys() {
+            slot_of(name, &mut slots);
         }
         // Values defined in this graph; anything else a node reads comes from outside.
         let mut defined: HashSet<String> = slots.keys().cloned().collect();
@@ -69,13 +94,29 @@ impl Plan {
         visible_below.extend(defined.iter().cloned());
 
         // Initializers the caller cannot override: safe to specialize kernels on.
-        let fixed = |name: &str| {
-            if graph.inputs.iter().any(|i| i.name == name) {
-                None
-            } else {
-                graph.initializers.get(name).map(|t| &**t)
+        let overridable: HashSet<&str> = graph.inputs.iter().map(|i| i.name.as_str()).collect();
+        // Per fixed initializer, how many reads are left before it could be
+        // released: node inputs, plus "never" for graph outputs and values
+        // subgraphs read.
+        let mut reads_left: HashMap<String, usize> = HashMap::new();
+        if release {
+            for node in &graph.nodes {
+                for name in node.present_inputs() {
+                    *reads_left.entry(name.to_string()).or_default() += 1;
+                }
+                for sub in node.op.subgraphs() {
+                    for name in sub.outer_reads() {
+                        reads_left.insert(name, usize::MAX);
+                    }
+                }
             }
-        };
+            for o in &graph.outputs {
+                reads_left.insert(o.name.clone(), usize::MAX);
+            }
+        }
+        // Per weight, the prepared steps that hold it packed: (step, input).
+        let mut holders: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        let mut released: Vec<String> = Vec::new();
         let mut steps = Vec::with_capacity(order.len());
         // Per step, every slot it reads, including subgraph free variables.
         let mut reads_per_step: Vec<Vec<usize>> = Vec::with_capacity(order.len());
@@ -123,7 +164,11 @@ impl Plan {
                 let constants: Vec<Option<&Tensor>> = node
                     .inputs
                     .iter()
-                    .map(|o| o.as_deref().and_then(fixed))
+                    .map(|o| {
+                        o.as_deref()
+                            .filter(|n| !overridable.contains(n))
+                            .and_then(|n| inits.get(n).map(|t| &**t))
+                    })
                     .collect();
                 if constants.iter().any(Option::is_some) {
                     kiln_cpu::prepare(&node.op, &constants)
@@ -133,6 +178,24 @@ impl Plan {
             } else {
                 None
             };
+            // Each read of a weight a prepared step holds packed counts down;
+            // at zero nothing needs the original any more.
+            let mut release_now = None;
+            if let Some(p) = &prepared {
+                let idx = p.packed_input();
+                if let Some(name) = node.input(idx).filter(|n| inits.contains_key(*n)) {
+                    holders
+                        .entry(name.to_string())
+                        .or_default()
+                        .push((steps.len(), idx));
+                    if let Some(left) = reads_left.get_mut(name).filter(|l| **l != usize::MAX) {
+                        *left -= 1;
+                        if *left == 0 {
+                            release_now = Some(name.to_string());
+                        }
+                    }
+                }
+            }
             steps.push(Step {
                 name: node.name.clone(),
                 op: node.op.clone(),
@@ -144,7 +207,22 @@ impl Plan {
                 prepared,
                 held: Vec::new(),
             });
+            if let Some(name) = release_now {
+                if let Some(t) = inits.remove(&name) {
+                    let slot = slots[&name];
+                    for &(si, idx) in &holders[&name] {
+                        steps[si].inputs[idx] = None;
+                        steps[si].held.push((idx, (t.dtype(), t.shape().to_vec())));
+                        reads_per_step[si].retain(|&s| s != slot);
+                    }
+                    released.push(name);
+                }
+            }
         }
+        let constants: Vec<(usize, Arc<Tensor>)> = inits
+            .iter()
+            .map(|(name, t)| (slots[name], t.clone()))
+            .collect();
         let outputs: Vec<(String, usize)> = graph
             .outputs
             .iter()
@@ -157,17 +235,9 @@ impl Plan {
             }
         }
 
-        let keep: HashSet<usize> = outputs.iter().map(|(_, s)| *s).collect();
-        let released_slots =
-            release_packed_constants(&mut constants, &mut steps, &mut reads_per_step, &keep);
-        let mut released: Vec<String> = slots
-            .iter()
-            .filter(|(_, s)| released_slots.contains(s))
-            .map(|(n, _)| n.clone())
-            .collect();
         released.sort();
-
         // Liveness: free each slot after its last reader, unless it is an output.
+        let keep: HashSet<usize> = outputs.iter().map(|(_, s)| *s).collect();
         let mut last_use: HashMap<usize, usize> = HashMap::new();
         for (si, reads) in reads_per_step.iter().enumerate() {
             for &s in reads {
@@ -197,56 +267,6 @@ impl Plan {
             released,
         })
     }
-}
-
-/// Drops each constant whose only readers are prepared steps that hold its
-/// data packed (their `packed_input`): keeping the original as well would
-/// double the weights' memory. Those steps get None for that input.
-fn release_packed_constants(
-    constants: &mut Vec<(usize, Arc<Tensor>)>,
-    steps: &mut [Step],
-    reads_per_step: &mut [Vec<usize>],
-    keep: &HashSet<usize>,
-) -> HashSet<usize> {
-    // Per slot: how many reads in all, and how many a prepared op holds.
-    let mut reads: HashMap<usize, (usize, usize)> = HashMap::new();
-    for (step, step_reads) in steps.iter().zip(reads_per_step.iter()) {
-        for &s in step_reads {
-            reads.entry(s).or_default().0 += 1;
-        }
-        if let Some(p) = &step.prepared {
-            if let Some(Some(s)) = step.inputs.get(p.packed_input()) {
-                reads.entry(*s).or_default().1 += 1;
-            }
-        }
-    }
-    let released: HashSet<usize> = constants
-        .iter()
-        .map(|(s, _)| *s)
-        .filter(|s| !keep.contains(s) && matches!(reads.get(s), Some(&(all, held)) if all == held))
-        .collect();
-    if released.is_empty() {
-        return released;
-    }
-    let described: HashMap<usize, (kiln_ir::DType, Vec<usize>)> = constants
-        .iter()
-        .filter(|(s, _)| released.contains(s))
-        .map(|(s, t)| (*s, (t.dtype(), t.shape().to_vec())))
-        .collect();
-    constants.retain(|(s, _)| !released.contains(s));
-    for (step, step_reads) in steps.iter_mut().zip(reads_per_step.iter_mut()) {
-        let Some(idx) = step.prepared.as_ref().map(|p| p.packed_input()) else {
-            continue;
-        };
-        if let Some(slot) = step.inputs.get(idx).copied().flatten() {
-            if released.contains(&slot) {
-                step.inputs[idx] = None;
-                step.held.push((idx, described[&slot].clone()));
-                step_reads.retain(|&s| s != slot);
-            }
-        }
-    }
-    released
 }
 
 /// The slot of `name`, allocating the next one on first sight.
