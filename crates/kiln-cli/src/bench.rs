@@ -187,6 +187,21 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Prints one profiled run (`kiln run --profile`) the way `bench --profile` does.
+pub(crate) fn print_profile(session: &Session, timings: &[NodeTiming], top: usize, run_s: f64) {
+    let nodes: HashMap<&str, &Node> = session
+        .graph()
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n))
+        .collect();
+    let mut profile = Profile::default();
+    profile.add(timings, &nodes);
+    let (peak, _) = kiln_hw::measured(session.threads(), true);
+    println!();
+    profile.print(&peak, top, run_s);
+}
+
 struct Report<'a> {
     model: &'a Path,
     session: &'a Session,

@@ -45,6 +45,14 @@ pub struct RunArgs {
     /// How many values of each output to print.
     #[arg(long, default_value_t = 8)]
     pub show: usize,
+    /// Also print where the run's time went: per op type and the slowest
+    /// nodes, with GFLOP/s or GB/s against this machine's roofline (one run;
+    /// `kiln bench --profile` averages many).
+    #[arg(long)]
+    pub profile: bool,
+    /// With --profile: how many of the slowest nodes to list.
+    #[arg(long, default_value_t = 15)]
+    pub top: usize,
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
@@ -63,7 +71,12 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         file_inputs(session.inputs(), &args.inputs)?
     };
     let t1 = Instant::now();
-    let outputs = session.run_values(inputs)?;
+    let (outputs, timings) = if args.profile {
+        let (o, t) = session.run_values_profiled(inputs)?;
+        (o, Some(t))
+    } else {
+        (session.run_values(inputs)?, None)
+    };
     let run_time = t1.elapsed();
 
     for (name, v) in &outputs {
@@ -75,6 +88,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             load_time.as_secs_f64() * 1e3,
             run_time.as_secs_f64() * 1e3
         );
+    }
+    if let Some(timings) = timings {
+        crate::bench::print_profile(&session, &timings, args.top, run_time.as_secs_f64());
     }
     if let Some(dir) = &args.output_dir {
         write_outputs(dir, args.output_format, &outputs)?;

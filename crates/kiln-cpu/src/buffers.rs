@@ -14,7 +14,7 @@ use std::sync::Mutex;
 /// Smallest buffer worth pooling.
 pub const MIN_BYTES: usize = 1 << 20;
 /// Most bytes the pool keeps idle; a buffer that does not fit is freed.
-const MAX_POOL_BYTES: usize = 512 << 20;
+const MAX_POOL_BYTES: usize = 128 << 20;
 
 struct Pool {
     bufs: Vec<Vec<f32>>,

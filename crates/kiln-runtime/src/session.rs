@@ -264,6 +264,16 @@ impl Session {
         Ok((outs, timings))
     }
 
+    /// [`Session::run_values`], also timing every top-level node.
+    pub fn run_values_profiled(
+        &self,
+        inputs: Vec<(String, Value)>,
+    ) -> Result<(Vec<(String, Value)>, Vec<NodeTiming>)> {
+        let mut timings = Vec::with_capacity(self.plan.steps.len());
+        let outs = self.run_with(inputs, Some(&mut timings))?;
+        Ok((outs, timings))
+    }
+
     /// Checks the inputs and runs the plan in this session's pool.
     fn run_with(
         &self,
