@@ -194,7 +194,9 @@ pub(crate) fn file_inputs(
             }
         };
         let Some(info) = infos.iter().find(|i| i.name == name) else {
-            return Err(Failure::usage(format!(
+            // A bad input, not a bad command line: exit 1 like the runtime's
+            // own input errors.
+            return Err(Failure::error(format!(
                 "the model has no input '{name}' (it has: {})",
                 infos
                     .iter()
