@@ -210,9 +210,10 @@ def make_repo(tmp, big_model, tiny_model):
                 json.dump(config, f)
 
     add("tiny", tiny_model)
+    # Batching on and off, each with the default max_concurrency (1).
     add("big", big_model, {"max_batch_size": 8, "max_queue_delay_us": 4000,
-                           "max_concurrency": 2, "dynamic_batching": True})
-    add("big_nb", big_model, {"dynamic_batching": False, "max_concurrency": 2})
+                           "dynamic_batching": True})
+    add("big_nb", big_model, {"dynamic_batching": False})
     add("big_q", big_model, {"dynamic_batching": False, "max_queue_size": 1,
                              "max_concurrency": 1})
     add("big_to", big_model, {"dynamic_batching": False, "timeout_ms": 1, "max_concurrency": 1})

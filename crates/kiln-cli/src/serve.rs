@@ -37,8 +37,9 @@ pub struct ServeArgs {
     /// Default number of queued requests per model before 429.
     #[arg(long, default_value_t = 128)]
     pub max_queue_size: usize,
-    /// Default number of batches per model running at once.
-    #[arg(long, default_value_t = 2)]
+    /// Default number of batches per model running at once (one run already
+    /// uses every compute thread).
+    #[arg(long, default_value_t = 1)]
     pub max_concurrency: usize,
     /// Default per-request time limit in milliseconds (0: none).
     #[arg(long, default_value_t = 30000)]
