@@ -93,12 +93,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
 
     let inputs = build_inputs(session.inputs(), &args.inputs, &dims, args.server.seed)?;
     let bindings = bind_dims(session.inputs(), &inputs);
-    let nodes: HashMap<&str, &Node> = session
-        .graph()
-        .nodes
-        .iter()
-        .map(|n| (n.name.as_str(), n))
-        .collect();
+    let nodes = node_map(&session);
 
     let deadline = Instant::now() + Duration::from_secs_f64(args.max_seconds);
     // The first run is profiled even without --profile: it gives the shapes
@@ -187,14 +182,19 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Prints one profiled run (`kiln run --profile`) the way `bench --profile` does.
-pub(crate) fn print_profile(session: &Session, timings: &[NodeTiming], top: usize, run_s: f64) {
-    let nodes: HashMap<&str, &Node> = session
+/// The session's nodes by name (profiles look up each timed node's op).
+fn node_map(session: &Session) -> HashMap<&str, &Node> {
+    session
         .graph()
         .nodes
         .iter()
         .map(|n| (n.name.as_str(), n))
-        .collect();
+        .collect()
+}
+
+/// Prints one profiled run (`kiln run --profile`) the way `bench --profile` does.
+pub(crate) fn print_profile(session: &Session, timings: &[NodeTiming], top: usize, run_s: f64) {
+    let nodes = node_map(session);
     let mut profile = Profile::default();
     profile.add(timings, &nodes);
     let (peak, _) = kiln_hw::measured(session.threads(), true);

@@ -39,8 +39,8 @@ pub(crate) struct Plan {
     /// Graph outputs: (name, slot).
     pub outputs: Vec<(String, usize)>,
     /// Initializers not kept as constants because prepared steps hold their
-    /// data packed (see [`Plan::compile_releasing`]).
-    pub released: Vec<String>,
+    /// data packed (see [`Plan::compile_releasing`]), with their types.
+    pub released: Vec<(String, kiln_ir::ValueType)>,
 }
 
 impl Plan {
@@ -116,7 +116,7 @@ impl Plan {
         }
         // Per weight, the prepared steps that hold it packed: (step, input).
         let mut holders: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
-        let mut released: Vec<String> = Vec::new();
+        let mut released: Vec<(String, kiln_ir::ValueType)> = Vec::new();
         let mut steps = Vec::with_capacity(order.len());
         // Per step, every slot it reads, including subgraph free variables.
         let mut reads_per_step: Vec<Vec<usize>> = Vec::with_capacity(order.len());
@@ -215,7 +215,9 @@ impl Plan {
                         steps[si].held.push((idx, (t.dtype(), t.shape().to_vec())));
                         reads_per_step[si].retain(|&s| s != slot);
                     }
-                    released.push(name);
+                    let ty =
+                        kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape())));
+                    released.push((name, ty));
                 }
             }
         }
@@ -235,7 +237,7 @@ impl Plan {
             }
         }
 
-        released.sort();
+        released.sort_by(|a, b| a.0.cmp(&b.0));
         // Liveness: free each slot after its last reader, unless it is an output.
         let keep: HashSet<usize> = outputs.iter().map(|(_, s)| *s).collect();
         let mut last_use: HashMap<usize, usize> = HashMap::new();

@@ -148,22 +148,12 @@ impl Session {
         // The plan's prepared kernels hold some weights packed and free the
         // originals as they go (keeping both would double the model's
         // memory). Their types stay in the graph.
-        let weight_types: Vec<(String, kiln_ir::ValueType)> = graph
-            .initializers
-            .iter()
-            .map(|(n, t)| {
-                let ty = kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape())));
-                (n.clone(), ty)
-            })
-            .collect();
         let mut inits = std::mem::take(&mut graph.initializers);
         let compiled = Plan::compile_releasing(&graph, &mut inits);
         graph.initializers = inits;
         let plan = compiled?;
-        for (name, ty) in weight_types {
-            if plan.released.binary_search(&name).is_ok() {
-                graph.value_types.insert(name, ty);
-            }
+        for (name, ty) in &plan.released {
+            graph.value_types.insert(name.clone(), ty.clone());
         }
         let inputs = graph
             .inputs

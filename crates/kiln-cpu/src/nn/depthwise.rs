@@ -421,51 +421,21 @@ fn plane_flat<const S: usize>(
         }
     }
     let taps = kh * kw;
-    // Three taps per pass (one kernel row for 3x3), so the accumulator is
-    // read and written a third as often.
-    let mut first = true;
+    // Three taps per pass (one kernel row for 3x3), so the accumulator (zeroed
+    // by the resize above) is read and written a third as often.
     for t0 in (0..taps).step_by(3) {
         let w = |t: usize| filt[t0 + t];
         let src_of = |t: usize| &phase_buf[starts[t0 + t]..][..n_out];
-        match (taps - t0).min(3) {
-            3 => {
-                let (a, b, c) = (src_of(0), src_of(1), src_of(2));
-                let (wa, wb, wc) = (w(0), w(1), w(2));
-                if first {
-                    for (((d, &x), &y), &z) in acc.iter_mut().zip(a).zip(b).zip(c) {
-                        *d = wa * x + wb * y + wc * z;
-                    }
-                } else {
-                    for (((d, &x), &y), &z) in acc.iter_mut().zip(a).zip(b).zip(c) {
-                        *d += wa * x + wb * y + wc * z;
-                    }
-                }
-            }
+        match taps - t0 {
+            1 => tap1(acc, src_of(0), w(0)),
             2 => {
-                let (a, b) = (src_of(0), src_of(1));
-                let (wa, wb) = (w(0), w(1));
-                if first {
-                    for ((d, &x), &y) in acc.iter_mut().zip(a).zip(b) {
-                        *d = wa * x + wb * y;
-                    }
-                } else {
-                    for ((d, &x), &y) in acc.iter_mut().zip(a).zip(b) {
-                        *d += wa * x + wb * y;
-                    }
+                let (a, b, wa, wb) = (src_of(0), src_of(1), w(0), w(1));
+                for ((d, &x), &y) in acc.iter_mut().zip(a).zip(b) {
+                    *d += wa * x + wb * y;
                 }
             }
-            _ => {
-                let (a, wa) = (src_of(0), w(0));
-                if first {
-                    for (d, &x) in acc.iter_mut().zip(a) {
-                        *d = wa * x;
-                    }
-                } else {
-                    tap1(acc, a, wa);
-                }
-            }
+            _ => taps3(acc, [src_of(0), src_of(1), src_of(2)], [w(0), w(1), w(2)]),
         }
-        first = false;
     }
     for (orow, arow) in out
         .chunks_exact_mut(g.ow)
