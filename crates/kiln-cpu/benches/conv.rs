@@ -178,8 +178,11 @@ fn conv(c: &mut Criterion) {
             bch.iter(|| pool.install(|| black_box(run_op(&op, &inputs, 1))))
         });
 
-        // W is a graph constant; the runtime prepares it once.
-        if let Some(prepared) = prepare(&op, &[None, Some(&w), None]) {
+        // W is a graph constant; the runtime prepares it once, knowing the
+        // output shape.
+        let out = run_op(&op, &inputs, 1).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let hint: Vec<Option<usize>> = out[0].shape().iter().map(|&d| Some(d)).collect();
+        if let Some(prepared) = prepare(&op, &[None, Some(&w), None], Some(&hint)) {
             // As the runtime may after preparing: the packed W is not passed.
             let inputs = [Some(&x), None, Some(&b)];
             prepared

@@ -9,7 +9,7 @@
 //! in one pass over each finished piece of the output while it is in cache.
 
 use crate::{invalid, nn, unsupported, Result};
-use kiln_gemm::{PackedA, PackedB};
+use kiln_gemm::PackedB;
 use kiln_ir::{DType, FusedAct, FusedOp, Tensor};
 
 /// Runs a fused op. Inputs: X/A, W/B, bias?, residual?.
@@ -41,7 +41,7 @@ pub(crate) enum Packed<'a> {
     /// Use the W/B input as given.
     None,
     /// Conv W packed per group, and the W shape it was packed from.
-    Conv(&'a [PackedA], &'a [usize]),
+    Conv(&'a nn::ConvPack, &'a [usize]),
     /// MatMul's 2-D B packed.
     MatMul(&'a PackedB),
 }

@@ -11,8 +11,9 @@ mod matmul;
 mod norm;
 mod pool;
 
+pub(crate) use conv::prefers_positions;
 pub use conv::{conv, conv_transpose};
-pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvWeights};
+pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvPack, ConvWeights};
 pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};

@@ -7,7 +7,7 @@
 //!
 //! | op | constant | packed as |
 //! |---|---|---|
-//! | Conv, FusedConv (not depthwise) | f32 W | `PackedA` of `W_g [M/group, C/group * k...]` per group |
+//! | Conv, FusedConv (not depthwise) | f32 W | per group, `PackedA` of `W_g [M/group, C/group * k...]`, or `PackedB` of its transpose when the output planes are small (see `nn::conv::ConvPack`) |
 //! | MatMul, FusedMatMul | f32 2-D B | `PackedB` of B |
 //! | Gemm | f32 2-D B | `PackedB` of B' (B or B^T, per `transB`) |
 //!
@@ -21,7 +21,7 @@
 use crate::nn::{self, MatmulB};
 use crate::util::{broadcast_indices, broadcast_shape};
 use crate::{fused, invalid};
-use kiln_gemm::{MatRef, PackedA, PackedB, Rhs};
+use kiln_gemm::{MatRef, PackedB, Rhs};
 use kiln_ir::{ConvAttrs, DType, FusedAct, FusedOp, Op, Tensor, TensorData};
 
 /// A node's kernel specialized once, at plan time, on its constant inputs
@@ -35,7 +35,9 @@ pub struct PreparedOp {
 impl std::fmt::Debug for PreparedOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match &self.kind {
-            Kind::Conv { w_shape, .. } => format!("W {w_shape:?} packed per group"),
+            Kind::Conv {
+                w_shape, packed, ..
+            } => format!("W {w_shape:?} packed per group {}", packed.orientation()),
             Kind::MatMul { b_shape, .. } => format!("B {b_shape:?} packed"),
             Kind::Gemm { b_shape, .. } => format!("B {b_shape:?} packed"),
         };
@@ -50,7 +52,7 @@ enum Kind {
         /// `Some` for FusedConv.
         fused: Option<FusedAct>,
         w_shape: Vec<usize>,
-        packed: Vec<PackedA>,
+        packed: nn::ConvPack,
     },
     /// MatMul or FusedMatMul with a packed 2-D B.
     MatMul {
@@ -70,9 +72,15 @@ enum Kind {
 
 /// Specializes `op` on its constant inputs. `constants[i]` is the input's
 /// tensor when input i is a constant of the graph (same length as the node's
-/// inputs). Returns None when the op has nothing worth preparing (the runtime
-/// then uses `run_op`).
-pub fn prepare(op: &Op, constants: &[Option<&Tensor>]) -> Option<PreparedOp> {
+/// inputs). `out_shape` is the first output's shape as far as the plan knows
+/// it (`None` per unknown dim); it only steers layout choices, never
+/// correctness. Returns None when the op has nothing worth preparing (the
+/// runtime then uses `run_op`).
+pub fn prepare(
+    op: &Op,
+    constants: &[Option<&Tensor>],
+    out_shape: Option<&[Option<usize>]>,
+) -> Option<PreparedOp> {
     let f32_const = |i: usize| {
         constants
             .get(i)
@@ -81,8 +89,10 @@ pub fn prepare(op: &Op, constants: &[Option<&Tensor>]) -> Option<PreparedOp> {
             .filter(|t| t.dtype() == DType::F32)
     };
     let kind = match op {
-        Op::Conv(attrs) => prepare_conv(attrs, None, f32_const(1)?)?,
-        Op::Fused(FusedOp::Conv { conv, act }) => prepare_conv(conv, Some(*act), f32_const(1)?)?,
+        Op::Conv(attrs) => prepare_conv(attrs, None, f32_const(1)?, out_shape)?,
+        Op::Fused(FusedOp::Conv { conv, act }) => {
+            prepare_conv(conv, Some(*act), f32_const(1)?, out_shape)?
+        }
         Op::MatMul => prepare_matmul(None, f32_const(1)?)?,
         Op::Fused(FusedOp::MatMul { act }) => prepare_matmul(Some(*act), f32_const(1)?)?,
         Op::Gemm {
@@ -115,7 +125,12 @@ pub fn prepare(op: &Op, constants: &[Option<&Tensor>]) -> Option<PreparedOp> {
     })
 }
 
-fn prepare_conv(attrs: &ConvAttrs, fused: Option<FusedAct>, w: &Tensor) -> Option<Kind> {
+fn prepare_conv(
+    attrs: &ConvAttrs,
+    fused: Option<FusedAct>,
+    w: &Tensor,
+    out_shape: Option<&[Option<usize>]>,
+) -> Option<Kind> {
     let ws = w.shape();
     let (m, group) = (*ws.first()?, attrs.group);
     if ws.len() < 3
@@ -134,7 +149,13 @@ fn prepare_conv(attrs: &ConvAttrs, fused: Option<FusedAct>, w: &Tensor) -> Optio
         attrs: attrs.clone(),
         fused,
         w_shape: ws.to_vec(),
-        packed: nn::pack_conv_weights(wv, m, group),
+        packed: nn::pack_conv_weights(
+            wv,
+            m,
+            group,
+            out_positions(out_shape, ws.len())
+                .is_some_and(|o| nn::prefers_positions(o, m / group, wv.len() / m)),
+        ),
     })
 }
 
@@ -148,6 +169,18 @@ fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
         b_shape: b.shape().to_vec(),
         packed: PackedB::new(MatRef::row_major(b.as_slice::<f32>()?, k, n)),
     })
+}
+
+/// Output positions per image (the product of the spatial dims) when the
+/// plan knows every one of them for a rank-`rank` output.
+fn out_positions(out_shape: Option<&[Option<usize>]>, rank: usize) -> Option<usize> {
+    let s = out_shape?;
+    if s.len() != rank || rank < 3 {
+        return None;
+    }
+    s[2..]
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul((*d)?))
 }
 
 impl PreparedOp {
@@ -300,9 +333,38 @@ mod tests {
 
     /// Runs `op` prepared on input `const_idx` and unprepared; both must agree.
     fn check_prepared(op: &Op, inputs: &[Option<&Tensor>], const_idx: usize) {
+        check_prepared_hinted(op, inputs, const_idx, None)
+    }
+
+    /// `check_prepared` with an output-shape hint for the plan-time choices.
+    fn check_prepared_hinted(
+        op: &Op,
+        inputs: &[Option<&Tensor>],
+        const_idx: usize,
+        hint: Option<&[Option<usize>]>,
+    ) {
         let mut consts: Vec<Option<&Tensor>> = vec![None; inputs.len()];
         consts[const_idx] = inputs[const_idx];
-        let p = prepare(op, &consts).expect("op should be prepared");
+        let p = prepare(op, &consts, hint).expect("op should be prepared");
+        if let (Some(h), Op::Conv(_) | Op::Fused(FusedOp::Conv { .. })) = (hint, op) {
+            // The orientation follows the hint's plane size and W's shape.
+            let w = inputs[1].expect("conv W").shape();
+            let plane: usize = h[2..].iter().map(|d| d.unwrap_or(0)).product();
+            let positions = nn::prefers_positions(
+                plane,
+                w[0] / (inputs[0].unwrap().shape()[1] / w[1]),
+                w[1..].iter().product(),
+            );
+            let want = if positions {
+                "for position rows"
+            } else {
+                "for channel rows"
+            };
+            assert!(
+                format!("{p:?}").contains(want),
+                "{p:?} should be packed {want}"
+            );
+        }
         let got = p.run(inputs, 1).unwrap();
         let want = crate::run_op(op, inputs, 1).unwrap();
         assert_eq!(got.len(), 1);
@@ -324,21 +386,51 @@ mod tests {
             (2, 4, 6, 2, 6, 6, 3, 0, 2),
             (1, 5, 7, 1, 5, 5, 1, 0, 1),
             (1, 8, 4, 1, 11, 9, 7, 3, 2),
+            (3, 16, 70, 1, 7, 7, 3, 1, 1),
+            (2, 12, 130, 2, 4, 5, 1, 0, 1),
+            (5, 6, 9, 3, 5, 4, 3, 2, 2),
+            // Deep and wide enough for position rows with the true hint.
+            (2, 64, 130, 1, 4, 5, 3, 1, 1),
+            (3, 128, 256, 2, 3, 3, 3, 1, 1),
         ] {
             let x = t(&[n, c, h, w], rng.vec(n * c * h * w));
             let wt = t(&[m, c / g, k, k], rng.vec(m * (c / g) * k * k));
             let b = t(&[m], rng.vec(m));
             let a = conv_attrs(g, &[p; 4], &[s, s]);
-            check_prepared(&Op::Conv(a.clone()), &[Some(&x), Some(&wt), Some(&b)], 1);
-            check_prepared(&Op::Conv(a.clone()), &[Some(&x), Some(&wt)], 1);
+            let y = crate::run_op(&Op::Conv(a.clone()), &[Some(&x), Some(&wt)], 1).unwrap();
+            let res = t(y[0].shape(), rng.vec(y[0].len()));
             let fused = Op::Fused(FusedOp::Conv {
                 conv: a.clone(),
                 act: FusedAct::Relu,
             });
-            let y = crate::run_op(&Op::Conv(a), &[Some(&x), Some(&wt)], 1).unwrap();
-            let res = t(y[0].shape(), rng.vec(y[0].len()));
-            check_prepared(&fused, &[Some(&x), Some(&wt), Some(&b), Some(&res)], 1);
+            // No hint (weights packed for channel rows), the true output
+            // shape (small planes: position rows) and a wrong hint (the
+            // packing is only a speed choice; values must not change).
+            let true_hint: Vec<Option<usize>> = y[0].shape().iter().map(|&d| Some(d)).collect();
+            let small_hint = [None, None, Some(1), Some(1)];
+            for hint in [None, Some(&true_hint[..]), Some(&small_hint[..])] {
+                let conv = Op::Conv(a.clone());
+                check_prepared_hinted(&conv, &[Some(&x), Some(&wt), Some(&b)], 1, hint);
+                check_prepared_hinted(&conv, &[Some(&x), Some(&wt)], 1, hint);
+                let inputs = [Some(&x), Some(&wt), Some(&b), Some(&res)];
+                check_prepared_hinted(&fused, &inputs, 1, hint);
+            }
         }
+    }
+
+    #[test]
+    fn small_planes_pack_for_position_rows() {
+        // ResNet-50's 3x3 convs on 7x7 and 14x14 planes; not on 28x28, 56x56.
+        assert!(nn::prefers_positions(49, 512, 4608));
+        assert!(nn::prefers_positions(196, 256, 2304));
+        assert!(!nn::prefers_positions(784, 128, 1152));
+        assert!(!nn::prefers_positions(3136, 64, 576));
+        // Few output channels (a 64-wide column panel mostly padding) or a
+        // shallow product (packing as narrow A panels costs too much).
+        assert!(!nn::prefers_positions(49, 8, 4608));
+        assert!(!nn::prefers_positions(196, 384, 64));
+        assert!(!nn::prefers_positions(196, 64, 384));
+        assert!(!nn::prefers_positions(0, 512, 4608));
     }
 
     #[test]
@@ -381,7 +473,7 @@ mod tests {
         let mut rng = Rng::new(23);
         let w = t(&[4, 3, 3, 3], rng.vec(108));
         let op = Op::Conv(conv_attrs(1, &[1; 4], &[1, 1]));
-        let p = prepare(&op, &[None, Some(&w)]).unwrap();
+        let p = prepare(&op, &[None, Some(&w)], None).unwrap();
         let x = t(&[1, 3, 5, 5], rng.vec(75));
         // A W of another shape.
         let w2 = t(&[4, 3, 1, 1], rng.vec(12));
@@ -406,7 +498,7 @@ mod tests {
         assert!(p.run(&[Some(&x2), Some(&w)], 1).is_err());
         // MatMul: B of another shape, and an A whose K differs.
         let b = t(&[5, 7], rng.vec(35));
-        let p = prepare(&Op::MatMul, &[None, Some(&b)]).unwrap();
+        let p = prepare(&Op::MatMul, &[None, Some(&b)], None).unwrap();
         let a = t(&[3, 5], rng.vec(15));
         let b2 = t(&[7, 5], rng.vec(35));
         assert!(p.run(&[Some(&a), Some(&b2)], 1).is_err());
@@ -419,7 +511,7 @@ mod tests {
             trans_a: false,
             trans_b: false,
         };
-        let p = prepare(&op, &[None, Some(&b)]).unwrap();
+        let p = prepare(&op, &[None, Some(&b)], None).unwrap();
         assert!(p.run(&[Some(&a2), Some(&b)], 1).is_err());
     }
 
@@ -429,16 +521,16 @@ mod tests {
         let w = t(&[4, 1, 3, 3], rng.vec(36));
         // Depthwise: read unpacked by the direct kernel.
         let dw = Op::Conv(conv_attrs(4, &[1; 4], &[1, 1]));
-        assert!(prepare(&dw, &[None, Some(&w)]).is_none());
+        assert!(prepare(&dw, &[None, Some(&w)], None).is_none());
         // W not constant, or not f32.
         let op = Op::Conv(conv_attrs(1, &[], &[]));
-        assert!(prepare(&op, &[None, None]).is_none());
+        assert!(prepare(&op, &[None, None], None).is_none());
         let w64 = Tensor::from_vec(vec![4, 3, 3, 3], vec![0.0f64; 108]).unwrap();
-        assert!(prepare(&op, &[None, Some(&w64)]).is_none());
+        assert!(prepare(&op, &[None, Some(&w64)], None).is_none());
         // Batched B, and ops with no weights.
         let b3 = t(&[2, 3, 4], rng.vec(24));
-        assert!(prepare(&Op::MatMul, &[None, Some(&b3)]).is_none());
-        assert!(prepare(&Op::Identity, &[Some(&w)]).is_none());
+        assert!(prepare(&Op::MatMul, &[None, Some(&b3)], None).is_none());
+        assert!(prepare(&Op::Identity, &[Some(&w)], None).is_none());
     }
 
     #[test]
@@ -446,7 +538,7 @@ mod tests {
         let mut rng = Rng::new(25);
         let w = t(&[2, 3, 1, 1], rng.vec(6));
         let op = Op::Conv(conv_attrs(1, &[], &[]));
-        let p = prepare(&op, &[None, Some(&w)]).unwrap();
+        let p = prepare(&op, &[None, Some(&w)], None).unwrap();
         let xv: Vec<half::f16> = rng.vec(12).into_iter().map(half::f16::from_f32).collect();
         let x = Tensor::from_vec(vec![1, 3, 2, 2], xv).unwrap();
         let got = p.run(&[Some(&x), Some(&w)], 1).unwrap();

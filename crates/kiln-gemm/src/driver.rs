@@ -122,6 +122,22 @@ pub(crate) fn pack_b_now(b: MatRef<'_>, nr: usize) -> Packed<'static> {
     Packed::Owned(buf, &BUF_B)
 }
 
+/// A caller-packed A (`Panels`), filled now into a thread-local buffer.
+pub(crate) fn fill_a_now(a: &crate::Panels<'_>, mr: usize) -> Packed<'static> {
+    let mut buf = BUF_A.with(|c| c.take());
+    buf.reset(a.rows.div_ceil(mr) * mr * a.cols);
+    pack::fill_panels(a.fill, a.rows, a.cols, mr, buf.as_mut_slice());
+    Packed::Owned(buf, &BUF_A)
+}
+
+/// A caller-packed B (`Panels`), filled now into a thread-local buffer.
+pub(crate) fn fill_b_now(b: &crate::Panels<'_>, nr: usize) -> Packed<'static> {
+    let mut buf = BUF_B.with(|c| c.take());
+    buf.reset(b.cols.div_ceil(nr) * nr * b.rows);
+    pack::fill_panels(b.fill, b.cols, b.rows, nr, buf.as_mut_slice());
+    Packed::Owned(buf, &BUF_B)
+}
+
 /// A raw pointer to C that tasks share; each task writes only its own region.
 #[derive(Clone, Copy)]
 struct CPtr(*mut f32);

@@ -187,6 +187,7 @@ pub(crate) fn a_at(a: &Lhs<'_>, i: usize, p: usize) -> f32 {
     match a {
         Lhs::Mat(v) => v.at(i, p),
         Lhs::Packed(pa) => pa.get(i, p),
+        Lhs::Panels(_) => unreachable!("sgemm never reads caller-packed operands by element"),
     }
 }
 
@@ -195,5 +196,6 @@ pub(crate) fn b_at(b: &Rhs<'_>, p: usize, j: usize) -> f32 {
     match b {
         Rhs::Mat(v) => v.at(p, j),
         Rhs::Packed(pb) => pb.get(p, j),
+        Rhs::Panels(_) => unreachable!("sgemm never reads caller-packed operands by element"),
     }
 }

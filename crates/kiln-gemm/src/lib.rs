@@ -219,11 +219,37 @@ impl PackedB {
     }
 }
 
+/// Writes one micro-panel of a [`Panels`] operand: `fill(first, width, panel)`.
+pub type PanelFill<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
+
+/// An operand that the caller packs itself, panel by panel, so that it never
+/// exists as a matrix (an implicit im2col, say: the packing *is* the gather).
+///
+/// As A (`rows x cols` = `m x k`), `fill(i0, mr, panel)` must set
+/// `panel[p * mr + r] = A[i0 + r, p]` for every `p < k`, `r < mr`, writing
+/// zeros for rows at or past `m`. As B (`k x n`), `fill(j0, nr, panel)` sets
+/// `panel[p * nr + c] = B[p, j0 + c]`, zeros at or past column `n`. Every
+/// element of `panel` must be written; panels may be filled from several
+/// threads at once.
+#[derive(Clone, Copy)]
+pub struct Panels<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub fill: &'a PanelFill<'a>,
+}
+
+impl std::fmt::Debug for Panels<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Panels({}x{})", self.rows, self.cols)
+    }
+}
+
 /// The left operand of one product.
 #[derive(Clone, Copy, Debug)]
 pub enum Lhs<'a> {
     Mat(MatRef<'a>),
     Packed(&'a PackedA),
+    Panels(Panels<'a>),
 }
 
 /// The right operand of one product.
@@ -231,6 +257,7 @@ pub enum Lhs<'a> {
 pub enum Rhs<'a> {
     Mat(MatRef<'a>),
     Packed(&'a PackedB),
+    Panels(Panels<'a>),
 }
 
 impl Lhs<'_> {
@@ -238,12 +265,14 @@ impl Lhs<'_> {
         match self {
             Lhs::Mat(a) => a.rows,
             Lhs::Packed(a) => a.m,
+            Lhs::Panels(a) => a.rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             Lhs::Mat(a) => a.cols,
             Lhs::Packed(a) => a.k,
+            Lhs::Panels(a) => a.cols,
         }
     }
 }
@@ -253,12 +282,14 @@ impl Rhs<'_> {
         match self {
             Rhs::Mat(b) => b.rows,
             Rhs::Packed(b) => b.k,
+            Rhs::Panels(b) => b.rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             Rhs::Mat(b) => b.cols,
             Rhs::Packed(b) => b.n,
+            Rhs::Panels(b) => b.cols,
         }
     }
 }
@@ -327,7 +358,8 @@ pub(crate) fn sgemm_with(
         }
         return;
     }
-    if m == 1 && n == 1 {
+    let caller_packed = matches!(a, Lhs::Panels(_)) || matches!(b, Rhs::Panels(_));
+    if m == 1 && n == 1 && !caller_packed {
         let x: Vec<f32> = (0..k).map(|p| gemv::a_at(&a, 0, p)).collect();
         let y: Vec<f32> = (0..k).map(|p| gemv::b_at(&b, p, 0)).collect();
         let s = kernel.dot(&x, &y);
@@ -341,10 +373,14 @@ pub(crate) fn sgemm_with(
         }
         return;
     }
-    if m == 1 && gemv::row_times_matrix(kernel, alpha, &a, &b, beta, c, epilogue) {
+    if m == 1 && !caller_packed && gemv::row_times_matrix(kernel, alpha, &a, &b, beta, c, epilogue)
+    {
         return;
     }
-    if n == 1 && gemv::matrix_times_col(kernel, alpha, &a, &b, beta, c, ldc, epilogue) {
+    if n == 1
+        && !caller_packed
+        && gemv::matrix_times_col(kernel, alpha, &a, &b, beta, c, ldc, epilogue)
+    {
         return;
     }
     let pa = match a {
@@ -354,6 +390,7 @@ pub(crate) fn sgemm_with(
             driver::pack_a_now(MatRef::row_major(&rm, m, k), kernel.mr)
         }
         Lhs::Mat(v) => driver::pack_a_now(v, kernel.mr),
+        Lhs::Panels(p) => driver::fill_a_now(&p, kernel.mr),
     };
     let pb = match b {
         Rhs::Packed(p) if p.kind == kernel.kind => driver::Packed::Borrowed(p.data.as_slice()),
@@ -362,6 +399,7 @@ pub(crate) fn sgemm_with(
             driver::pack_b_now(MatRef::row_major(&rm, k, n), kernel.nr)
         }
         Rhs::Mat(v) => driver::pack_b_now(v, kernel.nr),
+        Rhs::Panels(p) => driver::fill_b_now(&p, kernel.nr),
     };
     let job = driver::Job {
         kernel,
@@ -390,6 +428,23 @@ pub fn sgemm_reference(
     epilogue: Option<&Epilogue<'_>>,
 ) {
     let (m, k, n) = check_dims(&a, &b, c.len(), ldc);
+    // Caller-packed operands are unpacked to plain matrices first.
+    let a_dense;
+    let a = match a {
+        Lhs::Panels(p) => {
+            a_dense = pack::unpack_panels(&p, false);
+            Lhs::Mat(MatRef::row_major(&a_dense, m, k))
+        }
+        other => other,
+    };
+    let b_dense;
+    let b = match b {
+        Rhs::Panels(p) => {
+            b_dense = pack::unpack_panels(&p, true);
+            Rhs::Mat(MatRef::row_major(&b_dense, k, n))
+        }
+        other => other,
+    };
     for i in 0..m {
         for j in 0..n {
             let dot: f64 = (0..k)

@@ -100,6 +100,54 @@ pub(crate) fn pack_b(b: MatRef<'_>, nr: usize, dst: &mut [f32]) {
     }
 }
 
+/// Fills every `width`-wide micro-panel of a caller-packed operand into `dst`
+/// (`ceil(outer / width)` panels of `width * k` floats; `outer` is A's rows or
+/// B's columns), in parallel when it is big.
+pub(crate) fn fill_panels(
+    fill: &crate::PanelFill<'_>,
+    outer: usize,
+    k: usize,
+    width: usize,
+    dst: &mut [f32],
+) {
+    let panel = width * k;
+    assert_eq!(
+        dst.len(),
+        outer.div_ceil(width) * panel,
+        "fill_panels: wrong buffer size"
+    );
+    if panel == 0 {
+        return;
+    }
+    let work = |(ip, d): (usize, &mut [f32])| fill(ip * width, width, d);
+    if dst.len() >= PAR_PACK_MIN && rayon::current_num_threads() > 1 {
+        dst.par_chunks_mut(panel).enumerate().for_each(work);
+    } else {
+        dst.chunks_mut(panel).enumerate().for_each(work);
+    }
+}
+
+/// A caller-packed operand as a row-major matrix (for the reference): `as_b`
+/// says whether it is packed as B (column panels) or as A (row panels).
+pub(crate) fn unpack_panels(p: &crate::Panels<'_>, as_b: bool) -> Vec<f32> {
+    let (rows, cols) = (p.rows, p.cols);
+    let mut dense = vec![0.0f32; rows * cols];
+    // One-wide panels: every element lands at a fixed place.
+    let (outer, k) = if as_b { (cols, rows) } else { (rows, cols) };
+    let mut panel = vec![0.0f32; k];
+    for o in 0..outer {
+        (p.fill)(o, 1, &mut panel);
+        for (q, &v) in panel.iter().enumerate() {
+            if as_b {
+                dense[q * cols + o] = v;
+            } else {
+                dense[o * cols + q] = v;
+            }
+        }
+    }
+    dense
+}
+
 /// Rows `i0 .. i0 + mr` of `a` (zero past the last row): `dst[p * mr + r] = a[i0 + r, p]`.
 fn pack_a_panel(a: MatRef<'_>, i0: usize, mr: usize, dst: &mut [f32]) {
     let k = a.cols();

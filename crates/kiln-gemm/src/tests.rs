@@ -37,13 +37,16 @@ enum Layout {
     /// A strided sub-view: row stride padded, every other column.
     Strided,
     Packed,
+    /// Packed by the caller through a `Panels` fill function.
+    Panels,
 }
 
-const LAYOUTS: [Layout; 4] = [
+const LAYOUTS: [Layout; 5] = [
     Layout::RowMajor,
     Layout::Transposed,
     Layout::Strided,
     Layout::Packed,
+    Layout::Panels,
 ];
 
 /// Storage for a `rows x cols` operand in one of the layouts; `vals` row-major.
@@ -57,7 +60,7 @@ struct Operand {
 impl Operand {
     fn new(vals: &[f32], rows: usize, cols: usize, layout: Layout) -> Operand {
         let store = match layout {
-            Layout::RowMajor | Layout::Packed => vals.to_vec(),
+            Layout::RowMajor | Layout::Packed | Layout::Panels => vals.to_vec(),
             Layout::Transposed => {
                 let mut t = vec![0.0; rows * cols];
                 for i in 0..rows {
@@ -91,7 +94,9 @@ impl Operand {
     fn view(&self) -> MatRef<'_> {
         let (r, c) = (self.rows, self.cols);
         match self.layout {
-            Layout::RowMajor | Layout::Packed => MatRef::row_major(&self.store, r, c),
+            Layout::RowMajor | Layout::Packed | Layout::Panels => {
+                MatRef::row_major(&self.store, r, c)
+            }
             Layout::Transposed => MatRef::row_major(&self.store, c, r).t(),
             Layout::Strided => MatRef::new(&self.store, r, c, 2 * c + 3, 2),
         }
@@ -120,15 +125,50 @@ fn check_case(
     let b_op = Operand::new(&bv, k, n, lb);
     let pa = PackedA::for_kernel(kernel, a_op.view());
     let pb = PackedB::for_kernel(kernel, b_op.view());
-    let a = if la == Layout::Packed {
-        Lhs::Packed(&pa)
-    } else {
-        Lhs::Mat(a_op.view())
+    // Panel fills that write every element, padding included (NaN first, so
+    // a skipped element would show).
+    let (av_view, bv_view) = (a_op.view(), b_op.view());
+    let fill_a = |i0: usize, w: usize, panel: &mut [f32]| {
+        panel.fill(f32::NAN);
+        for p in 0..k {
+            for r in 0..w {
+                panel[p * w + r] = if i0 + r < m {
+                    av_view.at(i0 + r, p)
+                } else {
+                    0.0
+                };
+            }
+        }
     };
-    let b = if lb == Layout::Packed {
-        Rhs::Packed(&pb)
-    } else {
-        Rhs::Mat(b_op.view())
+    let fill_b = |j0: usize, w: usize, panel: &mut [f32]| {
+        panel.fill(f32::NAN);
+        for p in 0..k {
+            for c in 0..w {
+                panel[p * w + c] = if j0 + c < n {
+                    bv_view.at(p, j0 + c)
+                } else {
+                    0.0
+                };
+            }
+        }
+    };
+    let a = match la {
+        Layout::Packed => Lhs::Packed(&pa),
+        Layout::Panels => Lhs::Panels(Panels {
+            rows: m,
+            cols: k,
+            fill: &fill_a,
+        }),
+        _ => Lhs::Mat(a_op.view()),
+    };
+    let b = match lb {
+        Layout::Packed => Rhs::Packed(&pb),
+        Layout::Panels => Rhs::Panels(Panels {
+            rows: k,
+            cols: n,
+            fill: &fill_b,
+        }),
+        _ => Rhs::Mat(b_op.view()),
     };
     let c_len = if m == 0 { 0 } else { (m - 1) * ldc + n };
     let mut c0 = rand_vec(c_len, seed + 2);
@@ -255,8 +295,9 @@ fn edge_grid(kernel: &'static Kernel) {
     for &m in &ms {
         for &k in &ks {
             for &n in &ns {
-                let la = LAYOUTS[(case % 4) as usize];
-                let lb = LAYOUTS[((case / 4 + case) % 4) as usize];
+                let nl = LAYOUTS.len() as u64;
+                let la = LAYOUTS[(case % nl) as usize];
+                let lb = LAYOUTS[((case / nl + case) % nl) as usize];
                 let (alpha, beta) = scalars[((case / 3) % 4) as usize];
                 let ldc = if case % 2 == 0 { n } else { n + 3 };
                 let epi = case % 5 != 0;
@@ -292,7 +333,7 @@ fn avx512_kernel_matches_reference_on_edge_grid() {
 
 #[test]
 fn every_layout_pair_and_thread_count_matches_reference() {
-    // All 16 layout pairs on shapes that take the parallel GEMM path, both
+    // All 25 layout pairs on shapes that take the parallel GEMM path, both
     // GEMV paths and the dot path, with each kernel.
     let shapes = [
         (37, 45, 131),
@@ -307,7 +348,7 @@ fn every_layout_pair_and_thread_count_matches_reference() {
             for (s, &shape) in shapes.iter().enumerate() {
                 for (x, &la) in LAYOUTS.iter().enumerate() {
                     for (y, &lb) in LAYOUTS.iter().enumerate() {
-                        let seed = (s * 16 + x * 4 + y) as u64;
+                        let seed = (s * 25 + x * 5 + y) as u64;
                         let beta = if seed % 2 == 0 { 0.0 } else { 0.75 };
                         p.install(|| {
                             check_case(kernel, shape, (la, lb), 1.25, beta, shape.2 + 1, true, seed)
@@ -328,8 +369,8 @@ fn random_shapes_match_reference() {
     for kernel in available() {
         for case in 0..25u64 {
             let (m, k, n) = (next(150), next(300), next(170));
-            let la = LAYOUTS[next(4)];
-            let lb = LAYOUTS[next(4)];
+            let la = LAYOUTS[next(LAYOUTS.len())];
+            let lb = LAYOUTS[next(LAYOUTS.len())];
             let ldc = n + next(3);
             let threads = 1 + next(2);
             pool(threads).install(|| {

@@ -171,7 +171,15 @@ impl Plan {
                     })
                     .collect();
                 if constants.iter().any(Option::is_some) {
-                    kiln_cpu::prepare(&node.op, &constants)
+                    // The first output's shape as inferred, for layout choices.
+                    let out_shape: Option<Vec<Option<usize>>> = node
+                        .outputs
+                        .first()
+                        .and_then(|o| o.as_deref())
+                        .and_then(|name| graph.value_type(name))
+                        .and_then(|t| t.shape)
+                        .map(|dims| dims.iter().map(|d| d.known()).collect());
+                    kiln_cpu::prepare(&node.op, &constants, out_shape.as_deref())
                 } else {
                     None
                 }

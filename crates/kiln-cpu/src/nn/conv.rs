@@ -4,7 +4,7 @@
 use super::matmul::transpose;
 use super::{float_prec, float_tensor, gemm_acc, numel, values, Prec, Real};
 use crate::{invalid, Result};
-use kiln_gemm::{sgemm, Lhs, MatRef, PackedA, Rhs};
+use kiln_gemm::{sgemm, Lhs, MatRef, PackedA, PackedB, Panels, Rhs};
 use kiln_ir::{AutoPad, ConvAttrs, ConvTransposeAttrs, DType, FusedAct, Tensor};
 use rayon::prelude::*;
 
@@ -486,20 +486,51 @@ fn conv_impl<T: Real>(a: &ConvAttrs, x: &Tensor, w: &Tensor, b: Option<&Tensor>)
 // piece of Y is hot.
 // ---------------------------------------------------------------------------
 
-/// The weights of a fast f32 Conv: the W tensor as given, or W packed per
-/// group once ahead of time (`PackedA` of `[Mg, Cg * k1 * ... * kn]`).
+/// The weights of a fast f32 Conv: the W tensor as given, or W packed once
+/// ahead of time for one of the two GEMM orientations ([`ConvPack`]).
 #[derive(Clone, Copy)]
 pub(crate) enum ConvWeights<'a> {
     Raw(&'a Tensor),
-    Packed(&'a [PackedA]),
+    Packed(&'a ConvPack),
 }
 
-/// Target size (in f32 elements) of one im2col tile: about half the L2 cache,
-/// so the tile is still cached when sgemm packs it.
-const IM2COL_TILE_ELEMS: usize = 128 * 1024;
-/// The narrowest im2col tile, in output positions: narrower tiles would starve
-/// the GEMM of columns.
-const IM2COL_MIN_TILE_COLS: usize = 256;
+/// W packed per group, in the orientation chosen for the node's output size.
+///
+/// * `Channels`: `Y_g[Mg, HW] = W_g[Mg, K] x im2col(X_g)[K, HW]`, W as the
+///   packed left operand. Output channels are the GEMM rows and positions
+///   its (wide) columns: right for big planes.
+/// * `Positions`: `Y_g^T[N*HW, Mg] = im2col(X_g)^T[N*HW, K] x W_g^T[K, Mg]`,
+///   W^T as the packed right operand. Every image's positions are GEMM rows,
+///   so small planes (7x7, 14x14) and batches make one tall product instead
+///   of many narrow ones whose last column panel is mostly padding.
+///
+/// Both are exact for any shape; the choice only affects speed.
+#[derive(Clone, Debug)]
+pub(crate) enum ConvPack {
+    Channels(Vec<PackedA>),
+    Positions(Vec<PackedB>),
+}
+
+impl ConvPack {
+    /// Which product the weights were packed for, in words.
+    pub(crate) fn orientation(&self) -> &'static str {
+        match self {
+            ConvPack::Channels(_) => "for channel rows",
+            ConvPack::Positions(_) => "for position rows",
+        }
+    }
+
+    fn groups(&self) -> usize {
+        match self {
+            ConvPack::Channels(p) => p.len(),
+            ConvPack::Positions(p) => p.len(),
+        }
+    }
+}
+
+/// Largest operand (in f32 elements) one implicit-im2col GEMM packs at once;
+/// bigger convolutions run as several GEMMs over column or image ranges.
+const IM2COL_PACK_MAX: usize = 1 << 20;
 
 /// True when the direct (depthwise) kernel handles this geometry: one input
 /// channel per group, 1 or 2 spatial axes.
@@ -507,19 +538,42 @@ pub(crate) fn uses_direct_kernel(cg: usize, spatial_rank: usize) -> bool {
     cg == 1 && spatial_rank <= 2
 }
 
-/// Packs W (`[M, Cg, k...]`, f32) per group for [`ConvWeights::Packed`].
-pub(crate) fn pack_conv_weights(w: &[f32], m: usize, group: usize) -> Vec<PackedA> {
+/// True when a Conv whose output planes have `out_n` positions is faster as
+/// the `Positions` product (see [`ConvPack`]), with `mg` output channels per
+/// group and `k` = `Cg * k1 * ... * kn` (the GEMM's depth).
+///
+/// `Positions` wins on tile occupancy for small planes: measured on AVX-512
+/// (6x64 tiles), a 3x3 conv on 7x7 (14x14) planes runs about 1.4x (1.1x)
+/// faster. But it packs im2col as narrow 6-row A panels and transposes its
+/// result into Y, which costs more per element than the `Channels` way; that
+/// only pays off when each packed element feeds enough work (deep and wide
+/// convs). Shallow ones (MobileNet's 1x1 expand/project at 14x14: k 64-384)
+/// measured 20-40% slower that way, so they stay `Channels`.
+pub(crate) fn prefers_positions(out_n: usize, mg: usize, k: usize) -> bool {
+    if out_n == 0 || out_n > 256 || k < 512 || mg < 128 {
+        return false;
+    }
+    // Share of the tiles that is real work, each way (rows in MR=6 panels,
+    // columns in NR=64 panels; other kernels tile similarly).
+    let eff = |rows: usize, cols: usize| {
+        (rows as f64 / (rows.div_ceil(6) * 6) as f64)
+            * (cols as f64 / (cols.div_ceil(64) * 64) as f64)
+    };
+    eff(out_n, mg) > eff(mg, out_n)
+}
+
+/// Packs W (`[M, Cg, k...]`, f32) per group for [`ConvWeights::Packed`],
+/// for the `Positions` product when `positions` (see [`prefers_positions`]),
+/// else for the `Channels` one.
+pub(crate) fn pack_conv_weights(w: &[f32], m: usize, group: usize, positions: bool) -> ConvPack {
     let mg = m / group.max(1);
     let rows = if m == 0 { 0 } else { w.len() / m };
-    (0..group)
-        .map(|g| {
-            PackedA::new(MatRef::row_major(
-                &w[g * mg * rows..(g + 1) * mg * rows],
-                mg,
-                rows,
-            ))
-        })
-        .collect()
+    let view = |g: usize| MatRef::row_major(&w[g * mg * rows..(g + 1) * mg * rows], mg, rows);
+    if positions {
+        ConvPack::Positions((0..group).map(|g| PackedB::new(view(g).t())).collect())
+    } else {
+        ConvPack::Channels((0..group).map(|g| PackedA::new(view(g))).collect())
+    }
 }
 
 /// The fast f32 Conv with a fused epilogue: `act(conv(X, W) + B + residual)`.
@@ -575,10 +629,10 @@ pub(crate) fn conv_f32(
                 .ok_or_else(|| invalid!("Conv: W must be f32 here, got {}", w.dtype()))?,
         ),
         ConvWeights::Packed(p) => {
-            if p.len() != geo.group {
+            if p.groups() != geo.group {
                 return Err(invalid!(
                     "Conv: weights were packed for {} groups, the op has {}",
-                    p.len(),
+                    p.groups(),
                     geo.group
                 ));
             }
@@ -666,7 +720,8 @@ fn window_taps(win: &Window, kshape: &[usize]) -> Vec<Vec<isize>> {
     taps
 }
 
-/// Conv as GEMMs: per image and group, `Y_g = W_g x im2col(X_g)`.
+/// Conv as GEMMs with the im2col matrix never built: the GEMM's packing of
+/// that operand gathers straight from X ([`Im2col::fill`]).
 fn conv_gemm(
     geo: &ConvGeometry,
     xv: &[f32],
@@ -675,61 +730,80 @@ fn conv_gemm(
     epi: &Epi<'_>,
     y: &mut [f32],
 ) {
-    let (c, m, cg, mg, kn) = (geo.c, geo.m, geo.cg, geo.mg, geo.kn);
+    let taps = window_taps(&geo.win, &geo.kshape);
+    match w {
+        ConvWeights::Packed(ConvPack::Positions(p)) => {
+            conv_gemm_positions(geo, xv, p, &taps, epi, y)
+        }
+        ConvWeights::Packed(ConvPack::Channels(p)) => {
+            conv_gemm_channels(geo, xv, |g| Lhs::Packed(&p[g]), &taps, epi, y)
+        }
+        ConvWeights::Raw(_) => {
+            let wv = wv.expect("raw weights come with their values");
+            let rows = geo.cg * geo.kn;
+            let lhs = |g: usize| {
+                Lhs::Mat(MatRef::row_major(
+                    &wv[g * geo.mg * rows..(g + 1) * geo.mg * rows],
+                    geo.mg,
+                    rows,
+                ))
+            };
+            conv_gemm_channels(geo, xv, lhs, &taps, epi, y)
+        }
+    }
+}
+
+/// The `Channels` orientation: per image and group, `Y_g = W_g x im2col(X_g)`
+/// straight into Y, epilogue fused.
+fn conv_gemm_channels<'w>(
+    geo: &ConvGeometry,
+    xv: &[f32],
+    lhs: impl Fn(usize) -> Lhs<'w>,
+    taps: &[Vec<isize>],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+) {
+    let (c, m, cg, mg) = (geo.c, geo.m, geo.cg, geo.mg);
     let (in_n, out_n) = (geo.in_n, geo.out_n);
     let win = &geo.win;
-    let nsp = geo.in_sp.len();
-    let rows = cg * kn;
+    let k = cg * geo.kn;
+    // 1x1, stride 1, no padding: X itself is the right operand.
     let pointwise = win.kernel.iter().all(|&k| k == 1)
         && win.strides.iter().all(|&s| s == 1)
         && win.pad_begin.iter().all(|&p| p == 0)
         && win.out == geo.in_sp;
-    let lhs = |gi: usize| match w {
-        ConvWeights::Packed(p) => Lhs::Packed(&p[gi]),
-        ConvWeights::Raw(_) => {
-            let wv = wv.expect("raw weights come with their values");
-            Lhs::Mat(MatRef::row_major(
-                &wv[gi * mg * rows..(gi + 1) * mg * rows],
-                mg,
-                rows,
-            ))
-        }
-    };
-    // Output rows (all spatial axes but the last) per im2col tile.
-    let out_last = win.out[nsp - 1];
-    let out_rows = out_n / out_last.max(1);
-    let rows_per_tile = if pointwise || out_rows <= 1 || rows * out_n <= IM2COL_TILE_ELEMS {
-        out_rows.max(1)
+    // Columns per GEMM: all of the plane unless the packed operand would be huge.
+    let chunk = if pointwise || k * out_n <= IM2COL_PACK_MAX {
+        out_n
     } else {
-        let by_size = IM2COL_TILE_ELEMS / (rows * out_last).max(1);
-        let by_width = IM2COL_MIN_TILE_COLS.div_ceil(out_last.max(1));
-        by_size.max(by_width).clamp(1, out_rows)
-    };
-    let taps = if pointwise {
-        Vec::new()
-    } else {
-        window_taps(win, &geo.kshape)
-    };
-    let mut col = if pointwise {
-        Vec::new()
-    } else {
-        vec![0.0f32; rows * rows_per_tile * out_last]
+        (IM2COL_PACK_MAX / k).max(256)
     };
     for ni in 0..geo.n {
         for gi in 0..geo.group {
-            let xg = &xv[(ni * c + gi * cg) * in_n..][..cg * in_n];
+            let xg = &xv[(ni * c + gi * cg) * in_n..];
             let g0 = gi * mg;
             let y_off = (ni * m + g0) * out_n;
-            let mut r0 = 0;
-            while r0 < out_rows.max(1) {
-                let r1 = (r0 + rows_per_tile).min(out_rows.max(1));
-                let (j0, nt) = (r0 * out_last, (r1 - r0) * out_last);
+            let mut j0 = 0;
+            while j0 < out_n {
+                let nt = chunk.min(out_n - j0);
+                let src = Im2col {
+                    x: xg,
+                    image_stride: 0,
+                    first: j0,
+                    len: nt,
+                    geo,
+                    taps,
+                };
+                let fill =
+                    |first: usize, width: usize, panel: &mut [f32]| src.fill(first, width, panel);
                 let rhs = if pointwise {
-                    MatRef::row_major(xg, cg, in_n)
+                    Rhs::Mat(MatRef::row_major(&xg[..cg * in_n], cg, in_n))
                 } else {
-                    let col = &mut col[..rows * nt];
-                    im2col_tile(xg, geo, &taps, r0, r1, col);
-                    MatRef::row_major(col, rows, nt)
+                    Rhs::Panels(Panels {
+                        rows: k,
+                        cols: nt,
+                        fill: &fill,
+                    })
                 };
                 let c_len = (mg - 1) * out_n + nt;
                 let c_out = &mut y[y_off + j0..y_off + j0 + c_len];
@@ -739,84 +813,285 @@ fn conv_gemm(
                 sgemm(
                     1.0,
                     lhs(gi),
-                    Rhs::Mat(rhs),
+                    rhs,
                     0.0,
                     c_out,
                     out_n,
                     if epi.is_noop() { None } else { Some(&epilogue) },
                 );
-                r0 = r1;
+                j0 += nt;
             }
         }
     }
 }
 
-/// im2col of output rows `r0..r1` (row = every spatial axis but the last) of
-/// one group's input `xg` (`Cg` planes): row `(ci, tap)` of `col` holds the
-/// input seen by that tap at each of those output positions, zero in the
-/// padding. Parallel over input channels.
-fn im2col_tile(
-    xg: &[f32],
+/// The `Positions` orientation: per group and run of whole images,
+/// `T = im2col(X_g)^T x W_g^T` (`[images*HW, Mg]`), then T is transposed into
+/// Y's `[Mg, HW]` planes with the epilogue applied on the way.
+fn conv_gemm_positions(
     geo: &ConvGeometry,
+    xv: &[f32],
+    packed: &[PackedB],
     taps: &[Vec<isize>],
-    r0: usize,
-    r1: usize,
-    col: &mut [f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
 ) {
-    let (in_n, kn) = (geo.in_n, geo.kn);
-    let win = &geo.win;
-    let in_sp = &geo.in_sp;
-    let nsp = in_sp.len();
-    let last = nsp - 1;
-    let (s_last, out_last, in_last) = (win.strides[last], win.out[last], in_sp[last]);
-    let nt = (r1 - r0) * out_last;
-    if nt == 0 {
-        return;
+    let (c, m, cg, mg) = (geo.c, geo.m, geo.cg, geo.mg);
+    let (in_n, out_n) = (geo.in_n, geo.out_n);
+    let k = cg * geo.kn;
+    let images_per = (IM2COL_PACK_MAX / (k * out_n).max(1)).clamp(1, geo.n.max(1));
+    let mut t = crate::buffers::take_f32(images_per * out_n * mg);
+    let mut n0 = 0;
+    while n0 < geo.n {
+        let nb = images_per.min(geo.n - n0);
+        let rows = nb * out_n;
+        for (gi, w_t) in packed.iter().enumerate() {
+            let src = Im2col {
+                x: &xv[(n0 * c + gi * cg) * in_n..],
+                image_stride: c * in_n,
+                first: 0,
+                len: rows,
+                geo,
+                taps,
+            };
+            let fill =
+                |first: usize, width: usize, panel: &mut [f32]| src.fill(first, width, panel);
+            let tv = &mut t[..rows * mg];
+            sgemm(
+                1.0,
+                Lhs::Panels(Panels {
+                    rows,
+                    cols: k,
+                    fill: &fill,
+                }),
+                Rhs::Packed(w_t),
+                0.0,
+                tv,
+                mg,
+                None,
+            );
+            // Y planes of these images and this group: `CH_BLOCK` channels per
+            // task, each reading T's rows once for all of them.
+            const CH_BLOCK: usize = 16;
+            let tv = &*tv;
+            let g0 = gi * mg;
+            let images = &mut y[n0 * m * out_n..(n0 + nb) * m * out_n];
+            images
+                .par_chunks_mut(m * out_n)
+                .enumerate()
+                .for_each(|(ii, img)| {
+                    let planes = &mut img[g0 * out_n..(g0 + mg) * out_n];
+                    planes
+                        .par_chunks_mut(CH_BLOCK * out_n)
+                        .enumerate()
+                        .for_each(|(bi, block)| {
+                            let ch0 = bi * CH_BLOCK;
+                            let nch = block.len() / out_n;
+                            let trows = &tv[ii * out_n * mg..(ii + 1) * out_n * mg];
+                            for (pos, trow) in trows.chunks_exact(mg).enumerate() {
+                                for (j, &v) in trow[ch0..ch0 + nch].iter().enumerate() {
+                                    block[j * out_n + pos] = v;
+                                }
+                            }
+                            for (j, plane) in block.chunks_exact_mut(out_n).enumerate() {
+                                epi.apply(n0 + ii, g0 + ch0 + j, 0, plane);
+                            }
+                        });
+                });
+        }
+        n0 += nb;
     }
-    col.par_chunks_mut(kn * nt)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let plane = &xg[ci * in_n..(ci + 1) * in_n];
-            let mut idx = vec![0usize; last];
-            for (offs, row) in taps.iter().zip(chunk.chunks_exact_mut(nt)) {
-                let off = offs[last];
-                let (lo, hi) = valid_range(out_last, s_last, off, in_last);
-                for (r, seg) in (r0..r1).zip(row.chunks_exact_mut(out_last)) {
-                    // The input row this output row reads through this tap.
-                    let mut rem = r;
-                    for a in (0..last).rev() {
-                        idx[a] = rem % win.out[a];
-                        rem /= win.out[a];
+    crate::buffers::recycle(t);
+}
+
+/// The im2col matrix of one group, `[Cg * k1 * ... * kn, positions]`, as a
+/// source of packed GEMM panels: row `ci * kn + tap`, column = an output
+/// position (image-major when it spans several images). Packing it gathers
+/// straight from X, so the matrix is never written out.
+struct Im2col<'a> {
+    /// Image 0, channel 0 of the group; images follow every `image_stride`.
+    x: &'a [f32],
+    image_stride: usize,
+    /// The positions `first .. first + len` (over images, then the plane).
+    first: usize,
+    len: usize,
+    geo: &'a ConvGeometry,
+    taps: &'a [Vec<isize>],
+}
+
+impl Im2col<'_> {
+    /// Writes positions `first .. first + width` (relative to `self.first`)
+    /// as one packed panel: `panel[row * width + t]`, zero in the padding and
+    /// past `len`. Works per run of positions along one output row, so every
+    /// (row, run) is one copy (stride 1) or one strided gather.
+    fn fill(&self, first: usize, width: usize, panel: &mut [f32]) {
+        let geo = self.geo;
+        let win = &geo.win;
+        let nsp = geo.in_sp.len();
+        let last = nsp - 1;
+        let (s_last, out_last, in_last) = (win.strides[last], win.out[last], geo.in_sp[last]);
+        let (kn, in_n, out_n) = (geo.kn, geo.in_n, geo.out_n);
+        let rows = geo.cg * kn;
+        let valid = width.min(self.len.saturating_sub(first));
+        if valid < width {
+            for r in 0..rows {
+                panel[r * width + valid..(r + 1) * width].fill(0.0);
+            }
+        }
+        // Runs: (panel column, length, image, output row, first x).
+        let mut runs: Vec<(usize, usize, usize, usize, usize)> = Vec::with_capacity(8);
+        let mut t = 0;
+        while t < valid {
+            let q = self.first + first + t;
+            let (img, pos) = (q / out_n, q % out_n);
+            let (orow, ox) = (pos / out_last, pos % out_last);
+            let len = (out_last - ox).min(valid - t);
+            runs.push((t, len, img, orow, ox));
+            t += len;
+        }
+        // Short runs (small planes, narrow A panels): one gather per element
+        // through a table of source offsets, built once for all channels.
+        // Long runs: one copy per (row, run).
+        let gather = runs.len() * 16 > valid;
+        let mut table = if gather {
+            vec![-1isize; kn * valid]
+        } else {
+            Vec::new()
+        };
+        let mut idx = vec![0usize; last];
+        for (ti, offs) in self.taps.iter().enumerate() {
+            let off = offs[last];
+            let (lo, hi) = valid_range(out_last, s_last, off, in_last);
+            for &(t0, len, img, orow, ox0) in &runs {
+                // The input row this output row reads through this tap.
+                let mut rem = orow;
+                for a in (0..last).rev() {
+                    idx[a] = rem % win.out[a];
+                    rem /= win.out[a];
+                }
+                let mut irow = 0usize;
+                let mut inside = lo < hi;
+                for a in 0..last {
+                    let q = (idx[a] * win.strides[a]) as isize + offs[a];
+                    if q < 0 || q >= geo.in_sp[a] as isize {
+                        inside = false;
+                        break;
                     }
-                    let mut irow = 0usize;
-                    let mut inside = lo < hi;
-                    for a in 0..last {
-                        let q = (idx[a] * win.strides[a]) as isize + offs[a];
-                        if q < 0 || q >= in_sp[a] as isize {
-                            inside = false;
-                            break;
-                        }
-                        irow = irow * in_sp[a] + q as usize;
+                    irow = irow * geo.in_sp[a] + q as usize;
+                }
+                // Valid x within the run: [a, b) relative to the run's start.
+                let (a, b) = if inside {
+                    let a = lo.clamp(ox0, ox0 + len) - ox0;
+                    let b = hi.clamp(ox0, ox0 + len) - ox0;
+                    (a, b.max(a))
+                } else {
+                    (0, 0)
+                };
+                // Offset (within a channel plane's image) of the first valid
+                // output's input: (ox0 + a) * s + off >= 0 there.
+                let src0 = ((img * self.image_stride + irow * in_last) as isize
+                    + ((ox0 + a) * s_last) as isize
+                    + off)
+                    .max(0) as usize;
+                if gather {
+                    let row = &mut table[ti * valid + t0..][..len];
+                    for (j, o) in row[a..b].iter_mut().enumerate() {
+                        *o = (src0 + j * s_last) as isize;
                     }
-                    if !inside {
-                        seg.fill(0.0);
+                    continue;
+                }
+                for ci in 0..geo.cg {
+                    let dst = &mut panel[(ci * kn + ti) * width + t0..][..len];
+                    dst[..a].fill(0.0);
+                    dst[b..].fill(0.0);
+                    if a == b {
                         continue;
                     }
-                    seg[..lo].fill(0.0);
-                    seg[hi..].fill(0.0);
-                    let src0 = (irow * in_last) as isize + (lo * s_last) as isize + off;
-                    let src0 = src0 as usize;
-                    let dst = &mut seg[lo..hi];
+                    let src0 = src0 + ci * in_n;
+                    let d = &mut dst[a..b];
                     if s_last == 1 {
-                        dst.copy_from_slice(&plane[src0..src0 + (hi - lo)]);
+                        d.copy_from_slice(&self.x[src0..src0 + (b - a)]);
                     } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d = plane[src0 + j * s_last];
+                        for (j, v) in d.iter_mut().enumerate() {
+                            *v = self.x[src0 + j * s_last];
                         }
                     }
                 }
             }
-        });
+        }
+        if gather {
+            let strips = Strips {
+                x: self.x,
+                cg: geo.cg,
+                kn,
+                in_n,
+            };
+            for (ti, offs) in table.chunks_exact(valid).enumerate() {
+                // A tap whose offsets are one contiguous stretch of X (no
+                // padding, no row break: always so for 1x1 stride-1 convs)
+                // copies; otherwise one gather per element.
+                let contiguous = offs[0] >= 0 && offs.windows(2).all(|w| w[1] == w[0] + 1);
+                match (width, valid, contiguous) {
+                    (6, 6, true) => strips.copy::<6>(panel, ti, offs[0] as usize),
+                    (6, 6, false) => strips.gather::<6>(panel, ti, offs),
+                    (4, 4, true) => strips.copy::<4>(panel, ti, offs[0] as usize),
+                    (4, 4, false) => strips.gather::<4>(panel, ti, offs),
+                    _ => strips.gather_any(panel, width, ti, offs),
+                }
+            }
+        }
+    }
+}
+
+/// The channel strips of one tap in a packed im2col panel: panel row
+/// `ci * kn + tap` takes X's channel `ci` at a few source offsets. Fixed
+/// widths (the GEMM's MR) compile to straight-line moves, where a `memcpy`
+/// call per 6-float strip would cost more than the copy.
+struct Strips<'a> {
+    x: &'a [f32],
+    cg: usize,
+    kn: usize,
+    in_n: usize,
+}
+
+impl Strips<'_> {
+    /// Row `(ci, tap)` = `x[ci * in_n + o ..][..W]`, every channel.
+    fn copy<const W: usize>(&self, panel: &mut [f32], tap: usize, o: usize) {
+        for ci in 0..self.cg {
+            let d: &mut [f32; W] = (&mut panel[(ci * self.kn + tap) * W..][..W])
+                .try_into()
+                .expect("a panel row holds W floats");
+            let s: &[f32; W] = self.x[ci * self.in_n + o..][..W]
+                .try_into()
+                .expect("the strip holds W floats");
+            *d = *s;
+        }
+    }
+
+    /// Row `(ci, tap)` = `x[ci * in_n + offs[t]]` (0 where `offs[t] < 0`).
+    fn gather<const W: usize>(&self, panel: &mut [f32], tap: usize, offs: &[isize]) {
+        let offs: &[isize; W] = offs.try_into().expect("W offsets");
+        for ci in 0..self.cg {
+            let xc = &self.x[ci * self.in_n..];
+            let d: &mut [f32; W] = (&mut panel[(ci * self.kn + tap) * W..][..W])
+                .try_into()
+                .expect("a panel row holds W floats");
+            for (v, &o) in d.iter_mut().zip(offs) {
+                *v = if o >= 0 { xc[o as usize] } else { 0.0 };
+            }
+        }
+    }
+
+    /// `gather` for any width: the first `offs.len()` floats of each row.
+    fn gather_any(&self, panel: &mut [f32], width: usize, tap: usize, offs: &[isize]) {
+        for ci in 0..self.cg {
+            let xc = &self.x[ci * self.in_n..];
+            let d = &mut panel[(ci * self.kn + tap) * width..][..offs.len()];
+            for (v, &o) in d.iter_mut().zip(offs) {
+                *v = if o >= 0 { xc[o as usize] } else { 0.0 };
+            }
+        }
+    }
 }
 
 /// ConvTranspose. X `[N, C, D1..Dn]`, W `[C, M/group, k1..kn]`, B `[M]`.
@@ -1979,6 +2254,31 @@ mod tests {
                 vec![1, 1, 1],
                 vec![1; 6],
             ),
+            // Big enough that the implicit im2col runs as several GEMMs
+            // (column chunks across output rows, one image at a time), and
+            // with strides, dilations and uneven pads on the wide panels.
+            (
+                2,
+                32,
+                24,
+                1,
+                vec![70, 70],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1; 4],
+            ),
+            (
+                2,
+                16,
+                20,
+                1,
+                vec![41, 37],
+                vec![3, 3],
+                vec![2, 1],
+                vec![2, 1],
+                vec![2, 1, 0, 3],
+            ),
             // Output 1x1 and input 1x1.
             (
                 1,
@@ -2046,14 +2346,17 @@ mod tests {
                 .map(|(&v, &r)| act.eval(v + r))
                 .collect();
             let res_t = t(&shape, res);
-            let packed = pack_conv_weights(&wv, m, group);
-            let weights = if uses_direct_kernel(c / group, ins.len()) {
-                ConvWeights::Raw(&w)
-            } else {
-                ConvWeights::Packed(&packed)
-            };
-            let y = conv_f32(&a, &x, &ws, weights, Some(&b), Some(&res_t), act).unwrap();
-            assert_close(&f32s(&y), &want_fused, 1e-4);
+            // Both GEMM orientations, whichever the shape would pick.
+            for positions in [false, true] {
+                let packed = pack_conv_weights(&wv, m, group, positions);
+                let weights = if uses_direct_kernel(c / group, ins.len()) {
+                    ConvWeights::Raw(&w)
+                } else {
+                    ConvWeights::Packed(&packed)
+                };
+                let y = conv_f32(&a, &x, &ws, weights, Some(&b), Some(&res_t), act).unwrap();
+                assert_close(&f32s(&y), &want_fused, 1e-4);
+            }
         }
     }
 
