@@ -400,12 +400,23 @@ fn plane_flat<const S: usize>(
                 // Column j is input column s*j + off.
                 let off = rx as isize - g.pw as isize;
                 let (lo, hi) = valid_range(pitch, s, off, g.iw);
+                if lo >= hi {
+                    continue;
+                }
+                let a = ((s * lo) as isize + off) as usize;
                 if s == 1 {
-                    let a = (lo as isize + off) as usize;
                     prow[lo..hi].copy_from_slice(&srow[a..a + (hi - lo)]);
                 } else {
-                    for (j, d) in prow.iter_mut().enumerate().take(hi).skip(lo) {
-                        *d = srow[((s * j) as isize + off) as usize];
+                    // Every s-th column from `a`: whole s-column chunks (a
+                    // shuffle-vectorized de-interleave), then a last partial one.
+                    let dst = &mut prow[lo..hi];
+                    let whole = ((g.iw - a) / s).min(dst.len());
+                    let (head, tail) = dst.split_at_mut(whole);
+                    for (d, chunk) in head.iter_mut().zip(srow[a..].chunks_exact(s)) {
+                        *d = chunk[0];
+                    }
+                    for (j, d) in tail.iter_mut().enumerate() {
+                        *d = srow[a + s * (whole + j)];
                     }
                 }
             }
