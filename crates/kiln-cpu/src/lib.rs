@@ -65,6 +65,26 @@ fn optional<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> Option<&'a Tensor> {
     inputs.get(i).copied().flatten()
 }
 
+/// For ops that only relabel their first input's shape (Reshape, Flatten,
+/// Squeeze, Unsqueeze, Identity on a tensor): the output shape, with every
+/// check `run_op` makes. The runtime uses it to move a tensor that nothing
+/// else reads into the output instead of copying it. None for other ops.
+pub fn view_shape(op: &Op, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<usize>>> {
+    let x = |i: usize, what: &str| required(inputs, i, what);
+    let opt = |i: usize| optional(inputs, i);
+    let shape = match op {
+        Op::Reshape { allowzero } => {
+            x(0, "data").and_then(|d| shape_ops::reshape_shape(d, x(1, "shape")?, *allowzero))
+        }
+        Op::Flatten { axis } => x(0, "input").and_then(|d| shape_ops::flatten_shape(d, *axis)),
+        Op::Squeeze => x(0, "data").and_then(|d| shape_ops::squeeze_shape(d, opt(1))),
+        Op::Unsqueeze => x(0, "data").and_then(|d| shape_ops::unsqueeze_shape(d, x(1, "axes")?)),
+        Op::Identity => x(0, "input").map(|d| d.shape().to_vec()),
+        _ => return None,
+    };
+    Some(shape)
+}
+
 /// Runs one op on concrete inputs. `inputs[i]` is `None` for an omitted optional
 /// input; `num_outputs` is how many outputs the node declares (some ops compute
 /// optional outputs only when asked).

@@ -239,6 +239,11 @@ fn take_along_axis<T: Clone>(
 // ---------------------------------------------------------------------------
 
 pub fn reshape(x: &Tensor, s: &Tensor, allowzero: bool) -> Result<Tensor> {
+    tensor(reshape_shape(x, s, allowzero)?, x.data().clone())
+}
+
+/// The output shape of Reshape (every check included, nothing copied).
+pub(crate) fn reshape_shape(x: &Tensor, s: &Tensor, allowzero: bool) -> Result<Vec<usize>> {
     let req = vector_values("Reshape", s, "shape")?;
     let in_shape = x.shape();
     if allowzero && req.contains(&0) && req.contains(&-1) {
@@ -298,10 +303,15 @@ pub fn reshape(x: &Tensor, s: &Tensor, allowzero: bool) -> Result<Tensor> {
             "Reshape: cannot reshape input of shape {in_shape:?} ({n} elements) to {req:?} (resolved {out:?})"
         ));
     }
-    tensor(out, x.data().clone())
+    Ok(out)
 }
 
 pub fn flatten(x: &Tensor, axis: i64) -> Result<Tensor> {
+    tensor(flatten_shape(x, axis)?, x.data().clone())
+}
+
+/// The output shape of Flatten.
+pub(crate) fn flatten_shape(x: &Tensor, axis: i64) -> Result<Vec<usize>> {
     let r = x.rank() as i64;
     if axis < -r || axis > r {
         return Err(invalid!(
@@ -312,10 +322,15 @@ pub fn flatten(x: &Tensor, axis: i64) -> Result<Tensor> {
     let a = if axis < 0 { axis + r } else { axis } as usize;
     let rows: usize = x.shape()[..a].iter().product();
     let cols: usize = x.shape()[a..].iter().product();
-    tensor(vec![rows, cols], x.data().clone())
+    Ok(vec![rows, cols])
 }
 
 pub fn squeeze(x: &Tensor, axes: Option<&Tensor>) -> Result<Tensor> {
+    tensor(squeeze_shape(x, axes)?, x.data().clone())
+}
+
+/// The output shape of Squeeze.
+pub(crate) fn squeeze_shape(x: &Tensor, axes: Option<&Tensor>) -> Result<Vec<usize>> {
     let shape = x.shape();
     let axes = match axes {
         Some(t) => i64_values(t, "Squeeze: axes")?,
@@ -340,10 +355,15 @@ pub fn squeeze(x: &Tensor, axes: Option<&Tensor>) -> Result<Tensor> {
             .map(|(_, &d)| d)
             .collect()
     };
-    tensor(out, x.data().clone())
+    Ok(out)
 }
 
 pub fn unsqueeze(x: &Tensor, axes: &Tensor) -> Result<Tensor> {
+    tensor(unsqueeze_shape(x, axes)?, x.data().clone())
+}
+
+/// The output shape of Unsqueeze.
+pub(crate) fn unsqueeze_shape(x: &Tensor, axes: &Tensor) -> Result<Vec<usize>> {
     let axes = i64_values(axes, "Unsqueeze: axes")?;
     let out_rank = x.rank() + axes.len();
     let axes = normalize_axes("Unsqueeze", &axes, out_rank)?;
@@ -356,7 +376,7 @@ pub fn unsqueeze(x: &Tensor, axes: &Tensor) -> Result<Tensor> {
             out.push(dims.next().copied().unwrap_or(1));
         }
     }
-    tensor(out, x.data().clone())
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------

@@ -35,7 +35,10 @@ pub(crate) fn execute_profiled(
     }
     for step in &plan.steps {
         let started = profile.as_ref().map(|_| Instant::now());
-        let outs = run_step(step, &values)?;
+        let outs = match relabel_in_place(step, &mut values)? {
+            Some(outs) => outs,
+            None => run_step(step, &values)?,
+        };
         if let (Some(p), Some(t0)) = (profile.as_deref_mut(), started) {
             let seconds = t0.elapsed().as_secs_f64();
             p.push(timing(step, &values, &outs, seconds));
@@ -140,6 +143,53 @@ pub(crate) fn tensor_inputs<'a>(
             }),
         })
         .collect()
+}
+
+/// A step that only relabels its input's shape, run by moving the input's
+/// buffer into the output (see `Step::relabels_in_place`). None when the step
+/// is not such a one or its input is shared (a constant, a caller's value
+/// still held elsewhere): then `run_step` copies as usual.
+fn relabel_in_place(step: &Step, values: &mut [Option<Val>]) -> Result<Option<Vec<Val>>> {
+    let Some(Some(slot)) = step
+        .inputs
+        .first()
+        .copied()
+        .filter(|_| step.relabels_in_place)
+    else {
+        return Ok(None);
+    };
+    let shape = {
+        let mut inputs: Vec<Option<&Val>> = Vec::with_capacity(step.inputs.len());
+        for s in &step.inputs {
+            inputs.push(s.and_then(|s| values[s].as_ref()));
+        }
+        if inputs[0].and_then(Val::as_tensor).is_none() {
+            return Ok(None);
+        }
+        let tensors = tensor_inputs(step, &inputs)?;
+        match kiln_cpu::view_shape(&step.op, &tensors) {
+            Some(shape) => shape.map_err(|e| kernel_error(step, e))?,
+            None => return Ok(None),
+        }
+    };
+    match values[slot].take() {
+        Some(Val::Tensor(t)) => match Arc::try_unwrap(t) {
+            Ok(t) => {
+                let out = t
+                    .reshaped(shape)
+                    .map_err(|e| node_error(step, e.to_string()))?;
+                Ok(Some(vec![Val::tensor(out)]))
+            }
+            Err(shared) => {
+                values[slot] = Some(Val::Tensor(shared));
+                Ok(None)
+            }
+        },
+        other => {
+            values[slot] = other;
+            Ok(None)
+        }
+    }
 }
 
 fn run_step(step: &Step, values: &[Option<Val>]) -> Result<Vec<Val>> {

@@ -24,6 +24,10 @@ pub(crate) struct Step {
     /// Inputs whose constant was freed because `prepared` holds its data
     /// (packed): (input index, dtype and shape), for profiles.
     pub held: Vec<(usize, (kiln_ir::DType, Vec<usize>))>,
+    /// The op only relabels input 0's shape (Reshape, Flatten, ...) and this
+    /// step is that input's last reader: at run time its buffer moves into
+    /// the output when nothing else holds it (no copy).
+    pub relabels_in_place: bool,
 }
 
 /// A compiled graph. Subgraph plans read enclosing values through `outer`.
@@ -214,6 +218,7 @@ impl Plan {
                 subplan_outer,
                 prepared,
                 held: Vec::new(),
+                relabels_in_place: false,
             });
             if let Some(name) = release_now {
                 if let Some(t) = inits.remove(&name) {
@@ -258,6 +263,24 @@ impl Plan {
             if !keep.contains(&slot) {
                 steps[si].frees.push(slot);
             }
+        }
+        for step in &mut steps {
+            let relabels = matches!(
+                step.op,
+                Op::Reshape { .. }
+                    | Op::Flatten { .. }
+                    | Op::Squeeze
+                    | Op::Unsqueeze
+                    | Op::Identity
+            );
+            step.relabels_in_place = relabels
+                && step.prepared.is_none()
+                && match step.inputs.first() {
+                    Some(Some(x)) => {
+                        step.frees.contains(x) && !step.inputs[1..].contains(&Some(*x))
+                    }
+                    _ => false,
+                };
         }
         outer_reads.dedup();
         let outer_slots = outer_reads

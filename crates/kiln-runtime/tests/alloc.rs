@@ -68,8 +68,10 @@ fn weights(shape: &[usize], seed: u32) -> Arc<Tensor> {
     Arc::new(Tensor::from_vec(shape.to_vec(), v).unwrap())
 }
 
-/// A small CNN whose activations are 4-16 MiB each: conv 3x3 -> relu ->
-/// depthwise 3x3 -> 1x1 conv + residual add -> global average pool.
+/// A small CNN whose activations are 4-16 MiB each: conv 3x3 -> reshape to
+/// rows -> relu -> reshape back -> depthwise 3x3 -> 1x1 conv + residual add
+/// -> global average pool. The reshapes are their inputs' last readers, so
+/// they must move the buffers, not copy them.
 fn cnn() -> Graph {
     let conv = |group: usize, k: usize| {
         Op::Conv(ConvAttrs {
@@ -104,7 +106,19 @@ fn cnn() -> Graph {
         )],
         nodes: vec![
             node("c1", conv(1, 3), &["x", "w1", "b1"], &["a"]),
-            node("r1", Op::Unary(UnaryOp::Relu), &["a"], &["ar"]),
+            node(
+                "rows",
+                Op::Reshape { allowzero: false },
+                &["a", "rows_shape"],
+                &["a2"],
+            ),
+            node("r1", Op::Unary(UnaryOp::Relu), &["a2"], &["ar2"]),
+            node(
+                "planes",
+                Op::Reshape { allowzero: false },
+                &["ar2", "planes_shape"],
+                &["ar"],
+            ),
             node("dw", conv(32, 3), &["ar", "w2"], &["d"]),
             node("pw", conv(1, 1), &["d", "w3"], &["p"]),
             node("add", Op::Binary(BinaryOp::Add), &["p", "ar"], &["s"]),
@@ -119,6 +133,11 @@ fn cnn() -> Graph {
         .insert("w2".into(), weights(&[32, 1, 3, 3], 3));
     g.initializers
         .insert("w3".into(), weights(&[32, 32, 1, 1], 4));
+    let shape = |v: Vec<i64>| Arc::new(Tensor::from_vec(vec![v.len()], v).unwrap());
+    g.initializers
+        .insert("rows_shape".into(), shape(vec![0, 32, -1]));
+    g.initializers
+        .insert("planes_shape".into(), shape(vec![0, 32, 128, 128]));
     g
 }
 

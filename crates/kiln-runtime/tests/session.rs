@@ -346,3 +346,70 @@ fn packed_weights_free_their_originals_unless_read_elsewhere() {
     assert_eq!(f32s(&out[0].1), want);
     assert_eq!(f32s(&out[1].1), w[8..12].to_vec());
 }
+
+/// Reshape-like steps move their input's buffer when they are its last
+/// reader and copy otherwise; either way every reader sees the right values
+/// and shapes. Here `x` is reshaped (moved: the caller gave it up), `s` is
+/// reshaped while `mul` still reads it (copied), `x` also feeds a graph
+/// output through Identity, and a constant is flattened (shared: copied).
+#[test]
+fn relabelling_ops_move_or_copy_as_readers_require() {
+    let shape = |v: Vec<i64>| Arc::new(Tensor::from_vec(vec![v.len()], v).unwrap());
+    let mut g = Graph {
+        inputs: vec![vi("x", DType::F32, vec![Dim::Known(2), Dim::Known(3)])],
+        outputs: vec![
+            vi("rows", DType::F32, vec![Dim::Known(3), Dim::Known(2)]),
+            vi("prod", DType::F32, vec![Dim::Known(6)]),
+            vi("flat_c", DType::F32, vec![Dim::Known(1), Dim::Known(6)]),
+            vi("same", DType::F32, vec![Dim::Known(2), Dim::Known(3)]),
+        ],
+        nodes: vec![
+            node("add", Op::Binary(BinaryOp::Add), &["x", "c"], &["s"]),
+            node("id", Op::Identity, &["x"], &["same"]),
+            node(
+                "r1",
+                Op::Reshape { allowzero: false },
+                &["s", "to32"],
+                &["rows"],
+            ),
+            node(
+                "r2",
+                Op::Reshape { allowzero: false },
+                &["s", "to6"],
+                &["s6"],
+            ),
+            node("sq", Op::Flatten { axis: 0 }, &["c"], &["flat_c"]),
+            node("mul", Op::Binary(BinaryOp::Mul), &["s6", "s6"], &["prod"]),
+        ],
+        ..Default::default()
+    };
+    g.initializers.insert(
+        "c".into(),
+        Arc::new(Tensor::from_vec(vec![2, 3], vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap()),
+    );
+    g.initializers.insert("to32".into(), shape(vec![3, 2]));
+    g.initializers.insert("to6".into(), shape(vec![-1]));
+    let s = session(g).unwrap();
+    for _ in 0..2 {
+        let x = Tensor::from_vec(vec![2, 3], vec![0.5f32, 1.0, -1.0, 2.0, 0.0, -6.0]).unwrap();
+        let out = s.run(vec![("x".into(), x)]).unwrap();
+        let get = |name: &str| {
+            let t = &out.iter().find(|(n, _)| n == name).unwrap().1;
+            (t.shape().to_vec(), f32s(t))
+        };
+        let sum = vec![1.5f32, 3.0, 2.0, 6.0, 5.0, 0.0];
+        assert_eq!(get("rows"), (vec![3, 2], sum.clone()));
+        assert_eq!(
+            get("prod"),
+            (vec![6], sum.iter().map(|v| v * v).collect::<Vec<_>>())
+        );
+        assert_eq!(
+            get("flat_c"),
+            (vec![1, 6], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        );
+        assert_eq!(
+            get("same"),
+            (vec![2, 3], vec![0.5, 1.0, -1.0, 2.0, 0.0, -6.0])
+        );
+    }
+}
