@@ -60,19 +60,28 @@ impl AlignedBuf {
 /// Below this many floats, packing runs on the calling thread.
 const PAR_PACK_MIN: usize = 1 << 16;
 
-/// Packs all of `a` (`m x k`) into `dst` (`ceil(m/mr) * mr * k` floats).
-pub(crate) fn pack_a(a: MatRef<'_>, mr: usize, dst: &mut [f32]) {
-    let (m, k) = (a.rows(), a.cols());
-    let panel = mr * k;
+/// Runs `work(first, panel)` on each `width * k`-float micro-panel of `dst`
+/// (`ceil(outer / width)` of them; `first` = the panel's first row of A or
+/// column of B), in parallel when `dst` is big. `what` names the caller in
+/// the size check.
+fn each_panel(
+    what: &str,
+    outer: usize,
+    width: usize,
+    k: usize,
+    dst: &mut [f32],
+    work: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let panel = width * k;
     assert_eq!(
         dst.len(),
-        m.div_ceil(mr) * panel,
-        "pack_a: wrong buffer size"
+        outer.div_ceil(width) * panel,
+        "{what}: wrong buffer size"
     );
     if panel == 0 {
         return;
     }
-    let work = |(ip, d): (usize, &mut [f32])| pack_a_panel(a, ip * mr, mr, d);
+    let work = |(i, d): (usize, &mut [f32])| work(i * width, d);
     if dst.len() >= PAR_PACK_MIN && rayon::current_num_threads() > 1 {
         dst.par_chunks_mut(panel).enumerate().for_each(work);
     } else {
@@ -80,24 +89,18 @@ pub(crate) fn pack_a(a: MatRef<'_>, mr: usize, dst: &mut [f32]) {
     }
 }
 
+/// Packs all of `a` (`m x k`) into `dst` (`ceil(m/mr) * mr * k` floats).
+pub(crate) fn pack_a(a: MatRef<'_>, mr: usize, dst: &mut [f32]) {
+    each_panel("pack_a", a.rows(), mr, a.cols(), dst, |i0, d| {
+        pack_a_panel(a, i0, mr, d)
+    });
+}
+
 /// Packs all of `b` (`k x n`) into `dst` (`ceil(n/nr) * nr * k` floats).
 pub(crate) fn pack_b(b: MatRef<'_>, nr: usize, dst: &mut [f32]) {
-    let (k, n) = (b.rows(), b.cols());
-    let panel = nr * k;
-    assert_eq!(
-        dst.len(),
-        n.div_ceil(nr) * panel,
-        "pack_b: wrong buffer size"
-    );
-    if panel == 0 {
-        return;
-    }
-    let work = |(jp, d): (usize, &mut [f32])| pack_b_panel(b, jp * nr, nr, d);
-    if dst.len() >= PAR_PACK_MIN && rayon::current_num_threads() > 1 {
-        dst.par_chunks_mut(panel).enumerate().for_each(work);
-    } else {
-        dst.chunks_mut(panel).enumerate().for_each(work);
-    }
+    each_panel("pack_b", b.cols(), nr, b.rows(), dst, |j0, d| {
+        pack_b_panel(b, j0, nr, d)
+    });
 }
 
 /// Fills every `width`-wide micro-panel of a caller-packed operand into `dst`
@@ -110,21 +113,9 @@ pub(crate) fn fill_panels(
     width: usize,
     dst: &mut [f32],
 ) {
-    let panel = width * k;
-    assert_eq!(
-        dst.len(),
-        outer.div_ceil(width) * panel,
-        "fill_panels: wrong buffer size"
-    );
-    if panel == 0 {
-        return;
-    }
-    let work = |(ip, d): (usize, &mut [f32])| fill(ip * width, width, d);
-    if dst.len() >= PAR_PACK_MIN && rayon::current_num_threads() > 1 {
-        dst.par_chunks_mut(panel).enumerate().for_each(work);
-    } else {
-        dst.chunks_mut(panel).enumerate().for_each(work);
-    }
+    each_panel("fill_panels", outer, width, k, dst, |first, d| {
+        fill(first, width, d)
+    });
 }
 
 /// A caller-packed operand as a row-major matrix (for the reference): `as_b`
