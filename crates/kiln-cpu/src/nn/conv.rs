@@ -919,12 +919,35 @@ struct Im2col<'a> {
     taps: &'a [Vec<isize>],
 }
 
+/// Per-thread working lists of [`Im2col::fill`], kept between panels so
+/// packing allocates nothing.
+#[derive(Default)]
+struct FillScratch {
+    /// Runs of positions along one output row: (panel column, length,
+    /// image, output row, first x).
+    runs: Vec<(usize, usize, usize, usize, usize)>,
+    /// Per tap and panel column, the source offset in a channel (-1: zero).
+    table: Vec<isize>,
+    /// An output row's multi-index over the outer spatial axes.
+    idx: Vec<usize>,
+}
+
+thread_local! {
+    static FILL_SCRATCH: std::cell::Cell<FillScratch> = std::cell::Cell::new(FillScratch::default());
+}
+
 impl Im2col<'_> {
     /// Writes positions `first .. first + width` (relative to `self.first`)
     /// as one packed panel: `panel[row * width + t]`, zero in the padding and
     /// past `len`. Works per run of positions along one output row, so every
     /// (row, run) is one copy (stride 1) or one strided gather.
     fn fill(&self, first: usize, width: usize, panel: &mut [f32]) {
+        let mut scratch = FILL_SCRATCH.with(|c| c.take());
+        self.fill_with(first, width, panel, &mut scratch);
+        FILL_SCRATCH.with(|c| c.set(scratch));
+    }
+
+    fn fill_with(&self, first: usize, width: usize, panel: &mut [f32], scratch: &mut FillScratch) {
         let geo = self.geo;
         let win = &geo.win;
         let nsp = geo.in_sp.len();
@@ -938,8 +961,8 @@ impl Im2col<'_> {
                 panel[r * width + valid..(r + 1) * width].fill(0.0);
             }
         }
-        // Runs: (panel column, length, image, output row, first x).
-        let mut runs: Vec<(usize, usize, usize, usize, usize)> = Vec::with_capacity(8);
+        let FillScratch { runs, table, idx } = scratch;
+        runs.clear();
         let mut t = 0;
         while t < valid {
             let q = self.first + first + t;
@@ -953,16 +976,16 @@ impl Im2col<'_> {
         // through a table of source offsets, built once for all channels.
         // Long runs: one copy per (row, run).
         let gather = runs.len() * 16 > valid;
-        let mut table = if gather {
-            vec![-1isize; kn * valid]
-        } else {
-            Vec::new()
-        };
-        let mut idx = vec![0usize; last];
+        table.clear();
+        if gather {
+            table.resize(kn * valid, -1);
+        }
+        idx.clear();
+        idx.resize(last, 0);
         for (ti, offs) in self.taps.iter().enumerate() {
             let off = offs[last];
             let (lo, hi) = valid_range(out_last, s_last, off, in_last);
-            for &(t0, len, img, orow, ox0) in &runs {
+            for &(t0, len, img, orow, ox0) in runs.iter() {
                 // The input row this output row reads through this tap.
                 let mut rem = orow;
                 for a in (0..last).rev() {
