@@ -34,14 +34,17 @@ pub(crate) fn execute_profiled(
         values[slot] = Some(v);
     }
     for step in &plan.steps {
+        // Inputs are described before the step runs: a relabelling step
+        // moves its input out of the slot.
+        let described = profile.as_ref().map(|_| describe_inputs(step, &values));
         let started = profile.as_ref().map(|_| Instant::now());
         let outs = match relabel_in_place(step, &mut values)? {
             Some(outs) => outs,
             None => run_step(step, &values)?,
         };
-        if let (Some(p), Some(t0)) = (profile.as_deref_mut(), started) {
+        if let (Some(p), Some(t0), Some(inputs)) = (profile.as_deref_mut(), started, described) {
             let seconds = t0.elapsed().as_secs_f64();
-            p.push(timing(step, &values, &outs, seconds));
+            p.push(timing(step, inputs, &outs, seconds));
         }
         for (slot, v) in step.outputs.iter().zip(outs) {
             if let Some(slot) = slot {
@@ -84,20 +87,30 @@ fn describe(v: Option<&Val>) -> Option<(DType, Vec<usize>)> {
         .map(|t| (t.dtype(), t.shape().to_vec()))
 }
 
-fn timing(step: &Step, values: &[Option<Val>], outs: &[Val], seconds: f64) -> NodeTiming {
+/// Dtype and shape of each of the step's inputs (packed-and-freed weights
+/// from `held`), for profiles.
+fn describe_inputs(step: &Step, values: &[Option<Val>]) -> Vec<Option<(DType, Vec<usize>)>> {
+    step.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match step.held.iter().find(|(h, _)| *h == i) {
+            Some((_, held)) => Some(held.clone()),
+            None => describe(s.and_then(|s| values[s].as_ref())),
+        })
+        .collect()
+}
+
+fn timing(
+    step: &Step,
+    inputs: Vec<Option<(DType, Vec<usize>)>>,
+    outs: &[Val],
+    seconds: f64,
+) -> NodeTiming {
     NodeTiming {
         node: step.name.clone(),
         op: step.op.name(),
         seconds,
-        inputs: step
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| match step.held.iter().find(|(h, _)| *h == i) {
-                Some((_, held)) => Some(held.clone()),
-                None => describe(s.and_then(|s| values[s].as_ref())),
-            })
-            .collect(),
+        inputs,
         outputs: outs.iter().map(|v| describe(Some(v))).collect(),
     }
 }

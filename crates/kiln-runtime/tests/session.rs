@@ -412,4 +412,22 @@ fn relabelling_ops_move_or_copy_as_readers_require() {
             (vec![2, 3], vec![0.5, 1.0, -1.0, 2.0, 0.0, -6.0])
         );
     }
+    // Profiles still describe a moved input (taken before the step ran).
+    let x = Tensor::from_vec(vec![2, 3], vec![0.0f32; 6]).unwrap();
+    let (_, timings) = s.run_profiled(vec![("x".into(), x)]).unwrap();
+    for t in timings
+        .iter()
+        .filter(|t| t.op == "Reshape" || t.op == "Identity")
+    {
+        assert_eq!(
+            t.inputs[0],
+            Some((DType::F32, vec![2, 3])),
+            "profile of {}",
+            t.node
+        );
+    }
+    assert!(
+        timings.iter().any(|t| t.op == "Identity"),
+        "the Identity to a graph output stays a step: {timings:?}"
+    );
 }
