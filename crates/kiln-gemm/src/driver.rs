@@ -2,7 +2,7 @@
 //!
 //! Both operands are first brought into the packed layout of [`crate::pack`]
 //! (already so for `PackedA`/`PackedB`; packed per call, in parallel, into
-//! reusable thread-local buffers otherwise). C is then cut into a grid of tasks,
+//! reusable shared spare buffers otherwise). C is then cut into a grid of tasks,
 //! each `mc` rows (a multiple of MR) by `ncb` NR-panels. A task walks k in
 //! blocks of `kc`; inside a block it takes one A micro-panel (`MR x kc`, which
 //! stays in L1) against each B micro-panel of its column range (the `kc x ncb*NR`
@@ -15,8 +15,7 @@ use crate::kernels::Kernel;
 use crate::pack::{self, AlignedBuf};
 use crate::{Epilogue, MatRef};
 use rayon::prelude::*;
-use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Cache-derived block sizes for one kernel.
 #[derive(Clone, Copy, Debug)]
@@ -74,68 +73,97 @@ pub(crate) fn blocking_cached(kernel: &'static Kernel) -> Blocking {
         .unwrap_or_else(|| blocking(kernel))
 }
 
-thread_local! {
-    static BUF_A: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
-    static BUF_B: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
-}
+/// Packing buffers of finished products, shared by every thread: a product
+/// takes one, packs into it and returns it. Shared rather than per thread,
+/// because the thread that runs a kernel varies from run to run (a per-thread
+/// cache made steady-state runs still allocate, whenever a thread packed a
+/// size for the first time).
+static SPARE: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
 
-/// Buffers larger than this are freed after the call instead of cached.
+/// At most this many spare buffers are kept (two operands, a few products
+/// running at once).
+const SPARE_MAX: usize = 8;
+
+/// Buffers larger than this are freed after the call instead of kept.
 const KEEP_MAX_FLOATS: usize = 16 << 20;
 
-/// A packed operand: borrowed (prepacked) or packed now into a thread-local buffer.
+fn spare() -> std::sync::MutexGuard<'static, Vec<AlignedBuf>> {
+    // A panic elsewhere cannot leave the list inconsistent (push/remove only).
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A buffer of `len` floats (contents unspecified): the smallest spare one
+/// that fits, else the largest spare one grown, else a new one.
+fn take_buf(len: usize) -> AlignedBuf {
+    let mut buf = {
+        let mut spare = spare();
+        let fit = (0..spare.len())
+            .filter(|&i| spare[i].capacity_floats() >= len)
+            .min_by_key(|&i| spare[i].capacity_floats())
+            .or_else(|| (0..spare.len()).max_by_key(|&i| spare[i].capacity_floats()));
+        fit.map(|i| spare.swap_remove(i)).unwrap_or_default()
+    };
+    buf.reset(len);
+    buf
+}
+
+/// A packed operand: borrowed (prepacked) or packed now into a spare buffer.
 pub(crate) enum Packed<'a> {
     Borrowed(&'a [f32]),
-    Owned(AlignedBuf, &'static std::thread::LocalKey<Cell<AlignedBuf>>),
+    Owned(AlignedBuf),
 }
 
 impl Packed<'_> {
     pub(crate) fn data(&self) -> &[f32] {
         match self {
             Packed::Borrowed(d) => d,
-            Packed::Owned(b, _) => b.as_slice(),
+            Packed::Owned(b) => b.as_slice(),
         }
     }
 }
 
 impl Drop for Packed<'_> {
     fn drop(&mut self) {
-        if let Packed::Owned(buf, key) = self {
+        if let Packed::Owned(buf) = self {
             let buf = std::mem::take(buf);
             if buf.capacity_floats() <= KEEP_MAX_FLOATS {
-                key.with(|c| c.set(buf));
+                let mut spare = spare();
+                spare.push(buf);
+                if spare.len() > SPARE_MAX {
+                    // Drop the smallest: the big ones are the costly ones to remake.
+                    if let Some(i) = (0..spare.len()).min_by_key(|&i| spare[i].capacity_floats()) {
+                        spare.swap_remove(i);
+                    }
+                }
             }
         }
     }
 }
 
 pub(crate) fn pack_a_now(a: MatRef<'_>, mr: usize) -> Packed<'static> {
-    let mut buf = BUF_A.with(|c| c.take());
-    buf.reset(a.rows().div_ceil(mr) * mr * a.cols());
+    let mut buf = take_buf(a.rows().div_ceil(mr) * mr * a.cols());
     pack::pack_a(a, mr, buf.as_mut_slice());
-    Packed::Owned(buf, &BUF_A)
+    Packed::Owned(buf)
 }
 
 pub(crate) fn pack_b_now(b: MatRef<'_>, nr: usize) -> Packed<'static> {
-    let mut buf = BUF_B.with(|c| c.take());
-    buf.reset(b.cols().div_ceil(nr) * nr * b.rows());
+    let mut buf = take_buf(b.cols().div_ceil(nr) * nr * b.rows());
     pack::pack_b(b, nr, buf.as_mut_slice());
-    Packed::Owned(buf, &BUF_B)
+    Packed::Owned(buf)
 }
 
-/// A caller-packed A (`Panels`), filled now into a thread-local buffer.
+/// A caller-packed A (`Panels`), filled now into a spare buffer.
 pub(crate) fn fill_a_now(a: &crate::Panels<'_>, mr: usize) -> Packed<'static> {
-    let mut buf = BUF_A.with(|c| c.take());
-    buf.reset(a.rows.div_ceil(mr) * mr * a.cols);
+    let mut buf = take_buf(a.rows.div_ceil(mr) * mr * a.cols);
     pack::fill_panels(a.fill, a.rows, a.cols, mr, buf.as_mut_slice());
-    Packed::Owned(buf, &BUF_A)
+    Packed::Owned(buf)
 }
 
-/// A caller-packed B (`Panels`), filled now into a thread-local buffer.
+/// A caller-packed B (`Panels`), filled now into a spare buffer.
 pub(crate) fn fill_b_now(b: &crate::Panels<'_>, nr: usize) -> Packed<'static> {
-    let mut buf = BUF_B.with(|c| c.take());
-    buf.reset(b.cols.div_ceil(nr) * nr * b.rows);
+    let mut buf = take_buf(b.cols.div_ceil(nr) * nr * b.rows);
     pack::fill_panels(b.fill, b.cols, b.rows, nr, buf.as_mut_slice());
-    Packed::Owned(buf, &BUF_B)
+    Packed::Owned(buf)
 }
 
 /// A raw pointer to C that tasks share; each task writes only its own region.
