@@ -327,6 +327,13 @@ pub fn selected_kernel() -> &'static str {
     kernels::selected().name
 }
 
+/// The tile (`MR` rows x `NR` columns of C) of the microkernel `sgemm` uses
+/// on this CPU: packed operands are padded to multiples of it.
+pub fn selected_tile() -> (usize, usize) {
+    let k = kernels::selected();
+    (k.mr, k.nr)
+}
+
 /// `sgemm` with an explicit kernel (tests force each available one through this).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm_with(

@@ -553,11 +553,11 @@ pub(crate) fn prefers_positions(out_n: usize, mg: usize, k: usize) -> bool {
     if out_n == 0 || out_n > 256 || k < 512 || mg < 128 {
         return false;
     }
-    // Share of the tiles that is real work, each way (rows in MR=6 panels,
-    // columns in NR=64 panels; other kernels tile similarly).
+    // Share of the selected microkernel's tiles that is real work, each way.
+    let (mr, nr) = kiln_gemm::selected_tile();
     let eff = |rows: usize, cols: usize| {
-        (rows as f64 / (rows.div_ceil(6) * 6) as f64)
-            * (cols as f64 / (cols.div_ceil(64) * 64) as f64)
+        (rows as f64 / (rows.div_ceil(mr) * mr) as f64)
+            * (cols as f64 / (cols.div_ceil(nr) * nr) as f64)
     };
     eff(out_n, mg) > eff(mg, out_n)
 }
