@@ -136,28 +136,26 @@ pub(crate) fn run_fast(
                 ),
                 None => None,
             };
+            // Bias, residual and a Relu/Clip run in the GEMM's registers;
+            // any other activation after them, per finished row strip.
             let act = *act;
-            let epi = |row: usize, col0: usize, vals: &mut [f32]| {
-                let len = vals.len();
-                if let Some(b) = bias {
-                    for (v, &bv) in vals.iter_mut().zip(&b[col0..col0 + len]) {
-                        *v += bv;
-                    }
-                }
-                if let Some(r) = res {
-                    let o = row * n + col0;
-                    for (v, &rv) in vals.iter_mut().zip(&r[o..o + len]) {
-                        *v += rv;
-                    }
-                }
+            let clamp = nn::clamp_of(act);
+            let finish = kiln_gemm::Finish {
+                row_bias: None,
+                col_bias: bias,
+                residual: res.map(|data| kiln_gemm::Residual { data, ld: n }),
+                clamp,
+            };
+            let epi = |_row: usize, _col0: usize, vals: &mut [f32]| {
                 crate::fastmath::fused_act(act, vals);
             };
-            let noop = bias.is_none() && res.is_none() && act == FusedAct::Identity;
-            let y = nn::matmul_f32(
+            let act_left = clamp.is_none() && act != FusedAct::Identity;
+            let y = nn::matmul_f32_fused(
                 &s,
                 nn::f32_slice(a, "FusedMatMul A")?,
                 b,
-                if noop { None } else { Some(&epi) },
+                &finish,
+                if act_left { Some(&epi) } else { None },
             )?;
             crate::util::tensor(s.out_shape, kiln_ir::TensorData::F32(y))
         }
@@ -292,12 +290,17 @@ mod tests {
 
     #[test]
     fn fast_conv_matches_reference_for_every_activation() {
-        // (X shape, W shape, group, pads, strides): GEMM, pointwise, depthwise.
+        // (X shape, W shape, group, pads, strides): GEMM, pointwise, depthwise,
+        // grouped (the bias and residual rows of group 2 start mid-tensor), and
+        // a plane big enough that the GEMM runs in column chunks (the residual
+        // and output columns of the second chunk start mid-row).
         let cases: &[(&[usize], &[usize], usize, &[usize], &[usize])] = &[
             (&[2, 4, 7, 6], &[5, 4, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
             (&[1, 6, 5, 5], &[3, 6, 1, 1], 1, &[0; 4], &[1, 1]),
             (&[1, 4, 9, 8], &[4, 1, 3, 3], 4, &[1, 0, 1, 1], &[2, 2]),
             (&[1, 3, 11], &[2, 3, 3], 1, &[1, 1], &[1]),
+            (&[2, 4, 6, 6], &[14, 2, 3, 3], 2, &[1, 1, 1, 1], &[1, 1]),
+            (&[1, 64, 48, 48], &[8, 64, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
         ];
         for (ci, &(xs, ws, group, pads, strides)) in cases.iter().enumerate() {
             let conv = ConvAttrs {

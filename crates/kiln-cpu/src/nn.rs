@@ -11,10 +11,10 @@ mod matmul;
 mod norm;
 mod pool;
 
-pub(crate) use conv::prefers_positions;
+pub(crate) use conv::{clamp_of, prefers_positions};
 pub use conv::{conv, conv_transpose};
 pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvPack, ConvWeights};
-pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_shape, MatmulB};
+pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};

@@ -6,14 +6,16 @@
 //! each `mc` rows (a multiple of MR) by `ncb` NR-panels. A task walks k in
 //! blocks of `kc`; inside a block it takes one A micro-panel (`MR x kc`, which
 //! stays in L1) against each B micro-panel of its column range (the `kc x ncb*NR`
-//! B block stays in L2 and is reused by every A panel of the task). The task's
-//! C region stays in L2 across k blocks, and the epilogue runs on it right
-//! after its last k block. Tasks run on the caller's rayon pool; the packed
-//! operands are shared by all of them.
+//! B block stays in L2 and is reused by every A panel of the task). On the last
+//! k block the microkernel also applies the [`Finish`] (bias, residual,
+//! clamp) in registers, and the general epilogue runs on each A panel's row
+//! strip right after its tiles are stored, while the strip is still in L1/L2.
+//! Tasks run on the caller's rayon pool; the packed operands are shared by all
+//! of them.
 
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, TileFinish};
 use crate::pack::{self, AlignedBuf};
-use crate::{Epilogue, MatRef};
+use crate::{Epilogue, Finish, MatRef};
 use rayon::prelude::*;
 use std::sync::{Mutex, OnceLock};
 
@@ -185,6 +187,8 @@ pub(crate) struct Job<'a> {
     pub a: &'a [f32],
     pub b: &'a [f32],
     pub ldc: usize,
+    /// Done by the microkernel on each tile's last k block.
+    pub finish: &'a Finish<'a>,
     pub epilogue: Option<&'a Epilogue<'a>>,
 }
 
@@ -260,45 +264,63 @@ unsafe fn run_task(
     let (mr, nr, k) = (kern.mr, kern.nr, job.k);
     let (m, n, ldc) = (job.m, job.n, job.ldc);
     let c = cp.0;
+    let fin = job.finish;
+    let col0 = q0 * nr;
+    let width = (q1 * nr).min(n) - col0;
     let mut pc = 0;
     while pc < k {
         let kc = blk.kc.min(k - pc);
         let beta = if pc == 0 { job.beta } else { 1.0 };
+        let last = pc + kc == k;
         for ip in p0..p1 {
             let rows = mr.min(m - ip * mr);
             let a = job.a[ip * mr * k + pc * mr..].as_ptr();
             for jq in q0..q1 {
                 let cols = nr.min(n - jq * nr);
                 let b = job.b[jq * nr * k + pc * nr..].as_ptr();
+                let (i0, j0) = (ip * mr, jq * nr);
+                // The finish's slices cover all of C (checked by `Finish::check`),
+                // so these offsets start the tile's rows / columns in bounds.
+                let tile_fin = (last && !fin.is_none()).then(|| TileFinish {
+                    row_bias: fin.row_bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                    col_bias: fin.col_bias.map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                    res: fin
+                        .residual
+                        .map_or(std::ptr::null(), |r| r.data[i0 * r.ld + j0..].as_ptr()),
+                    ldr: fin.residual.map_or(0, |r| r.ld),
+                    clamp: fin.clamp,
+                });
                 // SAFETY: A panel ip holds mr*k floats from ip*mr*k, so kc*mr
-                // remain from pc*mr; likewise B. The tile starting at row ip*mr,
-                // column jq*nr with `rows x cols` is inside C and inside this
-                // task's region (caller's contract).
+                // remain from pc*mr; likewise B. The tile starting at row i0,
+                // column j0 with `rows x cols` is inside C and inside this
+                // task's region (caller's contract), and the finish pointers
+                // cover the same rows and columns of their m x n operands.
                 unsafe {
                     kern.micro(
                         kc,
                         a,
                         b,
-                        c.add(ip * mr * ldc + jq * nr),
+                        c.add(i0 * ldc + j0),
                         ldc,
                         job.alpha,
                         beta,
                         rows,
                         cols,
+                        tile_fin.as_ref(),
                     )
                 };
             }
+            if let (true, Some(epi)) = (last, job.epilogue) {
+                for i in ip * mr..ip * mr + rows {
+                    // SAFETY: row i, columns [col0, col0 + width) are this
+                    // task's, and in bounds of C; no other reference to them
+                    // exists during the call.
+                    let seg =
+                        unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc + col0), width) };
+                    epi(i, col0, seg);
+                }
+            }
         }
         pc += kc;
-    }
-    if let Some(epi) = job.epilogue {
-        let col0 = q0 * nr;
-        let width = (q1 * nr).min(n) - col0;
-        for i in p0 * mr..(p1 * mr).min(m) {
-            // SAFETY: row i, columns [col0, col0 + width) are this task's, and
-            // in bounds of C; no other reference to them exists during the call.
-            let seg = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc + col0), width) };
-            epi(i, col0, seg);
-        }
     }
 }

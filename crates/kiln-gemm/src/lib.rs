@@ -299,6 +299,106 @@ impl Rhs<'_> {
 /// product cover C exactly once; they may be called from several threads.
 pub type Epilogue<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
 
+/// A matrix added to the product element by element: `R[i, j]` is
+/// `data[i * ld + j]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Residual<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+}
+
+/// The common epilogues, done by the microkernel in registers on each tile's
+/// last k block, before the tile is stored: no second pass over C, no call
+/// per row. In this order, after `alpha * A·B + beta * C`:
+/// `+ row_bias[i]`, `+ col_bias[j]`, `+ residual[i, j]`, then `clamp`
+/// (`x < lo ? lo : x`, then `> hi ? hi : ..`; NaN and -0.0 pass, as in the
+/// Relu and Clip ops). A general [`Epilogue`] still runs after all of it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Finish<'a> {
+    /// One value per row of C (`len >= m`): a conv's per-channel bias.
+    pub row_bias: Option<&'a [f32]>,
+    /// One value per column of C (`len >= n`): a MatMul/Gemm bias.
+    pub col_bias: Option<&'a [f32]>,
+    /// An `m x n` matrix to add (a residual connection).
+    pub residual: Option<Residual<'a>>,
+    /// `(lo, hi)`: Relu is `(0, inf)`, Relu6 `(0, 6)`.
+    pub clamp: Option<(f32, f32)>,
+}
+
+impl Finish<'_> {
+    pub fn is_none(&self) -> bool {
+        self.row_bias.is_none()
+            && self.col_bias.is_none()
+            && self.residual.is_none()
+            && self.clamp.is_none()
+    }
+
+    /// The plain definition on one piece of row `row` starting at column
+    /// `col0`: what the kernels do in registers, and their test reference.
+    pub fn apply(&self, row: usize, col0: usize, vals: &mut [f32]) {
+        let len = vals.len();
+        if let Some(b) = self.row_bias {
+            let bv = b[row];
+            vals.iter_mut().for_each(|v| *v += bv);
+        }
+        if let Some(b) = self.col_bias {
+            vals.iter_mut()
+                .zip(&b[col0..col0 + len])
+                .for_each(|(v, &bv)| *v += bv);
+        }
+        if let Some(r) = self.residual {
+            let o = row * r.ld + col0;
+            vals.iter_mut()
+                .zip(&r.data[o..o + len])
+                .for_each(|(v, &rv)| *v += rv);
+        }
+        if let Some((lo, hi)) = self.clamp {
+            vals.iter_mut()
+                .for_each(|v| *v = clamp_like_clip(*v, lo, hi));
+        }
+    }
+
+    /// Panics unless every slice covers an `m x n` C (a caller bug).
+    fn check(&self, m: usize, n: usize) {
+        if let Some(b) = self.row_bias {
+            assert!(
+                b.len() >= m,
+                "sgemm: row_bias has {} values, C has {m} rows",
+                b.len()
+            );
+        }
+        if let Some(b) = self.col_bias {
+            assert!(
+                b.len() >= n,
+                "sgemm: col_bias has {} values, C has {n} columns",
+                b.len()
+            );
+        }
+        if let Some(r) = self.residual {
+            assert!(r.ld >= n, "sgemm: residual ld {} < n {n}", r.ld);
+            if m > 0 && n > 0 {
+                assert!(
+                    r.data.len() >= (m - 1) * r.ld + n,
+                    "sgemm: residual has {} elements, needs {}",
+                    r.data.len(),
+                    (m - 1) * r.ld + n
+                );
+            }
+        }
+    }
+}
+
+/// `x < lo ? lo : x`, then `> hi ? hi : ..` (NaN passes).
+#[inline(always)]
+pub(crate) fn clamp_like_clip(x: f32, lo: f32, hi: f32) -> f32 {
+    let r = if x < lo { lo } else { x };
+    if r > hi {
+        hi
+    } else {
+        r
+    }
+}
+
 /// `C = alpha * A·B + beta * C`, then `epilogue` over every element of C.
 ///
 /// C is `m x n` row-major with row stride `ldc` (`c.len() >= (m-1)*ldc + n`).
@@ -313,13 +413,29 @@ pub fn sgemm(
     ldc: usize,
     epilogue: Option<&Epilogue<'_>>,
 ) {
+    sgemm_fused(alpha, a, b, beta, c, ldc, &Finish::default(), epilogue)
+}
+
+/// [`sgemm`] with the common epilogues done in registers ([`Finish`]), before
+/// the general `epilogue`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_fused(
+    alpha: f32,
+    a: Lhs<'_>,
+    b: Rhs<'_>,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+    finish: &Finish<'_>,
+    epilogue: Option<&Epilogue<'_>>,
+) {
     // Packed operands carry the kernel they were packed for.
     let kernel = match (&a, &b) {
         (Lhs::Packed(p), _) => kernels::of_kind(p.kind),
         (_, Rhs::Packed(p)) => kernels::of_kind(p.kind),
         _ => kernels::selected(),
     };
-    sgemm_with(kernel, alpha, a, b, beta, c, ldc, epilogue)
+    sgemm_with(kernel, alpha, a, b, beta, c, ldc, finish, epilogue)
 }
 
 /// The name of the microkernel `sgemm` uses on this CPU, e.g. `avx512-6x64`.
@@ -344,12 +460,29 @@ pub(crate) fn sgemm_with(
     beta: f32,
     c: &mut [f32],
     ldc: usize,
+    finish: &Finish<'_>,
     epilogue: Option<&Epilogue<'_>>,
 ) {
     let (m, k, n) = check_dims(&a, &b, c.len(), ldc);
+    finish.check(m, n);
     if m == 0 || n == 0 {
         return;
     }
+    // The paths that do not reach the microkernel apply `finish` with the
+    // general epilogue, as one callback; the driver runs `finish` in the
+    // microkernel and the general epilogue after it.
+    let user_epilogue = epilogue;
+    let both = |i: usize, j0: usize, vals: &mut [f32]| {
+        finish.apply(i, j0, vals);
+        if let Some(e) = epilogue {
+            e(i, j0, vals);
+        }
+    };
+    let epilogue: Option<&Epilogue<'_>> = if finish.is_none() {
+        epilogue
+    } else {
+        Some(&both)
+    };
     if k == 0 {
         // A·B is all zeros: C = beta * C.
         for i in 0..m {
@@ -418,7 +551,8 @@ pub(crate) fn sgemm_with(
         a: pa.data(),
         b: pb.data(),
         ldc,
-        epilogue,
+        finish,
+        epilogue: user_epilogue,
     };
     driver::gemm_packed(&job, c);
 }

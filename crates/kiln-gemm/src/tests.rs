@@ -189,6 +189,26 @@ fn check_case(
         }
     }
     let bias = rand_vec(n, seed + 3);
+    // With an epilogue, the seed's bits pick the in-register finish too:
+    // row bias, column bias, residual, clamp, and whether the general
+    // callback runs after it (it always does when the finish is empty).
+    let row_bias = rand_vec(m, seed + 4);
+    let ldr = n + 2;
+    let res = rand_vec(m * ldr, seed + 5);
+    let finish = if with_epilogue {
+        Finish {
+            row_bias: (seed & 1 != 0).then_some(&row_bias[..]),
+            col_bias: (seed & 2 != 0).then_some(&bias[..]),
+            residual: (seed & 4 != 0).then_some(Residual {
+                data: &res,
+                ld: ldr,
+            }),
+            clamp: (seed & 8 != 0).then_some((-0.3, 0.5)),
+        }
+    } else {
+        Finish::default()
+    };
+    let callback = with_epilogue && (finish.is_none() || seed & 16 != 0);
     let seen: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
     let epi = |row: usize, col0: usize, vals: &mut [f32]| {
         for (j, v) in vals.iter_mut().enumerate() {
@@ -196,9 +216,12 @@ fn check_case(
             *v = (*v + bias[col0 + j]).max(0.0);
         }
     };
-    let epi_ref = |_row: usize, col0: usize, vals: &mut [f32]| {
-        for (j, v) in vals.iter_mut().enumerate() {
-            *v = (*v + bias[col0 + j]).max(0.0);
+    let epi_ref = |row: usize, col0: usize, vals: &mut [f32]| {
+        finish.apply(row, col0, vals);
+        if callback {
+            for (j, v) in vals.iter_mut().enumerate() {
+                *v = (*v + bias[col0 + j]).max(0.0);
+            }
         }
     };
     let mut got = c0.clone();
@@ -210,7 +233,8 @@ fn check_case(
         beta,
         &mut got,
         ldc,
-        if with_epilogue { Some(&epi) } else { None },
+        &finish,
+        if callback { Some(&epi) } else { None },
     );
     let mut want = c0.clone();
     sgemm_reference(
@@ -241,8 +265,17 @@ fn check_case(
     for i in 0..m {
         for j in 0..n {
             let (g, w) = (got[i * ldc + j], want[i * ldc + j]);
-            // The epilogue's bias add rounds relative to |bias| too.
-            let scale = bound[i * ldc + j] + if with_epilogue { bias[j].abs() } else { 0.0 };
+            // The epilogue's adds round relative to what they add too.
+            let mut scale = bound[i * ldc + j];
+            if callback || finish.col_bias.is_some() {
+                scale += bias[j].abs();
+            }
+            if finish.row_bias.is_some() {
+                scale += row_bias[i].abs();
+            }
+            if finish.residual.is_some() {
+                scale += res[i * ldr + j].abs();
+            }
             let tol = (k as f32 + 4.0) * f32::EPSILON * scale + 1e-30;
             assert!(
                 !g.is_nan() && (g - w).abs() <= tol,
@@ -259,7 +292,7 @@ fn check_case(
             }
         }
     }
-    if with_epilogue {
+    if callback {
         for (idx, s) in seen.iter().enumerate() {
             let s = s.load(Ordering::Relaxed);
             assert_eq!(
@@ -503,7 +536,14 @@ fn nan_and_inf_in_operands_propagate_like_the_reference() {
     av[2 * k + 5] = f32::NAN; // row 2 becomes NaN
     av[6 * k + 1] = f32::INFINITY; // row 6 becomes +-inf (or NaN)
     let bv = rand_vec(k * n, 42);
-    for kernel in available() {
+    // The in-register clamp lets NaN through and clamps infinities, like the
+    // scalar definition.
+    let clamps = [None, Some((0.0, 6.0))];
+    for (kernel, clamp) in available().into_iter().flat_map(|k| clamps.map(|c| (k, c))) {
+        let finish = Finish {
+            clamp,
+            ..Finish::default()
+        };
         let mut got = vec![0.0; m * n];
         let mut want = vec![0.0; m * n];
         let a = MatRef::row_major(&av, m, k);
@@ -516,9 +556,20 @@ fn nan_and_inf_in_operands_propagate_like_the_reference() {
             0.0,
             &mut got,
             n,
+            &finish,
             None,
         );
-        sgemm_reference(1.0, Lhs::Mat(a), Rhs::Mat(b), 0.0, &mut want, n, None);
+        let finish_ref = |i: usize, j0: usize, v: &mut [f32]| finish.apply(i, j0, v);
+        sgemm_reference(
+            1.0,
+            Lhs::Mat(a),
+            Rhs::Mat(b),
+            0.0,
+            &mut want,
+            n,
+            Some(&finish_ref),
+        );
+        assert!(clamp.is_none() || want.iter().any(|v| v.is_nan()));
         for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
             let ok = if w.is_finite() {
                 (g - w).abs() <= 1e-4
@@ -540,4 +591,43 @@ fn selected_kernel_is_the_best_available() {
             available().last().expect("portable always there").name
         );
     }
+}
+
+#[test]
+fn finish_definition_hand_checked() {
+    // Order: row bias, column bias, residual, then the clamp.
+    let row_bias = [10.0, -10.0];
+    let col_bias = [1.0, 2.0, 3.0];
+    let res = [0.5, 0.25, -100.0, 9.0, 0.0, 0.0, 1.0, 1.0];
+    let f = Finish {
+        row_bias: Some(&row_bias),
+        col_bias: Some(&col_bias),
+        residual: Some(Residual { data: &res, ld: 4 }),
+        clamp: Some((-5.0, 12.0)),
+    };
+    let mut row1 = [0.0, f32::NAN, 20.0];
+    f.apply(1, 0, &mut row1);
+    // -10 + 1 + 0 = -9 -> -5; NaN passes; -10 + 3 + 1 + 20 = 14 -> 12.
+    assert_eq!(row1[0], -5.0);
+    assert!(row1[1].is_nan());
+    assert_eq!(row1[2], 12.0);
+    let mut piece = [1.0];
+    f.apply(0, 2, &mut piece); // 1 + 10 + 3 - 100 = -86 -> -5
+    assert_eq!(piece, [-5.0]);
+    // Relu keeps -0.0; lo > hi gives hi, as the Clip op does.
+    let relu = Finish {
+        clamp: Some((0.0, f32::INFINITY)),
+        ..Finish::default()
+    };
+    let mut v = [-0.0f32, -3.0, 2.0];
+    relu.apply(0, 0, &mut v);
+    assert!(v[0] == 0.0 && v[0].is_sign_negative() && v[1] == 0.0 && v[2] == 2.0);
+    let odd = Finish {
+        clamp: Some((3.0, 1.0)),
+        ..Finish::default()
+    };
+    let mut v = [0.0f32, 2.0, 5.0];
+    odd.apply(0, 0, &mut v);
+    assert_eq!(v, [1.0, 1.0, 1.0]);
+    assert!(Finish::default().is_none() && !relu.is_none());
 }

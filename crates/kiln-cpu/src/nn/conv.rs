@@ -4,7 +4,7 @@
 use super::matmul::transpose;
 use super::{float_prec, float_tensor, gemm_acc, numel, values, Prec, Real};
 use crate::{invalid, Result};
-use kiln_gemm::{sgemm, Lhs, MatRef, PackedA, PackedB, Panels, Rhs};
+use kiln_gemm::{sgemm, sgemm_fused, Finish, Lhs, MatRef, PackedA, PackedB, Panels, Residual, Rhs};
 use kiln_ir::{AutoPad, ConvAttrs, ConvTransposeAttrs, DType, FusedAct, Tensor};
 use rayon::prelude::*;
 
@@ -682,11 +682,6 @@ pub(crate) struct Epi<'a> {
 }
 
 impl Epi<'_> {
-    /// True when the epilogue changes nothing.
-    pub fn is_noop(&self) -> bool {
-        self.bias.is_none() && self.res.is_none() && self.act == FusedAct::Identity
-    }
-
     /// Applies the epilogue to `vals`, the outputs of image `ni`, channel `ch`
     /// at spatial positions `pos0..pos0 + vals.len()`.
     #[inline]
@@ -703,6 +698,38 @@ impl Epi<'_> {
             }
         }
         crate::fastmath::fused_act(self.act, vals);
+    }
+
+    /// The epilogue of a channel-rows GEMM over image `ni`, channels `g0..`
+    /// and positions `pos0..` (C row stride `out_n`): bias, residual and a
+    /// Relu/Clip done in the GEMM's registers, plus whether an activation is
+    /// left for a callback ([`Epi::act_only`]).
+    fn channel_rows_finish(&self, ni: usize, g0: usize, pos0: usize) -> (Finish<'_>, bool) {
+        let clamp = clamp_of(self.act);
+        let finish = Finish {
+            row_bias: self.bias.map(|b| &b[g0..]),
+            col_bias: None,
+            residual: self.res.map(|r| Residual {
+                data: &r[(ni * self.m + g0) * self.out_n + pos0..],
+                ld: self.out_n,
+            }),
+            clamp,
+        };
+        (finish, clamp.is_none() && self.act != FusedAct::Identity)
+    }
+
+    /// The activation alone (after a [`Finish`] did bias and residual).
+    pub fn act_only(&self, vals: &mut [f32]) {
+        crate::fastmath::fused_act(self.act, vals);
+    }
+}
+
+/// The activations a GEMM can apply in registers, as `(lo, hi)` clamps.
+pub(crate) fn clamp_of(act: FusedAct) -> Option<(f32, f32)> {
+    match act {
+        FusedAct::Relu => Some((0.0, f32::INFINITY)),
+        FusedAct::Clip { min, max } => Some((min, max)),
+        _ => None,
     }
 }
 
@@ -807,17 +834,17 @@ fn conv_gemm_channels<'w>(
                 };
                 let c_len = (mg - 1) * out_n + nt;
                 let c_out = &mut y[y_off + j0..y_off + j0 + c_len];
-                let epilogue = |row: usize, col0: usize, vals: &mut [f32]| {
-                    epi.apply(ni, g0 + row, j0 + col0, vals)
-                };
-                sgemm(
+                let (finish, act_left) = epi.channel_rows_finish(ni, g0, j0);
+                let act = |_row: usize, _col0: usize, vals: &mut [f32]| epi.act_only(vals);
+                sgemm_fused(
                     1.0,
                     lhs(gi),
                     rhs,
                     0.0,
                     c_out,
                     out_n,
-                    if epi.is_noop() { None } else { Some(&epilogue) },
+                    &finish,
+                    if act_left { Some(&act) } else { None },
                 );
                 j0 += nt;
             }

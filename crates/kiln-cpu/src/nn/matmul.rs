@@ -3,7 +3,7 @@
 use super::{float_prec, float_tensor, numel, values, MatElem, Prec, Real};
 use crate::util::{broadcast_indices, broadcast_shape, tensor};
 use crate::{invalid, unsupported, Result};
-use kiln_gemm::{sgemm, Lhs, MatRef, PackedB, Rhs};
+use kiln_gemm::{sgemm, sgemm_fused, Finish, Lhs, MatRef, PackedB, Residual, Rhs};
 use kiln_ir::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -534,6 +534,19 @@ pub(crate) fn matmul_f32(
     b: MatmulB<'_>,
     epi: Option<&RowEpilogue<'_>>,
 ) -> Result<Vec<f32>> {
+    matmul_f32_fused(s, a, b, &Finish::default(), epi)
+}
+
+/// [`matmul_f32`] with a [`Finish`] done in the GEMM's registers before `epi`.
+/// Its rows are the output's rows counted across the batch (`batch * M`);
+/// a residual has the output's shape.
+pub(crate) fn matmul_f32_fused(
+    s: &MatmulShape,
+    a: &[f32],
+    b: MatmulB<'_>,
+    finish: &Finish<'_>,
+    epi: Option<&RowEpilogue<'_>>,
+) -> Result<Vec<f32>> {
     let (m, k, n) = (s.m, s.k, s.n);
     let batch = numel(&s.out_batch)?;
     // sgemm with beta 0 writes every element; empty sums (k = 0) need zeros.
@@ -558,8 +571,9 @@ pub(crate) fn matmul_f32(
     }
     if k == 0 {
         // Empty sums: zeros, then the epilogue.
-        if let Some(e) = epi {
-            for (row, vals) in y.chunks_exact_mut(n).enumerate() {
+        for (row, vals) in y.chunks_exact_mut(n).enumerate() {
+            finish.apply(row, 0, vals);
+            if let Some(e) = epi {
                 e(row, 0, vals);
             }
         }
@@ -573,7 +587,7 @@ pub(crate) fn matmul_f32(
     // one tall product [batch*M, K] x [K, N].
     if b_count == 1 && a_count == batch {
         let lhs = Lhs::Mat(MatRef::row_major(a, batch * m, k));
-        sgemm(1.0, lhs, rhs(0), 0.0, &mut y, n, epi);
+        sgemm_fused(1.0, lhs, rhs(0), 0.0, &mut y, n, finish, epi);
         return Ok(y);
     }
     let ai = broadcast_indices(&s.a_batch, &s.out_batch);
@@ -587,7 +601,16 @@ pub(crate) fn matmul_f32(
             }
         };
         let e: Option<&RowEpilogue<'_>> = epi.map(|_| &shifted as &RowEpilogue<'_>);
-        sgemm(1.0, lhs, rhs(bi[i] * k * n), 0.0, out, n, e);
+        // This matrix's rows of the finish.
+        let fin = Finish {
+            row_bias: finish.row_bias.map(|b| &b[i * m..]),
+            residual: finish.residual.map(|r| Residual {
+                data: &r.data[i * m * r.ld..],
+                ld: r.ld,
+            }),
+            ..*finish
+        };
+        sgemm_fused(1.0, lhs, rhs(bi[i] * k * n), 0.0, out, n, &fin, e);
     };
     if batch > 1 && m * k * n <= SMALL_MATMUL_MACS {
         y.par_chunks_mut(m * n)

@@ -24,17 +24,18 @@ pub(crate) unsafe fn micro(
     beta: f32,
     mr: usize,
     nr: usize,
+    fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match mr {
-            1 => tile::<1>(kc, a, b, c, ldc, alpha, beta, nr),
-            2 => tile::<2>(kc, a, b, c, ldc, alpha, beta, nr),
-            3 => tile::<3>(kc, a, b, c, ldc, alpha, beta, nr),
-            4 => tile::<4>(kc, a, b, c, ldc, alpha, beta, nr),
-            5 => tile::<5>(kc, a, b, c, ldc, alpha, beta, nr),
-            6 => tile::<6>(kc, a, b, c, ldc, alpha, beta, nr),
+            1 => tile::<1>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+            2 => tile::<2>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+            3 => tile::<3>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+            4 => tile::<4>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+            5 => tile::<5>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+            6 => tile::<6>(kc, a, b, c, ldc, alpha, beta, nr, fin),
             _ => unreachable!("avx2 tile rows {mr}"),
         }
     }
@@ -50,12 +51,14 @@ unsafe fn tile<const R: usize>(
     alpha: f32,
     beta: f32,
     nr: usize,
+    fin: Option<&super::TileFinish>,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let (mut a, mut b) = (a, b);
     // SAFETY (whole body): `a` has kc*MR floats and `b` kc*NR floats; each step
-    // reads a[..R] and b[..16]. C accesses stay inside the mr x nr tile: full
-    // vector stores only when nr == 16, element-wise otherwise.
+    // reads a[..R] and b[..16]. C (and `fin`'s bias/residual) accesses stay
+    // inside the mr x nr tile: full vectors only when nr == 16, element-wise
+    // otherwise.
     unsafe {
         for _ in 0..kc {
             let b0 = _mm256_loadu_ps(b);
@@ -75,11 +78,29 @@ unsafe fn tile<const R: usize>(
                 let p = c.add(r * ldc);
                 for v in 0..2 {
                     let x = _mm256_mul_ps(acc[r][v], va);
-                    let y = if beta == 0.0 {
+                    let mut y = if beta == 0.0 {
                         x
                     } else {
                         _mm256_fmadd_ps(vb, _mm256_loadu_ps(p.add(8 * v)), x)
                     };
+                    if let Some(f) = fin {
+                        if !f.row_bias.is_null() {
+                            y = _mm256_add_ps(y, _mm256_broadcast_ss(&*f.row_bias.add(r)));
+                        }
+                        if !f.col_bias.is_null() {
+                            y = _mm256_add_ps(y, _mm256_loadu_ps(f.col_bias.add(8 * v)));
+                        }
+                        if !f.res.is_null() {
+                            y = _mm256_add_ps(y, _mm256_loadu_ps(f.res.add(r * f.ldr + 8 * v)));
+                        }
+                        if let Some((lo, hi)) = f.clamp {
+                            // vmaxps(a, b) is `a > b ? a : b`: max(lo, y) is
+                            // `y < lo ? lo : y`, so NaN and -0.0 pass as in the
+                            // Clip op; likewise min(hi, y).
+                            y = _mm256_max_ps(_mm256_set1_ps(lo), y);
+                            y = _mm256_min_ps(_mm256_set1_ps(hi), y);
+                        }
+                    }
                     _mm256_storeu_ps(p.add(8 * v), y);
                 }
             }
@@ -90,10 +111,14 @@ unsafe fn tile<const R: usize>(
                 _mm256_storeu_ps(tmp.as_mut_ptr().add(8), _mm256_mul_ps(acc[r][1], va));
                 let p = c.add(r * ldc);
                 for (j, &x) in tmp.iter().enumerate().take(nr) {
-                    *p.add(j) = if beta == 0.0 {
+                    let y = if beta == 0.0 {
                         x
                     } else {
                         beta.mul_add(*p.add(j), x)
+                    };
+                    *p.add(j) = match fin {
+                        Some(f) => f.scalar(r, j, y),
+                        None => y,
                     };
                 }
             }

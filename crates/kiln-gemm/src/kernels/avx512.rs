@@ -31,6 +31,7 @@ pub(crate) unsafe fn micro(
     beta: f32,
     mr: usize,
     nr: usize,
+    fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
     let nv = nr.div_ceil(16);
@@ -38,10 +39,10 @@ pub(crate) unsafe fn micro(
         ($($r:literal),*) => {
             match (mr, nv) {
                 $(
-                    ($r, 1) => tile::<$r, 1>(kc, a, b, c, ldc, alpha, beta, nr),
-                    ($r, 2) => tile::<$r, 2>(kc, a, b, c, ldc, alpha, beta, nr),
-                    ($r, 3) => tile::<$r, 3>(kc, a, b, c, ldc, alpha, beta, nr),
-                    ($r, 4) => tile::<$r, 4>(kc, a, b, c, ldc, alpha, beta, nr),
+                    ($r, 1) => tile::<$r, 1>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+                    ($r, 2) => tile::<$r, 2>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+                    ($r, 3) => tile::<$r, 3>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+                    ($r, 4) => tile::<$r, 4>(kc, a, b, c, ldc, alpha, beta, nr, fin),
                 )*
                 _ => unreachable!("avx512 tile {mr}x{nr}"),
             }
@@ -63,6 +64,7 @@ unsafe fn tile<const R: usize, const V: usize>(
     alpha: f32,
     beta: f32,
     nr: usize,
+    fin: Option<&super::TileFinish>,
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut a, mut b) = (a, b);
@@ -105,24 +107,80 @@ unsafe fn tile<const R: usize, const V: usize>(
             for v in 0..V {
                 let p = crow.add(16 * v);
                 let x = _mm512_mul_ps(acc[r][v], va);
-                if v + 1 < V || mask == 0xffff {
-                    let y = if beta == 0.0 {
-                        x
-                    } else {
-                        _mm512_fmadd_ps(vb, _mm512_loadu_ps(p), x)
-                    };
+                // Lanes past nr are never read (masked loads) nor stored.
+                let lanes = if v + 1 < V { 0xffff } else { mask };
+                let mut y = if beta == 0.0 {
+                    x
+                } else {
+                    _mm512_fmadd_ps(vb, load(lanes, p), x)
+                };
+                if let Some(f) = fin {
+                    y = finish(f, r, v, lanes, y);
+                }
+                if lanes == 0xffff {
                     _mm512_storeu_ps(p, y);
                 } else {
-                    let y = if beta == 0.0 {
-                        x
-                    } else {
-                        _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, p), x)
-                    };
-                    _mm512_mask_storeu_ps(p, mask, y);
+                    _mm512_mask_storeu_ps(p, lanes, y);
                 }
             }
         }
     }
+}
+
+/// The live `lanes` at `p` (a plain load when all are live: on some cores a
+/// masked access costs more even with a full mask), zeros elsewhere.
+///
+/// # Safety
+/// The CPU must support AVX-512F; the live lanes at `p` must be readable.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load(lanes: __mmask16, p: *const f32) -> __m512 {
+    // SAFETY: the caller's contract; a masked load touches only live lanes.
+    unsafe {
+        if lanes == 0xffff {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(lanes, p)
+        }
+    }
+}
+
+/// `fin` on vector `v` (columns `16v..16v+16`, live `lanes`) of tile row `r`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `fin`'s pointers must cover the live lanes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn finish(
+    f: &super::TileFinish,
+    r: usize,
+    v: usize,
+    lanes: __mmask16,
+    mut y: __m512,
+) -> __m512 {
+    // SAFETY: loads are masked to the live lanes, which the tile's bias and
+    // residual pointers cover (caller's contract).
+    unsafe {
+        if !f.row_bias.is_null() {
+            y = _mm512_add_ps(y, _mm512_set1_ps(*f.row_bias.add(r)));
+        }
+        if !f.col_bias.is_null() {
+            y = _mm512_add_ps(y, load(lanes, f.col_bias.add(16 * v)));
+        }
+        if !f.res.is_null() {
+            let rp = f.res.add(r * f.ldr + 16 * v);
+            y = _mm512_add_ps(y, load(lanes, rp));
+        }
+    }
+    if let Some((lo, hi)) = f.clamp {
+        // vmaxps(a, b) is `a > b ? a : b`, so max(lo, y) is `y < lo ? lo : y`:
+        // NaN and -0.0 pass as in the Clip op; likewise min(hi, y).
+        y = _mm512_max_ps(_mm512_set1_ps(lo), y);
+        if hi != f32::INFINITY {
+            y = _mm512_min_ps(_mm512_set1_ps(hi), y);
+        }
+    }
+    y
 }
 
 /// `y[j] += sum_p x[p] * rows[p][j]` over contiguous rows: the m == 1 (GEMV) core.

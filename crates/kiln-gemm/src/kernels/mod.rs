@@ -22,7 +22,7 @@ pub(crate) enum KernelKind {
 
 /// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile, `A` a packed
 /// `kc x MR` micro-panel and `B` a packed `kc x NR` micro-panel (`beta == 0`:
-/// C is not read). Safety contract: see each kernel's `micro`.
+/// C is not read), then `fin` if given. Safety contract: see each kernel's `micro`.
 pub(crate) type MicroFn = unsafe fn(
     kc: usize,
     a: *const f32,
@@ -33,7 +33,50 @@ pub(crate) type MicroFn = unsafe fn(
     beta: f32,
     mr: usize,
     nr: usize,
+    fin: Option<&TileFinish>,
 );
+
+/// [`crate::Finish`] for one tile: each pointer (null for none) already
+/// points at the tile's first row / column.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileFinish {
+    /// `mr` values, one per tile row.
+    pub row_bias: *const f32,
+    /// `nr` values, one per tile column.
+    pub col_bias: *const f32,
+    /// An `mr x nr` block with row stride `ldr`.
+    pub res: *const f32,
+    pub ldr: usize,
+    pub clamp: Option<(f32, f32)>,
+}
+
+impl TileFinish {
+    /// The scalar finish of element (r, j) of the tile (the portable kernel
+    /// and partial AVX2 tiles use it).
+    ///
+    /// # Safety
+    /// `r` and `j` must lie inside the tile the pointers were made for.
+    #[inline(always)]
+    pub(crate) unsafe fn scalar(&self, r: usize, j: usize, mut x: f32) -> f32 {
+        // SAFETY: the caller keeps (r, j) inside the tile, which each non-null
+        // pointer covers (TileFinish's contract).
+        unsafe {
+            if !self.row_bias.is_null() {
+                x += *self.row_bias.add(r);
+            }
+            if !self.col_bias.is_null() {
+                x += *self.col_bias.add(j);
+            }
+            if !self.res.is_null() {
+                x += *self.res.add(r * self.ldr + j);
+            }
+        }
+        match self.clamp {
+            Some((lo, hi)) => crate::clamp_like_clip(x, lo, hi),
+            None => x,
+        }
+    }
+}
 
 pub(crate) struct Kernel {
     pub kind: KernelKind,
@@ -57,7 +100,8 @@ impl Kernel {
     /// # Safety
     /// `a` must point to `kc * self.mr` readable floats, `b` to `kc * self.nr`,
     /// and `c` to an `mr x nr` tile with row stride `ldc` that nothing else
-    /// accesses meanwhile, with `1 <= mr <= self.mr` and `1 <= nr <= self.nr`.
+    /// accesses meanwhile, with `1 <= mr <= self.mr` and `1 <= nr <= self.nr`;
+    /// `fin`'s non-null pointers must cover the same `mr x nr` tile.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn micro(
@@ -71,10 +115,11 @@ impl Kernel {
         beta: f32,
         mr: usize,
         nr: usize,
+        fin: Option<&TileFinish>,
     ) {
         // SAFETY: pointer validity is the caller's contract; CPU support for the
         // kernel's instructions was checked when this `Kernel` was handed out.
-        unsafe { (self.micro)(kc, a, b, c, ldc, alpha, beta, mr, nr) }
+        unsafe { (self.micro)(kc, a, b, c, ldc, alpha, beta, mr, nr, fin) }
     }
 
     /// `y += alpha * x` over the shorter length.

@@ -59,6 +59,7 @@ pub(crate) unsafe fn micro(
     beta: f32,
     mr: usize,
     nr: usize,
+    fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
     // SAFETY: the contract gives kc*MR floats at `a` and kc*NR at `b`.
@@ -81,11 +82,16 @@ pub(crate) unsafe fn micro(
     for (r, row) in acc.iter().enumerate().take(mr) {
         // SAFETY: row r < mr and columns < nr lie inside the caller's C tile.
         let crow = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), nr) };
-        for (y, &x) in crow.iter_mut().zip(row) {
-            *y = if beta == 0.0 {
+        for (j, (y, &x)) in crow.iter_mut().zip(row).enumerate() {
+            let v = if beta == 0.0 {
                 alpha * x
             } else {
                 alpha * x + beta * *y
+            };
+            *y = match fin {
+                // SAFETY: (r, j) is inside the tile, which `fin` covers (contract).
+                Some(f) => unsafe { f.scalar(r, j, v) },
+                None => v,
             };
         }
     }
