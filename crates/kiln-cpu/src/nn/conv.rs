@@ -2464,7 +2464,12 @@ mod tests {
         let mut rng = Rng::new(78);
         // (H, W, k, stride, pads [top, left, bottom, right]): long rows, the
         // narrow planes of late layers, asymmetric and no padding, 1x1 planes.
+        // The first three are big enough that only their padding is zeroed
+        // (the scratch then holds stale values for the cases after them).
         for &(h, w, k, s, p) in &[
+            (70, 66, 3, 1, [1, 1, 1, 1]),
+            (90, 93, 3, 2, [1, 0, 1, 2]),
+            (66, 70, 3, 1, [0, 2, 1, 1]),
             (13, 29, 3, 1, [1, 1, 1, 1]),
             (14, 31, 3, 2, [1, 1, 1, 1]),
             (12, 37, 5, 1, [2, 2, 2, 2]),
