@@ -139,9 +139,10 @@ fn prepare_conv(
         || m % group != 0
         || ws[1] == 0
         || ws[2..].contains(&0)
-        || nn::uses_direct_kernel(ws[1], ws.len() - 2)
+        || nn::uses_direct_kernel(ws[1], &ws[2..], &attrs.strides, &attrs.dilations)
     {
-        // Invalid (run_op reports it), empty, or depthwise (read unpacked).
+        // Invalid (run_op reports it), empty, or a direct kernel's (depthwise,
+        // few channels: they read W unpacked).
         return None;
     }
     let wv = w.as_slice::<f32>()?;
@@ -380,15 +381,16 @@ mod tests {
     #[test]
     fn prepared_conv_matches_unprepared() {
         let mut rng = Rng::new(21);
-        // (N, C, M, group, H, W, k, pads, strides)
+        // (N, C, M, group, H, W, k, pads, strides), at least 5 input channels
+        // per group (fewer take the direct kernel, not prepared).
         for &(n, c, m, g, h, w, k, p, s) in &[
-            (1, 3, 8, 1, 9, 7, 3, 1, 1),
-            (2, 4, 6, 2, 6, 6, 3, 0, 2),
+            (1, 5, 8, 1, 9, 7, 3, 1, 1),
+            (2, 10, 6, 2, 6, 6, 3, 0, 2),
             (1, 5, 7, 1, 5, 5, 1, 0, 1),
             (1, 8, 4, 1, 11, 9, 7, 3, 2),
             (3, 16, 70, 1, 7, 7, 3, 1, 1),
             (2, 12, 130, 2, 4, 5, 1, 0, 1),
-            (5, 6, 9, 3, 5, 4, 3, 2, 2),
+            (5, 15, 9, 3, 5, 4, 3, 2, 2),
             // Deep and wide enough for position rows with the true hint.
             (2, 64, 130, 1, 4, 5, 3, 1, 1),
             (3, 128, 256, 2, 3, 3, 3, 1, 1),
@@ -471,26 +473,26 @@ mod tests {
     #[test]
     fn mismatched_runtime_weights_are_an_error() {
         let mut rng = Rng::new(23);
-        let w = t(&[4, 3, 3, 3], rng.vec(108));
+        let w = t(&[4, 5, 3, 3], rng.vec(180));
         let op = Op::Conv(conv_attrs(1, &[1; 4], &[1, 1]));
         let p = prepare(&op, &[None, Some(&w)], None).unwrap();
-        let x = t(&[1, 3, 5, 5], rng.vec(75));
+        let x = t(&[1, 5, 5, 5], rng.vec(125));
         // A W of another shape.
-        let w2 = t(&[4, 3, 1, 1], rng.vec(12));
+        let w2 = t(&[4, 5, 1, 1], rng.vec(20));
         let e = p.run(&[Some(&x), Some(&w2)], 1).unwrap_err().to_string();
         assert!(
-            e.contains("[4, 3, 3, 3]") && e.contains("[4, 3, 1, 1]"),
+            e.contains("[4, 5, 3, 3]") && e.contains("[4, 5, 1, 1]"),
             "{e}"
         );
         // A W of another dtype.
-        let w64 = Tensor::from_vec(vec![4, 3, 3, 3], vec![0.0f64; 108]).unwrap();
+        let w64 = Tensor::from_vec(vec![4, 5, 3, 3], vec![0.0f64; 180]).unwrap();
         assert!(p.run(&[Some(&x), Some(&w64)], 1).is_err());
         // W left out: the prepared op holds it (the runtime frees the original).
         let held = p.run(&[Some(&x), None], 1).unwrap();
         let want = crate::run_op(&op, &[Some(&x), Some(&w)], 1).unwrap();
         assert_eq!(f32s(&held[0]), f32s(&want[0]));
         // W left out with non-f32 activations: no original to fall back on.
-        let x64 = Tensor::from_vec(vec![1, 3, 5, 5], vec![0.0f64; 75]).unwrap();
+        let x64 = Tensor::from_vec(vec![1, 5, 5, 5], vec![0.0f64; 125]).unwrap();
         let e = p.run(&[Some(&x64), None], 1).unwrap_err().to_string();
         assert!(e.contains("prepared for f32"), "{e}");
         // X with the wrong channel count.
@@ -522,6 +524,16 @@ mod tests {
         // Depthwise: read unpacked by the direct kernel.
         let dw = Op::Conv(conv_attrs(4, &[1; 4], &[1, 1]));
         assert!(prepare(&dw, &[None, Some(&w)], None).is_none());
+        // Few input channels (an RGB stem), likewise; with dilation it is a
+        // GEMM again, so packed.
+        let stem_w = t(&[8, 3, 3, 3], rng.vec(216));
+        let stem = conv_attrs(1, &[1; 4], &[2, 2]);
+        assert!(prepare(&Op::Conv(stem.clone()), &[None, Some(&stem_w)], None).is_none());
+        let dilated = ConvAttrs {
+            dilations: vec![2, 2],
+            ..stem
+        };
+        assert!(prepare(&Op::Conv(dilated), &[None, Some(&stem_w)], None).is_some());
         // W not constant, or not f32.
         let op = Op::Conv(conv_attrs(1, &[], &[]));
         assert!(prepare(&op, &[None, None], None).is_none());
@@ -536,11 +548,11 @@ mod tests {
     #[test]
     fn prepared_conv_with_f16_input_takes_the_unprepared_kernel() {
         let mut rng = Rng::new(25);
-        let w = t(&[2, 3, 1, 1], rng.vec(6));
+        let w = t(&[2, 5, 1, 1], rng.vec(10));
         let op = Op::Conv(conv_attrs(1, &[], &[]));
         let p = prepare(&op, &[None, Some(&w)], None).unwrap();
-        let xv: Vec<half::f16> = rng.vec(12).into_iter().map(half::f16::from_f32).collect();
-        let x = Tensor::from_vec(vec![1, 3, 2, 2], xv).unwrap();
+        let xv: Vec<half::f16> = rng.vec(20).into_iter().map(half::f16::from_f32).collect();
+        let x = Tensor::from_vec(vec![1, 5, 2, 2], xv).unwrap();
         let got = p.run(&[Some(&x), Some(&w)], 1).unwrap();
         let want = crate::run_op(&op, &[Some(&x), Some(&w)], 1).unwrap();
         assert_eq!(got[0].dtype(), DType::F16);

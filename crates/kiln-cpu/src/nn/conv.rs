@@ -532,10 +532,18 @@ impl ConvPack {
 /// bigger convolutions run as several GEMMs over column or image ranges.
 const IM2COL_PACK_MAX: usize = 1 << 20;
 
-/// True when the direct (depthwise) kernel handles this geometry: one input
-/// channel per group, 1 or 2 spatial axes.
-pub(crate) fn uses_direct_kernel(cg: usize, spatial_rank: usize) -> bool {
-    cg == 1 && spatial_rank <= 2
+/// True when a direct kernel (in `depthwise.rs`, reading W unpacked) runs
+/// this conv instead of a GEMM: depthwise (one input channel per group, 1 or
+/// 2 spatial axes), or few input channels per group (see
+/// `few_channel_applies`). Empty strides/dilations mean 1s.
+pub(crate) fn uses_direct_kernel(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+) -> bool {
+    (cg == 1 && kernel.len() <= 2)
+        || super::depthwise::few_channel_applies(cg, kernel, strides, dilations)
 }
 
 /// True when a Conv whose output planes have `out_n` positions is faster as
@@ -660,11 +668,22 @@ pub(crate) fn conv_f32(
             for (p, plane) in y.chunks_exact_mut(geo.out_n).enumerate() {
                 epi.apply(p / geo.m, p % geo.m, 0, plane);
             }
-        } else if uses_direct_kernel(geo.cg, geo.in_sp.len()) {
+        } else if uses_direct_kernel(
+            geo.cg,
+            &geo.win.kernel,
+            &geo.win.strides,
+            &geo.win.dilations,
+        ) {
             let wv = wv.ok_or_else(|| {
-                invalid!("Conv: a depthwise conv needs its W unpacked (internal planning error)")
+                invalid!(
+                    "Conv: a direct-kernel conv needs its W unpacked (internal planning error)"
+                )
             })?;
-            super::depthwise::depthwise_conv(&geo, xv, wv, &epi, &mut y);
+            if geo.cg == 1 {
+                super::depthwise::depthwise_conv(&geo, xv, wv, &epi, &mut y);
+            } else {
+                super::depthwise::few_channel_conv(&geo, xv, wv, &epi, &mut y);
+            }
         } else {
             conv_gemm(&geo, xv, wv, w, &epi, &mut y);
         }
@@ -1059,11 +1078,13 @@ impl Im2col<'_> {
                     }
                     let src0 = src0 + ci * in_n;
                     let d = &mut dst[a..b];
-                    if s_last == 1 {
-                        d.copy_from_slice(&self.x[src0..src0 + (b - a)]);
-                    } else {
-                        for (j, v) in d.iter_mut().enumerate() {
-                            *v = self.x[src0 + j * s_last];
+                    match s_last {
+                        1 => d.copy_from_slice(&self.x[src0..src0 + (b - a)]),
+                        2 => strided_copy::<2>(d, &self.x[src0..]),
+                        _ => {
+                            for (j, v) in d.iter_mut().enumerate() {
+                                *v = self.x[src0 + j * s_last];
+                            }
                         }
                     }
                 }
@@ -1090,6 +1111,21 @@ impl Im2col<'_> {
                 }
             }
         }
+    }
+}
+
+/// `d[j] = src[S * j]` for every j: whole S-element chunks (which LLVM
+/// turns into shuffles, where an indexed loop stays scalar and bounds-checked),
+/// then the last element, whose chunk may be cut short by the end of `src`.
+#[inline]
+fn strided_copy<const S: usize>(d: &mut [f32], src: &[f32]) {
+    let whole = (src.len() / S).min(d.len());
+    let (head, tail) = d.split_at_mut(whole);
+    for (v, chunk) in head.iter_mut().zip(src.chunks_exact(S)) {
+        *v = chunk[0];
+    }
+    for (j, v) in tail.iter_mut().enumerate() {
+        *v = src[S * (whole + j)];
     }
 }
 
@@ -2329,6 +2365,66 @@ mod tests {
                 vec![2, 1],
                 vec![2, 1, 0, 3],
             ),
+            // Few input channels per group (the direct few-channel kernel):
+            // an RGB 7x7 stride-2 stem on two images, a 3x3 stride-2 stem on
+            // an odd plane, a grouped conv of 2 channels per group with uneven
+            // pads, a 1x1 stride-2 conv of 4 channels, a plane big enough
+            // that only the phase padding is zeroed.
+            (
+                2,
+                3,
+                8,
+                1,
+                vec![23, 20],
+                vec![7, 7],
+                vec![2, 2],
+                vec![1, 1],
+                vec![3, 3, 3, 3],
+            ),
+            (
+                1,
+                3,
+                5,
+                1,
+                vec![17, 15],
+                vec![3, 3],
+                vec![2, 2],
+                vec![],
+                vec![1, 1, 1, 1],
+            ),
+            (
+                2,
+                6,
+                9,
+                3,
+                vec![9, 11],
+                vec![3, 3],
+                vec![],
+                vec![1, 1],
+                vec![0, 2, 1, 1],
+            ),
+            (
+                1,
+                4,
+                6,
+                1,
+                vec![10, 9],
+                vec![1, 1],
+                vec![2, 2],
+                vec![1, 1],
+                vec![0; 4],
+            ),
+            (
+                1,
+                3,
+                4,
+                1,
+                vec![70, 68],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1, 1, 1, 1],
+            ),
             // Output 1x1 and input 1x1.
             (
                 1,
@@ -2399,7 +2495,7 @@ mod tests {
             // Both GEMM orientations, whichever the shape would pick.
             for positions in [false, true] {
                 let packed = pack_conv_weights(&wv, m, group, positions);
-                let weights = if uses_direct_kernel(c / group, ins.len()) {
+                let weights = if uses_direct_kernel(c / group, &ks, &ss, &ds) {
                     ConvWeights::Raw(&w)
                 } else {
                     ConvWeights::Packed(&packed)
@@ -2489,6 +2585,34 @@ mod tests {
             let x = t(&xs, rng.vec(2 * c * h * w));
             let wt = t(&[c, 1, k, k], rng.vec(c * k * k));
             let a = attrs(AutoPad::NotSet, c, &[], &p, &[s, s]);
+            let want = conv_reference(&a, &x, &wt, None).unwrap();
+            let got = super::super::depthwise::all_isas(&a, &x, &wt);
+            assert!(!got.is_empty());
+            for g in got {
+                assert_close(&g, &f32s(&want), 1e-5);
+            }
+        }
+    }
+
+    /// The few-channel direct kernel through every instruction set.
+    #[test]
+    fn few_channel_isas_agree() {
+        let mut rng = Rng::new(79);
+        // (C, M, group, H, W, k, stride, pads): stems, grouped, big planes
+        // first so later cases run on stale scratch.
+        for &(c, m, group, h, w, k, s, p) in &[
+            (3, 6, 1, 75, 70, 3, 1, [1, 1, 1, 1]),
+            (3, 5, 1, 90, 93, 7, 2, [3, 3, 3, 3]),
+            (3, 8, 1, 17, 15, 3, 2, [1, 1, 1, 1]),
+            (4, 6, 2, 9, 11, 3, 1, [0, 2, 1, 1]),
+            (8, 4, 2, 10, 9, 5, 2, [2, 1, 2, 0]),
+            (2, 3, 1, 6, 5, 1, 2, [0, 0, 0, 0]),
+            (3, 4, 1, 2, 3, 5, 2, [2, 2, 2, 2]),
+        ] {
+            let xs = [2, c, h, w];
+            let x = t(&xs, rng.vec(2 * c * h * w));
+            let wt = t(&[m, c / group, k, k], rng.vec(m * (c / group) * k * k));
+            let a = attrs(AutoPad::NotSet, group, &[], &p, &[s, s]);
             let want = conv_reference(&a, &x, &wt, None).unwrap();
             let got = super::super::depthwise::all_isas(&a, &x, &wt);
             assert!(!got.is_empty());

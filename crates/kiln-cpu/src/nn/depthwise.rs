@@ -1,14 +1,20 @@
-//! Direct f32 kernel for depthwise convs (and channel multipliers): every output
-//! channel reads exactly one input channel, so there is no reduction over
-//! channels to hand to a GEMM. 1-D convs run as 2-D ones of height 1.
+//! Direct f32 kernels for convs that a GEMM serves badly:
+//!
+//! - **Depthwise** (and channel multipliers): every output channel reads
+//!   exactly one input channel, so there is no reduction over channels to hand
+//!   to a GEMM. 1-D convs run as 2-D ones of height 1.
+//! - **Few input channels per group** (2 to 4: RGB stems, narrow grouped
+//!   convs): as a GEMM, the depth is only `channels x kernel` (27 for a 3x3
+//!   stem) and packing the im2col panels costs as much as the product.
 //!
 //! Each output plane is computed row by row: for each kernel row, the taps of
 //! that row are accumulated into the output row in one pass over the positions
 //! where all of them are inside the input (3 and 5 taps wide: fused loops),
 //! single-tap passes at the edges. A strided conv first splits each input row
 //! into `stride` phases (`phase p` holds columns `p, p + s, p + 2s, ...`), so
-//! every tap reads a contiguous run and the loops vectorize. The loops are
-//! compiled for AVX-512 / AVX2 too and chosen once per call by CPU feature.
+//! every tap reads a contiguous run and the loops vectorize. Common 2-D shapes
+//! take the flat kernel instead ([`plane_flat`]). The loops are compiled for
+//! AVX-512 / AVX2 too and chosen once per call by CPU feature.
 //!
 //! The reference is `conv_reference` (im2col + GEMM) in `conv.rs`.
 
@@ -80,8 +86,35 @@ fn depthwise_conv_with(
         geo.cg == 1 && (1..=2).contains(&geo.in_sp.len()),
         "depthwise_conv needs one input channel per group and 1-2 spatial axes, got {geo:?}"
     );
+    let g = plane2d(geo);
+    let (c, m, mg, kn, in_n, out_n) = (geo.c, geo.m, geo.mg, geo.kn, geo.in_n, geo.out_n);
+    if out_n == 0 {
+        return;
+    }
+    // Several small planes per task: a 7x7 plane is ~100 ns of work, less
+    // than scheduling a task costs.
+    let per_task = (PLANE_TASK_ELEMS / out_n).clamp(1, 256);
+    y.par_chunks_mut(out_n * per_task)
+        .enumerate()
+        .for_each(|(task, outs)| {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                for (k, out) in outs.chunks_exact_mut(out_n).enumerate() {
+                    let p = task * per_task + k;
+                    let (ni, mi) = (p / m, p % m);
+                    let ci = mi / mg;
+                    let src = &x[(ni * c + ci) * in_n..][..in_n];
+                    let filt = &w[mi * kn..][..kn];
+                    plane_dispatch(isa, &g, src, filt, &mut scratch, out, epi, ni, mi);
+                }
+            })
+        });
+}
+
+/// A conv's 2-D plane geometry (1-D convs as height 1).
+fn plane2d(geo: &ConvGeometry) -> Plane2d {
     let win = &geo.win;
-    let g = if geo.in_sp.len() == 2 {
+    if geo.in_sp.len() == 2 {
         Plane2d {
             ih: geo.in_sp[0],
             iw: geo.in_sp[1],
@@ -111,29 +144,355 @@ fn depthwise_conv_with(
             oh: 1,
             ow: win.out[0],
         }
+    }
+}
+
+/// Most input channels per group the few-channel direct kernel takes.
+const MAX_DIRECT_CHANNELS: usize = 4;
+/// Most taps (channels per group x kernel elements) it takes: a 7x7 stem
+/// over 4 channels is 196.
+const MAX_DIRECT_TAPS: usize = 256;
+
+/// Whether [`few_channel_conv`] takes a conv with `cg` input channels per
+/// group and this window (empty strides/dilations mean 1s, as in ONNX):
+/// 2 to 4 channels, 2-D, the same stride (1 or 2) on both axes, no dilation.
+pub(crate) fn few_channel_applies(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+) -> bool {
+    let all = |v: &[usize], f: fn(usize) -> bool| {
+        v.is_empty() || (v.len() == 2 && v.iter().all(|&x| f(x)))
     };
-    let (c, m, mg, kn, in_n, out_n) = (geo.c, geo.m, geo.mg, geo.kn, geo.in_n, geo.out_n);
-    if out_n == 0 {
+    // Only the AVX-512 and AVX2 kernels block output channels in registers;
+    // without them the GEMM is faster.
+    detect_isa() != Isa::Portable
+        && (2..=MAX_DIRECT_CHANNELS).contains(&cg)
+        && kernel.len() == 2
+        && kernel.iter().all(|&k| k > 0)
+        && cg * kernel[0] * kernel[1] <= MAX_DIRECT_TAPS
+        && all(strides, |s| s == 1 || s == 2)
+        && (strides.is_empty() || strides[0] == strides[1])
+        && all(dilations, |d| d == 1)
+}
+
+/// A conv with few input channels per group ([`few_channel_applies`]) into
+/// `y` (fully overwritten), epilogue included. Each task takes a block of
+/// `OB` output channels of one group and image: it phase-splits the group's
+/// input channels (as the depthwise flat kernel does), then computes the
+/// block's planes together, so every input vector loaded feeds `OB`
+/// multiply-adds (one per output channel) held in registers.
+pub(crate) fn few_channel_conv(
+    geo: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+) {
+    few_channel_conv_with(geo, x, w, epi, y, detect_isa())
+}
+
+fn few_channel_conv_with(
+    geo: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+    isa: Isa,
+) {
+    let win = &geo.win;
+    assert!(
+        few_channel_applies(geo.cg, &win.kernel, &win.strides, &win.dilations),
+        "few_channel_conv does not take {geo:?}"
+    );
+    let g = plane2d(geo);
+    if geo.out_n == 0 {
         return;
     }
-    // Several small planes per task: a 7x7 plane is ~100 ns of work, less
-    // than scheduling a task costs.
-    let per_task = (PLANE_TASK_ELEMS / out_n).clamp(1, 256);
-    y.par_chunks_mut(out_n * per_task)
+    // The widest block that divides the group's output channels, so no
+    // block straddles two groups.
+    match geo.mg {
+        mg if mg % 8 == 0 => blocked_conv::<8>(geo, &g, x, w, epi, y, isa),
+        mg if mg % 4 == 0 => blocked_conv::<4>(geo, &g, x, w, epi, y, isa),
+        mg if mg % 2 == 0 => blocked_conv::<2>(geo, &g, x, w, epi, y, isa),
+        _ => blocked_conv::<1>(geo, &g, x, w, epi, y, isa),
+    }
+}
+
+/// Flat positions per register block of [`block_taps`].
+const BQ: usize = 32;
+
+fn blocked_conv<const OB: usize>(
+    geo: &ConvGeometry,
+    g: &Plane2d,
+    x: &[f32],
+    w: &[f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+    isa: Isa,
+) {
+    let (m, mg, cg, in_n, out_n) = (geo.m, geo.mg, geo.cg, geo.in_n, geo.out_n);
+    let taps = cg * g.kh * g.kw;
+    let lay = flat_layout(g, g.sh, cg);
+    // Output rows per band: the band's accumulators (OB planes of it) stay
+    // in L1/L2 until they are copied out with the epilogue, instead of
+    // round-tripping whole planes through memory.
+    let band_rows = (BAND_FLATS / lay.pitch).clamp(1, g.oh);
+    let bpad = (band_rows * lay.pitch).div_ceil(BQ) * BQ;
+    // Register blocks run up to BQ positions past a band's end; the phases
+    // get BQ zeros more so those reads stay in bounds.
+    let (phases_len, acc_len) = (lay.phases_len + BQ, OB * bpad);
+    // Every (image, group)'s phase planes first, once (each is read by all
+    // of the group's output-channel blocks), in parallel.
+    let mut all_phases = crate::buffers::take_f32(geo.n * geo.group * phases_len);
+    all_phases
+        .par_chunks_mut(phases_len)
+        .enumerate()
+        .for_each(|(ng, buf)| {
+            let xg = &x[ng * cg * in_n..][..cg * in_n];
+            phases_dispatch(isa, g, &lay, xg, in_n, cg, buf);
+            buf[lay.phases_len..].fill(0.0);
+        });
+    let starts = tap_starts(g, &lay, cg);
+    let starts = &starts[..taps];
+    y.par_chunks_mut(out_n * OB)
         .enumerate()
         .for_each(|(task, outs)| {
+            let p0 = task * OB;
+            let (ni, m0) = (p0 / m, p0 % m);
+            let gi = m0 / mg;
+            let phases = &all_phases[(ni * geo.group + gi) * phases_len..][..phases_len];
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                for (k, out) in outs.chunks_exact_mut(out_n).enumerate() {
-                    let p = task * per_task + k;
-                    let (ni, mi) = (p / m, p % m);
-                    let ci = mi / mg;
-                    let src = &x[(ni * c + ci) * in_n..][..in_n];
-                    let filt = &w[mi * kn..][..kn];
-                    plane_dispatch(isa, &g, src, filt, &mut scratch, out, epi, ni, mi);
+                let need = acc_len + taps * OB;
+                if scratch.len() < need {
+                    scratch.resize(need, 0.0);
+                }
+                let (acc, rest) = scratch.split_at_mut(acc_len);
+                // The block's weights tap-major: wt[t * OB + o].
+                let wt = &mut rest[..taps * OB];
+                for (t, row) in wt.chunks_exact_mut(OB).enumerate() {
+                    for (o, v) in row.iter_mut().enumerate() {
+                        *v = w[(m0 + o) * taps + t];
+                    }
+                }
+                let mut oy0 = 0;
+                while oy0 < g.oh {
+                    let rows = band_rows.min(g.oh - oy0);
+                    let q0 = oy0 * lay.pitch;
+                    // This band's accumulator stride (the last band may be short).
+                    let stride = (rows * lay.pitch).div_ceil(BQ) * BQ;
+                    block_dispatch::<OB>(isa, starts, wt, phases, q0, &mut acc[..OB * stride]);
+                    for (o, out) in outs.chunks_exact_mut(out_n).enumerate() {
+                        let band = &acc[o * stride..][..rows * lay.pitch];
+                        let out = &mut out[oy0 * g.ow..][..rows * g.ow];
+                        for (orow, arow) in
+                            out.chunks_exact_mut(g.ow).zip(band.chunks_exact(lay.pitch))
+                        {
+                            orow.copy_from_slice(&arow[..g.ow]);
+                        }
+                        epi.apply(ni, m0 + o, oy0 * g.ow, out);
+                    }
+                    oy0 += rows;
                 }
             })
         });
+    crate::buffers::recycle(all_phases);
+}
+
+/// Flat positions per band of [`blocked_conv`] (8 KiB per output channel).
+const BAND_FLATS: usize = 2048;
+
+/// `acc[o * bpad + i] = sum_t wt[t * OB + o] * phases[starts[t] + q0 + i]`
+/// for `i < bpad` (`acc` is `OB x bpad`, bpad a multiple of BQ).
+#[inline]
+fn block_dispatch<const OB: usize>(
+    isa: Isa,
+    starts: &[usize],
+    wt: &[f32],
+    phases: &[f32],
+    q0: usize,
+    acc: &mut [f32],
+) {
+    let bpad = acc.len() / OB;
+    assert!(wt.len() >= starts.len() * OB && acc.len() == OB * bpad && bpad % BQ == 0);
+    assert!(starts.iter().all(|&st| st + q0 + bpad <= phases.len()));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only chosen after
+        // `is_x86_feature_detected!("avx512f")` returned true; the bounds
+        // the kernel relies on are asserted above.
+        Isa::Avx512 => unsafe { block_avx512::<OB>(starts, wt, phases, q0, acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
+        // detected on this CPU; bounds asserted above.
+        Isa::Avx2 => unsafe { block_avx2::<OB>(starts, wt, phases, q0, acc) },
+        Isa::Portable => block::<OB>(starts, wt, phases, q0, acc),
+    }
+}
+
+/// # Safety
+/// AVX-512F must be present, and the bounds `block_dispatch` asserts hold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<const OB: usize>(
+    starts: &[usize],
+    wt: &[f32],
+    phases: &[f32],
+    q0: usize,
+    acc: &mut [f32],
+) {
+    use core::arch::x86_64::*;
+    let bpad = acc.len() / OB;
+    let (ph, wp, ap) = (phases.as_ptr(), wt.as_ptr(), acc.as_mut_ptr());
+    for q in (0..bpad).step_by(BQ) {
+        // SAFETY: every tap reads phases[st + q0 + q ..][..32] with
+        // st + q0 + bpad <= len and q + 32 <= bpad; weights
+        // [t * OB, t * OB + OB) for t < starts.len(); stores go to
+        // acc[o * bpad + q ..][..32] (the caller's asserted bounds).
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); 2]; OB];
+            for (t, &st) in starts.iter().enumerate() {
+                let p = ph.add(st + q0 + q);
+                let (s0, s1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                for (o, ao) in a.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(*wp.add(t * OB + o));
+                    ao[0] = _mm512_fmadd_ps(wv, s0, ao[0]);
+                    ao[1] = _mm512_fmadd_ps(wv, s1, ao[1]);
+                }
+            }
+            for (o, ao) in a.iter().enumerate() {
+                let d = ap.add(o * bpad + q);
+                _mm512_storeu_ps(d, ao[0]);
+                _mm512_storeu_ps(d.add(16), ao[1]);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA must be present, and the bounds `block_dispatch` asserts hold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2<const OB: usize>(
+    starts: &[usize],
+    wt: &[f32],
+    phases: &[f32],
+    q0: usize,
+    acc: &mut [f32],
+) {
+    use core::arch::x86_64::*;
+    let bpad = acc.len() / OB;
+    let (ph, wp, ap) = (phases.as_ptr(), wt.as_ptr(), acc.as_mut_ptr());
+    // One ymm per output channel (16 registers hold no more with the source
+    // and weight).
+    for q in (0..bpad).step_by(8) {
+        // SAFETY: bounds as in `block_avx512`, 8 floats per step, q + 8 <= bpad.
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); OB];
+            for (t, &st) in starts.iter().enumerate() {
+                let sv = _mm256_loadu_ps(ph.add(st + q0 + q));
+                for (o, ao) in a.iter_mut().enumerate() {
+                    *ao = _mm256_fmadd_ps(_mm256_set1_ps(*wp.add(t * OB + o)), sv, *ao);
+                }
+            }
+            for (o, ao) in a.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(o * bpad + q), *ao);
+            }
+        }
+    }
+}
+
+/// Portable: one output channel and tap at a time (no register blocking;
+/// [`few_channel_applies`] does not route convs here, it serves the test
+/// that every instruction set agrees).
+fn block<const OB: usize>(
+    starts: &[usize],
+    wt: &[f32],
+    phases: &[f32],
+    q0: usize,
+    acc: &mut [f32],
+) {
+    let bpad = acc.len() / OB;
+    for (o, plane) in acc.chunks_exact_mut(bpad).enumerate() {
+        plane.fill(0.0);
+        for (t, &st) in starts.iter().enumerate() {
+            tap1(plane, &phases[st + q0..][..bpad], wt[t * OB + o]);
+        }
+    }
+}
+
+/// Where each tap (ci, ky, kx) of a few-channel conv reads: its channel's
+/// phase plane at its shift.
+fn tap_starts(g: &Plane2d, lay: &FlatLayout, cg: usize) -> [usize; MAX_DIRECT_TAPS] {
+    let s = g.sh;
+    let mut starts = [0usize; MAX_DIRECT_TAPS];
+    let mut t = 0;
+    for ci in 0..cg {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let plane = (ci * s + ky % s) * s + kx % s;
+                starts[t] = plane * lay.plane_len + (ky / s) * lay.pitch + kx / s;
+                t += 1;
+            }
+        }
+    }
+    starts
+}
+
+/// [`build_phases`] for `cg` channels, compiled for the CPU's vector ISA
+/// (the stride-2 de-interleave vectorizes much better with it).
+fn phases_dispatch(
+    isa: Isa,
+    g: &Plane2d,
+    lay: &FlatLayout,
+    xg: &[f32],
+    in_n: usize,
+    cg: usize,
+    buf: &mut [f32],
+) {
+    #[inline(always)]
+    fn build(g: &Plane2d, lay: &FlatLayout, xg: &[f32], in_n: usize, cg: usize, buf: &mut [f32]) {
+        if g.sh == 1 {
+            build_phases::<1>(g, lay, xg, in_n, cg, buf)
+        } else {
+            build_phases::<2>(g, lay, xg, in_n, cg, buf)
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn build_avx512(
+        g: &Plane2d,
+        lay: &FlatLayout,
+        xg: &[f32],
+        in_n: usize,
+        cg: usize,
+        buf: &mut [f32],
+    ) {
+        build(g, lay, xg, in_n, cg, buf)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn build_avx2(
+        g: &Plane2d,
+        lay: &FlatLayout,
+        xg: &[f32],
+        in_n: usize,
+        cg: usize,
+        buf: &mut [f32],
+    ) {
+        build(g, lay, xg, in_n, cg, buf)
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only chosen after AVX-512F was detected.
+        Isa::Avx512 => unsafe { build_avx512(g, lay, xg, in_n, cg, buf) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only chosen after AVX2 was detected.
+        Isa::Avx2 => unsafe { build_avx2(g, lay, xg, in_n, cg, buf) },
+        Isa::Portable => build(g, lay, xg, in_n, cg, buf),
+    }
 }
 
 /// Output elements per parallel task (whole planes).
@@ -349,8 +708,37 @@ fn flat_applies(g: &Plane2d) -> bool {
 /// Phase buffers up to this many floats are zeroed whole (see [`plane_flat`]).
 const SMALL_PHASES: usize = 4096;
 
-/// Largest kernel [`plane_flat`] takes (its tap table lives on the stack).
+/// Largest depthwise kernel (taps) [`plane_flat`] takes.
 const MAX_FLAT_TAPS: usize = 64;
+
+/// Where the phase planes of one or more input channels lie in the scratch
+/// of the flat kernel (see [`plane_flat`]).
+#[derive(Clone, Copy, Debug)]
+struct FlatLayout {
+    /// Row pitch of the phase planes (and of the accumulator).
+    pitch: usize,
+    /// Rows of each phase plane.
+    rows: usize,
+    plane_len: usize,
+    /// Flat accumulator length: `oh * pitch`.
+    n_out: usize,
+    /// Phase planes of every channel, plus one zero row so the widest shift
+    /// of the last plane stays in bounds.
+    phases_len: usize,
+}
+
+fn flat_layout(g: &Plane2d, s: usize, channels: usize) -> FlatLayout {
+    let pitch = g.ow + (g.kw - 1) / s;
+    let rows = g.oh + (g.kh - 1) / s;
+    let plane_len = rows * pitch;
+    FlatLayout {
+        pitch,
+        rows,
+        plane_len,
+        n_out: g.oh * pitch,
+        phases_len: channels * s * s * plane_len + pitch,
+    }
+}
 
 /// One output plane as a single long 1-D convolution, which vectorizes well
 /// however narrow the plane is (7x7 and 14x14 planes have rows shorter than
@@ -375,106 +763,173 @@ fn plane_flat<const S: usize>(
     ni: usize,
     ch: usize,
 ) {
-    // The stride is a constant so that the index arithmetic below compiles
-    // to shifts and the stride-2 column split vectorizes.
+    let lay = flat_layout(g, S, 1);
+    let (phases, acc) = flat_scratch(scratch, &lay);
+    build_phases::<S>(g, &lay, src, src.len(), 1, phases);
+    flat_taps::<S, MAX_FLAT_TAPS>(g, &lay, phases, filt, acc, out);
+    epi.apply(ni, ch, 0, &mut out[..g.oh * g.ow]);
+}
+
+/// The scratch of the flat kernel split into phase planes and accumulator
+/// (grown when too small; the contents are stale, every user overwrites).
+fn flat_scratch<'s>(scratch: &'s mut Vec<f32>, lay: &FlatLayout) -> (&'s mut [f32], &'s mut [f32]) {
+    if scratch.len() < lay.phases_len + lay.n_out {
+        scratch.resize(lay.phases_len + lay.n_out, 0.0);
+    }
+    let (phases, rest) = scratch.split_at_mut(lay.phases_len);
+    (phases, &mut rest[..lay.n_out])
+}
+
+/// Splits `channels` input planes (channel `ci` at `x[ci * in_n..]`) into
+/// their zero-padded phase planes, channel-major, in `buf[..lay.phases_len]`,
+/// writing every element. Big buffers zero only their padding (whole-buffer
+/// zeroing was a tenth of the kernel's time on 112x112 planes); small ones
+/// zero all at once, cheaper than a call per row edge.
+#[inline(always)]
+fn build_phases<const S: usize>(
+    g: &Plane2d,
+    lay: &FlatLayout,
+    x: &[f32],
+    in_n: usize,
+    channels: usize,
+    buf: &mut [f32],
+) {
+    // The stride is a constant so that the index arithmetic compiles to
+    // shifts and the stride-2 column split vectorizes.
     let s = S;
-    let (kh, kw) = (g.kh, g.kw);
-    let pitch = g.ow + (kw - 1) / s;
-    let rows = g.oh + (kh - 1) / s;
-    let plane_len = rows * pitch;
-    let n_out = g.oh * pitch;
-    // Phase planes, then one padding row so the widest shift stays in
-    // bounds, then the accumulator. Big planes zero only their padding (the
-    // whole-buffer zeroing was a tenth of the kernel's time on 112x112
-    // planes); small ones zero all of it in one call, cheaper than a call per
-    // row edge. The accumulator is always fully written.
-    let phases_len = s * s * plane_len + pitch;
-    if scratch.len() < phases_len + n_out {
-        scratch.resize(phases_len + n_out, 0.0);
-    }
-    let (phase_buf, rest) = scratch.split_at_mut(phases_len);
-    let acc = &mut rest[..n_out];
-    let zeroed = phases_len <= SMALL_PHASES;
+    let (pitch, plane_len) = (lay.pitch, lay.plane_len);
+    let buf = &mut buf[..lay.phases_len];
+    let zeroed = lay.phases_len <= SMALL_PHASES;
     if zeroed {
-        phase_buf.fill(0.0);
+        buf.fill(0.0);
     } else {
-        phase_buf[s * s * plane_len..].fill(0.0);
+        buf[channels * s * s * plane_len..].fill(0.0);
     }
-    for ry in 0..s {
-        for rx in 0..s {
-            let plane = &mut phase_buf[(ry * s + rx) * plane_len..][..plane_len];
-            for i in 0..rows {
-                let prow = &mut plane[i * pitch..][..pitch];
-                // Padded row s*i + ry is input row s*i + ry - ph.
-                let iy = (s * i + ry) as isize - g.ph as isize;
-                // Column j is input column s*j + off.
-                let off = rx as isize - g.pw as isize;
-                let (lo, hi) = valid_range(pitch, s, off, g.iw);
-                if iy < 0 || iy >= g.ih as isize || lo >= hi {
+    for ci in 0..channels {
+        let src = &x[ci * in_n..][..g.ih * g.iw];
+        for ry in 0..s {
+            for rx in 0..s {
+                let plane = &mut buf[((ci * s + ry) * s + rx) * plane_len..][..plane_len];
+                for i in 0..lay.rows {
+                    let prow = &mut plane[i * pitch..][..pitch];
+                    // Padded row s*i + ry is input row s*i + ry - ph.
+                    let iy = (s * i + ry) as isize - g.ph as isize;
+                    // Column j is input column s*j + off.
+                    let off = rx as isize - g.pw as isize;
+                    let (lo, hi) = valid_range(pitch, s, off, g.iw);
+                    if iy < 0 || iy >= g.ih as isize || lo >= hi {
+                        if !zeroed {
+                            prow.fill(0.0);
+                        }
+                        continue;
+                    }
                     if !zeroed {
-                        prow.fill(0.0);
+                        prow[..lo].fill(0.0);
+                        prow[hi..].fill(0.0);
                     }
-                    continue;
+                    let srow = &src[iy as usize * g.iw..][..g.iw];
+                    let a = ((s * lo) as isize + off) as usize;
+                    if s == 1 {
+                        prow[lo..hi].copy_from_slice(&srow[a..a + (hi - lo)]);
+                    } else {
+                        // Every s-th column from `a`: whole s-column chunks (a
+                        // shuffle-vectorized de-interleave), then a last partial one.
+                        let dst = &mut prow[lo..hi];
+                        let whole = ((g.iw - a) / s).min(dst.len());
+                        let (head, tail) = dst.split_at_mut(whole);
+                        for (d, chunk) in head.iter_mut().zip(srow[a..].chunks_exact(s)) {
+                            *d = chunk[0];
+                        }
+                        for (j, d) in tail.iter_mut().enumerate() {
+                            *d = srow[a + s * (whole + j)];
+                        }
+                    }
                 }
-                if !zeroed {
-                    prow[..lo].fill(0.0);
-                    prow[hi..].fill(0.0);
-                }
-                let srow = &src[iy as usize * g.iw..][..g.iw];
-                let a = ((s * lo) as isize + off) as usize;
-                if s == 1 {
-                    prow[lo..hi].copy_from_slice(&srow[a..a + (hi - lo)]);
+            }
+        }
+    }
+}
+
+/// One output plane from phase planes: `out = sum over (channel, ky, kx) of
+/// w * shifted phase plane` (`filt` holds `channels * kh * kw` weights in
+/// that order, at most `MAXT`: the size of its tap table on the stack, kept
+/// small for depthwise planes, where the table's setup is a visible share),
+/// written to `out` row by row without the epilogue.
+#[inline(always)]
+fn flat_taps<const S: usize, const MAXT: usize>(
+    g: &Plane2d,
+    lay: &FlatLayout,
+    phases: &[f32],
+    filt: &[f32],
+    acc: &mut [f32],
+    out: &mut [f32],
+) {
+    let s = S;
+    let (kh, kw, pitch, plane_len, n_out) = (g.kh, g.kw, lay.pitch, lay.plane_len, lay.n_out);
+    let taps = filt.len();
+    assert!(
+        taps % (kh * kw) == 0 && taps <= MAXT,
+        "{taps} taps, at most {MAXT}"
+    );
+    // Where each tap (ci, ky, kx), in filter order, reads: its channel's
+    // phase plane at its shift.
+    // (Nested loops, not a division per tap: tiny planes are all overhead.)
+    let mut starts = [0usize; MAXT];
+    let mut t = 0;
+    for ci in 0..taps / (kh * kw) {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let plane = (ci * s + ky % s) * s + kx % s;
+                starts[t] = plane * plane_len + (ky / s) * pitch + kx / s;
+                t += 1;
+            }
+        }
+    }
+    // Chunks of the flat range keep the accumulator in L1 while many taps
+    // (a 7x7 stem over 3 channels has 147) pass over it.
+    let mut q0 = 0;
+    while q0 < n_out {
+        let len = FLAT_CHUNK.min(n_out - q0);
+        let acc = &mut acc[q0..q0 + len];
+        let src_of = |t: usize| &phases[starts[t] + q0..][..len];
+        let mut t0 = 0;
+        if taps < 9 {
+            acc.fill(0.0);
+        }
+        while t0 < taps {
+            let left = taps - t0;
+            if left >= 9 {
+                // All nine taps of a 3x3 kernel row set in one pass; the
+                // first pass assigns, so the accumulator needs no zeroing.
+                // (Spelled out: `array::from_fn` is not inlined here.)
+                let src = [
+                    src_of(t0),
+                    src_of(t0 + 1),
+                    src_of(t0 + 2),
+                    src_of(t0 + 3),
+                    src_of(t0 + 4),
+                    src_of(t0 + 5),
+                    src_of(t0 + 6),
+                    src_of(t0 + 7),
+                    src_of(t0 + 8),
+                ];
+                let w: [f32; 9] = filt[t0..t0 + 9].try_into().expect("nine weights");
+                if t0 == 0 {
+                    taps9::<true>(acc, src, w);
                 } else {
-                    // Every s-th column from `a`: whole s-column chunks (a
-                    // shuffle-vectorized de-interleave), then a last partial one.
-                    let dst = &mut prow[lo..hi];
-                    let whole = ((g.iw - a) / s).min(dst.len());
-                    let (head, tail) = dst.split_at_mut(whole);
-                    for (d, chunk) in head.iter_mut().zip(srow[a..].chunks_exact(s)) {
-                        *d = chunk[0];
-                    }
-                    for (j, d) in tail.iter_mut().enumerate() {
-                        *d = srow[a + s * (whole + j)];
-                    }
+                    taps9::<false>(acc, src, w);
                 }
+                t0 += 9;
+            } else if left >= 3 {
+                let src = [src_of(t0), src_of(t0 + 1), src_of(t0 + 2)];
+                taps3(acc, src, [filt[t0], filt[t0 + 1], filt[t0 + 2]]);
+                t0 += 3;
+            } else {
+                tap1(acc, src_of(t0), filt[t0]);
+                t0 += 1;
             }
         }
-    }
-    let phase_buf = &*phase_buf;
-    // Where each tap (ky, kx), in filter order, reads: its phase plane at
-    // its shift.
-    let mut starts = [0usize; MAX_FLAT_TAPS];
-    for ky in 0..kh {
-        for kx in 0..kw {
-            starts[ky * kw + kx] = ((ky % s) * s + kx % s) * plane_len + (ky / s) * pitch + kx / s;
-        }
-    }
-    let taps = kh * kw;
-    let src_of = |t: usize| &phase_buf[starts[t]..][..n_out];
-    if taps == 9 {
-        // 3x3 (most depthwise convs): all nine taps in one pass, so the
-        // accumulator is written once and never read back.
-        let s: [&[f32]; 9] = std::array::from_fn(src_of);
-        let w: [f32; 9] = std::array::from_fn(|t| filt[t]);
-        taps9_assign(acc, s, w);
-    } else {
-        // Three taps per pass (one kernel row for 3x3), so the accumulator is
-        // read and written a third as often; the first pass assigns it.
-        acc.fill(0.0);
-        for t0 in (0..taps).step_by(3) {
-            let w = |t: usize| filt[t0 + t];
-            let src_of = |t: usize| src_of(t0 + t);
-            match taps - t0 {
-                1 => tap1(acc, src_of(0), w(0)),
-                2 => {
-                    let (a, b, wa, wb) = (src_of(0), src_of(1), w(0), w(1));
-                    for ((d, &x), &y) in acc.iter_mut().zip(a).zip(b) {
-                        *d += wa * x + wb * y;
-                    }
-                }
-                _ => taps3(acc, [src_of(0), src_of(1), src_of(2)], [w(0), w(1), w(2)]),
-            }
-        }
+        q0 += len;
     }
     for (orow, arow) in out
         .chunks_exact_mut(g.ow)
@@ -483,7 +938,27 @@ fn plane_flat<const S: usize>(
     {
         orow.copy_from_slice(&arow[..g.ow]);
     }
-    epi.apply(ni, ch, 0, &mut out[..g.oh * g.ow]);
+}
+
+/// Flat positions per accumulator chunk of [`flat_taps`] (16 KiB).
+const FLAT_CHUNK: usize = 4096;
+
+/// `dst = sum_t w[t] * s[t]` (`ASSIGN`) or `dst += ...` over nine sources
+/// (each at least `dst.len()` long), summed in tap order.
+#[inline(always)]
+fn taps9<const ASSIGN: bool>(dst: &mut [f32], s: [&[f32]; 9], w: [f32; 9]) {
+    let n = dst.len();
+    // Named slices of exactly n elements, so the loop has no bounds checks
+    // and vectorizes.
+    let (s0, s1, s2) = (&s[0][..n], &s[1][..n], &s[2][..n]);
+    let (s3, s4, s5) = (&s[3][..n], &s[4][..n], &s[5][..n]);
+    let (s6, s7, s8) = (&s[6][..n], &s[7][..n], &s[8][..n]);
+    for q in 0..n {
+        let a = w[0] * s0[q] + w[1] * s1[q] + w[2] * s2[q];
+        let a = a + w[3] * s3[q] + w[4] * s4[q] + w[5] * s5[q];
+        let a = a + w[6] * s6[q] + w[7] * s7[q] + w[8] * s8[q];
+        dst[q] = if ASSIGN { a } else { dst[q] + a };
+    }
 }
 
 #[inline(always)]
@@ -497,23 +972,6 @@ fn tap1(dst: &mut [f32], s: &[f32], w: f32) {
 fn taps3(dst: &mut [f32], s: [&[f32]; 3], w: [f32; 3]) {
     for (((d, &a), &b), &c) in dst.iter_mut().zip(s[0]).zip(s[1]).zip(s[2]) {
         *d += w[0] * a + w[1] * b + w[2] * c;
-    }
-}
-
-/// `dst = sum_t w[t] * s[t]` over nine sources (each at least `dst.len()`
-/// long), summed in tap order as the reference does.
-#[inline(always)]
-fn taps9_assign(dst: &mut [f32], s: [&[f32]; 9], w: [f32; 9]) {
-    let n = dst.len();
-    // Named slices of exactly n elements, so the loop has no bounds checks
-    // and vectorizes.
-    let (s0, s1, s2) = (&s[0][..n], &s[1][..n], &s[2][..n]);
-    let (s3, s4, s5) = (&s[3][..n], &s[4][..n], &s[5][..n]);
-    let (s6, s7, s8) = (&s[6][..n], &s[7][..n], &s[8][..n]);
-    for q in 0..n {
-        let a = w[0] * s0[q] + w[1] * s1[q] + w[2] * s2[q];
-        let a = a + w[3] * s3[q] + w[4] * s4[q] + w[5] * s5[q];
-        dst[q] = a + w[6] * s6[q] + w[7] * s7[q] + w[8] * s8[q];
     }
 }
 
@@ -531,8 +989,8 @@ fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
     }
 }
 
-/// Test hook: runs a depthwise conv through every instruction set this CPU
-/// supports (the portable loops first) and returns each output.
+/// Test hook: runs a depthwise or few-channel conv through every instruction
+/// set this CPU supports (the portable loops first) and returns each output.
 #[cfg(test)]
 pub(crate) fn all_isas(
     a: &kiln_ir::ConvAttrs,
@@ -561,7 +1019,11 @@ pub(crate) fn all_isas(
     isas.into_iter()
         .map(|isa| {
             let mut y = vec![f32::NAN; geo.out_shape.iter().product()];
-            depthwise_conv_with(&geo, xv, wv, &epi, &mut y, isa);
+            if geo.cg == 1 {
+                depthwise_conv_with(&geo, xv, wv, &epi, &mut y, isa);
+            } else {
+                few_channel_conv_with(&geo, xv, wv, &epi, &mut y, isa);
+            }
             y
         })
         .collect()
