@@ -366,11 +366,15 @@ fn avx512_kernel_matches_reference_on_edge_grid() {
 
 #[test]
 fn every_layout_pair_and_thread_count_matches_reference() {
-    // All 25 layout pairs on shapes that take the parallel GEMM path, both
+    // All 25 layout pairs on shapes that take the parallel GEMM path (cut
+    // by rows or by columns first), both
     // GEMV paths and the dot path, with each kernel.
+    // (40 x 200 x 700: few row panels, many columns, so the task grid is
+    // cut along columns first.)
     let shapes = [
         (37, 45, 131),
         (130, 200, 70),
+        (40, 200, 700),
         (1, 300, 517),
         (300, 129, 1),
         (1, 77, 1),
