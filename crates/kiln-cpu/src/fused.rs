@@ -291,15 +291,18 @@ mod tests {
     #[test]
     fn fast_conv_matches_reference_for_every_activation() {
         // (X shape, W shape, group, pads, strides): GEMM, pointwise, depthwise,
-        // grouped (the bias and residual rows of group 2 start mid-tensor), and
+        // a few-channel stem (the direct kernel), a grouped GEMM (6 channels
+        // per group: the bias and residual rows of group 2 start mid-tensor), and
         // a plane big enough that the GEMM runs in column chunks (the residual
         // and output columns of the second chunk start mid-row).
         let cases: &[(&[usize], &[usize], usize, &[usize], &[usize])] = &[
-            (&[2, 4, 7, 6], &[5, 4, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
+            (&[2, 5, 7, 6], &[5, 5, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
             (&[1, 6, 5, 5], &[3, 6, 1, 1], 1, &[0; 4], &[1, 1]),
             (&[1, 4, 9, 8], &[4, 1, 3, 3], 4, &[1, 0, 1, 1], &[2, 2]),
             (&[1, 3, 11], &[2, 3, 3], 1, &[1, 1], &[1]),
-            (&[2, 4, 6, 6], &[14, 2, 3, 3], 2, &[1, 1, 1, 1], &[1, 1]),
+            // The stem's plane spans three row bands (residual offsets per band).
+            (&[2, 3, 120, 40], &[8, 3, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
+            (&[2, 12, 6, 6], &[14, 6, 3, 3], 2, &[1, 1, 1, 1], &[1, 1]),
             (&[1, 64, 48, 48], &[8, 64, 3, 3], 1, &[1, 1, 1, 1], &[1, 1]),
         ];
         for (ci, &(xs, ws, group, pads, strides)) in cases.iter().enumerate() {

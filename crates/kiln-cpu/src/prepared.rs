@@ -524,11 +524,25 @@ mod tests {
         // Depthwise: read unpacked by the direct kernel.
         let dw = Op::Conv(conv_attrs(4, &[1; 4], &[1, 1]));
         assert!(prepare(&dw, &[None, Some(&w)], None).is_none());
-        // Few input channels (an RGB stem), likewise; with dilation it is a
-        // GEMM again, so packed.
+        // Few input channels (an RGB stem), likewise where this CPU has the
+        // vector kernel for them; with dilation it is a GEMM again, so packed.
         let stem_w = t(&[8, 3, 3, 3], rng.vec(216));
         let stem = conv_attrs(1, &[1; 4], &[2, 2]);
-        assert!(prepare(&Op::Conv(stem.clone()), &[None, Some(&stem_w)], None).is_none());
+        let direct = nn::uses_direct_kernel(3, &[3, 3], &[2, 2], &[]);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            || (std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma"))
+        {
+            assert!(
+                direct,
+                "a 3-channel stem takes the direct kernel on AVX2/AVX-512"
+            );
+        }
+        assert_eq!(
+            prepare(&Op::Conv(stem.clone()), &[None, Some(&stem_w)], None).is_none(),
+            direct
+        );
         let dilated = ConvAttrs {
             dilations: vec![2, 2],
             ..stem

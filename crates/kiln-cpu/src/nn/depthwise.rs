@@ -153,22 +153,27 @@ const MAX_DIRECT_CHANNELS: usize = 4;
 /// over 4 channels is 196.
 const MAX_DIRECT_TAPS: usize = 256;
 
-/// Whether [`few_channel_conv`] takes a conv with `cg` input channels per
-/// group and this window (empty strides/dilations mean 1s, as in ONNX):
-/// 2 to 4 channels, 2-D, the same stride (1 or 2) on both axes, no dilation.
+/// Whether the few-channel direct kernel should run a conv with `cg` input
+/// channels per group and this window: it can ([`few_channel_fits`]) and
+/// this CPU has AVX-512 or AVX2. Only those kernels block output channels in
+/// registers; without them the GEMM is faster.
 pub(crate) fn few_channel_applies(
     cg: usize,
     kernel: &[usize],
     strides: &[usize],
     dilations: &[usize],
 ) -> bool {
+    detect_isa() != Isa::Portable && few_channel_fits(cg, kernel, strides, dilations)
+}
+
+/// Whether [`few_channel_conv`] can run this geometry (empty strides and
+/// dilations mean 1s, as in ONNX): 2 to 4 channels per group, 2-D, the same
+/// stride (1 or 2) on both axes, no dilation, at most [`MAX_DIRECT_TAPS`].
+fn few_channel_fits(cg: usize, kernel: &[usize], strides: &[usize], dilations: &[usize]) -> bool {
     let all = |v: &[usize], f: fn(usize) -> bool| {
         v.is_empty() || (v.len() == 2 && v.iter().all(|&x| f(x)))
     };
-    // Only the AVX-512 and AVX2 kernels block output channels in registers;
-    // without them the GEMM is faster.
-    detect_isa() != Isa::Portable
-        && (2..=MAX_DIRECT_CHANNELS).contains(&cg)
+    (2..=MAX_DIRECT_CHANNELS).contains(&cg)
         && kernel.len() == 2
         && kernel.iter().all(|&k| k > 0)
         && cg * kernel[0] * kernel[1] <= MAX_DIRECT_TAPS
@@ -177,7 +182,7 @@ pub(crate) fn few_channel_applies(
         && all(dilations, |d| d == 1)
 }
 
-/// A conv with few input channels per group ([`few_channel_applies`]) into
+/// A conv with few input channels per group ([`few_channel_fits`]) into
 /// `y` (fully overwritten), epilogue included. Each task takes a block of
 /// `OB` output channels of one group and image: it phase-splits the group's
 /// input channels (as the depthwise flat kernel does), then computes the
@@ -203,7 +208,7 @@ fn few_channel_conv_with(
 ) {
     let win = &geo.win;
     assert!(
-        few_channel_applies(geo.cg, &win.kernel, &win.strides, &win.dilations),
+        few_channel_fits(geo.cg, &win.kernel, &win.strides, &win.dilations),
         "few_channel_conv does not take {geo:?}"
     );
     let g = plane2d(geo);
@@ -705,7 +710,7 @@ fn flat_applies(g: &Plane2d) -> bool {
         && g.kh * g.kw <= MAX_FLAT_TAPS
 }
 
-/// Phase buffers up to this many floats are zeroed whole (see [`plane_flat`]).
+/// Phase buffers up to this many floats are zeroed whole (see [`build_phases`]).
 const SMALL_PHASES: usize = 4096;
 
 /// Largest depthwise kernel (taps) [`plane_flat`] takes.
@@ -832,17 +837,9 @@ fn build_phases<const S: usize>(
                     if s == 1 {
                         prow[lo..hi].copy_from_slice(&srow[a..a + (hi - lo)]);
                     } else {
-                        // Every s-th column from `a`: whole s-column chunks (a
-                        // shuffle-vectorized de-interleave), then a last partial one.
-                        let dst = &mut prow[lo..hi];
-                        let whole = ((g.iw - a) / s).min(dst.len());
-                        let (head, tail) = dst.split_at_mut(whole);
-                        for (d, chunk) in head.iter_mut().zip(srow[a..].chunks_exact(s)) {
-                            *d = chunk[0];
-                        }
-                        for (j, d) in tail.iter_mut().enumerate() {
-                            *d = srow[a + s * (whole + j)];
-                        }
+                        // Every s-th column from `a`, de-interleaved in whole
+                        // chunks (shuffle-vectorized).
+                        super::conv::strided_copy::<S>(&mut prow[lo..hi], &srow[a..]);
                     }
                 }
             }
@@ -885,8 +882,8 @@ fn flat_taps<const S: usize, const MAXT: usize>(
             }
         }
     }
-    // Chunks of the flat range keep the accumulator in L1 while many taps
-    // (a 7x7 stem over 3 channels has 147) pass over it.
+    // Chunks of the flat range keep the accumulator in L1 while the taps
+    // (up to MAXT) pass over it.
     let mut q0 = 0;
     while q0 < n_out {
         let len = FLAT_CHUNK.min(n_out - q0);
