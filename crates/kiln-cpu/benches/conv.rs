@@ -105,6 +105,27 @@ const CASES: &[ConvCase] = &[
         stride: 1,
         pad: 1,
     },
+    ConvCase {
+        name: "mbv2_dw3x3_960_7",
+        c: 960,
+        m: 960,
+        group: 960,
+        hw: 7,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    },
+    // MobileNetV2 stem: 3x3/2, 3->32, 224 -> 112 (the few-channel direct kernel).
+    ConvCase {
+        name: "mbv2_stem_3x3s2_3to32_224",
+        c: 3,
+        m: 32,
+        group: 1,
+        hw: 224,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
     // MobileNetV2 pointwise projection.
     ConvCase {
         name: "mbv2_pw_32to16_112",
