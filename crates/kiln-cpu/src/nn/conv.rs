@@ -679,11 +679,7 @@ pub(crate) fn conv_f32(
                     "Conv: a direct-kernel conv needs its W unpacked (internal planning error)"
                 )
             })?;
-            if geo.cg == 1 {
-                super::depthwise::depthwise_conv(&geo, xv, wv, &epi, &mut y);
-            } else {
-                super::depthwise::few_channel_conv(&geo, xv, wv, &epi, &mut y);
-            }
+            super::depthwise::direct_conv(&geo, xv, wv, &epi, &mut y);
         } else {
             conv_gemm(&geo, xv, wv, w, &epi, &mut y);
         }

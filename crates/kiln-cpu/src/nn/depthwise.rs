@@ -61,19 +61,30 @@ fn detect_isa() -> Isa {
     Isa::Portable
 }
 
-/// Depthwise conv of every plane of X into `y` (`[N, M, out...]`, fully
-/// overwritten), with the epilogue applied row by row. Needs `geo.cg == 1` and
-/// 1 or 2 spatial axes; parallel over output planes.
-pub(crate) fn depthwise_conv(
+/// A conv that `conv::uses_direct_kernel` routes here, into `y` (`[N, M,
+/// out...]`, fully overwritten), epilogue included: depthwise when there is
+/// one input channel per group, else the few-channel kernel.
+pub(crate) fn direct_conv(geo: &ConvGeometry, x: &[f32], w: &[f32], epi: &Epi<'_>, y: &mut [f32]) {
+    direct_conv_with(geo, x, w, epi, y, detect_isa())
+}
+
+fn direct_conv_with(
     geo: &ConvGeometry,
     x: &[f32],
     w: &[f32],
     epi: &Epi<'_>,
     y: &mut [f32],
+    isa: Isa,
 ) {
-    depthwise_conv_with(geo, x, w, epi, y, detect_isa())
+    if geo.cg == 1 {
+        depthwise_conv_with(geo, x, w, epi, y, isa)
+    } else {
+        few_channel_conv_with(geo, x, w, epi, y, isa)
+    }
 }
 
+/// Depthwise conv of every plane of X, with the epilogue applied per plane.
+/// Needs `geo.cg == 1` and 1 or 2 spatial axes; parallel over output planes.
 fn depthwise_conv_with(
     geo: &ConvGeometry,
     x: &[f32],
@@ -166,7 +177,7 @@ pub(crate) fn few_channel_applies(
     detect_isa() != Isa::Portable && few_channel_fits(cg, kernel, strides, dilations)
 }
 
-/// Whether [`few_channel_conv`] can run this geometry (empty strides and
+/// Whether the few-channel kernel can run this geometry (empty strides and
 /// dilations mean 1s, as in ONNX): 2 to 4 channels per group, 2-D, the same
 /// stride (1 or 2) on both axes, no dilation, at most [`MAX_DIRECT_TAPS`].
 fn few_channel_fits(cg: usize, kernel: &[usize], strides: &[usize], dilations: &[usize]) -> bool {
@@ -182,22 +193,11 @@ fn few_channel_fits(cg: usize, kernel: &[usize], strides: &[usize], dilations: &
         && all(dilations, |d| d == 1)
 }
 
-/// A conv with few input channels per group ([`few_channel_fits`]) into
-/// `y` (fully overwritten), epilogue included. Each task takes a block of
-/// `OB` output channels of one group and image: it phase-splits the group's
-/// input channels (as the depthwise flat kernel does), then computes the
-/// block's planes together, so every input vector loaded feeds `OB`
-/// multiply-adds (one per output channel) held in registers.
-pub(crate) fn few_channel_conv(
-    geo: &ConvGeometry,
-    x: &[f32],
-    w: &[f32],
-    epi: &Epi<'_>,
-    y: &mut [f32],
-) {
-    few_channel_conv_with(geo, x, w, epi, y, detect_isa())
-}
-
+/// A conv with few input channels per group ([`few_channel_fits`]).
+/// Each (image, group)'s input channels are phase-split once (as the
+/// depthwise flat kernel does); then each task computes a block of `OB`
+/// output channels of one group and image together, so every input vector
+/// loaded feeds `OB` multiply-adds (one per output channel) held in registers.
 fn few_channel_conv_with(
     geo: &ConvGeometry,
     x: &[f32],
@@ -209,7 +209,7 @@ fn few_channel_conv_with(
     let win = &geo.win;
     assert!(
         few_channel_fits(geo.cg, &win.kernel, &win.strides, &win.dilations),
-        "few_channel_conv does not take {geo:?}"
+        "the few-channel kernel does not take {geo:?}"
     );
     let g = plane2d(geo);
     if geo.out_n == 0 {
@@ -259,7 +259,7 @@ fn blocked_conv<const OB: usize>(
             phases_dispatch(isa, g, &lay, xg, in_n, cg, buf);
             buf[lay.phases_len..].fill(0.0);
         });
-    let starts = tap_starts(g, &lay, cg);
+    let starts = tap_starts::<MAX_DIRECT_TAPS>(g, &lay, cg);
     let starts = &starts[..taps];
     y.par_chunks_mut(out_n * OB)
         .enumerate()
@@ -428,11 +428,14 @@ fn block<const OB: usize>(
     }
 }
 
-/// Where each tap (ci, ky, kx) of a few-channel conv reads: its channel's
-/// phase plane at its shift.
-fn tap_starts(g: &Plane2d, lay: &FlatLayout, cg: usize) -> [usize; MAX_DIRECT_TAPS] {
+/// Where each tap (ci, ky, kx) of `cg` channels reads, in filter order: its
+/// channel's phase plane at its shift. `N` (at least `cg * kh * kw`) sizes
+/// the table on the stack: small for depthwise planes, where its setup is a
+/// visible share. (Nested loops, not a division per tap, for the same reason.)
+#[inline(always)]
+fn tap_starts<const N: usize>(g: &Plane2d, lay: &FlatLayout, cg: usize) -> [usize; N] {
     let s = g.sh;
-    let mut starts = [0usize; MAX_DIRECT_TAPS];
+    let mut starts = [0usize; N];
     let mut t = 0;
     for ci in 0..cg {
         for ky in 0..g.kh {
@@ -771,7 +774,7 @@ fn plane_flat<const S: usize>(
     let lay = flat_layout(g, S, 1);
     let (phases, acc) = flat_scratch(scratch, &lay);
     build_phases::<S>(g, &lay, src, src.len(), 1, phases);
-    flat_taps::<S, MAX_FLAT_TAPS>(g, &lay, phases, filt, acc, out);
+    flat_taps::<MAX_FLAT_TAPS>(g, &lay, phases, filt, acc, out);
     epi.apply(ni, ch, 0, &mut out[..g.oh * g.ow]);
 }
 
@@ -853,7 +856,7 @@ fn build_phases<const S: usize>(
 /// small for depthwise planes, where the table's setup is a visible share),
 /// written to `out` row by row without the epilogue.
 #[inline(always)]
-fn flat_taps<const S: usize, const MAXT: usize>(
+fn flat_taps<const MAXT: usize>(
     g: &Plane2d,
     lay: &FlatLayout,
     phases: &[f32],
@@ -861,27 +864,13 @@ fn flat_taps<const S: usize, const MAXT: usize>(
     acc: &mut [f32],
     out: &mut [f32],
 ) {
-    let s = S;
-    let (kh, kw, pitch, plane_len, n_out) = (g.kh, g.kw, lay.pitch, lay.plane_len, lay.n_out);
+    let (kh, kw, pitch, n_out) = (g.kh, g.kw, lay.pitch, lay.n_out);
     let taps = filt.len();
     assert!(
         taps % (kh * kw) == 0 && taps <= MAXT,
         "{taps} taps, at most {MAXT}"
     );
-    // Where each tap (ci, ky, kx), in filter order, reads: its channel's
-    // phase plane at its shift.
-    // (Nested loops, not a division per tap: tiny planes are all overhead.)
-    let mut starts = [0usize; MAXT];
-    let mut t = 0;
-    for ci in 0..taps / (kh * kw) {
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let plane = (ci * s + ky % s) * s + kx % s;
-                starts[t] = plane * plane_len + (ky / s) * pitch + kx / s;
-                t += 1;
-            }
-        }
-    }
+    let starts = tap_starts::<MAXT>(g, lay, taps / (kh * kw));
     // Chunks of the flat range keep the accumulator in L1 while the taps
     // (up to MAXT) pass over it.
     let mut q0 = 0;
@@ -1016,11 +1005,7 @@ pub(crate) fn all_isas(
     isas.into_iter()
         .map(|isa| {
             let mut y = vec![f32::NAN; geo.out_shape.iter().product()];
-            if geo.cg == 1 {
-                depthwise_conv_with(&geo, xv, wv, &epi, &mut y, isa);
-            } else {
-                few_channel_conv_with(&geo, xv, wv, &epi, &mut y, isa);
-            }
+            direct_conv_with(&geo, xv, wv, &epi, &mut y, isa);
             y
         })
         .collect()
