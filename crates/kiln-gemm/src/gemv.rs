@@ -11,6 +11,8 @@ use rayon::prelude::*;
 const PAR_MIN_ELEMS: usize = 1 << 16;
 /// Output chunk of the row-vector GEMV (floats; the partial sums stay in L1).
 const COL_CHUNK: usize = 1024;
+/// Panel-form tasks per pool thread (several, so uneven progress evens out).
+const TASKS_PER_THREAD: usize = 4;
 
 /// Finishes output values: `c = alpha * acc + beta * c` (`beta == 0`: c ignored).
 #[inline]
@@ -51,8 +53,22 @@ pub(crate) fn row_times_matrix(
     };
     let x: Vec<f32> = (0..k).map(|p| a_at(a, 0, p)).collect();
     let c = &mut c[..n];
+    let parallel = k * n >= PAR_MIN_ELEMS && rayon::current_num_threads() > 1;
     let chunk = match form {
-        Form::Panels(_) => kern.nr * (COL_CHUNK / kern.nr).max(1),
+        // Whole panels; a few per thread so a product with fewer columns
+        // than `COL_CHUNK` still runs on every thread.
+        Form::Panels(_) => {
+            let panels = n.div_ceil(kern.nr);
+            let tasks = if parallel {
+                TASKS_PER_THREAD * rayon::current_num_threads()
+            } else {
+                1
+            };
+            kern.nr
+                * panels
+                    .div_ceil(tasks)
+                    .clamp(1, (COL_CHUNK / kern.nr).max(1))
+        }
         _ => COL_CHUNK,
     };
     let work = |(t, cs): (usize, &mut [f32])| {
@@ -73,15 +89,9 @@ pub(crate) fn row_times_matrix(
             }
             Form::Panels(data) => {
                 let nr = kern.nr;
-                let mut panel_acc = vec![0f32; nr];
                 for (q, out) in acc.chunks_mut(nr).enumerate() {
                     let jq = j0 / nr + q;
-                    let panel = &data[jq * nr * k..(jq + 1) * nr * k];
-                    panel_acc.fill(0.0);
-                    for (p, &xp) in x.iter().enumerate() {
-                        kern.axpy(xp, &panel[p * nr..(p + 1) * nr], &mut panel_acc);
-                    }
-                    out.copy_from_slice(&panel_acc[..out.len()]);
+                    kern.panel_gemv(&x, &data[jq * nr * k..(jq + 1) * nr * k], out);
                 }
             }
         }
@@ -92,7 +102,7 @@ pub(crate) fn row_times_matrix(
             e(0, j0, cs);
         }
     };
-    if k * n >= PAR_MIN_ELEMS && rayon::current_num_threads() > 1 {
+    if parallel {
         c.par_chunks_mut(chunk).enumerate().for_each(work);
     } else {
         c.chunks_mut(chunk).enumerate().for_each(work);

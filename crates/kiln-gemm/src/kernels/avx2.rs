@@ -135,6 +135,15 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     super::portable::axpy_body::<super::portable::Fused>(alpha, x, y)
 }
 
+/// One packed B panel times `x`; see `portable::panel_gemv_body`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn panel_gemv(x: &[f32], panel: &[f32], out: &mut [f32]) {
+    super::portable::panel_gemv_body::<super::portable::Fused, NR>(x, panel, out)
+}
+
 /// `sum x[p] * y[p]`.
 ///
 /// # Safety

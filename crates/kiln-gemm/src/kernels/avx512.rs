@@ -218,6 +218,15 @@ pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// One packed B panel times `x`; see `portable::panel_gemv_body`.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn panel_gemv(x: &[f32], panel: &[f32], out: &mut [f32]) {
+    super::portable::panel_gemv_body::<super::portable::Fused, NR>(x, panel, out)
+}
+
 /// `sum_p x[p] * y[p]` with eight independent accumulators.
 ///
 /// # Safety

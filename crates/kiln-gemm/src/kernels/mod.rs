@@ -86,6 +86,7 @@ pub(crate) struct Kernel {
     micro: MicroFn,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
     dot: unsafe fn(&[f32], &[f32]) -> f32,
+    panel_gemv: unsafe fn(&[f32], &[f32], &mut [f32]),
 }
 
 impl std::fmt::Debug for Kernel {
@@ -136,6 +137,17 @@ impl Kernel {
         // SAFETY: as in `axpy`.
         unsafe { (self.dot)(x, y) }
     }
+
+    /// `out[j] = sum_p x[p] * panel[p * nr + j]` for one packed B panel of
+    /// `x.len()` rows (`panel` holds at least `x.len() * nr` floats, `out` at
+    /// most `nr` values).
+    #[inline]
+    pub(crate) fn panel_gemv(&self, x: &[f32], panel: &[f32], out: &mut [f32]) {
+        assert!(panel.len() >= x.len() * self.nr && out.len() <= self.nr);
+        // SAFETY: CPU support was checked when this `Kernel` was handed out;
+        // the helper indexes slices (bounds-checked) only.
+        unsafe { (self.panel_gemv)(x, panel, out) }
+    }
 }
 
 static PORTABLE: Kernel = Kernel {
@@ -150,7 +162,12 @@ static PORTABLE: Kernel = Kernel {
     micro: portable::micro,
     axpy: portable_axpy,
     dot: portable_dot,
+    panel_gemv: portable_panel_gemv,
 };
+
+unsafe fn portable_panel_gemv(x: &[f32], panel: &[f32], out: &mut [f32]) {
+    portable::panel_gemv(x, panel, out)
+}
 
 unsafe fn portable_axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     portable::axpy(alpha, x, y)
@@ -176,6 +193,7 @@ pub(crate) fn avx512() -> Option<&'static Kernel> {
             micro: avx512::micro,
             axpy: avx512::axpy,
             dot: avx512::dot,
+            panel_gemv: avx512::panel_gemv,
         };
         if std::arch::is_x86_feature_detected!("avx512f") {
             return Some(&K);
@@ -196,6 +214,7 @@ pub(crate) fn avx2() -> Option<&'static Kernel> {
             micro: avx2::micro,
             axpy: avx2::axpy,
             dot: avx2::dot,
+            panel_gemv: avx2::panel_gemv,
         };
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {

@@ -142,8 +142,46 @@ pub(crate) fn dot_body<F: MulAdd>(x: &[f32], y: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+/// `out[j] = sum_p x[p] * panel[p * NR + j]` for one packed B panel (`NR`
+/// columns, `x.len()` rows): the m == 1 product over prepacked weights. Two
+/// accumulator rows (even and odd p) stay in registers, so the loop is bound by
+/// streaming the panel, not by a store-to-load chain through `out`.
+#[inline(always)]
+pub(crate) fn panel_gemv_body<F: MulAdd, const N: usize>(
+    x: &[f32],
+    panel: &[f32],
+    out: &mut [f32],
+) {
+    let k = x.len();
+    let panel = &panel[..k * N];
+    let mut even = [0f32; N];
+    let mut odd = [0f32; N];
+    let mut pairs = panel.chunks_exact(2 * N);
+    let mut xs = x.chunks_exact(2);
+    for (rows, xp) in (&mut pairs).zip(&mut xs) {
+        let (r0, r1) = rows.split_at(N);
+        for j in 0..N {
+            even[j] = F::mul_add(xp[0], r0[j], even[j]);
+            odd[j] = F::mul_add(xp[1], r1[j], odd[j]);
+        }
+    }
+    if let (Some(&xl), true) = (xs.remainder().first(), pairs.remainder().len() == N) {
+        let r = pairs.remainder();
+        for j in 0..N {
+            even[j] = F::mul_add(xl, r[j], even[j]);
+        }
+    }
+    for (o, (e, d)) in out.iter_mut().zip(even.iter().zip(&odd)) {
+        *o = e + d;
+    }
+}
+
 pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     axpy_body::<Native>(alpha, x, y)
+}
+
+pub(crate) fn panel_gemv(x: &[f32], panel: &[f32], out: &mut [f32]) {
+    panel_gemv_body::<Native, NR>(x, panel, out)
 }
 
 pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
