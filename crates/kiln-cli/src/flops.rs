@@ -54,6 +54,14 @@ pub fn node_flops(op: &Op, inputs: &[Shape], outputs: &[Shape]) -> Option<u128> 
             let base = match f {
                 FusedOp::Conv { .. } => conv()?,
                 FusedOp::MatMul { .. } => matmul()?,
+                FusedOp::Attention { .. } => {
+                    // Q·Kt ([..., S, D] x [..., D, T]) and P·V ([..., S, T] x [..., T, E]).
+                    let (q, v) = (input(0)?, input(2)?);
+                    let (d, t) = (*q.last()? as u128, *v.get(v.len().checked_sub(2)?)? as u128);
+                    let rows = numel(q) / d.max(1);
+                    let out = out_numel()?;
+                    return Some(2 * rows * d * t + 2 * out * t + 3 * rows * t);
+                }
             };
             let epilogue =
                 present(2) as u128 + present(3) as u128 + (f.act() != FusedAct::Identity) as u128;

@@ -10,14 +10,73 @@
 
 use crate::{invalid, nn, unsupported, Result};
 use kiln_gemm::PackedB;
-use kiln_ir::{DType, FusedAct, FusedOp, Tensor};
+use kiln_ir::{AttnMask, AttnScale, BinaryOp, DType, FusedAct, FusedOp, Tensor};
 
 /// Runs a fused op. Inputs: X/A, W/B, bias?, residual?.
 pub fn run(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+    if let FusedOp::Attention { scale, mask } = op {
+        let (q, kt, v) = attention_qkv(inputs)?;
+        if let Some(y) = nn::attention_f32(q, kt, v, opt_input(inputs, 3), *scale, *mask)? {
+            return Ok(y);
+        }
+        return run_reference(op, inputs);
+    }
     if fast_path_applies(op, inputs) {
         return run_fast(op, inputs, Packed::None);
     }
     run_reference(op, inputs)
+}
+
+fn opt_input<'t>(inputs: &[Option<&'t Tensor>], i: usize) -> Option<&'t Tensor> {
+    inputs.get(i).copied().flatten()
+}
+
+fn attention_qkv<'t>(
+    inputs: &[Option<&'t Tensor>],
+) -> Result<(&'t Tensor, &'t Tensor, &'t Tensor)> {
+    let get = |i: usize, what: &str| {
+        opt_input(inputs, i).ok_or_else(|| invalid!("FusedAttention: missing input {i} ({what})"))
+    };
+    Ok((get(0, "Q")?, get(1, "Kt")?, get(2, "V")?))
+}
+
+/// Attention as the unfused ops compute it: MatMul, the scale (Mul or Div by
+/// a scalar), the mask (Add, or Where against the fill), Softmax along the
+/// last axis, MatMul.
+fn attention_reference(
+    scale: AttnScale,
+    mask: AttnMask,
+    inputs: &[Option<&Tensor>],
+) -> Result<Tensor> {
+    use crate::elementwise::{binary, where_};
+    let (q, kt, v) = attention_qkv(inputs)?;
+    let scalar = |x: f32| -> Result<Tensor> {
+        let t = crate::util::tensor(vec![], kiln_ir::TensorData::F32(vec![x]))?;
+        crate::elementwise::cast(&t, q.dtype())
+    };
+    let mut s = nn::matmul(q, kt)?;
+    s = match scale {
+        AttnScale::None => s,
+        AttnScale::Mul(c) => binary(BinaryOp::Mul, &s, &scalar(c)?)?,
+        AttnScale::Div(c) => binary(BinaryOp::Div, &s, &scalar(c)?)?,
+    };
+    let m = || {
+        opt_input(inputs, 3).ok_or_else(|| invalid!("FusedAttention: the mask input is missing"))
+    };
+    s = match mask {
+        AttnMask::None => s,
+        AttnMask::Add => binary(BinaryOp::Add, &s, m()?)?,
+        AttnMask::Where {
+            fill,
+            keep_if_true: true,
+        } => where_(m()?, &s, &scalar(fill)?)?,
+        AttnMask::Where {
+            fill,
+            keep_if_true: false,
+        } => where_(m()?, &scalar(fill)?, &s)?,
+    };
+    let p = nn::softmax(&s, -1, false, false)?;
+    nn::matmul(&p, v)
 }
 
 /// True when every present input is f32 (and, for MatMul, B is not 1-D: the
@@ -26,6 +85,8 @@ fn fast_path_applies(op: &FusedOp, inputs: &[Option<&Tensor>]) -> bool {
     let all_f32 = inputs.iter().flatten().all(|t| t.dtype() == DType::F32);
     let b_ok = match op {
         FusedOp::Conv { .. } => true,
+        // Takes its own route in `run`.
+        FusedOp::Attention { .. } => false,
         FusedOp::MatMul { .. } => inputs
             .get(1)
             .copied()
@@ -62,6 +123,8 @@ pub(crate) fn run_fast(
     };
     let opt = |i: usize| inputs.get(i).copied().flatten();
     match op {
+        // Nothing is packed for attention; it has its own route.
+        FusedOp::Attention { .. } => run(op, inputs),
         FusedOp::Conv { conv, act } => {
             let x = get(0, "X")?;
             match packed {
@@ -172,6 +235,9 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
             .ok_or_else(|| invalid!("missing required input {i} ({what})"))
     };
     let opt = |i: usize| inputs.get(i).copied().flatten();
+    if let FusedOp::Attention { scale, mask } = op {
+        return attention_reference(*scale, *mask, inputs);
+    }
     let (mut y, bias_axis) = match op {
         FusedOp::Conv { conv, .. } => (nn::conv(conv, get(0, "X")?, get(1, "W")?, opt(2))?, None),
         FusedOp::MatMul { .. } => {
@@ -179,6 +245,7 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
             let last = y.rank().checked_sub(1);
             (y, last)
         }
+        FusedOp::Attention { .. } => unreachable!("attention returned above"),
     };
     if y.dtype() != DType::F32 {
         return Err(unsupported!("{} on {} tensors", op.name(), y.dtype()));
@@ -396,5 +463,187 @@ mod tests {
         let bad_res = t(&[1, 3, 4, 4], 7);
         let e = run(&conv, &[Some(&x), Some(&w), None, Some(&bad_res)]).unwrap_err();
         assert!(e.to_string().contains("residual"), "{e}");
+    }
+
+    fn bools(shape: &[usize], seed: u64) -> Tensor {
+        let v: Vec<bool> = rvec(shape.iter().product(), seed)
+            .iter()
+            .map(|&x| x > -1.0)
+            .collect();
+        Tensor::from_vec(shape.to_vec(), v).unwrap()
+    }
+
+    /// Attention cases: (Q, Kt, V shapes, mask shape). Row counts that do and
+    /// do not divide into blocks, one key, long keys (blocks of 8 rows), more
+    /// heads than threads, rank 2 and 3.
+    fn attention_shapes() -> Vec<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>)> {
+        vec![
+            (
+                vec![1, 3, 7, 5],
+                vec![1, 3, 5, 9],
+                vec![1, 3, 9, 4],
+                vec![1, 1, 1, 9],
+            ),
+            (
+                vec![2, 4, 33, 8],
+                vec![2, 4, 8, 33],
+                vec![2, 4, 33, 8],
+                vec![1, 1, 33, 33],
+            ),
+            (
+                vec![2, 2, 5, 3],
+                vec![2, 2, 3, 1],
+                vec![2, 2, 1, 6],
+                vec![2, 1, 1, 1],
+            ),
+            (
+                vec![1, 2, 20, 16],
+                vec![1, 2, 16, 9000],
+                vec![1, 2, 9000, 3],
+                vec![1, 2, 20, 9000],
+            ),
+            (
+                vec![2, 1, 9, 4],
+                vec![2, 1, 4, 5],
+                vec![2, 1, 5, 2],
+                vec![1],
+            ),
+            (vec![3, 6, 4], vec![3, 4, 6], vec![3, 6, 2], vec![3, 6, 6]),
+            (vec![40, 12], vec![12, 40], vec![40, 12], vec![40, 1]),
+        ]
+    }
+
+    #[test]
+    fn fast_attention_matches_reference() {
+        let scales = [AttnScale::None, AttnScale::Div(8.0), AttnScale::Mul(0.125)];
+        for (ci, (qs, ks, vs, ms)) in attention_shapes().into_iter().enumerate() {
+            let (q, kt, v) = (t(&qs, 11), t(&ks, 12), t(&vs, 13));
+            let add = t(&ms, 14);
+            let cond = bools(&ms, 15);
+            for (si, &scale) in scales.iter().enumerate() {
+                let masks = [
+                    (AttnMask::None, None),
+                    (AttnMask::Add, Some(&add)),
+                    (
+                        AttnMask::Where {
+                            fill: -1e4,
+                            keep_if_true: true,
+                        },
+                        Some(&cond),
+                    ),
+                    (
+                        AttnMask::Where {
+                            fill: f32::NEG_INFINITY,
+                            keep_if_true: false,
+                        },
+                        Some(&cond),
+                    ),
+                ];
+                for (mask, m) in masks {
+                    let what = format!("case {ci} scale {si} {mask:?}");
+                    let op = FusedOp::Attention { scale, mask };
+                    let mut inputs = vec![Some(&q), Some(&kt), Some(&v)];
+                    if m.is_some() {
+                        inputs.push(m);
+                    }
+                    let fast = nn::attention_f32(&q, &kt, &v, m, scale, mask)
+                        .unwrap()
+                        .expect("the fast kernel takes equal batch dims");
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_close_nan(&fast, &want, &what);
+                    assert_close_nan(&run(&op, &inputs).unwrap(), &want, &what);
+                }
+            }
+        }
+    }
+
+    #[track_caller]
+    fn assert_close_nan(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        let (g, w) = (
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap(),
+        );
+        for (i, (g, w)) in g.iter().zip(w).enumerate() {
+            assert!(
+                (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what}: element {i}: got {g}, want {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_definition_hand_checked() {
+        // One query, two keys: scores [1*1 + 0*2, 1*3 + 0*4] / 2 = [0.5, 1.5],
+        // mask adds [0, -1]: [0.5, 0.5] -> probabilities [0.5, 0.5];
+        // output = 0.5 * [10, 20] + 0.5 * [30, 40] = [20, 30].
+        let q = Tensor::from_vec(vec![1, 2], vec![1f32, 0.0]).unwrap();
+        let kt = Tensor::from_vec(vec![2, 2], vec![1f32, 3.0, 2.0, 4.0]).unwrap();
+        let v = Tensor::from_vec(vec![2, 2], vec![10f32, 20.0, 30.0, 40.0]).unwrap();
+        let m = Tensor::from_vec(vec![2], vec![0f32, -1.0]).unwrap();
+        let op = FusedOp::Attention {
+            scale: AttnScale::Div(2.0),
+            mask: AttnMask::Add,
+        };
+        let y = run(&op, &[Some(&q), Some(&kt), Some(&v), Some(&m)]).unwrap();
+        assert_eq!(y.shape(), &[1, 2]);
+        let y = y.as_slice::<f32>().unwrap();
+        assert!(
+            (y[0] - 20.0).abs() < 1e-5 && (y[1] - 30.0).abs() < 1e-5,
+            "{y:?}"
+        );
+        // Where keeps the first key only: output = V row 0.
+        let c = Tensor::from_vec(vec![1, 2], vec![true, false]).unwrap();
+        let op = FusedOp::Attention {
+            scale: AttnScale::None,
+            mask: AttnMask::Where {
+                fill: f32::NEG_INFINITY,
+                keep_if_true: true,
+            },
+        };
+        let y = run(&op, &[Some(&q), Some(&kt), Some(&v), Some(&c)]).unwrap();
+        assert_eq!(y.as_slice::<f32>().unwrap(), &[10.0, 20.0]);
+    }
+
+    #[test]
+    fn attention_with_broadcast_batches_takes_the_composed_route() {
+        // Kt shared by both images: MatMul broadcasting, which the fast
+        // kernel declines; `run` still answers, as the unfused ops did.
+        let (q, kt, v) = (
+            t(&[2, 3, 4, 5], 21),
+            t(&[1, 3, 5, 6], 22),
+            t(&[2, 3, 6, 2], 23),
+        );
+        let op = FusedOp::Attention {
+            scale: AttnScale::None,
+            mask: AttnMask::None,
+        };
+        assert!(
+            nn::attention_f32(&q, &kt, &v, None, AttnScale::None, AttnMask::None)
+                .unwrap()
+                .is_none()
+        );
+        let y = run(&op, &[Some(&q), Some(&kt), Some(&v)]).unwrap();
+        assert_eq!(y.shape(), &[2, 3, 4, 2]);
+    }
+
+    #[test]
+    fn attention_rejects_bad_masks_and_inner_dims() {
+        let (q, kt, v) = (t(&[2, 4, 5], 31), t(&[2, 5, 6], 32), t(&[2, 6, 3], 33));
+        let op = FusedOp::Attention {
+            scale: AttnScale::None,
+            mask: AttnMask::Add,
+        };
+        let bad = t(&[3, 6], 34);
+        let e = run(&op, &[Some(&q), Some(&kt), Some(&v), Some(&bad)]).unwrap_err();
+        assert!(e.to_string().contains("broadcast"), "{e}");
+        let e = run(&op, &[Some(&q), Some(&kt), Some(&v)]).unwrap_err();
+        assert!(e.to_string().contains("mask"), "{e}");
+        let short_v = t(&[2, 5, 3], 35);
+        assert!(run(
+            &op,
+            &[Some(&q), Some(&kt), Some(&short_v), Some(&t(&[6], 36))]
+        )
+        .is_err());
     }
 }

@@ -10,6 +10,7 @@ mod depthwise;
 mod matmul;
 mod norm;
 mod pool;
+mod sdpa;
 
 pub(crate) use conv::{clamp_of, prefers_positions};
 pub use conv::{conv, conv_transpose};
@@ -19,6 +20,7 @@ pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};
 pub use pool::{avg_pool, global_pool, max_pool};
+pub(crate) use sdpa::attention_f32;
 
 use crate::{invalid, unsupported, Result};
 use half::{bf16, f16};

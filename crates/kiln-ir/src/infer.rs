@@ -1254,6 +1254,7 @@ impl Ctx<'_> {
             Op::Fused(f) => match f {
                 crate::FusedOp::Conv { conv, .. } => self.conv(n, conv)?,
                 crate::FusedOp::MatMul { .. } => self.matmul(n)?,
+                crate::FusedOp::Attention { .. } => self.attention(n)?,
             },
             Op::Reshape { allowzero } => self.reshape(n, *allowzero)?,
             Op::Flatten { axis } => {
@@ -1855,6 +1856,42 @@ impl Ctx<'_> {
         if !b1 {
             out.push(b2[rb - 1].clone());
         }
+        Ok(NodeOut::one(typed(dt, Some(out)), None))
+    }
+
+    /// `FusedOp::Attention`: Q `[..., S, D]`, Kt `[..., D, T]`, V `[..., T, E]`
+    /// with the same rank -> `[..., S, E]` (Q's leading dims).
+    fn attention(&self, n: &Node) -> Result<NodeOut, IrError> {
+        self.check_same(n, 0, 1)?;
+        self.check_same(n, 0, 2)?;
+        let dt = self.dt(n, 0);
+        let (Some(q), Some(k), Some(v)) = (self.sh(n, 0), self.sh(n, 1), self.sh(n, 2)) else {
+            return Ok(NodeOut::one(typed(dt, None), None));
+        };
+        let r = q.len();
+        if r < 2 || k.len() != r || v.len() != r {
+            return Err(nerr(
+                n,
+                format!(
+                    "Q, Kt and V must have one rank of 2 or more, got {}, {} and {}",
+                    format_shape(q),
+                    format_shape(k),
+                    format_shape(v)
+                ),
+            ));
+        }
+        for (what, x, y) in [
+            ("Q x Kt", &q[r - 1], &k[r - 2]),
+            ("Kt x V", &k[r - 1], &v[r - 2]),
+        ] {
+            if let (Some(a), Some(b)) = (x.known(), y.known()) {
+                if a != b {
+                    return Err(nerr(n, format!("inner dims of {what} differ: {a} vs {b}")));
+                }
+            }
+        }
+        let mut out = q.to_vec();
+        out[r - 1] = v[r - 1].clone();
         Ok(NodeOut::one(typed(dt, Some(out)), None))
     }
 

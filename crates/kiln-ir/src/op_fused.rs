@@ -135,6 +135,47 @@ pub enum FusedOp {
     /// residual, then `act`. Inputs: A, B, bias? (1-D, the output's last dim),
     /// residual? (exactly the output's shape).
     MatMul { act: FusedAct },
+    /// Scaled dot-product attention over the last two axes, as the exporters
+    /// spell it: `MatMul(Q, Kt)`, then `scale`, then `mask`, then Softmax
+    /// along the last axis, then `MatMul(., V)`. Inputs: Q `[..., S, D]`,
+    /// Kt `[..., D, T]`, V `[..., T, E]` (the same leading dims), mask?
+    /// (broadcast to `[..., S, T]`: added for [`AttnMask::Add`], a bool
+    /// condition for [`AttnMask::Where`]). Output `[..., S, E]`.
+    Attention { scale: AttnScale, mask: AttnMask },
+}
+
+/// How attention scores are scaled before the mask: each exact as the op it
+/// replaces (a Div stays a division).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AttnScale {
+    None,
+    Mul(f32),
+    Div(f32),
+}
+
+impl AttnScale {
+    #[inline]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            AttnScale::None => v,
+            AttnScale::Mul(c) => v * c,
+            AttnScale::Div(c) => v / c,
+        }
+    }
+}
+
+/// The mask between scaling and Softmax.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AttnMask {
+    None,
+    /// `scores + mask`.
+    Add,
+    /// `Where(mask, scores, fill)` (`keep_if_true`), or
+    /// `Where(mask, fill, scores)` (not `keep_if_true`).
+    Where {
+        fill: f32,
+        keep_if_true: bool,
+    },
 }
 
 impl FusedOp {
@@ -142,12 +183,14 @@ impl FusedOp {
         match self {
             FusedOp::Conv { .. } => "FusedConv",
             FusedOp::MatMul { .. } => "FusedMatMul",
+            FusedOp::Attention { .. } => "FusedAttention",
         }
     }
 
     pub fn act(&self) -> FusedAct {
         match self {
             FusedOp::Conv { act, .. } | FusedOp::MatMul { act } => *act,
+            FusedOp::Attention { .. } => FusedAct::Identity,
         }
     }
 }

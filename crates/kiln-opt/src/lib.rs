@@ -163,6 +163,13 @@ pub fn optimize(graph: &mut Graph, opts: &OptOptions) -> Result<OptReport, OptEr
         if let Some(values) = refresh_types(graph) {
             ctx.sym_values = values;
         }
+        run_pass(
+            graph,
+            &ctx,
+            "attention",
+            passes::attention::run,
+            &mut report,
+        );
         run_pass(graph, &ctx, "fusion", passes::fusion::run, &mut report);
         run_pass(graph, &ctx, "dce", passes::dce::run, &mut report);
     }

@@ -471,7 +471,7 @@ fn softmax_fast(op: &str, x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> 
 }
 
 /// Softmax (or LogSoftmax) of one contiguous row in place.
-fn softmax_row(row: &mut [f32], log: bool, tmp: &mut Vec<f32>) {
+pub(super) fn softmax_row(row: &mut [f32], log: bool, tmp: &mut Vec<f32>) {
     let max = fastmath::max_of(row);
     if log {
         tmp.clear();

@@ -253,6 +253,7 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
     }
     match &mut op {
         FusedOp::Conv { act: a, .. } | FusedOp::MatMul { act: a } => *a = act,
+        FusedOp::Attention { .. } => return None,
     }
     let bias = match bias {
         Some(b) if !b.is_empty() => {

@@ -3,6 +3,7 @@
 //! prove a rewrite safe.
 
 pub mod activation;
+pub mod attention;
 pub mod bn_fold;
 pub mod const_fold;
 pub mod cse;

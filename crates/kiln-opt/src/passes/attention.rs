@@ -1,0 +1,428 @@
+//! Attention fusion: the scaled dot-product core of a transformer's attention,
+//! as exporters write it, becomes one `FusedOp::Attention` node:
+//!
+//! ```text
+//! MatMul(Q, Kt) [-> Div/Mul by a scalar constant]
+//!               [-> Add(mask) | Where(cond, ., fill) | Where(cond, fill, .)]
+//!               -> Softmax(last axis) -> MatMul(., V)
+//! ```
+//!
+//! (BERT-style exports add a float mask; GPT-2-style ones select a constant
+//! fill where a causal bool mask is false.) The head Reshape/Transpose ops
+//! around the core stay as they are.
+//!
+//! Conditions, so the fused node computes exactly what the chain did: every
+//! value is f32 (the condition bool); every intermediate is read only by the
+//! next step and is neither a graph output nor read by a subgraph; Q, Kt and V
+//! have one rank and the same, known leading (batch) dims, so no MatMul
+//! broadcasts; the mask does not grow the scores' shape; Softmax runs along
+//! the last axis.
+
+use crate::util::{
+    dtype_of, is_binary, remove_nodes, scalar_const, shape_of, single_output, Index,
+};
+use crate::PassCtx;
+use kiln_ir::{AttnMask, AttnScale, BinaryOp, DType, FusedOp, Graph, Op};
+
+pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
+    let mut count = 0;
+    'outer: loop {
+        let Some(ix) = Index::new(g) else {
+            return count;
+        };
+        for &i in &ix.order {
+            if let Some(plan) = plan_at(g, &ix, i) {
+                apply(g, plan);
+                count += 1;
+                continue 'outer;
+            }
+        }
+        return count;
+    }
+}
+
+struct Plan {
+    /// The second MatMul, which becomes the fused node.
+    base: usize,
+    op: FusedOp,
+    inputs: Vec<Option<String>>,
+    remove: Vec<usize>,
+}
+
+fn apply(g: &mut Graph, p: Plan) {
+    let node = &mut g.nodes[p.base];
+    node.op = Op::Fused(p.op);
+    node.inputs = p.inputs;
+    remove_nodes(g, &p.remove);
+}
+
+/// The fused node for the Softmax at node `i`, if the chain around it matches.
+fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
+    let sm = &g.nodes[i];
+    let Op::Softmax { axis, .. } = sm.op else {
+        return None;
+    };
+    let probs = single_output(sm)?;
+    let scores_in = sm.input(0)?;
+    let rank = shape_of(g, probs)?.len();
+    // Both Softmax forms (opset < 13 flattens at `axis`) are the last-axis
+    // softmax when `axis` names the last axis.
+    if rank < 2 || !(axis == rank as i64 - 1 || axis == -1) {
+        return None;
+    }
+    // Softmax -> MatMul(probs, V).
+    let base = ix.single_reader(probs)?;
+    let pv = &g.nodes[base];
+    if pv.op != Op::MatMul || pv.input(0) != Some(probs) || pv.input(1) == Some(probs) {
+        return None;
+    }
+    let v = pv.input(1)?;
+    let out = single_output(pv)?;
+    let mut remove = vec![i];
+
+    // Upward from the Softmax input: the mask, the scale, then MatMul(Q, Kt).
+    let mut cur = scores_in.to_string();
+    let mut mask = AttnMask::None;
+    let mut mask_input = None;
+    let mut scale = AttnScale::None;
+    let step = |v: &str, remove: &[usize]| -> Option<usize> {
+        let p = ix.producer_of(v)?;
+        // Read only by the step after it (already in `remove`).
+        let last = *remove.last()?;
+        (ix.single_reader(v) == Some(last)).then_some(p)
+    };
+    let mut at = step(&cur, &remove)?;
+    let n = &g.nodes[at];
+    if is_binary(n, BinaryOp::Add) {
+        let (a, b) = (n.input(0)?, n.input(1)?);
+        // Either side may be the scores: the one the chain produces, read
+        // only by this Add, with the Add's shape (a shared mask is read by
+        // every layer's Add).
+        let (scores, m) = [(a, b), (b, a)].into_iter().find(|&(s, m)| {
+            s != m
+                && producer_is_scale_or_matmul(g, ix, s)
+                && ix.single_reader(s) == Some(at)
+                && same_dims(g, s, &cur)
+        })?;
+        if dtype_of(g, m) != Some(DType::F32) {
+            return None;
+        }
+        mask = AttnMask::Add;
+        mask_input = Some(m.to_string());
+        remove.push(at);
+        cur = scores.to_string();
+        at = step(&cur, &remove)?;
+    } else if n.op == Op::Where && n.inputs.len() == 3 {
+        let (c, x, y) = (n.input(0)?, n.input(1)?, n.input(2)?);
+        if dtype_of(g, c) != Some(DType::Bool) {
+            return None;
+        }
+        let f32_scalar = |name: &str| {
+            (dtype_of(g, name) == Some(DType::F32))
+                .then(|| scalar_const(g, ix, name))
+                .flatten()
+        };
+        let (scores, fill, keep_if_true) = match (f32_scalar(y), f32_scalar(x)) {
+            (Some(f), _) if x != y => (x, f, true),
+            (None, Some(f)) => (y, f, false),
+            _ => return None,
+        };
+        if !same_dims(g, scores, &cur) {
+            return None;
+        }
+        mask = AttnMask::Where {
+            fill: fill as f32,
+            keep_if_true,
+        };
+        mask_input = Some(c.to_string());
+        remove.push(at);
+        cur = scores.to_string();
+        at = step(&cur, &remove)?;
+    }
+    let n = &g.nodes[at];
+    let scalar_of = |name: &str| {
+        (dtype_of(g, name) == Some(DType::F32))
+            .then(|| scalar_const(g, ix, name))
+            .flatten()
+            .map(|c| c as f32)
+    };
+    // Only scores / c: c / scores is not a scale.
+    if is_binary(n, BinaryOp::Div) {
+        let (num, den) = (n.input(0)?, n.input(1)?);
+        if let Some(c) = scalar_of(den).filter(|_| num != den) {
+            scale = AttnScale::Div(c);
+            remove.push(at);
+            cur = num.to_string();
+            at = step(&cur, &remove)?;
+        }
+    } else if is_binary(n, BinaryOp::Mul) {
+        let (a, b) = (n.input(0)?, n.input(1)?);
+        let picked = match (scalar_of(b), scalar_of(a)) {
+            (Some(c), _) if a != b => Some((a, c)),
+            (None, Some(c)) => Some((b, c)),
+            _ => None,
+        };
+        if let Some((x, c)) = picked {
+            scale = AttnScale::Mul(c);
+            remove.push(at);
+            cur = x.to_string();
+            at = step(&cur, &remove)?;
+        }
+    }
+    let qk = &g.nodes[at];
+    if qk.op != Op::MatMul || single_output(qk) != Some(cur.as_str()) {
+        return None;
+    }
+    let (q, kt) = (qk.input(0)?, qk.input(1)?);
+    remove.push(at);
+
+    // Every value of the chain is f32.
+    for name in [q, kt, v, out, probs, scores_in, cur.as_str()] {
+        if dtype_of(g, name) != Some(DType::F32) {
+            return None;
+        }
+    }
+    // One rank, the same known leading dims: no MatMul broadcasting.
+    let (qs, ks, vs) = (shape_of(g, q)?, shape_of(g, kt)?, shape_of(g, v)?);
+    let r = qs.len();
+    if r < 2 || ks.len() != r || vs.len() != r || r != rank {
+        return None;
+    }
+    if qs.iter().chain(&ks).chain(&vs).any(|d| d.is_unknown())
+        || qs[..r - 2] != ks[..r - 2]
+        || qs[..r - 2] != vs[..r - 2]
+    {
+        return None;
+    }
+    let mut inputs = vec![
+        Some(q.to_string()),
+        Some(kt.to_string()),
+        Some(v.to_string()),
+    ];
+    if let Some(m) = mask_input {
+        inputs.push(Some(m));
+    }
+    Some(Plan {
+        base,
+        op: FusedOp::Attention { scale, mask },
+        inputs,
+        remove,
+    })
+}
+
+/// Whether `v` is produced by a MatMul, Div or Mul (the scores side of a mask Add).
+fn producer_is_scale_or_matmul(g: &Graph, ix: &Index, v: &str) -> bool {
+    ix.producer_of(v).is_some_and(|p| {
+        matches!(
+            g.nodes[p].op,
+            Op::MatMul | Op::Binary(BinaryOp::Div) | Op::Binary(BinaryOp::Mul)
+        )
+    })
+}
+
+/// Whether `a` and `b` have the same fully known (possibly symbolic) shape:
+/// the mask step did not broadcast the scores to something bigger.
+fn same_dims(g: &Graph, a: &str, b: &str) -> bool {
+    match (shape_of(g, a), shape_of(g, b)) {
+        (Some(x), Some(y)) => x == y && x.iter().all(|d| !d.is_unknown()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use kiln_ir::Dim;
+
+    fn softmax(axis: i64) -> Op {
+        Op::Softmax {
+            axis,
+            coerce_2d: false,
+        }
+    }
+
+    /// How the test chain is spelled.
+    #[derive(Clone, Copy)]
+    enum Masking {
+        /// Add(mask, scores): the mask on the left.
+        AddLeft,
+        /// Where(cond, scores, -1e4).
+        WhereKeep,
+        /// Where(cond, -inf, scores).
+        WhereFill,
+        None,
+    }
+
+    /// Q [2,3,5,4] x Kt [2,3,4,6] -> Div or Mul by a scalar -> mask ->
+    /// Softmax(axis) -> x V [2,3,6,4] -> y.
+    fn chain(masking: Masking, div: bool, axis: i64, kt_batch: usize) -> Graph {
+        let mut b = Builder::new();
+        b.input("q", DType::F32, &[2, 3, 5, 4]);
+        b.input("kt", DType::F32, &[kt_batch, 3, 4, 6]);
+        b.input("v", DType::F32, &[2, 3, 6, 4]);
+        b.input("mask", DType::F32, &[2, 1, 1, 6]);
+        b.input("cond", DType::Bool, &[1, 1, 5, 6]);
+        let c = b.scalar("c", if div { 2.0 } else { 0.5 });
+        let fill = b.scalar("fill", -1e4);
+        let ninf = b.scalar("ninf", f32::NEG_INFINITY);
+        b.node(Op::MatMul, &["q", "kt"], &["s"]);
+        let scale = if div { BinaryOp::Div } else { BinaryOp::Mul };
+        b.node(Op::Binary(scale), &["s", &c], &["ss"]);
+        match masking {
+            Masking::AddLeft => b.node(Op::Binary(BinaryOp::Add), &["mask", "ss"], &["sm"]),
+            Masking::WhereKeep => b.node(Op::Where, &["cond", "ss", &fill], &["sm"]),
+            Masking::WhereFill => b.node(Op::Where, &["cond", &ninf, "ss"], &["sm"]),
+            Masking::None => b.node(Op::Identity, &["ss"], &["sm"]),
+        }
+        b.node(softmax(axis), &["sm"], &["p"]);
+        b.node(Op::MatMul, &["p", "v"], &["y"]);
+        b.output("y", DType::F32);
+        b.finish()
+    }
+
+    #[test]
+    fn bert_and_gpt2_chains_fuse() {
+        for masking in [Masking::AddLeft, Masking::WhereKeep, Masking::WhereFill] {
+            for div in [true, false] {
+                let g = chain(masking, div, -1, 2);
+                let (after, n) = check_pass(&g, run);
+                assert_eq!(n, 1);
+                assert_eq!(count_op(&after, "FusedAttention"), 1);
+                assert_eq!(count_op(&after, "MatMul"), 0);
+                assert_eq!(count_op(&after, "Softmax"), 0);
+                let node = after
+                    .nodes
+                    .iter()
+                    .find(|n| n.op.name() == "FusedAttention")
+                    .unwrap();
+                assert_eq!(node.inputs.len(), 4);
+                let Op::Fused(FusedOp::Attention { scale, mask }) = &node.op else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    *scale,
+                    if div {
+                        AttnScale::Div(2.0)
+                    } else {
+                        AttnScale::Mul(0.5)
+                    }
+                );
+                let want = match masking {
+                    Masking::AddLeft => AttnMask::Add,
+                    Masking::WhereKeep => AttnMask::Where {
+                        fill: -1e4,
+                        keep_if_true: true,
+                    },
+                    _ => AttnMask::Where {
+                        fill: f32::NEG_INFINITY,
+                        keep_if_true: false,
+                    },
+                };
+                assert_eq!(*mask, want);
+            }
+        }
+    }
+
+    #[test]
+    fn unmasked_chain_with_positive_axis_fuses() {
+        // The Identity in the chain is another reader step: remove it first,
+        // as optimize's cleanup rounds would.
+        let mut g = chain(Masking::None, true, 3, 2);
+        let ctx = ctx_for(&g);
+        crate::passes::identity::run(&mut g, &ctx);
+        let (after, n) = check_pass(&g, run);
+        assert_eq!(n, 1);
+        let node = after
+            .nodes
+            .iter()
+            .find(|n| n.op.name() == "FusedAttention")
+            .unwrap();
+        assert_eq!(node.inputs.len(), 3);
+    }
+
+    #[test]
+    fn chains_that_differ_are_left_alone() {
+        // Softmax over another axis.
+        let (_, n) = check_pass(&chain(Masking::AddLeft, true, 2, 2), run);
+        assert_eq!(n, 0);
+        // Kt broadcast over the batch.
+        let (_, n) = check_pass(&chain(Masking::AddLeft, true, -1, 1), run);
+        assert_eq!(n, 0);
+        // The scores are also a graph output.
+        let mut g = chain(Masking::AddLeft, true, -1, 2);
+        g.outputs.push(kiln_ir::ValueInfo {
+            name: "ss".into(),
+            ty: kiln_ir::ValueType::new(DType::F32, None),
+        });
+        let (_, n) = check_pass(&g, run);
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn masks_that_grow_the_scores_and_reversed_division_are_left_alone() {
+        // Scores [1,3,5,6] + mask [2,3,5,6]: the Add makes a bigger tensor.
+        let mut b = Builder::new();
+        b.input("q", DType::F32, &[1, 3, 5, 4]);
+        b.input("kt", DType::F32, &[1, 3, 4, 6]);
+        b.input("v", DType::F32, &[1, 3, 6, 4]);
+        b.input("mask", DType::F32, &[2, 3, 5, 6]);
+        b.node(Op::MatMul, &["q", "kt"], &["s"]);
+        b.node(Op::Binary(BinaryOp::Add), &["s", "mask"], &["sm"]);
+        b.node(softmax(-1), &["sm"], &["p"]);
+        b.node(Op::MatMul, &["p", "v"], &["y"]);
+        b.output("y", DType::F32);
+        let (_, n) = check_pass(&b.finish(), run);
+        assert_eq!(n, 0);
+        // c / scores is not a scale.
+        let mut b = Builder::new();
+        b.input_dims(
+            "q",
+            DType::F32,
+            vec![Dim::Named("B".into()), Dim::Known(5), Dim::Known(4)],
+        );
+        b.input_dims(
+            "kt",
+            DType::F32,
+            vec![Dim::Named("B".into()), Dim::Known(4), Dim::Known(6)],
+        );
+        b.input_dims(
+            "v",
+            DType::F32,
+            vec![Dim::Named("B".into()), Dim::Known(6), Dim::Known(4)],
+        );
+        let c = b.scalar("c", 3.0);
+        b.node(Op::MatMul, &["q", "kt"], &["s"]);
+        b.node(Op::Binary(BinaryOp::Div), &[&c, "s"], &["sd"]);
+        b.node(softmax(-1), &["sd"], &["p"]);
+        b.node(Op::MatMul, &["p", "v"], &["y"]);
+        b.output("y", DType::F32);
+        let (_, n) = check_pass(&b.finish(), run);
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn symbolic_batch_dims_fuse() {
+        let mut b = Builder::new();
+        let d = |n: &str, a: usize, c: usize| {
+            vec![
+                Dim::Named(n.into()),
+                Dim::Known(2),
+                Dim::Known(a),
+                Dim::Known(c),
+            ]
+        };
+        b.input_dims("q", DType::F32, d("B", 5, 4));
+        b.input_dims("kt", DType::F32, d("B", 4, 5));
+        b.input_dims("v", DType::F32, d("B", 5, 3));
+        let c = b.scalar("c", 2.0);
+        b.node(Op::MatMul, &["q", "kt"], &["s"]);
+        b.node(Op::Binary(BinaryOp::Div), &["s", &c], &["sd"]);
+        b.node(softmax(-1), &["sd"], &["p"]);
+        b.node(Op::MatMul, &["p", "v"], &["y"]);
+        b.output("y", DType::F32);
+        let (after, n) = check_pass(&b.finish(), run);
+        assert_eq!(n, 1);
+        assert_eq!(count_op(&after, "FusedAttention"), 1);
+    }
+}
