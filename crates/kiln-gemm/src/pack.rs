@@ -147,7 +147,11 @@ fn pack_a_panel(a: MatRef<'_>, i0: usize, mr: usize, dst: &mut [f32]) {
     if rows < mr {
         dst.fill(0.0);
     }
-    if cs == 1 {
+    if cs == 1 && rows == mr && mr == 6 {
+        // Full panel of the AVX2/AVX-512 tile height: gather the six rows
+        // per k step into one contiguous run (no bounds checks in the loop).
+        pack_a_full::<6>(data, rs, i0, k, dst);
+    } else if cs == 1 {
         // Row-major rows: read each row contiguously, scatter with stride mr.
         for r in 0..rows {
             let src = &data[(i0 + r) * rs..(i0 + r) * rs + k];
@@ -166,6 +170,18 @@ fn pack_a_panel(a: MatRef<'_>, i0: usize, mr: usize, dst: &mut [f32]) {
             for r in 0..rows {
                 dst[p * mr + r] = data[(i0 + r) * rs + p * cs];
             }
+        }
+    }
+}
+
+/// A full `MR`-row panel of a row-major A (row stride `rs`):
+/// `dst[p * MR + r] = a[i0 + r, p]`.
+fn pack_a_full<const MR: usize>(data: &[f32], rs: usize, i0: usize, k: usize, dst: &mut [f32]) {
+    let rows: [&[f32]; MR] = std::array::from_fn(|r| &data[(i0 + r) * rs..][..k]);
+    for (p, d) in dst[..k * MR].chunks_exact_mut(MR).enumerate() {
+        let d: &mut [f32; MR] = d.try_into().expect("chunk of MR");
+        for r in 0..MR {
+            d[r] = rows[r][p];
         }
     }
 }

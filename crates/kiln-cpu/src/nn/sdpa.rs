@@ -84,7 +84,8 @@ pub(crate) fn attention_f32(
             _ => return Ok(None),
         },
     };
-    let mut out = vec![0f32; batch * s * e];
+    // Every element is written: by the P.V GEMM (beta 0) or the no-keys fill.
+    let mut out = crate::buffers::take_f32(batch * s * e);
     if out.is_empty() {
         return Ok(Some(crate::util::tensor(
             out_shape(qs, e),
