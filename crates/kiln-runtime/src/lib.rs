@@ -2,6 +2,7 @@
 //! value slots, liveness) and runs it. [`Session`] is the public API.
 
 mod control_flow;
+mod load_alloc;
 mod plan;
 mod pool;
 mod seq;

@@ -92,12 +92,14 @@ pub struct Session {
 
 impl Session {
     pub fn load(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
+        let _allocs = crate::load_alloc::LoadAllocs::begin();
         let model = kiln_onnx::load_model(path.as_ref(), &options.load)?;
         Session::from_model_with(model, options)
     }
 
     /// Loads a model from bytes (a model with external data needs `load` instead).
     pub fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
+        let _allocs = crate::load_alloc::LoadAllocs::begin();
         let model = kiln_onnx::load_model_bytes(bytes, None, &options.load)?;
         Session::from_model_with(model, options)
     }
@@ -108,6 +110,7 @@ impl Session {
     }
 
     pub fn from_model_with(model: Model, options: &SessionOptions) -> Result<Session> {
+        let _allocs = crate::load_alloc::LoadAllocs::begin();
         let threads = options.threads.unwrap_or(0);
         let pool = crate::pool::shared_pool(threads).map_err(Error::Resource)?;
         let threads = pool.current_num_threads();
