@@ -813,6 +813,9 @@ fn build_phases<const S: usize>(
     } else {
         buf[channels * s * s * plane_len..].fill(0.0);
     }
+    if S == 2 && pair_split_applies(g, pitch) {
+        return build_phases_paired(g, lay, x, in_n, channels, buf, zeroed);
+    }
     for ci in 0..channels {
         let src = &x[ci * in_n..][..g.ih * g.iw];
         for ry in 0..s {
@@ -847,6 +850,100 @@ fn build_phases<const S: usize>(
                 }
             }
         }
+    }
+}
+
+/// Column ranges of the two stride-2 column phases of a phase row: phase
+/// `rx` column j is input column `2j + rx - pw`, valid for j in `[lo, hi)`,
+/// starting at input column `a`.
+fn column_phases(g: &Plane2d, pitch: usize) -> [(usize, usize, usize); 2] {
+    let mut r = [(0, 0, 0); 2];
+    for (rx, out) in r.iter_mut().enumerate() {
+        let off = rx as isize - g.pw as isize;
+        let (lo, hi) = valid_range(pitch, 2, off, g.iw);
+        *out = (lo, hi, ((2 * lo) as isize + off).max(0) as usize);
+    }
+    r
+}
+
+/// Whether both column phases of every stride-2 row come from one pass over
+/// the input row: both non-empty, starting on adjacent input columns.
+fn pair_split_applies(g: &Plane2d, pitch: usize) -> bool {
+    let [(lo0, hi0, a0), (lo1, hi1, a1)] = column_phases(g, pitch);
+    lo0 < hi0 && lo1 < hi1 && a0.abs_diff(a1) == 1
+}
+
+/// [`build_phases`] for stride 2: each input row is read once and split into
+/// its even and odd columns, written straight to the two column phases (the
+/// general loop reads every row once per column phase).
+#[inline(always)]
+fn build_phases_paired(
+    g: &Plane2d,
+    lay: &FlatLayout,
+    x: &[f32],
+    in_n: usize,
+    channels: usize,
+    buf: &mut [f32],
+    zeroed: bool,
+) {
+    let (pitch, plane_len) = (lay.pitch, lay.plane_len);
+    let cols = column_phases(g, pitch);
+    // The phase that starts on the earlier input column takes the even
+    // elements of the run from there.
+    let first = if cols[0].2 < cols[1].2 { 0 } else { 1 };
+    for ci in 0..channels {
+        let src = &x[ci * in_n..][..g.ih * g.iw];
+        for ry in 0..2 {
+            let planes = &mut buf[(ci * 2 + ry) * 2 * plane_len..][..2 * plane_len];
+            let (p0, p1) = planes.split_at_mut(plane_len);
+            for i in 0..lay.rows {
+                let r0 = &mut p0[i * pitch..][..pitch];
+                let r1 = &mut p1[i * pitch..][..pitch];
+                let iy = (2 * i + ry) as isize - g.ph as isize;
+                if iy < 0 || iy >= g.ih as isize {
+                    if !zeroed {
+                        r0.fill(0.0);
+                        r1.fill(0.0);
+                    }
+                    continue;
+                }
+                if !zeroed {
+                    for (r, &(lo, hi, _)) in [&mut *r0, &mut *r1].into_iter().zip(&cols) {
+                        r[..lo].fill(0.0);
+                        r[hi..].fill(0.0);
+                    }
+                }
+                let srow = &src[iy as usize * g.iw..][..g.iw];
+                let [c0, c1] = cols;
+                let (dst0, dst1) = (&mut r0[c0.0..c0.1], &mut r1[c1.0..c1.1]);
+                if first == 0 {
+                    deinterleave2(&srow[c0.2..], dst0, dst1);
+                } else {
+                    deinterleave2(&srow[c1.2..], dst1, dst0);
+                }
+            }
+        }
+    }
+}
+
+/// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` for every k of each (both
+/// inside `src`): whole pairs first (shuffle-vectorized), then the ends.
+#[inline(always)]
+fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let pairs = even.len().min(odd.len()).min(src.len() / 2);
+    for ((e, o), c) in even[..pairs]
+        .iter_mut()
+        .zip(odd[..pairs].iter_mut())
+        .zip(src.chunks_exact(2))
+    {
+        *e = c[0];
+        *o = c[1];
+    }
+    for (k, e) in even.iter_mut().enumerate().skip(pairs) {
+        *e = src[2 * k];
+    }
+    for (k, o) in odd.iter_mut().enumerate().skip(pairs) {
+        *o = src[2 * k + 1];
     }
 }
 
@@ -1009,4 +1106,31 @@ pub(crate) fn all_isas(
             y
         })
         .collect()
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::deinterleave2;
+
+    #[test]
+    fn deinterleave2_every_length_pair() {
+        // Every even/odd length pair a source of 0..=9 elements can serve,
+        // including the unequal ones whose ends take the scalar loops.
+        for n in 0..=9usize {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+            for ne in 0..=n.div_ceil(2) {
+                for no in 0..=n / 2 {
+                    let mut e = vec![-1.0; ne];
+                    let mut o = vec![-1.0; no];
+                    deinterleave2(&src, &mut e, &mut o);
+                    for (k, &v) in e.iter().enumerate() {
+                        assert_eq!(v, src[2 * k], "n {n} even {ne} odd {no}: even[{k}]");
+                    }
+                    for (k, &v) in o.iter().enumerate() {
+                        assert_eq!(v, src[2 * k + 1], "n {n} even {ne} odd {no}: odd[{k}]");
+                    }
+                }
+            }
+        }
+    }
 }
