@@ -15,6 +15,7 @@ mod sdpa;
 pub(crate) use conv::{clamp_of, prefers_positions};
 pub use conv::{conv, conv_transpose};
 pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvPack, ConvWeights};
+pub(crate) use depthwise::many_channel_applies;
 pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};

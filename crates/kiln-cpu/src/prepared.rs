@@ -140,9 +140,16 @@ fn prepare_conv(
         || ws[1] == 0
         || ws[2..].contains(&0)
         || nn::uses_direct_kernel(ws[1], &ws[2..], &attrs.strides, &attrs.dilations)
+        || nn::many_channel_applies(
+            ws[1],
+            &ws[2..],
+            &attrs.strides,
+            &attrs.dilations,
+            out_shape.and_then(|s| s.last().copied().flatten()),
+        )
     {
         // Invalid (run_op reports it), empty, or a direct kernel's (depthwise,
-        // few channels: they read W unpacked).
+        // few channels, many on wide planes: they read W unpacked).
         return None;
     }
     let wv = w.as_slice::<f32>()?;
@@ -548,6 +555,22 @@ mod tests {
             ..stem
         };
         assert!(prepare(&Op::Conv(dilated), &[None, Some(&stem_w)], None).is_some());
+        // A 3x3 conv over 16 channels: direct on AVX-512 when the plan knows
+        // its output rows are wide; packed for the GEMM when they are narrow
+        // or unknown (the run then finds packed weights and takes the GEMM).
+        let wide_w = t(&[8, 16, 3, 3], rng.vec(8 * 16 * 9));
+        let same = Op::Conv(conv_attrs(1, &[1; 4], &[1, 1]));
+        let shape = |w: usize| vec![Some(1), Some(8), Some(w), Some(w)];
+        let (wide, narrow) = (shape(56), shape(14));
+        let avx512 = nn::many_channel_applies(16, &[3, 3], &[1, 1], &[], Some(56));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(avx512, std::arch::is_x86_feature_detected!("avx512f"));
+        assert_eq!(
+            prepare(&same, &[None, Some(&wide_w)], Some(&wide)).is_none(),
+            avx512
+        );
+        assert!(prepare(&same, &[None, Some(&wide_w)], Some(&narrow)).is_some());
+        assert!(prepare(&same, &[None, Some(&wide_w)], None).is_some());
         // W not constant, or not f32.
         let op = Op::Conv(conv_attrs(1, &[], &[]));
         assert!(prepare(&op, &[None, None], None).is_none());

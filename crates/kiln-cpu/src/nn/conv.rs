@@ -673,7 +673,15 @@ pub(crate) fn conv_f32(
             &geo.win.kernel,
             &geo.win.strides,
             &geo.win.dilations,
-        ) {
+        ) || (wv.is_some()
+            && super::depthwise::many_channel_applies(
+                geo.cg,
+                &geo.win.kernel,
+                &geo.win.strides,
+                &geo.win.dilations,
+                geo.win.out.last().copied(),
+            ))
+        {
             let wv = wv.ok_or_else(|| {
                 invalid!(
                     "Conv: a direct-kernel conv needs its W unpacked (internal planning error)"
@@ -2100,6 +2108,19 @@ mod tests {
             Vec<usize>,
         );
         let cases: Vec<Case> = vec![
+            // 3x3 over 16 channels on a 30x31 plane: the many-channel direct
+            // kernel where AVX-512 exists (a GEMM elsewhere).
+            (
+                2,
+                16,
+                24,
+                1,
+                vec![30, 31],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1, 1, 1, 1],
+            ),
             // 1x1 stride 1 (pointwise, no copy), batch 2, odd sizes.
             (
                 2,
@@ -2607,6 +2628,10 @@ mod tests {
             (8, 4, 2, 10, 9, 5, 2, [2, 1, 2, 0]),
             (2, 3, 1, 6, 5, 1, 2, [0, 0, 0, 0]),
             (3, 4, 1, 2, 3, 5, 2, [2, 2, 2, 2]),
+            // Many channels on wide planes (3 vectors per block; 6 output
+            // channels per group take blocks of 2).
+            (16, 16, 1, 30, 31, 3, 1, [1, 1, 1, 1]),
+            (24, 12, 2, 29, 40, 5, 1, [2, 1, 2, 0]),
         ] {
             let xs = [2, c, h, w];
             let x = t(&xs, rng.vec(2 * c * h * w));

@@ -193,7 +193,51 @@ fn few_channel_fits(cg: usize, kernel: &[usize], strides: &[usize], dilations: &
         && all(dilations, |d| d == 1)
 }
 
-/// A conv with few input channels per group ([`few_channel_fits`]).
+/// Narrowest output rows for which [`many_channel_fits`] takes a conv: the
+/// flat layout computes `kw - 1` padding columns per row, and below 28
+/// columns (measured: 3x3 convs on 14x14 and 7x7 planes) the GEMM wins.
+const MIN_MANY_CHANNEL_WIDTH: usize = 28;
+
+/// Whether the direct kernel should run a conv with 5 or more input channels
+/// per group, output rows `out_w` wide (`None`: not known, so no): it can
+/// ([`many_channel_fits`]) and this CPU has AVX-512, whose 32 registers hold
+/// 8 output channels x 48 positions. Such convs as a GEMM pack an im2col
+/// panel per call that their few output channels (64 in ResNet's first
+/// stage) use too little: measured on 3x3 convs, 64 -> 64 channels on 56x56
+/// planes 0.86 -> 0.63 ms, 128 -> 128 on 28x28 0.68 -> 0.61; stride 2 and
+/// planes of 14x14 or less ran slower, so they stay GEMMs.
+pub(crate) fn many_channel_applies(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+    out_w: Option<usize>,
+) -> bool {
+    detect_isa() == Isa::Avx512 && many_channel_fits(cg, kernel, strides, dilations, out_w)
+}
+
+/// The geometry [`many_channel_applies`] takes: more than
+/// [`MAX_DIRECT_CHANNELS`] channels per group, 2-D with a kernel of 3 or
+/// more on both axes (1x1 and 1xN convs stay GEMMs: no im2col to save),
+/// stride 1, no dilation, output rows at least [`MIN_MANY_CHANNEL_WIDTH`] wide.
+fn many_channel_fits(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+    out_w: Option<usize>,
+) -> bool {
+    let ones = |v: &[usize]| v.is_empty() || (v.len() == 2 && v.iter().all(|&x| x == 1));
+    cg > MAX_DIRECT_CHANNELS
+        && kernel.len() == 2
+        && kernel.iter().all(|&k| k >= 3)
+        && ones(strides)
+        && ones(dilations)
+        && out_w.is_some_and(|w| w >= MIN_MANY_CHANNEL_WIDTH)
+}
+
+/// A conv with few input channels per group ([`few_channel_fits`]), or many
+/// on wide planes ([`many_channel_fits`]).
 /// Each (image, group)'s input channels are phase-split once (as the
 /// depthwise flat kernel does); then each task computes a block of `OB`
 /// output channels of one group and image together, so every input vector
@@ -207,28 +251,35 @@ fn few_channel_conv_with(
     isa: Isa,
 ) {
     let win = &geo.win;
+    let few = few_channel_fits(geo.cg, &win.kernel, &win.strides, &win.dilations);
+    let out_w = win.out.last().copied();
     assert!(
-        few_channel_fits(geo.cg, &win.kernel, &win.strides, &win.dilations),
-        "the few-channel kernel does not take {geo:?}"
+        few || many_channel_fits(geo.cg, &win.kernel, &win.strides, &win.dilations, out_w),
+        "the blocked direct kernel does not take {geo:?}"
     );
     let g = plane2d(geo);
     if geo.out_n == 0 {
         return;
     }
     // The widest block that divides the group's output channels, so no
-    // block straddles two groups.
-    match geo.mg {
-        mg if mg % 8 == 0 => blocked_conv::<8>(geo, &g, x, w, epi, y, isa),
-        mg if mg % 4 == 0 => blocked_conv::<4>(geo, &g, x, w, epi, y, isa),
-        mg if mg % 2 == 0 => blocked_conv::<2>(geo, &g, x, w, epi, y, isa),
-        _ => blocked_conv::<1>(geo, &g, x, w, epi, y, isa),
+    // block straddles two groups. Many channels: 3 vectors of positions per
+    // block (each loaded source feeds 8 x 3 accumulators); few: 2, whose
+    // shorter blocks measured better on the stems.
+    match (geo.mg, few) {
+        (mg, false) if mg % 8 == 0 => blocked_conv::<8, 3>(geo, &g, x, w, epi, y, isa),
+        (mg, _) if mg % 8 == 0 => blocked_conv::<8, 2>(geo, &g, x, w, epi, y, isa),
+        (mg, _) if mg % 4 == 0 => blocked_conv::<4, 2>(geo, &g, x, w, epi, y, isa),
+        (mg, _) if mg % 2 == 0 => blocked_conv::<2, 2>(geo, &g, x, w, epi, y, isa),
+        _ => blocked_conv::<1, 2>(geo, &g, x, w, epi, y, isa),
     }
 }
 
-/// Flat positions per register block of [`block_taps`].
-const BQ: usize = 32;
+/// Flat positions per register block of [`block_avx512`]: `v` vectors of 16.
+const fn block_q(v: usize) -> usize {
+    16 * v
+}
 
-fn blocked_conv<const OB: usize>(
+fn blocked_conv<const OB: usize, const V: usize>(
     geo: &ConvGeometry,
     g: &Plane2d,
     x: &[f32],
@@ -238,16 +289,17 @@ fn blocked_conv<const OB: usize>(
     isa: Isa,
 ) {
     let (m, mg, cg, in_n, out_n) = (geo.m, geo.mg, geo.cg, geo.in_n, geo.out_n);
+    let bq = block_q(V);
     let taps = cg * g.kh * g.kw;
     let lay = flat_layout(g, g.sh, cg);
     // Output rows per band: the band's accumulators (OB planes of it) stay
     // in L1/L2 until they are copied out with the epilogue, instead of
     // round-tripping whole planes through memory.
     let band_rows = (BAND_FLATS / lay.pitch).clamp(1, g.oh);
-    let bpad = (band_rows * lay.pitch).div_ceil(BQ) * BQ;
-    // Register blocks run up to BQ positions past a band's end; the phases
-    // get BQ zeros more so those reads stay in bounds.
-    let (phases_len, acc_len) = (lay.phases_len + BQ, OB * bpad);
+    let bpad = (band_rows * lay.pitch).div_ceil(bq) * bq;
+    // Register blocks run up to `bq` positions past a band's end; the phases
+    // get `bq` zeros more so those reads stay in bounds.
+    let (phases_len, acc_len) = (lay.phases_len + bq, OB * bpad);
     // Every (image, group)'s phase planes first, once (each is read by all
     // of the group's output-channel blocks), in parallel.
     let mut all_phases = crate::buffers::take_f32(geo.n * geo.group * phases_len);
@@ -259,8 +311,9 @@ fn blocked_conv<const OB: usize>(
             phases_dispatch(isa, g, &lay, xg, in_n, cg, buf);
             buf[lay.phases_len..].fill(0.0);
         });
-    let starts = tap_starts::<MAX_DIRECT_TAPS>(g, &lay, cg);
-    let starts = &starts[..taps];
+    let mut starts = vec![0usize; taps];
+    fill_tap_starts(g, &lay, cg, &mut starts);
+    let starts = &starts[..];
     y.par_chunks_mut(out_n * OB)
         .enumerate()
         .for_each(|(task, outs)| {
@@ -287,8 +340,8 @@ fn blocked_conv<const OB: usize>(
                     let rows = band_rows.min(g.oh - oy0);
                     let q0 = oy0 * lay.pitch;
                     // This band's accumulator stride (the last band may be short).
-                    let stride = (rows * lay.pitch).div_ceil(BQ) * BQ;
-                    block_dispatch::<OB>(isa, starts, wt, phases, q0, &mut acc[..OB * stride]);
+                    let stride = (rows * lay.pitch).div_ceil(bq) * bq;
+                    block_dispatch::<OB, V>(isa, starts, wt, phases, q0, &mut acc[..OB * stride]);
                     for (o, out) in outs.chunks_exact_mut(out_n).enumerate() {
                         let band = &acc[o * stride..][..rows * lay.pitch];
                         let out = &mut out[oy0 * g.ow..][..rows * g.ow];
@@ -310,9 +363,9 @@ fn blocked_conv<const OB: usize>(
 const BAND_FLATS: usize = 2048;
 
 /// `acc[o * bpad + i] = sum_t wt[t * OB + o] * phases[starts[t] + q0 + i]`
-/// for `i < bpad` (`acc` is `OB x bpad`, bpad a multiple of BQ).
+/// for `i < bpad` (`acc` is `OB x bpad`, bpad a multiple of `block_q(V)`).
 #[inline]
-fn block_dispatch<const OB: usize>(
+fn block_dispatch<const OB: usize, const V: usize>(
     isa: Isa,
     starts: &[usize],
     wt: &[f32],
@@ -321,14 +374,14 @@ fn block_dispatch<const OB: usize>(
     acc: &mut [f32],
 ) {
     let bpad = acc.len() / OB;
-    assert!(wt.len() >= starts.len() * OB && acc.len() == OB * bpad && bpad % BQ == 0);
+    assert!(wt.len() >= starts.len() * OB && acc.len() == OB * bpad && bpad % block_q(V) == 0);
     assert!(starts.iter().all(|&st| st + q0 + bpad <= phases.len()));
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx512` is only chosen after
         // `is_x86_feature_detected!("avx512f")` returned true; the bounds
         // the kernel relies on are asserted above.
-        Isa::Avx512 => unsafe { block_avx512::<OB>(starts, wt, phases, q0, acc) },
+        Isa::Avx512 => unsafe { block_avx512::<OB, V>(starts, wt, phases, q0, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
         // detected on this CPU; bounds asserted above.
@@ -341,7 +394,7 @@ fn block_dispatch<const OB: usize>(
 /// AVX-512F must be present, and the bounds `block_dispatch` asserts hold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_avx512<const OB: usize>(
+unsafe fn block_avx512<const OB: usize, const V: usize>(
     starts: &[usize],
     wt: &[f32],
     phases: &[f32],
@@ -351,26 +404,31 @@ unsafe fn block_avx512<const OB: usize>(
     use core::arch::x86_64::*;
     let bpad = acc.len() / OB;
     let (ph, wp, ap) = (phases.as_ptr(), wt.as_ptr(), acc.as_mut_ptr());
-    for q in (0..bpad).step_by(BQ) {
-        // SAFETY: every tap reads phases[st + q0 + q ..][..32] with
-        // st + q0 + bpad <= len and q + 32 <= bpad; weights
+    for q in (0..bpad).step_by(block_q(V)) {
+        // SAFETY: every tap reads phases[st + q0 + q ..][..16 V] with
+        // st + q0 + bpad <= len and q + 16 V <= bpad; weights
         // [t * OB, t * OB + OB) for t < starts.len(); stores go to
-        // acc[o * bpad + q ..][..32] (the caller's asserted bounds).
+        // acc[o * bpad + q ..][..16 V] (the caller's asserted bounds).
         unsafe {
-            let mut a = [[_mm512_setzero_ps(); 2]; OB];
+            let mut a = [[_mm512_setzero_ps(); V]; OB];
             for (t, &st) in starts.iter().enumerate() {
                 let p = ph.add(st + q0 + q);
-                let (s0, s1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                let mut sv = [_mm512_setzero_ps(); V];
+                for (v, x) in sv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(p.add(16 * v));
+                }
                 for (o, ao) in a.iter_mut().enumerate() {
                     let wv = _mm512_set1_ps(*wp.add(t * OB + o));
-                    ao[0] = _mm512_fmadd_ps(wv, s0, ao[0]);
-                    ao[1] = _mm512_fmadd_ps(wv, s1, ao[1]);
+                    for (acc, &x) in ao.iter_mut().zip(&sv) {
+                        *acc = _mm512_fmadd_ps(wv, x, *acc);
+                    }
                 }
             }
             for (o, ao) in a.iter().enumerate() {
                 let d = ap.add(o * bpad + q);
-                _mm512_storeu_ps(d, ao[0]);
-                _mm512_storeu_ps(d.add(16), ao[1]);
+                for (v, &x) in ao.iter().enumerate() {
+                    _mm512_storeu_ps(d.add(16 * v), x);
+                }
             }
         }
     }
@@ -434,8 +492,15 @@ fn block<const OB: usize>(
 /// visible share. (Nested loops, not a division per tap, for the same reason.)
 #[inline(always)]
 fn tap_starts<const N: usize>(g: &Plane2d, lay: &FlatLayout, cg: usize) -> [usize; N] {
-    let s = g.sh;
     let mut starts = [0usize; N];
+    fill_tap_starts(g, lay, cg, &mut starts);
+    starts
+}
+
+/// [`tap_starts`] into `starts` (at least `cg * kh * kw` long).
+#[inline(always)]
+fn fill_tap_starts(g: &Plane2d, lay: &FlatLayout, cg: usize, starts: &mut [usize]) {
+    let s = g.sh;
     let mut t = 0;
     for ci in 0..cg {
         for ky in 0..g.kh {
@@ -446,7 +511,6 @@ fn tap_starts<const N: usize>(g: &Plane2d, lay: &FlatLayout, cg: usize) -> [usiz
             }
         }
     }
-    starts
 }
 
 /// [`build_phases`] for `cg` channels, compiled for the CPU's vector ISA
