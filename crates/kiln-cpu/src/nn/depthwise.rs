@@ -374,7 +374,9 @@ fn block_dispatch<const OB: usize, const V: usize>(
     acc: &mut [f32],
 ) {
     let bpad = acc.len() / OB;
-    assert!(wt.len() >= starts.len() * OB && acc.len() == OB * bpad && bpad % block_q(V) == 0);
+    assert!(
+        wt.len() >= starts.len() * OB && acc.len() == OB * bpad && bpad.is_multiple_of(block_q(V))
+    );
     assert!(starts.iter().all(|&st| st + q0 + bpad <= phases.len()));
     match isa {
         #[cfg(target_arch = "x86_64")]
