@@ -85,6 +85,31 @@ impl Index {
     }
 }
 
+/// Rewrites `g` until nothing more matches: rebuilds the index, takes the
+/// first node (in topological order) where `find` plans a rewrite, `apply`s
+/// it, and starts over (indices shift when nodes go). Returns the number of
+/// rewrites; an invalid graph gets none.
+pub fn rewrite_each<P>(
+    g: &mut Graph,
+    find: impl Fn(&Graph, &Index, usize) -> Option<P>,
+    mut apply: impl FnMut(&mut Graph, P),
+) -> usize {
+    let mut count = 0;
+    'outer: loop {
+        let Some(ix) = Index::new(g) else {
+            return count;
+        };
+        for &i in &ix.order {
+            if let Some(plan) = find(g, &ix, i) {
+                apply(g, plan);
+                count += 1;
+                continue 'outer;
+            }
+        }
+        return count;
+    }
+}
+
 /// A constant: an initializer that the caller cannot override (not also a
 /// graph input).
 pub fn constant<'g>(g: &'g Graph, ix: &Index, name: &str) -> Option<&'g Arc<Tensor>> {

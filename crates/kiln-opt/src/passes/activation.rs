@@ -15,7 +15,7 @@
 //! inside the pattern.
 
 use crate::util::{
-    approx, dtype_of, is_binary, other_input, remove_nodes, same_shape, scalar_const,
+    approx, dtype_of, is_binary, other_input, remove_nodes, rewrite_each, same_shape, scalar_const,
     single_output, single_reader_is, Index,
 };
 use crate::PassCtx;
@@ -25,23 +25,12 @@ use kiln_ir::{BinaryOp, DType, Graph, Op, UnaryOp};
 const TOL: f64 = 1e-3;
 
 pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
-    let mut count = 0;
-    'outer: loop {
-        let Some(ix) = Index::new(g) else {
-            return count;
-        };
-        for &i in &ix.order {
-            if let Some(m) = match_at(g, &ix, i) {
-                let node = &mut g.nodes[m.last];
-                node.op = Op::Unary(m.op);
-                node.inputs = vec![Some(m.x)];
-                remove_nodes(g, &m.remove);
-                count += 1;
-                continue 'outer;
-            }
-        }
-        return count;
-    }
+    rewrite_each(g, match_at, |g, m| {
+        let node = &mut g.nodes[m.last];
+        node.op = Op::Unary(m.op);
+        node.inputs = vec![Some(m.x)];
+        remove_nodes(g, &m.remove);
+    })
 }
 
 /// A recognized activation: node `last` becomes `op(x)`; `remove` go.

@@ -19,26 +19,13 @@
 //! the last axis.
 
 use crate::util::{
-    dtype_of, is_binary, remove_nodes, scalar_const, shape_of, single_output, Index,
+    dtype_of, is_binary, remove_nodes, rewrite_each, scalar_const, shape_of, single_output, Index,
 };
 use crate::PassCtx;
 use kiln_ir::{AttnMask, AttnScale, BinaryOp, DType, FusedOp, Graph, Op};
 
 pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
-    let mut count = 0;
-    'outer: loop {
-        let Some(ix) = Index::new(g) else {
-            return count;
-        };
-        for &i in &ix.order {
-            if let Some(plan) = plan_at(g, &ix, i) {
-                apply(g, plan);
-                count += 1;
-                continue 'outer;
-            }
-        }
-        return count;
-    }
+    rewrite_each(g, plan_at, apply)
 }
 
 struct Plan {

@@ -17,27 +17,14 @@
 //! Conv or MatMul with nothing to fuse is left alone.
 
 use crate::util::{
-    add_constant, constant, dtype_of, f32_tensor, is_binary, other_input, remove_nodes, same_shape,
-    scalar_const, shape_of, single_output, Index,
+    add_constant, constant, dtype_of, f32_tensor, is_binary, other_input, remove_nodes,
+    rewrite_each, same_shape, scalar_const, shape_of, single_output, Index,
 };
 use crate::PassCtx;
 use kiln_ir::{BinaryOp, DType, Dim, FusedAct, FusedOp, Graph, Op, Tensor, UnaryOp};
 
 pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
-    let mut count = 0;
-    'outer: loop {
-        let Some(ix) = Index::new(g) else {
-            return count;
-        };
-        for &i in &ix.order {
-            if let Some(plan) = plan_at(g, &ix, i) {
-                apply(g, plan);
-                count += 1;
-                continue 'outer;
-            }
-        }
-        return count;
-    }
+    rewrite_each(g, plan_at, apply)
 }
 
 /// A weight or bias for the fused node: an existing value or a new constant.

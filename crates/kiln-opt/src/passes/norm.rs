@@ -13,28 +13,18 @@
 //! leading 1-dims.
 
 use crate::util::{
-    add_constant, constant, dtype_of, f32_tensor, is_binary, other_input, remove_nodes, same_shape,
-    scalar_const, shape_of, single_output, Index,
+    add_constant, constant, dtype_of, f32_tensor, is_binary, other_input, remove_nodes,
+    rewrite_each, same_shape, scalar_const, shape_of, single_output, Index,
 };
 use crate::PassCtx;
 use kiln_ir::{AttnOp, BinaryOp, DType, Dim, Graph, Node, Op, ReduceOp, Tensor, UnaryOp};
 
 pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
-    let mut count = 0;
-    'outer: loop {
-        let Some(ix) = Index::new(g) else {
-            return count;
-        };
-        for &i in &ix.order {
-            let m = layer_norm_at(g, &ix, i).or_else(|| rms_norm_at(g, &ix, i));
-            if let Some(m) = m {
-                apply(g, m);
-                count += 1;
-                continue 'outer;
-            }
-        }
-        return count;
-    }
+    rewrite_each(
+        g,
+        |g, ix, i| layer_norm_at(g, ix, i).or_else(|| rms_norm_at(g, ix, i)),
+        apply,
+    )
 }
 
 /// A parameter of the new node: an existing constant or a new one.
