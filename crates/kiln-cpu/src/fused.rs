@@ -235,9 +235,6 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
             .ok_or_else(|| invalid!("missing required input {i} ({what})"))
     };
     let opt = |i: usize| inputs.get(i).copied().flatten();
-    if let FusedOp::Attention { scale, mask } = op {
-        return attention_reference(*scale, *mask, inputs);
-    }
     let (mut y, bias_axis) = match op {
         FusedOp::Conv { conv, .. } => (nn::conv(conv, get(0, "X")?, get(1, "W")?, opt(2))?, None),
         FusedOp::MatMul { .. } => {
@@ -245,7 +242,8 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
             let last = y.rank().checked_sub(1);
             (y, last)
         }
-        FusedOp::Attention { .. } => unreachable!("attention returned above"),
+        // No bias, residual or activation follows attention.
+        FusedOp::Attention { scale, mask } => return attention_reference(*scale, *mask, inputs),
     };
     if y.dtype() != DType::F32 {
         return Err(unsupported!("{} on {} tensors", op.name(), y.dtype()));

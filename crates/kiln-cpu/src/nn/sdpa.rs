@@ -75,9 +75,13 @@ pub(crate) fn attention_f32(
             )?),
             None => return Ok(None),
         },
-        (AttnMask::Where { .. }, Some(m)) => match m.data() {
-            TensorData::Bool(vals) => Some(MaskView::new(
-                MaskVals::Cond(vals),
+        (AttnMask::Where { fill, keep_if_true }, Some(m)) => match m.data() {
+            TensorData::Bool(cond) => Some(MaskView::new(
+                MaskVals::Where {
+                    cond,
+                    fill,
+                    keep_if_true,
+                },
                 m.shape(),
                 &scores_shape,
             )?),
@@ -115,7 +119,7 @@ pub(crate) fn attention_f32(
                             *x = scale.apply(*x);
                         }
                         if let Some(m) = &mask {
-                            m.apply(b, i0 + i, row, kind);
+                            m.apply(b, i0 + i, row);
                         }
                     },
                     o,
@@ -150,29 +154,26 @@ fn block(
 ) {
     // A fresh buffer per task: the GEMMs below may run nested parallel work,
     // and a thread that steals another block meanwhile must not share it.
-    let mut scores = vec![0f32; n * t];
-    if t > 0 && d > 0 {
-        sgemm(
-            1.0,
-            Lhs::Mat(MatRef::row_major(q, n, d)),
-            Rhs::Mat(MatRef::row_major(kt, d, t)),
-            0.0,
-            &mut scores,
-            t,
-            None,
-        );
-    }
-    let mut tmp = Vec::new();
-    if t > 0 {
-        for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-            crate::fastmath::simd(|| prep(i, row));
-            softmax_row(row, false, &mut tmp);
-        }
-    }
     if t == 0 {
         // Softmax over no keys leaves nothing to weigh: P · V is empty sums.
         out.fill(0.0);
         return;
+    }
+    // (With d == 0 the GEMM writes zeros: beta is 0 and the sums are empty.)
+    let mut scores = vec![0f32; n * t];
+    sgemm(
+        1.0,
+        Lhs::Mat(MatRef::row_major(q, n, d)),
+        Rhs::Mat(MatRef::row_major(kt, d, t)),
+        0.0,
+        &mut scores,
+        t,
+        None,
+    );
+    let mut tmp = Vec::new();
+    for (i, row) in scores.chunks_exact_mut(t).enumerate() {
+        crate::fastmath::simd(|| prep(i, row));
+        softmax_row(row, false, &mut tmp);
     }
     sgemm(
         1.0,
@@ -187,7 +188,12 @@ fn block(
 
 enum MaskVals<'a> {
     Add(&'a [f32]),
-    Cond(&'a [bool]),
+    /// Keep the score where `cond == keep_if_true`, else `fill`.
+    Where {
+        cond: &'a [bool],
+        fill: f32,
+        keep_if_true: bool,
+    },
 }
 
 /// A mask broadcast to the `[..., S, T]` scores: per batch (the flattened
@@ -244,11 +250,11 @@ impl<'a> MaskView<'a> {
 
     /// Applies the mask to the scores of batch `b`, query row `i`.
     #[inline(always)]
-    fn apply(&self, b: usize, i: usize, row: &mut [f32], kind: AttnMask) {
+    fn apply(&self, b: usize, i: usize, row: &mut [f32]) {
         let base = self.batch_base[b] + i * self.row_stride;
         let t = row.len();
-        match (&self.vals, kind) {
-            (MaskVals::Add(m), _) => {
+        match self.vals {
+            MaskVals::Add(m) => {
                 if self.col_stride == 1 {
                     for (x, &mv) in row.iter_mut().zip(&m[base..base + t]) {
                         *x += mv;
@@ -258,7 +264,11 @@ impl<'a> MaskView<'a> {
                     row.iter_mut().for_each(|x| *x += mv);
                 }
             }
-            (MaskVals::Cond(c), AttnMask::Where { fill, keep_if_true }) => {
+            MaskVals::Where {
+                cond: c,
+                fill,
+                keep_if_true,
+            } => {
                 if self.col_stride == 1 {
                     for (x, &cv) in row.iter_mut().zip(&c[base..base + t]) {
                         if cv != keep_if_true {
@@ -269,7 +279,6 @@ impl<'a> MaskView<'a> {
                     row.fill(fill);
                 }
             }
-            (MaskVals::Cond(_), _) => {}
         }
     }
 }

@@ -104,39 +104,22 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
         if dtype_of(g, c) != Some(DType::Bool) {
             return None;
         }
-        let f32_scalar = |name: &str| {
-            (dtype_of(g, name) == Some(DType::F32))
-                .then(|| scalar_const(g, ix, name))
-                .flatten()
-        };
-        let (scores, fill, keep_if_true) = match (f32_scalar(y), f32_scalar(x)) {
-            (Some(f), _) if x != y => (x, f, true),
-            (None, Some(f)) => (y, f, false),
-            _ => return None,
-        };
+        // Where(cond, scores, fill) keeps the scores where cond is true.
+        let (scores, fill, keep_if_true) = scalar_beside(g, ix, x, y)?;
         if !same_dims(g, scores, &cur) {
             return None;
         }
-        mask = AttnMask::Where {
-            fill: fill as f32,
-            keep_if_true,
-        };
+        mask = AttnMask::Where { fill, keep_if_true };
         mask_input = Some(c.to_string());
         remove.push(at);
         cur = scores.to_string();
         at = step(&cur, &remove)?;
     }
     let n = &g.nodes[at];
-    let scalar_of = |name: &str| {
-        (dtype_of(g, name) == Some(DType::F32))
-            .then(|| scalar_const(g, ix, name))
-            .flatten()
-            .map(|c| c as f32)
-    };
     // Only scores / c: c / scores is not a scale.
     if is_binary(n, BinaryOp::Div) {
         let (num, den) = (n.input(0)?, n.input(1)?);
-        if let Some(c) = scalar_of(den).filter(|_| num != den) {
+        if let Some(c) = f32_scalar(g, ix, den).filter(|_| num != den) {
             scale = AttnScale::Div(c);
             remove.push(at);
             cur = num.to_string();
@@ -144,12 +127,7 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
         }
     } else if is_binary(n, BinaryOp::Mul) {
         let (a, b) = (n.input(0)?, n.input(1)?);
-        let picked = match (scalar_of(b), scalar_of(a)) {
-            (Some(c), _) if a != b => Some((a, c)),
-            (None, Some(c)) => Some((b, c)),
-            _ => None,
-        };
-        if let Some((x, c)) = picked {
+        if let Some((x, c, _)) = scalar_beside(g, ix, a, b) {
             scale = AttnScale::Mul(c);
             remove.push(at);
             cur = x.to_string();
@@ -195,6 +173,30 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
         inputs,
         remove,
     })
+}
+
+/// The value of `name` if it is a one-element f32 constant.
+fn f32_scalar(g: &Graph, ix: &Index, name: &str) -> Option<f32> {
+    (dtype_of(g, name) == Some(DType::F32))
+        .then(|| scalar_const(g, ix, name))
+        .flatten()
+        .map(|c| c as f32)
+}
+
+/// Of two operands, the one beside a scalar f32 constant: `(operand,
+/// constant, whether the constant is the second)`; `None` unless exactly
+/// one side is such a constant (the second when both are).
+fn scalar_beside<'n>(
+    g: &Graph,
+    ix: &Index,
+    a: &'n str,
+    b: &'n str,
+) -> Option<(&'n str, f32, bool)> {
+    match (f32_scalar(g, ix, b), f32_scalar(g, ix, a)) {
+        (Some(c), _) if a != b => Some((a, c, true)),
+        (None, Some(c)) => Some((b, c, false)),
+        _ => None,
+    }
 }
 
 /// Whether `v` is produced by a MatMul, Div or Mul (the scores side of a mask Add).
