@@ -7,6 +7,7 @@
 
 mod conv;
 mod depthwise;
+mod depthwise_tiled;
 mod matmul;
 mod norm;
 mod pool;

@@ -2614,6 +2614,80 @@ mod tests {
         }
     }
 
+    /// The channel-tiled depthwise kernel (16 channels per vector, small
+    /// planes) with every epilogue form, against the reference conv followed
+    /// by the epilogue in scalar code. Channel counts off the 16-lane block,
+    /// several bands per plane, strides, dilations and asymmetric padding.
+    #[test]
+    fn depthwise_tiled_with_epilogues() {
+        let mut rng = Rng::new(81);
+        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
+            (FusedAct::Identity, &|v| v),
+            (FusedAct::Relu, &|v: f32| v.max(0.0)),
+            (
+                FusedAct::Clip {
+                    min: -0.25,
+                    max: 0.5,
+                },
+                &|v: f32| v.clamp(-0.25, 0.5),
+            ),
+            (FusedAct::Sigmoid, &sigmoid),
+        ];
+        // (C, H, W, kernel, stride, dilation, pads [top, left, bottom, right])
+        for (case, &(c, h, w, k, s, d, p)) in [
+            (17, 7, 7, [3, 3], 1, 1, [1, 1, 1, 1]),
+            (16, 14, 14, [3, 3], 2, 1, [1, 1, 1, 1]),
+            (40, 28, 28, [3, 3], 1, 1, [1, 1, 1, 1]),
+            (5, 28, 28, [5, 5], 1, 1, [2, 2, 2, 2]),
+            (33, 13, 11, [3, 3], 2, 1, [0, 1, 1, 0]),
+            (15, 9, 9, [3, 3], 1, 2, [2, 2, 2, 2]),
+            (3, 11, 10, [1, 3], 3, 1, [0, 1, 0, 1]),
+            (20, 12, 12, [7, 7], 1, 1, [3, 3, 3, 3]),
+            (1, 1, 1, [3, 3], 1, 1, [1, 1, 1, 1]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let n = 2;
+            let x = t(&[n, c, h, w], rng.vec(n * c * h * w));
+            let wt = t(&[c, 1, k[0], k[1]], rng.vec(c * k[0] * k[1]));
+            let bias = t(&[c], rng.vec(c));
+            let a = attrs(AutoPad::NotSet, c, &[d, d], &p, &[s, s]);
+            let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
+            assert!(
+                !std::is_x86_feature_detected!("avx512f")
+                    || super::super::depthwise::takes_tiled(&geo),
+                "case {case}: the tiled kernel does not take {geo:?}"
+            );
+            let plain = f32s(&conv_reference(&a, &x, &wt, Some(&bias)).unwrap());
+            let res = t(
+                &[n, c, geo.out_shape[2], geo.out_shape[3]],
+                rng.vec(plain.len()),
+            );
+            for (act, f) in &acts {
+                for with_res in [false, true] {
+                    let r = with_res.then_some(&res);
+                    let got = conv_f32(
+                        &a,
+                        &x,
+                        wt.shape(),
+                        ConvWeights::Raw(&wt),
+                        Some(&bias),
+                        r,
+                        *act,
+                    );
+                    let want: Vec<f32> = plain
+                        .iter()
+                        .zip(f32s(&res))
+                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
+                        .collect();
+                    assert_close(&f32s(&got.unwrap()), &want, 1e-5);
+                }
+            }
+        }
+    }
+
     /// The few-channel direct kernel through every instruction set.
     #[test]
     fn few_channel_isas_agree() {

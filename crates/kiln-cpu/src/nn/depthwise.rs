@@ -23,19 +23,19 @@ use rayon::prelude::*;
 
 /// One output plane's 2-D geometry (height 1 for 1-D convs).
 #[derive(Clone, Copy, Debug)]
-struct Plane2d {
-    ih: usize,
-    iw: usize,
-    kh: usize,
-    kw: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    ph: usize,
-    pw: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Plane2d {
+    pub(super) ih: usize,
+    pub(super) iw: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) sh: usize,
+    pub(super) sw: usize,
+    pub(super) dh: usize,
+    pub(super) dw: usize,
+    pub(super) ph: usize,
+    pub(super) pw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
 }
 
 /// The instruction set the plane kernel was compiled for.
@@ -65,9 +65,11 @@ fn detect_isa() -> Isa {
 /// out...]`, fully overwritten), epilogue included: depthwise when there is
 /// one input channel per group, else the few-channel kernel.
 pub(crate) fn direct_conv(geo: &ConvGeometry, x: &[f32], w: &[f32], epi: &Epi<'_>, y: &mut [f32]) {
-    direct_conv_with(geo, x, w, epi, y, detect_isa())
+    direct_conv_with(geo, x, w, epi, y, detect_isa(), true)
 }
 
+/// `allow_tiled`: whether depthwise convs may take the channel-tiled kernel
+/// where it applies (tests turn it off to cover the per-plane kernels).
 fn direct_conv_with(
     geo: &ConvGeometry,
     x: &[f32],
@@ -75,16 +77,19 @@ fn direct_conv_with(
     epi: &Epi<'_>,
     y: &mut [f32],
     isa: Isa,
+    allow_tiled: bool,
 ) {
     if geo.cg == 1 {
-        depthwise_conv_with(geo, x, w, epi, y, isa)
+        depthwise_conv_with(geo, x, w, epi, y, isa, allow_tiled)
     } else {
         few_channel_conv_with(geo, x, w, epi, y, isa)
     }
 }
 
 /// Depthwise conv of every plane of X, with the epilogue applied per plane.
-/// Needs `geo.cg == 1` and 1 or 2 spatial axes; parallel over output planes.
+/// Needs `geo.cg == 1` and 1 or 2 spatial axes; parallel over output planes,
+/// or over blocks of 16 channels in the channel-tiled kernel (small planes,
+/// AVX-512; see `depthwise_tiled`).
 fn depthwise_conv_with(
     geo: &ConvGeometry,
     x: &[f32],
@@ -92,6 +97,7 @@ fn depthwise_conv_with(
     epi: &Epi<'_>,
     y: &mut [f32],
     isa: Isa,
+    allow_tiled: bool,
 ) {
     assert!(
         geo.cg == 1 && (1..=2).contains(&geo.in_sp.len()),
@@ -99,9 +105,14 @@ fn depthwise_conv_with(
     );
     let g = plane2d(geo);
     let (c, m, mg, kn, in_n, out_n) = (geo.c, geo.m, geo.mg, geo.kn, geo.in_n, geo.out_n);
-    if out_n == 0 {
+    if out_n == 0 || m == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if allow_tiled && isa == Isa::Avx512 && super::depthwise_tiled::applies(&g, mg) {
+        return super::depthwise_tiled::conv(&g, c, in_n, x, w, epi, y);
+    }
+    let _ = allow_tiled;
     // Several small planes per task: a 7x7 plane is ~100 ns of work, less
     // than scheduling a task costs.
     let per_task = (PLANE_TASK_ELEMS / out_n).clamp(1, 256);
@@ -1138,6 +1149,23 @@ fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
     }
 }
 
+/// Test hook: whether this CPU runs a depthwise conv of this geometry on the
+/// channel-tiled kernel.
+#[cfg(test)]
+pub(crate) fn takes_tiled(geo: &ConvGeometry) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        geo.cg == 1
+            && detect_isa() == Isa::Avx512
+            && super::depthwise_tiled::applies(&plane2d(geo), geo.mg)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = geo;
+        false
+    }
+}
+
 /// Test hook: runs a depthwise or few-channel conv through every instruction
 /// set this CPU supports (the portable loops first) and returns each output.
 #[cfg(test)]
@@ -1165,10 +1193,13 @@ pub(crate) fn all_isas(
         }
     }
     let (xv, wv) = (x.as_slice::<f32>().unwrap(), w.as_slice::<f32>().unwrap());
-    isas.into_iter()
-        .map(|isa| {
+    // Each ISA's per-plane kernels, then the channel-tiled one where it runs.
+    let mut runs: Vec<(Isa, bool)> = isas.into_iter().map(|isa| (isa, false)).collect();
+    runs.push((detect_isa(), true));
+    runs.into_iter()
+        .map(|(isa, tiled)| {
             let mut y = vec![f32::NAN; geo.out_shape.iter().product()];
-            direct_conv_with(&geo, xv, wv, &epi, &mut y, isa);
+            direct_conv_with(&geo, xv, wv, &epi, &mut y, isa, tiled);
             y
         })
         .collect()

@@ -1,0 +1,433 @@
+//! Depthwise conv with one vector lane per channel (AVX-512, 16 channels).
+//!
+//! The per-plane kernels in `depthwise.rs` vectorize along a plane's
+//! positions. On the small planes of late layers (7x7, 14x14: 49 to 196
+//! outputs) a plane is a few vectors of work and the fixed cost per plane
+//! (phase splitting, tap tables, tails, the epilogue call) dominated: kiln took
+//! 5-10x ONNX Runtime's time on these convs. Here 16 channels of one image go
+//! through together, each in its own lane:
+//!
+//! 1. a band of input rows of the 16 planes is transposed (16x16 blocks) into
+//!    a zero-padded tile `tile[row][col][lane]`, so every tap of every output
+//!    is one aligned vector load;
+//! 2. each output position is `bias + sum over taps of tile[...] * w[tap]`,
+//!    eight positions at a time in registers, with Relu/Clip applied there;
+//! 3. the band's outputs are transposed back into the 16 output planes.
+//!
+//! Any stride, dilation and padding works: the tile holds the padded input
+//! the band reads. The reference is `conv_reference` (im2col + GEMM).
+
+use super::conv::{clamp_of, Epi};
+use super::depthwise::Plane2d;
+use rayon::prelude::*;
+
+/// Channels per block: one per lane of an AVX-512 vector.
+const LANES: usize = 16;
+
+/// Budget for one band's padded input tile. Bands that fit stay in L1/L2
+/// between the transpose and the taps.
+const TILE_BYTES: usize = 48 * 1024;
+
+/// Output positions accumulated together (independent FMA chains).
+const POS_BLOCK: usize = 8;
+
+/// Largest output plane the tiled kernel takes: on bigger planes the
+/// per-plane kernel's long vector runs are as fast without the two
+/// transposes (measured on MobileNetV2's 28x28 to 112x112 layers).
+const MAX_OUT_PLANE: usize = 28 * 28;
+
+/// Whether this CPU and geometry take the channel-tiled kernel: AVX-512, one
+/// output channel per input channel (no channel multiplier), planes up to
+/// [`MAX_OUT_PLANE`] outputs and at least one tile row in the budget.
+pub(super) fn applies(g: &Plane2d, mg: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        mg == 1
+            && g.oh * g.ow <= MAX_OUT_PLANE
+            && g.oh > 0
+            && g.ow > 0
+            && band_rows(g) > 0
+            && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (g, mg);
+        false
+    }
+}
+
+/// Columns of the padded tile: every input column the outputs read.
+fn tile_cols(g: &Plane2d) -> usize {
+    (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1
+}
+
+/// Input rows a band of `ob` output rows reads.
+fn tile_rows(g: &Plane2d, ob: usize) -> usize {
+    (ob - 1) * g.sh + (g.kh - 1) * g.dh + 1
+}
+
+/// Output rows per band: as many as keep the tile within [`TILE_BYTES`]
+/// (0 when not even one fits).
+fn band_rows(g: &Plane2d) -> usize {
+    let row_bytes = tile_cols(g) * LANES * std::mem::size_of::<f32>();
+    let max_rows = TILE_BYTES / row_bytes;
+    if max_rows < tile_rows(g, 1) {
+        return 0;
+    }
+    // (ob - 1) * sh + span <= max_rows
+    (1 + (max_rows - tile_rows(g, 1)) / g.sh).min(g.oh)
+}
+
+/// Depthwise conv (`c` channels, `n` images, channel `ci` of image `ni` at
+/// `x[(ni * c + ci) * in_n..]`, filters `w[ci * taps..]`) into `y`, epilogue
+/// included. Callers check [`applies`] first.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv(
+    g: &Plane2d,
+    c: usize,
+    in_n: usize,
+    x: &[f32],
+    w: &[f32],
+    epi: &Epi<'_>,
+    y: &mut [f32],
+) {
+    let out_n = g.oh * g.ow;
+    let taps = g.kh * g.kw;
+    assert!(applies(g, 1), "channel-tiled depthwise does not take {g:?}");
+    assert!(
+        w.len() == c * taps
+            && x.len().is_multiple_of(c * in_n)
+            && y.len().is_multiple_of(c * out_n),
+        "depthwise buffers do not match {c} channels of {g:?}"
+    );
+    y.par_chunks_mut(c * out_n)
+        .enumerate()
+        .flat_map(|(ni, img)| {
+            img.par_chunks_mut(LANES * out_n)
+                .enumerate()
+                .map(move |(b, blk)| (ni, b, blk))
+        })
+        .for_each(|(ni, b, blk)| {
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                let c0 = b * LANES;
+                let xs = &x[(ni * c + c0) * in_n..];
+                // SAFETY: `applies` (asserted above) checked AVX-512F.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    block_avx512(g, ni, c0, in_n, xs, &w[c0 * taps..], epi, blk, &mut s)
+                }
+            })
+        });
+}
+
+thread_local! {
+    /// Per-thread tile, output band and weight vectors, kept between calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One block of up to 16 channels of image `ni` (`blk` holds their output
+/// planes; `xs` starts at the block's first input plane, `ws` at its first
+/// filter).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(
+    g: &Plane2d,
+    ni: usize,
+    c0: usize,
+    in_n: usize,
+    xs: &[f32],
+    ws: &[f32],
+    epi: &Epi<'_>,
+    blk: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    use std::arch::x86_64::*;
+    let out_n = g.oh * g.ow;
+    let nch = blk.len() / out_n;
+    let taps = g.kh * g.kw;
+    let cols = tile_cols(g);
+    let ob = band_rows(g);
+    let tile_len = tile_rows(g, ob) * cols * LANES;
+    let out_len = ob * g.ow * LANES;
+    // Weights, bias, tile and output band, each 64-byte aligned.
+    let need = (taps + 1) * LANES + tile_len + out_len + LANES;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let skew = scratch.as_ptr().align_offset(64).min(LANES);
+    let (wv, rest) = scratch[skew..].split_at_mut(taps * LANES);
+    let (bv, rest) = rest.split_at_mut(LANES);
+    let (tile, rest) = rest.split_at_mut(tile_len);
+    let otile = &mut rest[..out_len];
+
+    // Lane l of weight vector t is channel c0 + l's tap t (0 past the block).
+    for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
+        for (l, e) in v.iter_mut().enumerate() {
+            *e = if l < nch { ws[l * taps + t] } else { 0.0 };
+        }
+    }
+    for (l, e) in bv.iter_mut().enumerate() {
+        *e = match epi.bias {
+            Some(b) if l < nch => b[c0 + l],
+            _ => 0.0,
+        };
+    }
+    // Relu/Clip in registers unless a residual must be added first.
+    let clamp = if epi.res.is_none() {
+        clamp_of(epi.act)
+    } else {
+        None
+    };
+    let rest_of_epi =
+        epi.res.is_some() || (clamp.is_none() && epi.act != kiln_ir::FusedAct::Identity);
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let bias = _mm512_loadu_ps(bv.as_ptr());
+    // Tile strides (floats) between kernel rows, kernel columns and
+    // neighbouring output positions.
+    let (krow, kcol, step) = (g.dh * cols * LANES, g.dw * LANES, g.sw * LANES);
+
+    let mut oy0 = 0;
+    while oy0 < g.oh {
+        let rows_out = ob.min(g.oh - oy0);
+        let rows_in = tile_rows(g, rows_out);
+        pack_band(g, oy0 * g.sh, rows_in, cols, xs, in_n, nch, tile);
+        // Taps: POS_BLOCK positions at a time, then single positions.
+        let tp = tile.as_ptr();
+        for r in 0..rows_out {
+            let row_base = r * g.sh * cols * LANES;
+            let orow = otile.as_mut_ptr().add(r * g.ow * LANES);
+            let mut ox = 0;
+            while ox + POS_BLOCK <= g.ow {
+                let mut acc = [bias; POS_BLOCK];
+                let base = tp.add(row_base + ox * g.sw * LANES);
+                for ky in 0..g.kh {
+                    let prow = base.add(ky * krow);
+                    for kx in 0..g.kw {
+                        let wt = _mm512_load_ps(wv.as_ptr().add((ky * g.kw + kx) * LANES));
+                        let p = prow.add(kx * kcol);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(_mm512_load_ps(p.add(j * step)), wt, *a);
+                        }
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    let v = clamp_nan(*a, vlo, vhi);
+                    _mm512_store_ps(orow.add((ox + j) * LANES), v);
+                }
+                ox += POS_BLOCK;
+            }
+            while ox < g.ow {
+                let mut a = bias;
+                let base = tp.add(row_base + ox * g.sw * LANES);
+                for ky in 0..g.kh {
+                    let prow = base.add(ky * krow);
+                    for kx in 0..g.kw {
+                        let wt = _mm512_load_ps(wv.as_ptr().add((ky * g.kw + kx) * LANES));
+                        a = _mm512_fmadd_ps(_mm512_load_ps(prow.add(kx * kcol)), wt, a);
+                    }
+                }
+                let v = clamp_nan(a, vlo, vhi);
+                _mm512_store_ps(orow.add(ox * LANES), v);
+                ox += 1;
+            }
+        }
+        unpack_band(g, oy0, rows_out, otile, nch, blk);
+        if rest_of_epi {
+            let after_bias = Epi {
+                bias: None,
+                res: epi.res,
+                act: epi.act,
+                m: epi.m,
+                out_n: epi.out_n,
+            };
+            let pos0 = oy0 * g.ow;
+            for (l, plane) in blk.chunks_exact_mut(out_n).enumerate() {
+                after_bias.apply(ni, c0 + l, pos0, &mut plane[pos0..pos0 + rows_out * g.ow]);
+            }
+        }
+        oy0 += rows_out;
+    }
+}
+
+/// `min(max(v, lo), hi)` lane-wise with NaN kept: x86 min/max return their
+/// second operand when either is NaN, so `v` goes second.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn clamp_nan(
+    v: std::arch::x86_64::__m512,
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_min_ps(hi, _mm512_max_ps(lo, v))
+}
+
+/// Fills `tile` (`rows` x `cols` x 16) with the zero-padded input rows from
+/// padded row `prow0` on, lane l from input plane l (`xs[l * in_n..]`, zero
+/// for lanes at or past `nch`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_band(
+    g: &Plane2d,
+    prow0: usize,
+    rows: usize,
+    cols: usize,
+    xs: &[f32],
+    in_n: usize,
+    nch: usize,
+    tile: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_ps();
+    // Input columns the tile holds: tile column pw + ix for ix < ncopy.
+    let ncopy = g.iw.min(cols.saturating_sub(g.pw));
+    let lead = g.pw.min(cols);
+    assert!(
+        tile.len() >= rows * cols * LANES
+            && (nch == 0 || xs.len() >= (nch - 1) * in_n + g.ih * g.iw)
+    );
+    for r in 0..rows {
+        let trow = tile.as_mut_ptr().add(r * cols * LANES);
+        let iy = (prow0 + r) as isize - g.ph as isize;
+        if iy < 0 || iy >= g.ih as isize {
+            for col in 0..cols {
+                _mm512_store_ps(trow.add(col * LANES), zero);
+            }
+            continue;
+        }
+        for col in (0..lead).chain(lead + ncopy..cols) {
+            _mm512_store_ps(trow.add(col * LANES), zero);
+        }
+        let src_row = iy as usize * g.iw;
+        let mut ix0 = 0;
+        while ix0 < ncopy {
+            let len = (ncopy - ix0).min(LANES);
+            let mask: __mmask16 = if len == LANES { !0 } else { (1u16 << len) - 1 };
+            let mut v = [zero; LANES];
+            for (l, vl) in v.iter_mut().enumerate().take(nch) {
+                *vl = _mm512_maskz_loadu_ps(mask, xs.as_ptr().add(l * in_n + src_row + ix0));
+            }
+            transpose16(&mut v);
+            for (j, vj) in v.iter().enumerate().take(len) {
+                _mm512_store_ps(trow.add((lead + ix0 + j) * LANES), *vj);
+            }
+            ix0 += len;
+        }
+    }
+}
+
+/// Writes `rows` output rows from `otile` (`rows` x `ow` x 16) into the
+/// output planes of the block's `nch` channels, from output row `oy0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn unpack_band(
+    g: &Plane2d,
+    oy0: usize,
+    rows: usize,
+    otile: &[f32],
+    nch: usize,
+    blk: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let out_n = g.oh * g.ow;
+    assert!(
+        otile.len() >= rows * g.ow * LANES
+            && blk.len() >= nch * out_n
+            && (oy0 + rows) * g.ow <= out_n
+    );
+    let zero = _mm512_setzero_ps();
+    for r in 0..rows {
+        let orow = otile.as_ptr().add(r * g.ow * LANES);
+        let mut ox0 = 0;
+        while ox0 < g.ow {
+            let len = (g.ow - ox0).min(LANES);
+            let mask: __mmask16 = if len == LANES { !0 } else { (1u16 << len) - 1 };
+            let mut v = [zero; LANES];
+            for (j, vj) in v.iter_mut().enumerate().take(len) {
+                *vj = _mm512_load_ps(orow.add((ox0 + j) * LANES));
+            }
+            transpose16(&mut v);
+            for (l, vl) in v.iter().enumerate().take(nch) {
+                let dst = blk.as_mut_ptr().add(l * out_n + (oy0 + r) * g.ow + ox0);
+                _mm512_mask_storeu_ps(dst, mask, *vl);
+            }
+            ox0 += len;
+        }
+    }
+}
+
+/// In-register transpose of a 16x16 block: afterwards `v[j]` lane `i` is the
+/// old `v[i]` lane `j`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
+    use std::arch::x86_64::*;
+    // Interleave row pairs: t[2i] = (a0 b0 a1 b1 | a4 b4 a5 b5 | ...),
+    // t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.
+    let mut t = [_mm512_setzero_ps(); LANES];
+    for i in 0..LANES / 2 {
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    // Groups of four rows: q[4g + k] holds, in 128-bit lane L, column
+    // 4L + k of rows 4g..4g + 4.
+    let mut q = [_mm512_setzero_ps(); LANES];
+    for gi in 0..4 {
+        let (a, b, c, d) = (t[4 * gi], t[4 * gi + 1], t[4 * gi + 2], t[4 * gi + 3]);
+        q[4 * gi] = _mm512_shuffle_ps::<0x44>(a, c);
+        q[4 * gi + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+        q[4 * gi + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        q[4 * gi + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+    }
+    // Column 4L + k: lane L of q[k], q[4 + k], q[8 + k], q[12 + k].
+    for k in 0..4 {
+        let (g0, g1, g2, g3) = (q[k], q[4 + k], q[8 + k], q[12 + k]);
+        let even01 = _mm512_shuffle_f32x4::<0x88>(g0, g1);
+        let odd01 = _mm512_shuffle_f32x4::<0xDD>(g0, g1);
+        let even23 = _mm512_shuffle_f32x4::<0x88>(g2, g3);
+        let odd23 = _mm512_shuffle_f32x4::<0xDD>(g2, g3);
+        v[k] = _mm512_shuffle_f32x4::<0x88>(even01, even23);
+        v[8 + k] = _mm512_shuffle_f32x4::<0xDD>(even01, even23);
+        v[4 + k] = _mm512_shuffle_f32x4::<0x88>(odd01, odd23);
+        v[12 + k] = _mm512_shuffle_f32x4::<0xDD>(odd01, odd23);
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return;
+        }
+        let src: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0f32; 256];
+        // SAFETY: AVX-512F was detected above; every pointer covers 16 floats
+        // inside `src` / `out`.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut v = [_mm512_setzero_ps(); LANES];
+            for (i, vi) in v.iter_mut().enumerate() {
+                *vi = _mm512_loadu_ps(src.as_ptr().add(i * LANES));
+            }
+            transpose16(&mut v);
+            for (j, vj) in v.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(j * LANES), *vj);
+            }
+        }
+        for j in 0..LANES {
+            for i in 0..LANES {
+                assert_eq!(out[j * LANES + i], src[i * LANES + j], "v[{j}] lane {i}");
+            }
+        }
+    }
+}
