@@ -11,7 +11,7 @@
 //! move or reshape data (Reshape, Transpose, Gather, Concat, Cast, ...) count
 //! 0; every other op counts one FLOP per output element.
 
-use kiln_ir::{Dim, FusedAct, FusedOp, Graph, Op};
+use kiln_ir::{AttnLayout, Dim, FusedAct, FusedOp, Graph, Op};
 use std::collections::HashMap;
 
 /// A shape, when known.
@@ -54,9 +54,12 @@ pub fn node_flops(op: &Op, inputs: &[Shape], outputs: &[Shape]) -> Option<u128> 
             let base = match f {
                 FusedOp::Conv { .. } => conv()?,
                 FusedOp::MatMul { .. } => matmul()?,
-                FusedOp::Attention { .. } => {
-                    // Q·Kt ([..., S, D] x [..., D, T]) and P·V ([..., S, T] x [..., T, E]).
-                    let (q, v) = (input(0)?, input(2)?);
+                FusedOp::Attention { layout, .. } => {
+                    // Q·Kt ([..., S, D] x [..., D, T]) and P·V ([..., S, T] x [..., T, E]),
+                    // Q and V seen through their absorbed Transposes.
+                    let q = AttnLayout::permuted(input(0)?, layout.inputs[0].as_deref())?;
+                    let v = AttnLayout::permuted(input(2)?, layout.inputs[2].as_deref())?;
+                    let (q, v) = (&q[..], &v[..]);
                     let (d, t) = (*q.last()? as u128, *v.get(v.len().checked_sub(2)?)? as u128);
                     let rows = numel(q) / d.max(1);
                     let out = out_numel()?;

@@ -10,13 +10,19 @@
 
 use crate::{invalid, nn, unsupported, Result};
 use kiln_gemm::PackedB;
-use kiln_ir::{AttnMask, AttnScale, BinaryOp, DType, FusedAct, FusedOp, Tensor};
+use kiln_ir::{AttnLayout, AttnMask, AttnScale, BinaryOp, DType, FusedAct, FusedOp, Tensor};
 
 /// Runs a fused op. Inputs: X/A, W/B, bias?, residual?.
 pub fn run(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
-    if let FusedOp::Attention { scale, mask } = op {
+    if let FusedOp::Attention {
+        scale,
+        mask,
+        layout,
+    } = op
+    {
         let (q, kt, v) = attention_qkv(inputs)?;
-        if let Some(y) = nn::attention_f32(q, kt, v, opt_input(inputs, 3), *scale, *mask)? {
+        let m = opt_input(inputs, 3);
+        if let Some(y) = nn::attention_f32(q, kt, v, m, *scale, *mask, layout)? {
             return Ok(y);
         }
         return run_reference(op, inputs);
@@ -40,16 +46,33 @@ fn attention_qkv<'t>(
     Ok((get(0, "Q")?, get(1, "Kt")?, get(2, "V")?))
 }
 
-/// Attention as the unfused ops compute it: MatMul, the scale (Mul or Div by
-/// a scalar), the mask (Add, or Where against the fill), Softmax along the
-/// last axis, MatMul.
+/// Attention as the unfused ops compute it: the absorbed input Transposes,
+/// MatMul, the scale (Mul or Div by a scalar), the mask (Add, or Where
+/// against the fill), Softmax along the last axis, MatMul, the absorbed
+/// output Transpose.
 fn attention_reference(
     scale: AttnScale,
     mask: AttnMask,
+    layout: &AttnLayout,
     inputs: &[Option<&Tensor>],
 ) -> Result<Tensor> {
     use crate::elementwise::{binary, where_};
+    let transposed = |x: &Tensor, perm: &Option<Vec<usize>>| -> Result<Tensor> {
+        match perm {
+            None => Ok(x.clone()),
+            Some(p) => {
+                let p: Vec<i64> = p.iter().map(|&a| a as i64).collect();
+                crate::shape_ops::transpose(x, Some(&p))
+            }
+        }
+    };
     let (q, kt, v) = attention_qkv(inputs)?;
+    let [pq, pk, pv] = &layout.inputs;
+    let (q, kt, v) = (
+        &transposed(q, pq)?,
+        &transposed(kt, pk)?,
+        &transposed(v, pv)?,
+    );
     let scalar = |x: f32| -> Result<Tensor> {
         let t = crate::util::tensor(vec![], kiln_ir::TensorData::F32(vec![x]))?;
         crate::elementwise::cast(&t, q.dtype())
@@ -76,7 +99,7 @@ fn attention_reference(
         } => where_(m()?, &scalar(fill)?, &s)?,
     };
     let p = nn::softmax(&s, -1, false, false)?;
-    nn::matmul(&p, v)
+    transposed(&nn::matmul(&p, v)?, &layout.out)
 }
 
 /// True when every present input is f32 (and, for MatMul, B is not 1-D: the
@@ -243,7 +266,11 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
             (y, last)
         }
         // No bias, residual or activation follows attention.
-        FusedOp::Attention { scale, mask } => return attention_reference(*scale, *mask, inputs),
+        FusedOp::Attention {
+            scale,
+            mask,
+            layout,
+        } => return attention_reference(*scale, *mask, layout, inputs),
     };
     if y.dtype() != DType::F32 {
         return Err(unsupported!("{} on {} tensors", op.name(), y.dtype()));
@@ -540,20 +567,145 @@ mod tests {
                 ];
                 for (mask, m) in masks {
                     let what = format!("case {ci} scale {si} {mask:?}");
-                    let op = FusedOp::Attention { scale, mask };
+                    let op = FusedOp::Attention {
+                        scale,
+                        mask,
+                        layout: AttnLayout::default(),
+                    };
                     let mut inputs = vec![Some(&q), Some(&kt), Some(&v)];
                     if m.is_some() {
                         inputs.push(m);
                     }
-                    let fast = nn::attention_f32(&q, &kt, &v, m, scale, mask)
-                        .unwrap()
-                        .expect("the fast kernel takes equal batch dims");
+                    let fast =
+                        nn::attention_f32(&q, &kt, &v, m, scale, mask, &AttnLayout::default())
+                            .unwrap()
+                            .expect("the fast kernel takes equal batch dims");
                     let want = run_reference(&op, &inputs).unwrap();
                     assert_close(&fast, &want, &what);
                     assert_close(&run(&op, &inputs).unwrap(), &want, &what);
                 }
             }
         }
+    }
+
+    /// The kernel reading Q, Kt, V and writing the output through absorbed
+    /// Transposes matches the reference that transposes first: BERT's head
+    /// layout, every other input perm of rank 4, output perms that keep the
+    /// last axis, with and without a mask.
+    #[test]
+    fn attention_through_transposes_matches_reference() {
+        // Logical Q [2, 3, 5, 4], Kt [2, 3, 4, 6], V [2, 3, 6, 7]: the inputs
+        // hold them transposed, `input = Transpose(logical, inverse(perm))`,
+        // so that `Transpose(input, perm)` is the logical operand.
+        let logical = [[2, 3, 5, 4], [2, 3, 4, 6], [2, 3, 6, 7]];
+        let perms: Vec<Vec<usize>> = permutations(4);
+        let bert = [
+            Some(vec![0, 2, 1, 3]),
+            Some(vec![0, 2, 3, 1]),
+            Some(vec![0, 2, 1, 3]),
+        ];
+        let mut cases: Vec<[Option<Vec<usize>>; 3]> = vec![bert, [None, None, None]];
+        for (i, p) in perms.iter().enumerate() {
+            // Each perm on each operand, the others varied too.
+            cases.push([
+                Some(p.clone()),
+                Some(perms[(i * 7 + 3) % perms.len()].clone()),
+                Some(perms[(i * 5 + 11) % perms.len()].clone()),
+            ]);
+        }
+        // (Involutions and a 3-cycle, whose inverse differs.)
+        let outs = [
+            None,
+            Some(vec![0, 2, 1, 3]),
+            Some(vec![2, 1, 0, 3]),
+            Some(vec![1, 2, 0, 3]),
+        ];
+        let add = t(&[2, 1, 1, 6], 41);
+        for (ci, ins) in cases.iter().enumerate() {
+            let tensors: Vec<Tensor> = (0..3)
+                .map(|k| {
+                    let src_shape: Vec<usize> = match &ins[k] {
+                        // src[perm[j]] = logical[j]
+                        Some(p) => {
+                            let mut sh = vec![0; 4];
+                            for (j, &a) in p.iter().enumerate() {
+                                sh[a] = logical[k][j];
+                            }
+                            sh
+                        }
+                        None => logical[k].to_vec(),
+                    };
+                    t(&src_shape, 50 + ci as u64 * 3 + k as u64)
+                })
+                .collect();
+            for (oi, out) in outs.iter().enumerate() {
+                for mask in [AttnMask::None, AttnMask::Add] {
+                    let layout = AttnLayout {
+                        inputs: ins.clone(),
+                        out: out.clone(),
+                    };
+                    let op = FusedOp::Attention {
+                        scale: AttnScale::Div(2.0),
+                        mask,
+                        layout: layout.clone(),
+                    };
+                    let mut inputs: Vec<Option<&Tensor>> = tensors.iter().map(Some).collect();
+                    if mask == AttnMask::Add {
+                        inputs.push(Some(&add));
+                    }
+                    let what = format!("case {ci} ({ins:?}) out {oi} {mask:?}");
+                    let m = inputs.get(3).copied().flatten();
+                    let fast = nn::attention_f32(
+                        &tensors[0],
+                        &tensors[1],
+                        &tensors[2],
+                        m,
+                        AttnScale::Div(2.0),
+                        mask,
+                        &layout,
+                    )
+                    .unwrap()
+                    .expect("the kernel takes permuted operands");
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_eq!(fast.shape(), want.shape(), "{what}");
+                    assert_close(&fast, &want, &what);
+                }
+            }
+        }
+        // A perm that does not fit its input, and an output perm that moves
+        // the last axis, are errors.
+        let (q, kt, v) = (
+            t(&[2, 3, 5, 4], 1),
+            t(&[2, 3, 4, 6], 2),
+            t(&[2, 3, 6, 7], 3),
+        );
+        let bad_in = AttnLayout {
+            inputs: [Some(vec![0, 1, 2]), None, None],
+            out: None,
+        };
+        let bad_out = AttnLayout {
+            inputs: [None, None, None],
+            out: Some(vec![0, 1, 3, 2]),
+        };
+        for layout in [bad_in, bad_out] {
+            let r = nn::attention_f32(&q, &kt, &v, None, AttnScale::None, AttnMask::None, &layout);
+            assert!(r.is_err(), "{layout:?}");
+        }
+    }
+
+    fn permutations(n: usize) -> Vec<Vec<usize>> {
+        if n == 0 {
+            return vec![vec![]];
+        }
+        let mut all = Vec::new();
+        for p in permutations(n - 1) {
+            for pos in 0..n {
+                let mut q = p.clone();
+                q.insert(pos, n - 1);
+                all.push(q);
+            }
+        }
+        all
     }
 
     #[test]
@@ -568,6 +720,7 @@ mod tests {
         let op = FusedOp::Attention {
             scale: AttnScale::Div(2.0),
             mask: AttnMask::Add,
+            layout: AttnLayout::default(),
         };
         let y = run(&op, &[Some(&q), Some(&kt), Some(&v), Some(&m)]).unwrap();
         assert_eq!(y.shape(), &[1, 2]);
@@ -584,6 +737,7 @@ mod tests {
                 fill: f32::NEG_INFINITY,
                 keep_if_true: true,
             },
+            layout: AttnLayout::default(),
         };
         let y = run(&op, &[Some(&q), Some(&kt), Some(&v), Some(&c)]).unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[10.0, 20.0]);
@@ -601,12 +755,19 @@ mod tests {
         let op = FusedOp::Attention {
             scale: AttnScale::None,
             mask: AttnMask::None,
+            layout: AttnLayout::default(),
         };
-        assert!(
-            nn::attention_f32(&q, &kt, &v, None, AttnScale::None, AttnMask::None)
-                .unwrap()
-                .is_none()
-        );
+        assert!(nn::attention_f32(
+            &q,
+            &kt,
+            &v,
+            None,
+            AttnScale::None,
+            AttnMask::None,
+            &AttnLayout::default()
+        )
+        .unwrap()
+        .is_none());
         let y = run(&op, &[Some(&q), Some(&kt), Some(&v)]).unwrap();
         assert_eq!(y.shape(), &[2, 3, 4, 2]);
     }
@@ -617,6 +778,7 @@ mod tests {
         let op = FusedOp::Attention {
             scale: AttnScale::None,
             mask: AttnMask::Add,
+            layout: AttnLayout::default(),
         };
         let bad = t(&[3, 6], 34);
         let e = run(&op, &[Some(&q), Some(&kt), Some(&v), Some(&bad)]).unwrap_err();

@@ -1254,7 +1254,7 @@ impl Ctx<'_> {
             Op::Fused(f) => match f {
                 crate::FusedOp::Conv { conv, .. } => self.conv(n, conv)?,
                 crate::FusedOp::MatMul { .. } => self.matmul(n)?,
-                crate::FusedOp::Attention { .. } => self.attention(n)?,
+                crate::FusedOp::Attention { layout, .. } => self.attention(n, layout)?,
             },
             Op::Reshape { allowzero } => self.reshape(n, *allowzero)?,
             Op::Flatten { axis } => {
@@ -1861,13 +1861,29 @@ impl Ctx<'_> {
 
     /// `FusedOp::Attention`: Q `[..., S, D]`, Kt `[..., D, T]`, V `[..., T, E]`
     /// with the same rank -> `[..., S, E]` (Q's leading dims).
-    fn attention(&self, n: &Node) -> Result<NodeOut, IrError> {
+    fn attention(&self, n: &Node, layout: &crate::AttnLayout) -> Result<NodeOut, IrError> {
         self.check_same(n, 0, 1)?;
         self.check_same(n, 0, 2)?;
         let dt = self.dt(n, 0);
         let (Some(q), Some(k), Some(v)) = (self.sh(n, 0), self.sh(n, 1), self.sh(n, 2)) else {
             return Ok(NodeOut::one(typed(dt, None), None));
         };
+        // The core's operands: the inputs through their absorbed Transposes.
+        let mut qkv = Vec::with_capacity(3);
+        for (i, (what, sh)) in [("Q", q), ("Kt", k), ("V", v)].into_iter().enumerate() {
+            let perm = layout.inputs[i].as_deref();
+            let t = crate::AttnLayout::permuted(sh, perm).ok_or_else(|| {
+                nerr(
+                    n,
+                    format!(
+                        "{what}: perm {perm:?} is not a permutation of {}",
+                        format_shape(sh)
+                    ),
+                )
+            })?;
+            qkv.push(t);
+        }
+        let (q, k, v) = (&qkv[0][..], &qkv[1][..], &qkv[2][..]);
         let r = q.len();
         if r < 2 || k.len() != r || v.len() != r {
             return Err(nerr(
@@ -1892,6 +1908,17 @@ impl Ctx<'_> {
         }
         let mut out = q.to_vec();
         out[r - 1] = v[r - 1].clone();
+        let perm = layout.out.as_deref();
+        let out = crate::AttnLayout::permuted(&out, perm)
+            .filter(|_| perm.is_none_or(|p| p.last() == Some(&(r - 1))))
+            .ok_or_else(|| {
+                nerr(
+                    n,
+                    format!(
+                        "output perm {perm:?} is not a permutation of rank {r} keeping the last axis"
+                    ),
+                )
+            })?;
         Ok(NodeOut::one(typed(dt, Some(out)), None))
     }
 

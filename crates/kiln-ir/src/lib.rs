@@ -21,7 +21,7 @@ pub use dtype::DType;
 pub use graph::{Graph, Node, ValueInfo};
 pub use op::*;
 pub use op_attn::AttnOp;
-pub use op_fused::{AttnMask, AttnScale, FusedAct, FusedOp};
+pub use op_fused::{AttnLayout, AttnMask, AttnScale, FusedAct, FusedOp};
 pub use op_index::IndexOp;
 pub use op_quant::QuantOp;
 pub use op_seq::{ScanAttrs, SeqOp};

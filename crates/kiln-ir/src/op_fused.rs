@@ -140,8 +140,47 @@ pub enum FusedOp {
     /// along the last axis, then `MatMul(., V)`. Inputs: Q `[..., S, D]`,
     /// Kt `[..., D, T]`, V `[..., T, E]` (the same leading dims), mask?
     /// (broadcast to `[..., S, T]`: added for [`AttnMask::Add`], a bool
-    /// condition for [`AttnMask::Where`]). Output `[..., S, E]`.
-    Attention { scale: AttnScale, mask: AttnMask },
+    /// condition for [`AttnMask::Where`]). Output `[..., S, E]`. `layout`
+    /// names the head Transposes absorbed around the core.
+    Attention {
+        scale: AttnScale,
+        mask: AttnMask,
+        layout: AttnLayout,
+    },
+}
+
+/// Transposes absorbed into a [`FusedOp::Attention`] node, so the head
+/// split and merge around the core cost no copies. `None`: no Transpose
+/// there.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AttnLayout {
+    /// Q, Kt and V are `Transpose(input_i, perm_i)` of the node's inputs
+    /// 0..3 (each a permutation of the input's rank).
+    pub inputs: [Option<Vec<usize>>; 3],
+    /// The node's output is its `[..., S, E]` result transposed by this
+    /// permutation, which keeps the last axis last (output rows stay
+    /// contiguous).
+    pub out: Option<Vec<usize>>,
+}
+
+impl AttnLayout {
+    /// `shape` transposed by `perm` (as is without one); `None` if `perm`
+    /// is not a permutation of `shape`'s axes.
+    pub fn permuted<T: Clone>(shape: &[T], perm: Option<&[usize]>) -> Option<Vec<T>> {
+        let Some(p) = perm else {
+            return Some(shape.to_vec());
+        };
+        let mut seen = vec![false; shape.len()];
+        if p.len() != shape.len() {
+            return None;
+        }
+        for &a in p {
+            if a >= shape.len() || std::mem::replace(&mut seen[a], true) {
+                return None;
+            }
+        }
+        Some(p.iter().map(|&a| shape[a].clone()).collect())
+    }
 }
 
 /// How attention scores are scaled before the mask: each exact as the op it

@@ -17,7 +17,7 @@
 use super::norm::softmax_row;
 use crate::{invalid, Result};
 use kiln_gemm::{sgemm, Lhs, MatRef, Rhs};
-use kiln_ir::{AttnMask, AttnScale, Tensor, TensorData};
+use kiln_ir::{AttnLayout, AttnMask, AttnScale, Tensor, TensorData};
 use rayon::prelude::*;
 
 /// Scores per task, at most (floats: 256 KiB, so a block's scores stay in
@@ -37,8 +37,20 @@ pub(crate) fn attention_f32(
     mask: Option<&Tensor>,
     scale: AttnScale,
     kind: AttnMask,
+    layout: &AttnLayout,
 ) -> Result<Option<Tensor>> {
-    let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
+    // The core's operands as views through the absorbed Transposes.
+    let (Some(qv), Some(kv), Some(vv)) = (
+        q.as_slice::<f32>(),
+        kt.as_slice::<f32>(),
+        v.as_slice::<f32>(),
+    ) else {
+        return Ok(None);
+    };
+    let qo = Operand::new("Q", qv, q.shape(), layout.inputs[0].as_deref())?;
+    let ko = Operand::new("Kt", kv, kt.shape(), layout.inputs[1].as_deref())?;
+    let vo = Operand::new("V", vv, v.shape(), layout.inputs[2].as_deref())?;
+    let (qs, ks, vs) = (&qo.shape[..], &ko.shape[..], &vo.shape[..]);
     let r = qs.len();
     if r < 2
         || ks.len() != r
@@ -48,20 +60,14 @@ pub(crate) fn attention_f32(
     {
         return Ok(None);
     }
-    let (Some(qv), Some(kv), Some(vv)) = (
-        q.as_slice::<f32>(),
-        kt.as_slice::<f32>(),
-        v.as_slice::<f32>(),
-    ) else {
-        return Ok(None);
-    };
     let (s, d, t, e) = (qs[r - 2], qs[r - 1], ks[r - 1], vs[r - 1]);
     if ks[r - 2] != d || vs[r - 2] != t {
         return Err(invalid!(
             "FusedAttention: inner dims differ: Q {qs:?}, Kt {ks:?}, V {vs:?}"
         ));
     }
-    let batch: usize = qs[..r - 2].iter().product();
+    let lead = &qs[..r - 2];
+    let batch: usize = lead.iter().product();
     let mut scores_shape = qs.to_vec();
     scores_shape[r - 1] = t;
     let mask = match (kind, mask) {
@@ -88,11 +94,24 @@ pub(crate) fn attention_f32(
             _ => return Ok(None),
         },
     };
+    // The output: `[..., S, E]`, then the absorbed Transpose (which keeps
+    // E innermost, so each output row is contiguous).
+    let mut logical_out = qs.to_vec();
+    logical_out[r - 1] = e;
+    let out_perm = layout.out.as_deref();
+    let Some(final_shape) = AttnLayout::permuted(&logical_out, out_perm)
+        .filter(|_| out_perm.is_none_or(|p| p.last() == Some(&(r - 1))))
+    else {
+        return Err(invalid!(
+            "FusedAttention: output perm {out_perm:?} does not fit the output {logical_out:?}"
+        ));
+    };
+    let out_strides = logical_strides(&final_shape, out_perm, true);
     // Every element is written: by the P.V GEMM (beta 0) or the no-keys fill.
     let mut out = crate::buffers::take_f32(batch * s * e);
     if out.is_empty() {
         return Ok(Some(crate::util::tensor(
-            out_shape(qs, e),
+            final_shape,
             TensorData::F32(out),
         )?));
     }
@@ -100,55 +119,142 @@ pub(crate) fn attention_f32(
     let blocks_wanted = (TASKS_PER_THREAD * threads).div_ceil(batch.max(1));
     let max_rows = (MAX_BLOCK_SCORES / t.max(1)).max(8);
     let rows = s.div_ceil(blocks_wanted).clamp(1, max_rows);
-    let head = |b: usize, ob: &mut [f32]| {
-        let qb = &qv[b * s * d..][..s * d];
-        let kb = &kv[b * d * t..][..d * t];
-        let vb = &vv[b * t * e..][..t * e];
-        ob.par_chunks_mut(rows * e)
-            .enumerate()
-            .for_each(|(blk, o)| {
-                let i0 = blk * rows;
-                let n = o.len() / e;
-                block(
-                    &qb[i0 * d..][..n * d],
-                    kb,
-                    vb,
-                    (n, d, t, e),
-                    |i, row| {
-                        for x in row.iter_mut() {
-                            *x = scale.apply(*x);
-                        }
-                        if let Some(m) = &mask {
-                            m.apply(b, i0 + i, row);
-                        }
-                    },
-                    o,
-                );
-            });
-    };
-    out.par_chunks_mut(s * e)
-        .enumerate()
-        .for_each(|(b, ob)| head(b, ob));
+    let per_head = s.div_ceil(rows);
+    let o_row = out_strides[r - 2];
+    // The output rows are one contiguous run per head when no Transpose moved
+    // them; then the P.V product is written in place.
+    let direct = o_row == e;
+    let optr = OutPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    (0..batch * per_head).into_par_iter().for_each(|task| {
+        let (b, blk) = (task / per_head, task % per_head);
+        let i0 = blk * rows;
+        let n = rows.min(s - i0);
+        let o0 = batch_offset(lead, &out_strides, b) + i0 * o_row;
+        let prep = |i: usize, row: &mut [f32]| {
+            for x in row.iter_mut() {
+                *x = scale.apply(*x);
+            }
+            if let Some(m) = &mask {
+                m.apply(b, i0 + i, row);
+            }
+        };
+        let qb = qo.rows(b, i0, n);
+        let (kb, vb) = (ko.rows(b, 0, d), vo.rows(b, 0, t));
+        if direct {
+            assert!(o0 + n * e <= out_len);
+            // SAFETY: task (b, blk) owns output rows i0..i0 + n of head b, the
+            // run [o0, o0 + n * e) (rows contiguous, `direct`), inside `out`
+            // (asserted); tasks' runs are disjoint and `out` outlives the loop.
+            let o = unsafe { std::slice::from_raw_parts_mut(optr.get().add(o0), n * e) };
+            block(qb, kb, vb, (n, d, t, e), prep, o);
+        } else {
+            let mut o = vec![0f32; n * e];
+            block(qb, kb, vb, (n, d, t, e), prep, &mut o);
+            assert!(n == 0 || o0 + (n - 1) * o_row + e <= out_len);
+            for (i, row) in o.chunks_exact(e.max(1)).enumerate() {
+                // SAFETY: row i0 + i of head b lies at o0 + i * o_row, e
+                // contiguous floats inside `out` (asserted); no other task
+                // writes that row, and `out` outlives the loop.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), optr.get().add(o0 + i * o_row), e)
+                };
+            }
+        }
+    });
     Ok(Some(crate::util::tensor(
-        out_shape(qs, e),
+        final_shape,
         TensorData::F32(out),
     )?))
 }
 
-fn out_shape(qs: &[usize], e: usize) -> Vec<usize> {
-    let mut o = qs.to_vec();
-    let r = o.len();
-    o[r - 1] = e;
-    o
+/// The output buffer shared by the attention tasks, each writing its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint rows through it (see `attention_f32`) while
+// the buffer it points into is borrowed for the whole parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method, so closures capture the whole (Sync) wrapper, not the field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One of Q, Kt, V: its data and the shape and strides of the core's view of
+/// it (through an absorbed Transpose).
+struct Operand<'a> {
+    data: &'a [f32],
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl<'a> Operand<'a> {
+    fn new(what: &str, data: &'a [f32], shape: &[usize], perm: Option<&[usize]>) -> Result<Self> {
+        let view = AttnLayout::permuted(shape, perm).ok_or_else(|| {
+            invalid!("FusedAttention: {what} perm {perm:?} does not fit its shape {shape:?}")
+        })?;
+        Ok(Operand {
+            data,
+            strides: logical_strides(shape, perm, false),
+            shape: view,
+        })
+    }
+
+    /// Rows `i0..i0 + n` of batch `b`'s matrix (the last two view dims).
+    fn rows(&self, b: usize, i0: usize, n: usize) -> MatRef<'a> {
+        let r = self.shape.len();
+        let (rs, cs) = (self.strides[r - 2], self.strides[r - 1]);
+        if self.data.is_empty() {
+            // A zero-sized dim: the rows or the columns asked for are none.
+            return MatRef::new(&[], n, self.shape[r - 1], rs, cs);
+        }
+        let off = batch_offset(&self.shape[..r - 2], &self.strides, b) + i0 * rs;
+        MatRef::new(&self.data[off..], n, self.shape[r - 1], rs, cs)
+    }
+}
+
+/// Element strides of a transposed view. Not `out`: the view is
+/// `Transpose(x, perm)` of a row-major `x` of `shape`, and its axis j has
+/// x's stride of axis `perm[j]`. `out`: `shape` is the row-major result of
+/// `Transpose(view, perm)`, and view axis `perm[j]` has its stride of axis j.
+fn logical_strides(shape: &[usize], perm: Option<&[usize]>, out: bool) -> Vec<usize> {
+    let mut st = vec![1usize; shape.len()];
+    for a in (0..shape.len().saturating_sub(1)).rev() {
+        st[a] = st[a + 1] * shape[a + 1];
+    }
+    let Some(p) = perm else { return st };
+    let mut view = vec![0usize; p.len()];
+    for (j, &a) in p.iter().enumerate() {
+        if out {
+            view[a] = st[j];
+        } else {
+            view[j] = st[a];
+        }
+    }
+    view
+}
+
+/// Offset of flattened batch `b` over the leading dims `lead` (row-major
+/// order), with those dims' `strides`.
+fn batch_offset(lead: &[usize], strides: &[usize], mut b: usize) -> usize {
+    let mut off = 0;
+    for k in (0..lead.len()).rev() {
+        off += (b % lead[k]) * strides[k];
+        b /= lead[k];
+    }
+    off
 }
 
 /// One block of `n` query rows: `out = softmax(prep(Q_blk · Kt)) · V`, where
 /// `prep(i, row)` scales and masks the scores of block row `i` in place.
 fn block(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    (n, d, t, e): (usize, usize, usize, usize),
+    q: MatRef<'_>,
+    kt: MatRef<'_>,
+    v: MatRef<'_>,
+    (n, _d, t, e): (usize, usize, usize, usize),
     prep: impl Fn(usize, &mut [f32]),
     out: &mut [f32],
 ) {
@@ -161,15 +267,7 @@ fn block(
     }
     // (With d == 0 the GEMM writes zeros: beta is 0 and the sums are empty.)
     let mut scores = vec![0f32; n * t];
-    sgemm(
-        1.0,
-        Lhs::Mat(MatRef::row_major(q, n, d)),
-        Rhs::Mat(MatRef::row_major(kt, d, t)),
-        0.0,
-        &mut scores,
-        t,
-        None,
-    );
+    sgemm(1.0, Lhs::Mat(q), Rhs::Mat(kt), 0.0, &mut scores, t, None);
     let mut tmp = Vec::new();
     for (i, row) in scores.chunks_exact_mut(t).enumerate() {
         crate::fastmath::simd(|| prep(i, row));
@@ -178,7 +276,7 @@ fn block(
     sgemm(
         1.0,
         Lhs::Mat(MatRef::row_major(&scores, n, t)),
-        Rhs::Mat(MatRef::row_major(v, t, e)),
+        Rhs::Mat(v),
         0.0,
         out,
         e,

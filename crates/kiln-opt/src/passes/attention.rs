@@ -8,8 +8,11 @@
 //! ```
 //!
 //! (BERT-style exports add a float mask; GPT-2-style ones select a constant
-//! fill where a causal bool mask is false.) The head Reshape/Transpose ops
-//! around the core stay as they are.
+//! fill where a causal bool mask is false.) The head Transposes around the
+//! core (`[B, S, H, D] -> [B, H, S, D]` for Q and V, `-> [B, H, D, S]` for K,
+//! and back for the output) are absorbed: the kernel reads the operands and
+//! writes the output through strides (`AttnLayout`). The Reshapes that split
+//! and merge the heads stay; on contiguous data they move no bytes.
 //!
 //! Conditions, so the fused node computes exactly what the chain did: every
 //! value is f32 (the condition bool); every intermediate is read only by the
@@ -22,7 +25,7 @@ use crate::util::{
     dtype_of, is_binary, remove_nodes, rewrite_each, scalar_const, shape_of, single_output, Index,
 };
 use crate::PassCtx;
-use kiln_ir::{AttnMask, AttnScale, BinaryOp, DType, FusedOp, Graph, Op};
+use kiln_ir::{AttnLayout, AttnMask, AttnScale, BinaryOp, DType, FusedOp, Graph, Op};
 
 pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
     rewrite_each(g, plan_at, apply)
@@ -33,6 +36,9 @@ struct Plan {
     base: usize,
     op: FusedOp,
     inputs: Vec<Option<String>>,
+    /// With an absorbed output Transpose: the MatMul's output, which goes
+    /// away, and the Transpose's, which the fused node writes instead.
+    rename_out: Option<(String, String)>,
     remove: Vec<usize>,
 }
 
@@ -40,6 +46,10 @@ fn apply(g: &mut Graph, p: Plan) {
     let node = &mut g.nodes[p.base];
     node.op = Op::Fused(p.op);
     node.inputs = p.inputs;
+    if let Some((old, new)) = p.rename_out {
+        node.outputs = vec![Some(new)];
+        g.value_types.remove(&old);
+    }
     remove_nodes(g, &p.remove);
 }
 
@@ -159,20 +169,82 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
     {
         return None;
     }
-    let mut inputs = vec![
-        Some(q.to_string()),
-        Some(kt.to_string()),
-        Some(v.to_string()),
-    ];
+    // The head Transposes: an operand that is a Transpose read only by its
+    // MatMul is read from the Transpose's input; an output read only by a
+    // Transpose that keeps the last axis last is written in its layout.
+    let mut layout = AttnLayout::default();
+    let mut inputs = Vec::with_capacity(4);
+    for (slot, (name, reader)) in [(q, at), (kt, at), (v, base)].into_iter().enumerate() {
+        match absorbable_transpose(g, ix, name, reader, r) {
+            Some((tnode, src, perm)) => {
+                layout.inputs[slot] = Some(perm);
+                remove.push(tnode);
+                inputs.push(Some(src.to_string()));
+            }
+            None => inputs.push(Some(name.to_string())),
+        }
+    }
+    let mut rename_out = None;
+    if let Some(tn) = ix.single_reader(out) {
+        let tnode = &g.nodes[tn];
+        if let (Some(perm), Some(new)) = (transpose_perm(tnode, r), single_output(tnode)) {
+            if perm[r - 1] == r - 1 && tnode.input(0) == Some(out) {
+                layout.out = Some(perm);
+                remove.push(tn);
+                rename_out = Some((out.to_string(), new.to_string()));
+            }
+        }
+    }
     if let Some(m) = mask_input {
         inputs.push(Some(m));
     }
     Some(Plan {
         base,
-        op: FusedOp::Attention { scale, mask },
+        op: FusedOp::Attention {
+            scale,
+            mask,
+            layout,
+        },
         inputs,
+        rename_out,
         remove,
     })
+}
+
+/// If `name` is made by a Transpose of a rank-`r` value and read only by
+/// node `reader`: that Transpose's node, its input and its permutation.
+fn absorbable_transpose<'g>(
+    g: &'g Graph,
+    ix: &Index,
+    name: &str,
+    reader: usize,
+    r: usize,
+) -> Option<(usize, &'g str, Vec<usize>)> {
+    let p = ix.producer_of(name)?;
+    let node = &g.nodes[p];
+    let perm = transpose_perm(node, r)?;
+    if ix.single_reader(name) != Some(reader) || single_output(node) != Some(name) {
+        return None;
+    }
+    let src = node.input(0)?;
+    (shape_of(g, src)?.len() == r && dtype_of(g, src) == Some(DType::F32)).then_some((p, src, perm))
+}
+
+/// The permutation of a Transpose node over rank `r` (no `perm`: the axes
+/// reversed), if it is one.
+fn transpose_perm(node: &kiln_ir::Node, r: usize) -> Option<Vec<usize>> {
+    let Op::Transpose { perm } = &node.op else {
+        return None;
+    };
+    let perm: Vec<usize> = match perm {
+        Some(p) => p
+            .iter()
+            .map(|&a| usize::try_from(a).ok())
+            .collect::<Option<_>>()?,
+        None => (0..r).rev().collect(),
+    };
+    let shape: Vec<usize> = (0..r).collect();
+    AttnLayout::permuted(&shape, Some(&perm)).map(|_| perm)
 }
 
 /// The value of `name` if it is a one-element f32 constant.
@@ -286,7 +358,7 @@ mod tests {
                     .find(|n| n.op.name() == "FusedAttention")
                     .unwrap();
                 assert_eq!(node.inputs.len(), 4);
-                let Op::Fused(FusedOp::Attention { scale, mask }) = &node.op else {
+                let Op::Fused(FusedOp::Attention { scale, mask, .. }) = &node.op else {
                     unreachable!()
                 };
                 assert_eq!(
@@ -388,6 +460,90 @@ mod tests {
         b.output("y", DType::F32);
         let (_, n) = check_pass(&b.finish(), run);
         assert_eq!(n, 0);
+    }
+
+    /// BERT's head layout: `[B, S, H, D]` operands transposed into heads,
+    /// the output transposed back. `k_perm` is K's Transpose; `out_perm` the
+    /// output's; `extra_reader` also reads Q's Transpose output elsewhere.
+    fn headed(k_perm: &[i64], out_perm: &[i64], extra_reader: bool) -> Graph {
+        let mut b = Builder::new();
+        b.input("q4", DType::F32, &[2, 5, 3, 4]);
+        b.input("k4", DType::F32, &[2, 6, 3, 4]);
+        b.input("v4", DType::F32, &[2, 6, 3, 4]);
+        b.input("mask", DType::F32, &[2, 1, 1, 6]);
+        let tr = |p: &[i64]| Op::Transpose {
+            perm: Some(p.to_vec()),
+        };
+        let c = b.scalar("c", 2.0);
+        b.node(tr(&[0, 2, 1, 3]), &["q4"], &["q"]);
+        b.node(tr(k_perm), &["k4"], &["kt"]);
+        b.node(tr(&[0, 2, 1, 3]), &["v4"], &["v"]);
+        b.node(Op::MatMul, &["q", "kt"], &["s"]);
+        b.node(Op::Binary(BinaryOp::Div), &["s", &c], &["sd"]);
+        b.node(Op::Binary(BinaryOp::Add), &["sd", "mask"], &["sm"]);
+        b.node(softmax(-1), &["sm"], &["p"]);
+        b.node(Op::MatMul, &["p", "v"], &["y"]);
+        b.node(tr(out_perm), &["y"], &["yt"]);
+        b.output("yt", DType::F32);
+        if extra_reader {
+            b.node(Op::Unary(kiln_ir::UnaryOp::Relu), &["q"], &["qr"]);
+            b.output("qr", DType::F32);
+        }
+        b.finish()
+    }
+
+    fn fused_layout(g: &Graph) -> AttnLayout {
+        let node = g
+            .nodes
+            .iter()
+            .find(|n| n.op.name() == "FusedAttention")
+            .unwrap();
+        let Op::Fused(FusedOp::Attention { layout, .. }) = &node.op else {
+            unreachable!()
+        };
+        layout.clone()
+    }
+
+    #[test]
+    fn head_transposes_are_absorbed() {
+        let (after, n) = check_pass(&headed(&[0, 2, 3, 1], &[0, 2, 1, 3], false), run);
+        assert_eq!(n, 1);
+        assert_eq!(count_op(&after, "Transpose"), 0);
+        assert_eq!(count_op(&after, "FusedAttention"), 1);
+        let layout = fused_layout(&after);
+        assert_eq!(
+            layout.inputs,
+            [
+                Some(vec![0, 2, 1, 3]),
+                Some(vec![0, 2, 3, 1]),
+                Some(vec![0, 2, 1, 3])
+            ]
+        );
+        assert_eq!(layout.out, Some(vec![0, 2, 1, 3]));
+        // The fused node reads the untransposed inputs and writes yt.
+        let node = after
+            .nodes
+            .iter()
+            .find(|n| n.op.name() == "FusedAttention")
+            .unwrap();
+        assert_eq!(node.input(0), Some("q4"));
+        assert_eq!(node.input(1), Some("k4"));
+        assert_eq!(node.input(2), Some("v4"));
+        assert_eq!(node.outputs, vec![Some("yt".to_string())]);
+        assert!(!after.value_types.contains_key("y"));
+    }
+
+    #[test]
+    fn transposes_that_cannot_go_stay() {
+        // An output Transpose that moves the last axis stays; so does an
+        // operand Transpose with another reader. The core fuses regardless.
+        let (after, n) = check_pass(&headed(&[0, 2, 3, 1], &[0, 1, 3, 2], true), run);
+        assert_eq!(n, 1);
+        assert_eq!(count_op(&after, "Transpose"), 2);
+        let layout = fused_layout(&after);
+        assert_eq!(layout.inputs[0], None);
+        assert_eq!(layout.inputs[1], Some(vec![0, 2, 3, 1]));
+        assert_eq!(layout.out, None);
     }
 
     #[test]
