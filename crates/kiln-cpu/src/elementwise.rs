@@ -1226,13 +1226,16 @@ where
     let [sa, sb] = plan.strides[plan.dims.len() - 1];
     // Rows [row0, row0 + dst.len() / inner) into dst.
     let rows = |row0: usize, dst: &mut [O]| {
-        fastmath::simd(|| {
-            let (mut offs, mut counter) = plan_row_start(&plan, row0);
-            for d in dst.chunks_mut(inner) {
-                zip_row(d, (a, offs[0], sa), (b, offs[1], sb), &f);
-                plan_next_row(&plan, &mut offs, &mut counter);
-            }
-        })
+        fastmath::simd(
+            #[inline(always)]
+            || {
+                let (mut offs, mut counter) = plan_row_start(&plan, row0);
+                for d in dst.chunks_mut(inner) {
+                    zip_row(d, (a, offs[0], sa), (b, offs[1], sb), &f);
+                    plan_next_row(&plan, &mut offs, &mut counter);
+                }
+            },
+        )
     };
     if total < fastmath::PAR_MIN {
         rows(0, &mut out);
@@ -1242,7 +1245,10 @@ where
             .enumerate()
             .for_each(|(t, d)| {
                 let start = t * fastmath::PAR_CHUNK;
-                fastmath::simd(|| zip_row(d, (a, start * sa, sa), (b, start * sb, sb), &f));
+                fastmath::simd(
+                    #[inline(always)]
+                    || zip_row(d, (a, start * sa, sa), (b, start * sb, sb), &f),
+                );
             });
     } else {
         let per_task = (fastmath::PAR_CHUNK / inner).max(1);

@@ -293,72 +293,75 @@ fn reduce_f32_fast(
     let is_max = op == ReduceOp::Max;
     // One output row of `inner` values from one [count, inner] block.
     let one = |src: &[f32], dst: &mut [f32]| {
-        crate::fastmath::simd(|| match op {
-            ReduceOp::Sum | ReduceOp::Mean if inner == 1 => {
-                let mut acc = [0.0f64; 8];
-                let mut chunks = src.chunks_exact(8);
-                for c in &mut chunks {
-                    for i in 0..8 {
-                        acc[i] += c[i] as f64;
+        crate::fastmath::simd(
+            #[inline(always)]
+            || match op {
+                ReduceOp::Sum | ReduceOp::Mean if inner == 1 => {
+                    let mut acc = [0.0f64; 8];
+                    let mut chunks = src.chunks_exact(8);
+                    for c in &mut chunks {
+                        for i in 0..8 {
+                            acc[i] += c[i] as f64;
+                        }
                     }
-                }
-                let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
-                let s = acc.iter().sum::<f64>() + tail;
-                dst[0] = if mean {
-                    (s / count as f64) as f32
-                } else {
-                    s as f32
-                };
-            }
-            ReduceOp::Sum | ReduceOp::Mean => {
-                let mut acc = vec![0.0f64; inner];
-                for row in src.chunks_exact(inner) {
-                    for (a, &x) in acc.iter_mut().zip(row) {
-                        *a += x as f64;
-                    }
-                }
-                for (d, a) in dst.iter_mut().zip(acc) {
-                    *d = if mean {
-                        (a / count as f64) as f32
+                    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+                    let s = acc.iter().sum::<f64>() + tail;
+                    dst[0] = if mean {
+                        (s / count as f64) as f32
                     } else {
-                        a as f32
+                        s as f32
                     };
                 }
-            }
-            _ if inner == 1 => {
-                let mut m = [if is_max {
-                    f32::NEG_INFINITY
-                } else {
-                    f32::INFINITY
-                }; 16];
-                let mut nan = false;
-                let mut chunks = src.chunks_exact(16);
-                for c in &mut chunks {
-                    for i in 0..16 {
-                        let x = c[i];
+                ReduceOp::Sum | ReduceOp::Mean => {
+                    let mut acc = vec![0.0f64; inner];
+                    for row in src.chunks_exact(inner) {
+                        for (a, &x) in acc.iter_mut().zip(row) {
+                            *a += x as f64;
+                        }
+                    }
+                    for (d, a) in dst.iter_mut().zip(acc) {
+                        *d = if mean {
+                            (a / count as f64) as f32
+                        } else {
+                            a as f32
+                        };
+                    }
+                }
+                _ if inner == 1 => {
+                    let mut m = [if is_max {
+                        f32::NEG_INFINITY
+                    } else {
+                        f32::INFINITY
+                    }; 16];
+                    let mut nan = false;
+                    let mut chunks = src.chunks_exact(16);
+                    for c in &mut chunks {
+                        for i in 0..16 {
+                            let x = c[i];
+                            nan |= x.is_nan();
+                            let better = if is_max { x > m[i] } else { x < m[i] };
+                            m[i] = if better { x } else { m[i] };
+                        }
+                    }
+                    let mut r = m[0];
+                    for &x in m[1..].iter().chain(chunks.remainder()) {
                         nan |= x.is_nan();
-                        let better = if is_max { x > m[i] } else { x < m[i] };
-                        m[i] = if better { x } else { m[i] };
+                        let better = if is_max { x > r } else { x < r };
+                        r = if better { x } else { r };
+                    }
+                    dst[0] = if nan { f32::NAN } else { r };
+                }
+                _ => {
+                    dst.copy_from_slice(&src[..inner]);
+                    for row in src.chunks_exact(inner).skip(1) {
+                        for (a, &x) in dst.iter_mut().zip(row) {
+                            let better = if is_max { x > *a } else { x < *a };
+                            *a = if better || x.is_nan() { x } else { *a };
+                        }
                     }
                 }
-                let mut r = m[0];
-                for &x in m[1..].iter().chain(chunks.remainder()) {
-                    nan |= x.is_nan();
-                    let better = if is_max { x > r } else { x < r };
-                    r = if better { x } else { r };
-                }
-                dst[0] = if nan { f32::NAN } else { r };
-            }
-            _ => {
-                dst.copy_from_slice(&src[..inner]);
-                for row in src.chunks_exact(inner).skip(1) {
-                    for (a, &x) in dst.iter_mut().zip(row) {
-                        let better = if is_max { x > *a } else { x < *a };
-                        *a = if better || x.is_nan() { x } else { *a };
-                    }
-                }
-            }
-        })
+            },
+        )
     };
     if v.len() < crate::fastmath::PAR_MIN || outer < 2 {
         for (src, dst) in v.chunks_exact(block).zip(out.chunks_exact_mut(inner)) {

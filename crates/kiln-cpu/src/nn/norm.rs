@@ -309,26 +309,29 @@ fn layer_norm_fast(
     let mut means = vec![0.0f64; outer];
     let mut invs = vec![0.0f64; outer];
     let rows = |chunk: &mut [f32], mc: &mut [f64], ic: &mut [f64]| {
-        fastmath::simd(|| {
-            for ((row, m), iv) in chunk.chunks_exact_mut(inner).zip(mc).zip(ic) {
-                let (mean, inv) = mean_inv_std_f32(row, eps);
-                *m = mean;
-                *iv = inv;
-                let (mt, it) = (mean as f32, inv as f32);
-                match &bv {
-                    Some(bv) => {
-                        for ((v, &s), &bb) in row.iter_mut().zip(&sv).zip(bv) {
-                            *v = (*v - mt) * it * s + bb;
+        fastmath::simd(
+            #[inline(always)]
+            || {
+                for ((row, m), iv) in chunk.chunks_exact_mut(inner).zip(mc).zip(ic) {
+                    let (mean, inv) = mean_inv_std_f32(row, eps);
+                    *m = mean;
+                    *iv = inv;
+                    let (mt, it) = (mean as f32, inv as f32);
+                    match &bv {
+                        Some(bv) => {
+                            for ((v, &s), &bb) in row.iter_mut().zip(&sv).zip(bv) {
+                                *v = (*v - mt) * it * s + bb;
+                            }
                         }
-                    }
-                    None => {
-                        for (v, &s) in row.iter_mut().zip(&sv) {
-                            *v = (*v - mt) * it * s;
+                        None => {
+                            for (v, &s) in row.iter_mut().zip(&sv) {
+                                *v = (*v - mt) * it * s;
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        )
     };
     if y.len() < fastmath::PAR_MIN || outer < 2 {
         rows(&mut y, &mut means, &mut invs);
@@ -480,11 +483,17 @@ pub(super) fn softmax_row(row: &mut [f32], log: bool, tmp: &mut Vec<f32>) {
         // (x - max) - ln(sum), like the reference: x - max is exact for
         // values near the max, so large logits do not lose precision.
         let ls = sum.ln();
-        fastmath::simd(|| row.iter_mut().for_each(|v| *v = (*v - max) - ls));
+        fastmath::simd(
+            #[inline(always)]
+            || row.iter_mut().for_each(|v| *v = (*v - max) - ls),
+        );
     } else {
         let sum = fastmath::exp_shift_sum(row, max);
         let inv = 1.0 / sum;
-        fastmath::simd(|| row.iter_mut().for_each(|v| *v *= inv));
+        fastmath::simd(
+            #[inline(always)]
+            || row.iter_mut().for_each(|v| *v *= inv),
+        );
     }
 }
 
@@ -497,50 +506,62 @@ fn softmax_block(blk: &mut [f32], inner: usize, log: bool, tmp: &mut Vec<f32>) {
     let (max, rest) = tmp.split_at_mut(inner);
     let (sum, e) = rest.split_at_mut(inner);
     max.fill(f32::NEG_INFINITY);
-    fastmath::simd(|| {
-        for row in blk.chunks_exact(inner) {
-            for (m, &v) in max.iter_mut().zip(row) {
-                *m = if v > *m { v } else { *m };
+    fastmath::simd(
+        #[inline(always)]
+        || {
+            for row in blk.chunks_exact(inner) {
+                for (m, &v) in max.iter_mut().zip(row) {
+                    *m = if v > *m { v } else { *m };
+                }
             }
-        }
-    });
+        },
+    );
     for row in blk.chunks_exact_mut(inner) {
-        fastmath::simd(|| {
-            for ((d, &v), &m) in e.iter_mut().zip(row.iter()).zip(max.iter()) {
-                *d = v - m;
-            }
-        });
+        fastmath::simd(
+            #[inline(always)]
+            || {
+                for ((d, &v), &m) in e.iter_mut().zip(row.iter()).zip(max.iter()) {
+                    *d = v - m;
+                }
+            },
+        );
         fastmath::exp_inplace(e);
-        fastmath::simd(|| {
-            for (s, &v) in sum.iter_mut().zip(e.iter()) {
-                *s += v;
-            }
-            if !log {
-                row.copy_from_slice(e);
-            }
-        });
+        fastmath::simd(
+            #[inline(always)]
+            || {
+                for (s, &v) in sum.iter_mut().zip(e.iter()) {
+                    *s += v;
+                }
+                if !log {
+                    row.copy_from_slice(e);
+                }
+            },
+        );
     }
-    fastmath::simd(|| {
-        if log {
-            for s in sum.iter_mut() {
-                *s = s.ln();
-            }
-            for row in blk.chunks_exact_mut(inner) {
-                for ((v, &s), &m) in row.iter_mut().zip(sum.iter()).zip(max.iter()) {
-                    *v = (*v - m) - s;
+    fastmath::simd(
+        #[inline(always)]
+        || {
+            if log {
+                for s in sum.iter_mut() {
+                    *s = s.ln();
+                }
+                for row in blk.chunks_exact_mut(inner) {
+                    for ((v, &s), &m) in row.iter_mut().zip(sum.iter()).zip(max.iter()) {
+                        *v = (*v - m) - s;
+                    }
+                }
+            } else {
+                for s in sum.iter_mut() {
+                    *s = 1.0 / *s;
+                }
+                for row in blk.chunks_exact_mut(inner) {
+                    for (v, &s) in row.iter_mut().zip(sum.iter()) {
+                        *v *= s;
+                    }
                 }
             }
-        } else {
-            for s in sum.iter_mut() {
-                *s = 1.0 / *s;
-            }
-            for row in blk.chunks_exact_mut(inner) {
-                for (v, &s) in row.iter_mut().zip(sum.iter()) {
-                    *v *= s;
-                }
-            }
-        }
-    });
+        },
+    );
 }
 
 #[cfg(test)]

@@ -393,45 +393,80 @@ fn pool2d_fast(
     );
     let xv = values::<f32>(x, op)?;
     let mut y = vec![0.0f32; total];
+    let (kw, sw, pw) = (win.kernel[1], win.strides[1], win.pad_begin[1]);
+    let (c0, c1) = interior_columns(w, kw, sw, pw, ow);
     let plane = |src: &[f32], dst: &mut [f32]| {
         let mut acc = vec![0.0f32; w];
-        crate::fastmath::simd(|| {
-            for (r, drow) in dst.chunks_exact_mut(ow).enumerate() {
-                let rows = &src[wh.lo[r] * w..wh.hi[r] * w];
-                match kind {
-                    Kind::Max => {
-                        acc.fill(f32::NEG_INFINITY);
-                        for row in rows.chunks_exact(w) {
-                            for (m, &v) in acc.iter_mut().zip(row) {
-                                *m = if v > *m { v } else { *m };
+        let mut phases = RowPhases::new(w, sw);
+        crate::fastmath::simd(
+            #[inline(always)]
+            || {
+                for (r, drow) in dst.chunks_exact_mut(ow).enumerate() {
+                    let rows = &src[wh.lo[r] * w..wh.hi[r] * w];
+                    match kind {
+                        Kind::Max => {
+                            acc.fill(f32::NEG_INFINITY);
+                            for row in rows.chunks_exact(w) {
+                                for (m, &v) in acc.iter_mut().zip(row) {
+                                    *m = if v > *m { v } else { *m };
+                                }
                             }
                         }
-                        for (c, d) in drow.iter_mut().enumerate() {
-                            let mut m = f32::NEG_INFINITY;
-                            for &v in &acc[ww.lo[c]..ww.hi[c]] {
-                                m = if v > m { v } else { m };
+                        Kind::Avg => {
+                            acc.fill(0.0);
+                            for row in rows.chunks_exact(w) {
+                                for (m, &v) in acc.iter_mut().zip(row) {
+                                    *m += v;
+                                }
                             }
-                            *d = m;
                         }
                     }
-                    Kind::Avg => {
-                        acc.fill(0.0);
-                        for row in rows.chunks_exact(w) {
-                            for (m, &v) in acc.iter_mut().zip(row) {
-                                *m += v;
+                    // Columns whose window lies inside the row: one vectorized
+                    // pass per tap over the row's stride phases, in tap order
+                    // (the same order as the per-column loop below).
+                    if c0 < c1 {
+                        phases.split(&acc);
+                        let d = &mut drow[c0..c1];
+                        d.fill(if kind == Kind::Max {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        });
+                        for t in 0..kw {
+                            let src = phases.shifted(t as isize - pw as isize, c0, c1 - c0);
+                            if kind == Kind::Max {
+                                for (m, &v) in d.iter_mut().zip(src) {
+                                    *m = if v > *m { v } else { *m };
+                                }
+                            } else {
+                                for (m, &v) in d.iter_mut().zip(src) {
+                                    *m += v;
+                                }
                             }
                         }
-                        for (c, d) in drow.iter_mut().enumerate() {
-                            let mut sum = 0.0f32;
-                            for &v in &acc[ww.lo[c]..ww.hi[c]] {
-                                sum += v;
+                        if kind == Kind::Avg {
+                            for (c, v) in (c0..c1).zip(d.iter_mut()) {
+                                *v /= (wh.count[r] * ww.count[c]) as f32;
                             }
-                            *d = sum / (wh.count[r] * ww.count[c]) as f32;
                         }
+                    }
+                    // The edge columns, one window at a time.
+                    for c in (0..c0.min(ow)).chain(c1.max(c0)..ow) {
+                        let taps = &acc[ww.lo[c]..ww.hi[c]];
+                        drow[c] = match kind {
+                            Kind::Max => {
+                                taps.iter()
+                                    .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+                            }
+                            Kind::Avg => {
+                                taps.iter().fold(0.0f32, |s, &v| s + v)
+                                    / (wh.count[r] * ww.count[c]) as f32
+                            }
+                        };
                     }
                 }
-            }
-        })
+            },
+        )
     };
     let (in_n, out_n) = (h * w, oh * ow);
     if xv.len() < crate::fastmath::PAR_MIN || planes < 2 {
@@ -444,6 +479,76 @@ fn pool2d_fast(
             .for_each(|(dst, src)| plane(src, dst));
     }
     Ok(Some((out_shape, y)))
+}
+
+/// Output columns `[c0, c1)` whose window `[c*s - pb, c*s - pb + k)` lies
+/// inside a row of `w` (empty when none does).
+fn interior_columns(w: usize, k: usize, s: usize, pb: usize, ow: usize) -> (usize, usize) {
+    let c0 = pb.div_ceil(s);
+    let c1 = if w + pb >= k {
+        ((w + pb - k) / s + 1).min(ow)
+    } else {
+        0
+    };
+    (c0.min(c1), c1)
+}
+
+/// A row split into its `s` stride phases (phase p holds columns p, p + s,
+/// ...), so that tap t of output columns c.. reads a contiguous run.
+struct RowPhases {
+    s: usize,
+    len: usize,
+    buf: Vec<f32>,
+}
+
+impl RowPhases {
+    fn new(w: usize, s: usize) -> RowPhases {
+        let len = w.div_ceil(s.max(1));
+        RowPhases {
+            s: s.max(1),
+            len,
+            buf: vec![0.0; len * s.max(1)],
+        }
+    }
+
+    fn split(&mut self, row: &[f32]) {
+        if self.s == 1 {
+            self.buf[..row.len()].copy_from_slice(row);
+            return;
+        }
+        if self.s == 2 {
+            // Both phases in one pass over whole pairs (shuffle-vectorized),
+            // then the odd last column.
+            let (even, odd) = self.buf.split_at_mut(self.len);
+            let pairs = row.len() / 2;
+            for ((e, o), c) in even[..pairs]
+                .iter_mut()
+                .zip(odd[..pairs].iter_mut())
+                .zip(row.chunks_exact(2))
+            {
+                *e = c[0];
+                *o = c[1];
+            }
+            if row.len() % 2 == 1 {
+                even[pairs] = row[row.len() - 1];
+            }
+            return;
+        }
+        for (p, ph) in self.buf.chunks_exact_mut(self.len).enumerate() {
+            for (d, &v) in ph.iter_mut().zip(row.iter().skip(p).step_by(self.s)) {
+                *d = v;
+            }
+        }
+    }
+
+    /// Row columns `c * s + off` for `c` in `c0..c0 + n` (all inside the
+    /// row: the caller's interior columns).
+    fn shifted(&self, off: isize, c0: usize, n: usize) -> &[f32] {
+        let s = self.s as isize;
+        let (p, q) = (off.rem_euclid(s) as usize, off.div_euclid(s));
+        let j0 = (c0 as isize + q) as usize;
+        &self.buf[p * self.len + j0..][..n]
+    }
 }
 
 /// GlobalAveragePool / GlobalMaxPool for f32 compute: each plane's mean
@@ -467,19 +572,25 @@ fn global_fast(op: &str, x: &Tensor, is_max: bool) -> Result<Tensor> {
     let xv = values::<f32>(x, op)?;
     let one = |s: &[f32]| -> f32 {
         if is_max {
-            crate::fastmath::simd(|| crate::fastmath::max_of(s))
+            crate::fastmath::simd(
+                #[inline(always)]
+                || crate::fastmath::max_of(s),
+            )
         } else {
-            crate::fastmath::simd(|| {
-                let mut acc = [0.0f64; 8];
-                let mut chunks = s.chunks_exact(8);
-                for c in &mut chunks {
-                    for i in 0..8 {
-                        acc[i] += c[i] as f64;
+            crate::fastmath::simd(
+                #[inline(always)]
+                || {
+                    let mut acc = [0.0f64; 8];
+                    let mut chunks = s.chunks_exact(8);
+                    for c in &mut chunks {
+                        for i in 0..8 {
+                            acc[i] += c[i] as f64;
+                        }
                     }
-                }
-                let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
-                ((acc.iter().sum::<f64>() + tail) / inner as f64) as f32
-            })
+                    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+                    ((acc.iter().sum::<f64>() + tail) / inner as f64) as f32
+                },
+            )
         }
     };
     let y: Vec<f32> = if xv.len() < crate::fastmath::PAR_MIN {
@@ -666,6 +777,36 @@ mod tests {
             bool,
             AutoPad,
         )> = vec![
+            // Wide rows, whose interior columns take the per-tap passes over
+            // stride phases: stride 3 with asymmetric pads, stride 1, an odd
+            // width with ceil mode.
+            (
+                vec![1, 2, 6, 37],
+                [2, 5],
+                [1, 3],
+                [0, 2, 1, 1],
+                false,
+                false,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 1, 4, 40],
+                [3, 3],
+                [1, 1],
+                [1, 1, 1, 1],
+                false,
+                true,
+                AutoPad::NotSet,
+            ),
+            (
+                vec![1, 2, 5, 33],
+                [2, 2],
+                [2, 2],
+                [0, 0, 0, 0],
+                true,
+                false,
+                AutoPad::NotSet,
+            ),
             (
                 vec![1, 3, 9, 9],
                 [3, 3],

@@ -270,7 +270,10 @@ fn block(
     sgemm(1.0, Lhs::Mat(q), Rhs::Mat(kt), 0.0, &mut scores, t, None);
     let mut tmp = Vec::new();
     for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-        crate::fastmath::simd(|| prep(i, row));
+        crate::fastmath::simd(
+            #[inline(always)]
+            || prep(i, row),
+        );
         softmax_row(row, false, &mut tmp);
     }
     sgemm(
