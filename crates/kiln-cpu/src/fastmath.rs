@@ -457,8 +457,10 @@ pub fn map_vec(func: Func, src: &[f32]) -> Vec<f32> {
 }
 
 /// Runs `f` inside a function compiled for the best vector level of this CPU,
-/// so that loops in `f` (once inlined, as a closure used once is) are
-/// vectorized for it. `f` must compute the same result at any level; use it
+/// so that loops in `f` are vectorized for it once `f` is inlined there.
+/// Pass closures as `simd(#[inline(always)] || ...)`: a big closure is
+/// otherwise compiled on its own, for the baseline ISA (pooling and layer
+/// norm ran on SSE2 that way). `f` must compute the same result at any level; use it
 /// for plain loops (sums, maxima, axpy), not for code that depends on FMA
 /// rounding.
 #[inline]
