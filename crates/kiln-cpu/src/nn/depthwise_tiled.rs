@@ -40,20 +40,12 @@ const MAX_OUT_PLANE: usize = 28 * 28;
 /// output channel per input channel (no channel multiplier), planes up to
 /// [`MAX_OUT_PLANE`] outputs and at least one tile row in the budget.
 pub(super) fn applies(g: &Plane2d, mg: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        mg == 1
-            && g.oh * g.ow <= MAX_OUT_PLANE
-            && g.oh > 0
-            && g.ow > 0
-            && band_rows(g) > 0
-            && std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (g, mg);
-        false
-    }
+    mg == 1
+        && g.oh * g.ow <= MAX_OUT_PLANE
+        && g.oh > 0
+        && g.ow > 0
+        && band_rows(g) > 0
+        && std::is_x86_feature_detected!("avx512f")
 }
 
 /// Columns of the padded tile: every input column the outputs read.
@@ -113,7 +105,6 @@ pub(super) fn conv(
                 let c0 = b * LANES;
                 let xs = &x[(ni * c + c0) * in_n..];
                 // SAFETY: `applies` (asserted above) checked AVX-512F.
-                #[cfg(target_arch = "x86_64")]
                 unsafe {
                     block_avx512(g, ni, c0, in_n, xs, &w[c0 * taps..], epi, blk, &mut s)
                 }
@@ -129,7 +120,6 @@ thread_local! {
 /// One block of up to 16 channels of image `ni` (`blk` holds their output
 /// planes; `xs` starts at the block's first input plane, `ws` at its first
 /// filter).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_avx512(
@@ -254,7 +244,6 @@ unsafe fn block_avx512(
 
 /// `min(max(v, lo), hi)` lane-wise with NaN kept: x86 min/max return their
 /// second operand when either is NaN, so `v` goes second.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn clamp_nan(
@@ -269,7 +258,6 @@ fn clamp_nan(
 /// Fills `tile` (`rows` x `cols` x 16) with the zero-padded input rows from
 /// padded row `prow0` on, lane l from input plane l (`xs[l * in_n..]`, zero
 /// for lanes at or past `nch`).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_band(
@@ -323,7 +311,6 @@ unsafe fn pack_band(
 
 /// Writes `rows` output rows from `otile` (`rows` x `ow` x 16) into the
 /// output planes of the block's `nch` channels, from output row `oy0`.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn unpack_band(
     g: &Plane2d,
@@ -363,7 +350,6 @@ unsafe fn unpack_band(
 
 /// In-register transpose of a 16x16 block: afterwards `v[j]` lane `i` is the
 /// old `v[i]` lane `j`.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
@@ -399,7 +385,7 @@ unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
