@@ -105,9 +105,7 @@ pub(super) fn conv(
                 let c0 = b * LANES;
                 let xs = &x[(ni * c + c0) * in_n..];
                 // SAFETY: `applies` (asserted above) checked AVX-512F.
-                unsafe {
-                    block_avx512(g, ni, c0, in_n, xs, &w[c0 * taps..], epi, blk, &mut s)
-                }
+                unsafe { block_avx512(g, ni, c0, in_n, xs, &w[c0 * taps..], epi, blk, &mut s) }
             })
         });
 }
