@@ -2686,6 +2686,26 @@ mod tests {
                 }
             }
         }
+        // 1-D depthwise (a plane of height 1), strided and padded.
+        let (c, l) = (20, 50);
+        let x = t(&[2, c, l], rng.vec(2 * c * l));
+        let wt = t(&[c, 1, 5], rng.vec(c * 5));
+        let a = attrs(AutoPad::NotSet, c, &[], &[2, 1], &[2]);
+        let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
+        assert!(
+            !std::is_x86_feature_detected!("avx512f") || super::super::depthwise::takes_tiled(&geo)
+        );
+        let want = f32s(&conv_reference(&a, &x, &wt, None).unwrap());
+        let got = conv_f32(
+            &a,
+            &x,
+            wt.shape(),
+            ConvWeights::Raw(&wt),
+            None,
+            None,
+            FusedAct::Identity,
+        );
+        assert_close(&f32s(&got.unwrap()), &want, 1e-5);
     }
 
     /// The few-channel direct kernel through every instruction set.
