@@ -109,7 +109,10 @@ fn depthwise_conv_with(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if allow_tiled && isa == Isa::Avx512 && super::depthwise_tiled::applies(&g, mg) {
+    if allow_tiled
+        && isa == Isa::Avx512
+        && super::depthwise_tiled::applies(&g, mg, std::mem::size_of_val(x))
+    {
         return super::depthwise_tiled::conv(&g, c, in_n, x, w, epi, y);
     }
     let _ = allow_tiled;
@@ -1157,7 +1160,7 @@ pub(crate) fn takes_tiled(geo: &ConvGeometry) -> bool {
     {
         geo.cg == 1
             && detect_isa() == Isa::Avx512
-            && super::depthwise_tiled::applies(&plane2d(geo), geo.mg)
+            && super::depthwise_tiled::applies(&plane2d(geo), geo.mg, geo.n * geo.c * geo.in_n * 4)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
