@@ -598,7 +598,7 @@ mod tests {
         // hold them transposed, `input = Transpose(logical, inverse(perm))`,
         // so that `Transpose(input, perm)` is the logical operand.
         let logical = [[2, 3, 5, 4], [2, 3, 4, 6], [2, 3, 6, 7]];
-        let perms: Vec<Vec<usize>> = permutations(4);
+        let perms: Vec<Vec<usize>> = crate::nn::test_util::permutations(4);
         let bert = [
             Some(vec![0, 2, 1, 3]),
             Some(vec![0, 2, 3, 1]),
@@ -691,21 +691,6 @@ mod tests {
             let r = nn::attention_f32(&q, &kt, &v, None, AttnScale::None, AttnMask::None, &layout);
             assert!(r.is_err(), "{layout:?}");
         }
-    }
-
-    fn permutations(n: usize) -> Vec<Vec<usize>> {
-        if n == 0 {
-            return vec![vec![]];
-        }
-        let mut all = Vec::new();
-        for p in permutations(n - 1) {
-            for pos in 0..n {
-                let mut q = p.clone();
-                q.insert(pos, n - 1);
-                all.push(q);
-            }
-        }
-        all
     }
 
     #[test]

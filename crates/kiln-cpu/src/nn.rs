@@ -246,6 +246,22 @@ pub(crate) mod test_util {
         t.as_slice::<f32>().unwrap().to_vec()
     }
 
+    /// Every permutation of `0..n`.
+    pub fn permutations(n: usize) -> Vec<Vec<usize>> {
+        if n == 0 {
+            return vec![vec![]];
+        }
+        let mut out = Vec::new();
+        for p in permutations(n - 1) {
+            for pos in 0..=p.len() {
+                let mut q = p.clone();
+                q.insert(pos, n - 1);
+                out.push(q);
+            }
+        }
+        out
+    }
+
     #[track_caller]
     pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
         assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");

@@ -1375,21 +1375,6 @@ mod tests {
         }
         idx
     }
-    fn permutations(n: usize) -> Vec<Vec<usize>> {
-        if n == 0 {
-            return vec![vec![]];
-        }
-        let mut out = Vec::new();
-        for p in permutations(n - 1) {
-            for pos in 0..=p.len() {
-                let mut q = p.clone();
-                q.insert(pos, n - 1);
-                out.push(q);
-            }
-        }
-        out
-    }
-
     // ---- Reshape -------------------------------------------------------
 
     #[test]
@@ -1500,7 +1485,7 @@ mod tests {
     fn transpose_matches_naive_for_all_rank4_perms() {
         let shape = [2, 3, 1, 4];
         let x = iota(&shape);
-        for perm in permutations(4) {
+        for perm in crate::nn::test_util::permutations(4) {
             let p: Vec<i64> = perm.iter().map(|&a| a as i64).collect();
             let y = transpose(&x, Some(&p)).unwrap();
             let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
@@ -1562,7 +1547,7 @@ mod tests {
             let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
             let st = istrides(shape);
             let perms: Vec<Vec<usize>> = if shape.len() <= 4 {
-                permutations(shape.len())
+                crate::nn::test_util::permutations(shape.len())
             } else {
                 vec![
                     vec![0, 2, 1, 4, 3],
