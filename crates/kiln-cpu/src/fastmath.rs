@@ -565,6 +565,21 @@ pub fn max_of(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
+/// Sum of `v` accumulated in f64: eight independent lanes (so the loop
+/// vectorizes), then the lanes in order, plus the tail.
+#[inline(always)]
+pub fn sum_f64(v: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += c[i] as f64;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Sum of `v` in 16 interleaved partial sums (pairwise-ish, and vectorizable).
 #[inline]
 pub fn sum_of(v: &[f32]) -> f32 {

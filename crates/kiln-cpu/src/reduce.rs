@@ -297,15 +297,7 @@ fn reduce_f32_fast(
             #[inline(always)]
             || match op {
                 ReduceOp::Sum | ReduceOp::Mean if inner == 1 => {
-                    let mut acc = [0.0f64; 8];
-                    let mut chunks = src.chunks_exact(8);
-                    for c in &mut chunks {
-                        for i in 0..8 {
-                            acc[i] += c[i] as f64;
-                        }
-                    }
-                    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
-                    let s = acc.iter().sum::<f64>() + tail;
+                    let s = crate::fastmath::sum_f64(src);
                     dst[0] = if mean {
                         (s / count as f64) as f32
                     } else {

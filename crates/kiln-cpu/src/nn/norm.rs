@@ -236,15 +236,7 @@ fn layer_norm_impl<T: Real>(
 #[inline(always)]
 fn mean_inv_std_f32(v: &[f32], eps: f32) -> (f64, f64) {
     let n = v.len() as f64;
-    let mut acc = [0.0f64; 8];
-    let mut chunks = v.chunks_exact(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            acc[i] += c[i] as f64;
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
-    let mean = (acc.iter().sum::<f64>() + tail) / n;
+    let mean = crate::fastmath::sum_f64(v) / n;
     let mut acc = [0.0f64; 8];
     let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {

@@ -579,17 +579,7 @@ fn global_fast(op: &str, x: &Tensor, is_max: bool) -> Result<Tensor> {
         } else {
             crate::fastmath::simd(
                 #[inline(always)]
-                || {
-                    let mut acc = [0.0f64; 8];
-                    let mut chunks = s.chunks_exact(8);
-                    for c in &mut chunks {
-                        for i in 0..8 {
-                            acc[i] += c[i] as f64;
-                        }
-                    }
-                    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
-                    ((acc.iter().sum::<f64>() + tail) / inner as f64) as f32
-                },
+                || (crate::fastmath::sum_f64(s) / inner as f64) as f32,
             )
         }
     };
