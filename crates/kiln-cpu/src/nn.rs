@@ -14,6 +14,9 @@ mod matmul;
 mod norm;
 mod pool;
 mod sdpa;
+// AVX-512 only: elsewhere 3x3 convs take the direct or GEMM paths.
+#[cfg(target_arch = "x86_64")]
+mod winograd;
 
 pub(crate) use conv::{clamp_of, prefers_positions};
 pub use conv::{conv, conv_transpose};
@@ -25,6 +28,8 @@ pub(crate) use matmul::{gemm_acc, transpose};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};
 pub use pool::{avg_pool, global_pool, max_pool};
 pub(crate) use sdpa::attention_f32;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use winograd::{applies as winograd_applies, WinogradWeights};
 
 use crate::{invalid, unsupported, Result};
 use half::{bf16, f16};

@@ -133,6 +133,25 @@ fn prepare_conv(
 ) -> Option<Kind> {
     let ws = w.shape();
     let (m, group) = (*ws.first()?, attrs.group);
+    #[cfg(target_arch = "x86_64")]
+    if nn::winograd_applies(
+        ws,
+        group,
+        &attrs.strides,
+        &attrs.dilations,
+        out_hw(out_shape),
+    ) {
+        return Some(Kind::Conv {
+            attrs: attrs.clone(),
+            fused,
+            w_shape: ws.to_vec(),
+            packed: nn::ConvPack::Winograd(nn::WinogradWeights::new(
+                w.as_slice::<f32>()?,
+                m,
+                ws[1],
+            )),
+        });
+    }
     if ws.len() < 3
         || group == 0
         || m == 0
@@ -177,6 +196,16 @@ fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
         b_shape: b.shape().to_vec(),
         packed: PackedB::new(MatRef::row_major(b.as_slice::<f32>()?, k, n)),
     })
+}
+
+/// The output plane's height and width when the plan knows both for a 2-D
+/// conv (`[N, M, H, W]`).
+#[cfg(target_arch = "x86_64")]
+fn out_hw(out_shape: Option<&[Option<usize>]>) -> Option<(usize, usize)> {
+    match out_shape? {
+        [_, _, Some(h), Some(w)] => Some((*h, *w)),
+        _ => None,
+    }
 }
 
 /// Output positions per image (the product of the spatial dims) when the

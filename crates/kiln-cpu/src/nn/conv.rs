@@ -505,10 +505,16 @@ pub(crate) enum ConvWeights<'a> {
 ///   of many narrow ones whose last column panel is mostly padding.
 ///
 /// Both are exact for any shape; the choice only affects speed.
+///
+/// * `Winograd` (x86-64, AVX-512; one group, 3x3, stride 1): W transformed
+///   for Winograd F(4x4, 3x3) (see `winograd.rs`), where the 36 products
+///   over channels replace the 3x3 conv's 144.
 #[derive(Clone, Debug)]
 pub(crate) enum ConvPack {
     Channels(Vec<PackedA>),
     Positions(Vec<PackedB>),
+    #[cfg(target_arch = "x86_64")]
+    Winograd(super::winograd::WinogradWeights),
 }
 
 impl ConvPack {
@@ -517,6 +523,8 @@ impl ConvPack {
         match self {
             ConvPack::Channels(_) => "for channel rows",
             ConvPack::Positions(_) => "for position rows",
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Winograd(_) => "for Winograd F(4x4, 3x3)",
         }
     }
 
@@ -524,6 +532,8 @@ impl ConvPack {
         match self {
             ConvPack::Channels(p) => p.len(),
             ConvPack::Positions(p) => p.len(),
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Winograd(_) => 1,
         }
     }
 }
@@ -688,11 +698,42 @@ pub(crate) fn conv_f32(
                 )
             })?;
             super::depthwise::direct_conv(&geo, xv, wv, &epi, &mut y);
+        } else if let Some(wts) = winograd_weights(w) {
+            winograd_conv(&geo, xv, wts, &epi, &mut y)?;
         } else {
             conv_gemm(&geo, xv, wv, w, &epi, &mut y);
         }
     }
     crate::util::tensor(geo.out_shape, kiln_ir::TensorData::F32(y))
+}
+
+/// The Winograd-transformed weights, when `w` holds them.
+#[cfg(target_arch = "x86_64")]
+fn winograd_weights<'a>(w: ConvWeights<'a>) -> Option<&'a super::winograd::WinogradWeights> {
+    match w {
+        ConvWeights::Packed(ConvPack::Winograd(wts)) => Some(wts),
+        _ => None,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::winograd::conv as winograd_conv;
+
+/// No Winograd weights off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+fn winograd_weights(_: ConvWeights<'_>) -> Option<&'static std::convert::Infallible> {
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn winograd_conv(
+    _: &ConvGeometry,
+    _: &[f32],
+    never: &std::convert::Infallible,
+    _: &Epi<'_>,
+    _: &mut [f32],
+) -> Result<()> {
+    match *never {}
 }
 
 /// The per-channel epilogue of a fast Conv: bias, residual, activation.
@@ -787,6 +828,10 @@ fn conv_gemm(
         }
         ConvWeights::Packed(ConvPack::Channels(p)) => {
             conv_gemm_channels(geo, xv, |g| Lhs::Packed(&p[g]), &taps, epi, y)
+        }
+        #[cfg(target_arch = "x86_64")]
+        ConvWeights::Packed(ConvPack::Winograd(_)) => {
+            unreachable!("conv_f32 routes Winograd weights to winograd::conv")
         }
         ConvWeights::Raw(_) => {
             let wv = wv.expect("raw weights come with their values");

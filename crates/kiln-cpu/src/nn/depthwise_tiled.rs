@@ -279,7 +279,7 @@ fn clamp_nan(
 /// for lanes at or past `nch`).
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pack_band(
+pub(super) unsafe fn pack_band(
     g: &Plane2d,
     prow0: usize,
     rows: usize,
@@ -371,7 +371,7 @@ unsafe fn unpack_band(
 /// old `v[i]` lane `j`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
+pub(super) unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
     use std::arch::x86_64::*;
     // Interleave row pairs: t[2i] = (a0 b0 a1 b1 | a4 b4 a5 b5 | ...),
     // t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.
