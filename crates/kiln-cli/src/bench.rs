@@ -558,6 +558,9 @@ impl Profile {
             mean_run_s * 1e3,
             peak.peak_f32_gflops / peak.mem_bandwidth_gbs
         );
+        println!(
+            "(FLOPs are the direct algorithm's: a conv run by Winograd does fewer, so its rate and roof% can pass the peak)"
+        );
         let header = |first: &str| {
             println!(
                 "{first:<32} {:>9} {:>6} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6}",

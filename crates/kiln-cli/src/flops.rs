@@ -10,6 +10,10 @@
 //! pooling and reductions count one per input element they read; ops that only
 //! move or reshape data (Reshape, Transpose, Gather, Concat, Cast, ...) count
 //! 0; every other op counts one FLOP per output element.
+//!
+//! Counts are the model's, not the kernel's: a 3x3 conv that kiln runs by
+//! Winograd (4x fewer multiply-adds) counts the direct algorithm's FLOPs, so
+//! its reported rate is the direct-equivalent one and can pass the peak.
 
 use kiln_ir::{AttnLayout, Dim, FusedAct, FusedOp, Graph, Op};
 use std::collections::HashMap;
