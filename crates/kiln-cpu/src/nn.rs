@@ -9,6 +9,8 @@ mod conv;
 mod depthwise;
 // AVX-512 only: elsewhere depthwise convs take the per-plane kernels.
 #[cfg(target_arch = "x86_64")]
+mod depthwise_rows;
+#[cfg(target_arch = "x86_64")]
 mod depthwise_tiled;
 mod matmul;
 mod norm;

@@ -2753,6 +2753,78 @@ mod tests {
         assert_close(&f32s(&got.unwrap()), &want, 1e-5);
     }
 
+    /// The 3x3 row kernel (AVX-512: depthwise planes too big for the
+    /// channel-tiled kernel) against the reference, with every epilogue:
+    /// strides 1 and 2, symmetric, asymmetric and 2-wide pads, no pads,
+    /// output rows of exactly 16, 17 (a 1-lane tail) and odd widths, and a
+    /// channel multiplier of 2.
+    #[test]
+    fn depthwise_rows_with_epilogues() {
+        let mut rng = Rng::new(83);
+        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
+            (FusedAct::Identity, &|v| v),
+            (FusedAct::Relu, &|v: f32| v.max(0.0)),
+            (
+                FusedAct::Clip {
+                    min: -0.25,
+                    max: 0.5,
+                },
+                &|v: f32| v.clamp(-0.25, 0.5),
+            ),
+            (FusedAct::Sigmoid, &sigmoid),
+        ];
+        // (C, M, H, W, stride, pads [top, left, bottom, right])
+        for (case, &(c, m, h, w, s, p)) in [
+            (5, 5, 40, 37, 1, [1, 1, 1, 1]),
+            (3, 3, 64, 50, 2, [1, 1, 1, 1]),
+            (4, 4, 61, 70, 2, [0, 1, 1, 0]),
+            (6, 6, 31, 31, 1, [0, 0, 0, 0]),
+            (2, 2, 40, 17, 1, [2, 2, 2, 2]),
+            (3, 3, 70, 45, 2, [2, 2, 1, 2]),
+            (2, 2, 60, 17, 1, [1, 1, 1, 1]),
+            (2, 2, 60, 16, 1, [0, 1, 0, 1]),
+            (3, 6, 33, 66, 2, [1, 1, 1, 1]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let n = 2;
+            let x = t(&[n, c, h, w], rng.vec(n * c * h * w));
+            let wt = t(&[m, 1, 3, 3], rng.vec(m * 9));
+            let bias = t(&[m], rng.vec(m));
+            let a = attrs(AutoPad::NotSet, c, &[1, 1], &p, &[s, s]);
+            let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
+            assert!(
+                !std::is_x86_feature_detected!("avx512f")
+                    || super::super::depthwise::takes_rows(&geo),
+                "case {case}: the row kernel does not take {geo:?}"
+            );
+            let plain = f32s(&conv_reference(&a, &x, &wt, Some(&bias)).unwrap());
+            let res = t(&geo.out_shape, rng.vec(plain.len()));
+            for (act, f) in &acts {
+                for with_res in [false, true] {
+                    let r = with_res.then_some(&res);
+                    let got = conv_f32(
+                        &a,
+                        &x,
+                        wt.shape(),
+                        ConvWeights::Raw(&wt),
+                        Some(&bias),
+                        r,
+                        *act,
+                    );
+                    let want: Vec<f32> = plain
+                        .iter()
+                        .zip(f32s(&res))
+                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
+                        .collect();
+                    assert_close(&f32s(&got.unwrap()), &want, 1e-5);
+                }
+            }
+        }
+    }
+
     /// The few-channel direct kernel through every instruction set.
     #[test]
     fn few_channel_isas_agree() {

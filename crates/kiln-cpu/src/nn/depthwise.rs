@@ -68,8 +68,9 @@ pub(crate) fn direct_conv(geo: &ConvGeometry, x: &[f32], w: &[f32], epi: &Epi<'_
     direct_conv_with(geo, x, w, epi, y, detect_isa(), true)
 }
 
-/// `allow_tiled`: whether depthwise convs may take the channel-tiled kernel
-/// where it applies (tests turn it off to cover the per-plane kernels).
+/// `allow_special`: whether depthwise convs may take the channel-tiled or
+/// the 3x3 row kernel where they apply (tests turn it off to cover the
+/// per-plane kernels).
 fn direct_conv_with(
     geo: &ConvGeometry,
     x: &[f32],
@@ -77,10 +78,10 @@ fn direct_conv_with(
     epi: &Epi<'_>,
     y: &mut [f32],
     isa: Isa,
-    allow_tiled: bool,
+    allow_special: bool,
 ) {
     if geo.cg == 1 {
-        depthwise_conv_with(geo, x, w, epi, y, isa, allow_tiled)
+        depthwise_conv_with(geo, x, w, epi, y, isa, allow_special)
     } else {
         few_channel_conv_with(geo, x, w, epi, y, isa)
     }
@@ -97,7 +98,7 @@ fn depthwise_conv_with(
     epi: &Epi<'_>,
     y: &mut [f32],
     isa: Isa,
-    allow_tiled: bool,
+    allow_special: bool,
 ) {
     assert!(
         geo.cg == 1 && (1..=2).contains(&geo.in_sp.len()),
@@ -109,13 +110,17 @@ fn depthwise_conv_with(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if allow_tiled
+    if allow_special
         && isa == Isa::Avx512
         && super::depthwise_tiled::applies(&g, mg, std::mem::size_of_val(x))
     {
         return super::depthwise_tiled::conv(&g, c, in_n, x, w, epi, y);
     }
-    let _ = allow_tiled;
+    #[cfg(target_arch = "x86_64")]
+    let rows = allow_special && isa == Isa::Avx512 && super::depthwise_rows::applies(&g);
+    #[cfg(not(target_arch = "x86_64"))]
+    let rows = false;
+    let _ = allow_special;
     // Several small planes per task: a 7x7 plane is ~100 ns of work, less
     // than scheduling a task costs.
     let per_task = (PLANE_TASK_ELEMS / out_n).clamp(1, 256);
@@ -130,6 +135,12 @@ fn depthwise_conv_with(
                     let ci = mi / mg;
                     let src = &x[(ni * c + ci) * in_n..][..in_n];
                     let filt = &w[mi * kn..][..kn];
+                    #[cfg(target_arch = "x86_64")]
+                    if rows {
+                        super::depthwise_rows::plane(&g, src, filt, out, epi, ni, mi);
+                        continue;
+                    }
+                    let _ = rows;
                     plane_dispatch(isa, &g, src, filt, &mut scratch, out, epi, ni, mi);
                 }
             })
@@ -1169,6 +1180,24 @@ pub(crate) fn takes_tiled(geo: &ConvGeometry) -> bool {
     }
 }
 
+/// Test hook: whether this CPU runs a depthwise conv of this geometry on the
+/// 3x3 row kernel.
+#[cfg(test)]
+pub(crate) fn takes_rows(geo: &ConvGeometry) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        geo.cg == 1
+            && !takes_tiled(geo)
+            && detect_isa() == Isa::Avx512
+            && super::depthwise_rows::applies(&plane2d(geo))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = geo;
+        false
+    }
+}
+
 /// Test hook: runs a depthwise or few-channel conv through every instruction
 /// set this CPU supports (the portable loops first) and returns each output.
 #[cfg(test)]
@@ -1196,7 +1225,8 @@ pub(crate) fn all_isas(
         }
     }
     let (xv, wv) = (x.as_slice::<f32>().unwrap(), w.as_slice::<f32>().unwrap());
-    // Each ISA's per-plane kernels, then the channel-tiled one where it runs.
+    // Each ISA's per-plane kernels, then the channel-tiled or row kernel
+    // where one runs.
     let mut runs: Vec<(Isa, bool)> = isas.into_iter().map(|isa| (isa, false)).collect();
     runs.push((detect_isa(), true));
     runs.into_iter()

@@ -178,6 +178,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The conv `geo` over X into Y (`[N, M, OH, OW]`, fully overwritten),
 /// epilogue included. Errors when the geometry is not one the weights were
 /// transformed for.
@@ -263,7 +270,15 @@ pub(crate) fn conv(
             .enumerate()
             .for_each(|(xi, mx)| {
                 let a = MatRef::new(&vs[xi * c..], tiles, c, XI * c, 1);
-                sgemm(1.0, Lhs::Mat(a), Rhs::Packed(&wts.panels[xi]), 0.0, mx, m, None);
+                sgemm(
+                    1.0,
+                    Lhs::Mat(a),
+                    Rhs::Packed(&wts.panels[xi]),
+                    0.0,
+                    mx,
+                    m,
+                    None,
+                );
             });
         // 3. Output transform, one task per (tile row, 16 output channels).
         let ms = &mm[..XI * tiles * m];
@@ -273,7 +288,6 @@ pub(crate) fn conv(
             let (ni, ty) = ((r0 + i) / th, (r0 + i) % th);
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
-                let yp = yp;
                 // SAFETY: AVX-512F was checked above; this task writes only
                 // output rows 4ty.. of channels 16kb.. of image ni, which no
                 // other task of this loop writes; Y holds n * m * out_n.
@@ -285,7 +299,7 @@ pub(crate) fn conv(
                         (i * tw, tiles, tw),
                         m,
                         ms,
-                        yp.0,
+                        yp.get(),
                         &mut s,
                     )
                 }
@@ -324,11 +338,23 @@ fn bt6(d: &[std::arch::x86_64::__m512; IT]) -> [std::arch::x86_64::__m512; IT] {
     let b = _mm512_sub_ps(d[4], d[2]);
     [
         // d0 + d4 + 1.5 a - 2 d2
-        _mm512_fnmadd_ps(c(2.0), d[2], _mm512_fmadd_ps(c(1.5), a, _mm512_add_ps(d[0], d[4]))),
+        _mm512_fnmadd_ps(
+            c(2.0),
+            d[2],
+            _mm512_fmadd_ps(c(1.5), a, _mm512_add_ps(d[0], d[4])),
+        ),
         // d4 - d1 - 2.5 d2 - 0.5 d3
-        _mm512_fnmadd_ps(c(0.5), d[3], _mm512_fnmadd_ps(c(2.5), d[2], _mm512_sub_ps(d[4], d[1]))),
+        _mm512_fnmadd_ps(
+            c(0.5),
+            d[3],
+            _mm512_fnmadd_ps(c(2.5), d[2], _mm512_sub_ps(d[4], d[1])),
+        ),
         // d4 + d1 + 0.5 d2 - 2.5 d3
-        _mm512_fnmadd_ps(c(2.5), d[3], _mm512_fmadd_ps(c(0.5), d[2], _mm512_add_ps(d[4], d[1]))),
+        _mm512_fnmadd_ps(
+            c(2.5),
+            d[3],
+            _mm512_fmadd_ps(c(0.5), d[2], _mm512_add_ps(d[4], d[1])),
+        ),
         // b - 0.5 a
         _mm512_fnmadd_ps(c(0.5), a, b),
         // b + 2 a
@@ -501,10 +527,7 @@ unsafe fn output_row(
         for r in 0..OT.min(oh - OT * ty) {
             let oy = OT * ty + r;
             let src = std::slice::from_raw_parts(op.add((l * OT + r) * width), ow);
-            let dst = std::slice::from_raw_parts_mut(
-                y.add(((ni * m + k0 + l) * oh + oy) * ow),
-                ow,
-            );
+            let dst = std::slice::from_raw_parts_mut(y.add(((ni * m + k0 + l) * oh + oy) * ow), ow);
             dst.copy_from_slice(src);
             if rest_of_epi {
                 after_bias.apply(ni, k0 + l, oy * ow, dst);
@@ -545,7 +568,13 @@ mod tests {
         let worst = got
             .iter()
             .zip(want)
-            .map(|(g, w)| if g.is_nan() && w.is_nan() { 0.0 } else { (g - w).abs() })
+            .map(|(g, w)| {
+                if g.is_nan() && w.is_nan() {
+                    0.0
+                } else {
+                    (g - w).abs()
+                }
+            })
             .fold(0.0, f32::max);
         worst / rms.max(f32::MIN_POSITIVE)
     }
@@ -558,7 +587,10 @@ mod tests {
         for _ in 0..20 {
             let d: Vec<f64> = rng.vec(IT).into_iter().map(f64::from).collect();
             let g: Vec<f64> = rng.vec(3).into_iter().map(f64::from).collect();
-            let gg: Vec<f64> = G.iter().map(|r| (0..3).map(|k| r[k] * g[k]).sum()).collect();
+            let gg: Vec<f64> = G
+                .iter()
+                .map(|r| (0..3).map(|k| r[k] * g[k]).sum())
+                .collect();
             let bd: Vec<f64> = BT
                 .iter()
                 .map(|r| (0..IT).map(|k| r[k] as f64 * d[k]).sum())
@@ -600,11 +632,17 @@ mod tests {
             let x = |k: usize| vals[k * LANES + l] as f64;
             for (i, row) in BT.iter().enumerate() {
                 let want: f64 = (0..IT).map(|k| row[k] as f64 * x(k)).sum();
-                assert!((bt[i][l] as f64 - want).abs() < 1e-5, "B^T row {i} lane {l}");
+                assert!(
+                    (bt[i][l] as f64 - want).abs() < 1e-5,
+                    "B^T row {i} lane {l}"
+                );
             }
             for (i, row) in AT.iter().enumerate() {
                 let want: f64 = (0..IT).map(|k| row[k] as f64 * x(k)).sum();
-                assert!((at[i][l] as f64 - want).abs() < 1e-5, "A^T row {i} lane {l}");
+                assert!(
+                    (at[i][l] as f64 - want).abs() < 1e-5,
+                    "A^T row {i} lane {l}"
+                );
             }
         }
     }
@@ -647,7 +685,14 @@ mod tests {
             (2, 96, 100, 40, 40, AutoPad::NotSet, [1, 1, 1, 1]),
         ];
         for (case, &(n, c, m, h, w, auto_pad, pads)) in cases.iter().enumerate() {
-            let a = attrs(auto_pad, if auto_pad == AutoPad::NotSet { &pads } else { &[] });
+            let a = attrs(
+                auto_pad,
+                if auto_pad == AutoPad::NotSet {
+                    &pads
+                } else {
+                    &[]
+                },
+            );
             let x = t(&[n, c, h, w], rng.vec(n * c * h * w));
             let wt = t(&[m, c, 3, 3], rng.vec(m * c * 9));
             let bias = t(&[m], rng.vec(m));
@@ -660,8 +705,13 @@ mod tests {
                     "the last case must span chunks with a boundary inside an image"
                 );
             }
-            let exact = conv_reference(&a, &f64_tensor(&x), &f64_tensor(&wt), Some(&f64_tensor(&bias)))
-                .unwrap();
+            let exact = conv_reference(
+                &a,
+                &f64_tensor(&x),
+                &f64_tensor(&wt),
+                Some(&f64_tensor(&bias)),
+            )
+            .unwrap();
             let plain: Vec<f32> = exact
                 .as_slice::<f64>()
                 .unwrap()
@@ -737,7 +787,10 @@ mod tests {
     fn winograd_routing() {
         let avx512 = std::is_x86_feature_detected!("avx512f");
         let hw = |s: usize| Some((s, s));
-        assert_eq!(applies(&[64, 64, 3, 3], 1, &[1, 1], &[1, 1], hw(56)), avx512);
+        assert_eq!(
+            applies(&[64, 64, 3, 3], 1, &[1, 1], &[1, 1], hw(56)),
+            avx512
+        );
         assert_eq!(applies(&[256, 256, 3, 3], 1, &[], &[], hw(14)), avx512);
         assert!(!applies(&[512, 512, 3, 3], 1, &[1, 1], &[], hw(7)));
         assert!(!applies(&[64, 64, 3, 3], 1, &[2, 2], &[], hw(28)));

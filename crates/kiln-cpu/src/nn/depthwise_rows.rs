@@ -1,0 +1,295 @@
+//! 3x3 depthwise convs (stride 1 or 2) straight from the input rows, on
+//! AVX-512.
+//!
+//! The general per-plane kernel copies each input plane into zero-padded
+//! phase planes first (for stride 2: even and odd rows and columns), then
+//! runs the taps over them, then copies the result rows out and applies the
+//! epilogue: four passes over a plane. On MobileNetV2's large planes
+//! (56x56 and 112x112, inputs of 1.5-5 MB that come from L3) those passes
+//! cost 2-3x ONNX Runtime's time. Here each output vector of 16 columns is
+//! computed from the input rows in place: for each of the three kernel rows,
+//!
+//! - stride 1: three unaligned loads (columns `ox - pw + kx`);
+//! - stride 2: the 34 input columns the 16 outputs span, split into even and
+//!   odd columns with two-source permutes;
+//!
+//! with the padding done by masked loads (masked-off lanes read nothing and
+//! are zero), bias and Relu/Clip in registers, one store. A residual or other
+//! activation runs after, per output row.
+//!
+//! The reference is `conv_reference` (im2col + GEMM).
+
+use super::conv::{clamp_of, Epi};
+use super::depthwise::Plane2d;
+
+/// Output columns per vector.
+const LANES: usize = 16;
+
+/// Whether this kernel takes a depthwise plane of geometry `g`: a 3x3
+/// kernel, the same stride (1 or 2) on both axes, no dilation, output rows at
+/// least one vector wide, and AVX-512.
+pub(super) fn applies(g: &Plane2d) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.sh == g.sw
+        && (g.sh == 1 || g.sh == 2)
+        && g.dh == 1
+        && g.dw == 1
+        && g.ow >= LANES
+        && g.oh > 0
+        && std::is_x86_feature_detected!("avx512f")
+}
+
+/// One output plane (`out`, `oh * ow`) of channel `ch` of image `ni` from its
+/// input plane `src` (`ih * iw`) and 9 weights, epilogue included. Callers
+/// check [`applies`] first.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn plane(
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    ch: usize,
+) {
+    assert!(
+        applies(g) && src.len() >= g.ih * g.iw && filt.len() == 9 && out.len() >= g.oh * g.ow,
+        "depthwise_rows does not take {g:?}"
+    );
+    // SAFETY: `applies` (asserted) checked AVX-512F; the buffer sizes were
+    // asserted above.
+    unsafe {
+        if g.sh == 1 {
+            plane_avx512::<1>(g, src, filt, out, epi, ni, ch)
+        } else {
+            plane_avx512::<2>(g, src, filt, out, epi, ni, ch)
+        }
+    }
+}
+
+/// Lanes `j` of a 16-float load at input column `start + j` that lie inside
+/// a row of `iw` columns.
+#[inline(always)]
+fn col_mask(start: isize, iw: usize) -> u16 {
+    let lo = (-start).clamp(0, LANES as isize) as u32;
+    let hi = (iw as isize - start).clamp(0, LANES as isize) as u32;
+    if hi <= lo {
+        return 0;
+    }
+    let upto = |n: u32| if n >= 16 { u16::MAX } else { (1u16 << n) - 1 };
+    upto(hi) & !upto(lo)
+}
+
+/// # Safety
+/// The CPU must have AVX-512F; `src` holds `ih * iw` floats, `out` `oh * ow`,
+/// `filt` 9.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn plane_avx512<const S: usize>(
+    g: &Plane2d,
+    src: &[f32],
+    filt: &[f32],
+    out: &mut [f32],
+    epi: &Epi<'_>,
+    ni: usize,
+    ch: usize,
+) {
+    use std::arch::x86_64::*;
+    // Relu/Clip in registers unless a residual must be added first.
+    let clamp = if epi.res.is_none() {
+        clamp_of(epi.act)
+    } else {
+        None
+    };
+    let rest_of_epi =
+        epi.res.is_some() || (clamp.is_none() && epi.act != kiln_ir::FusedAct::Identity);
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let bias = _mm512_set1_ps(epi.bias.map_or(0.0, |b| b[ch]));
+    let w: [__m512; 9] = [
+        _mm512_set1_ps(filt[0]),
+        _mm512_set1_ps(filt[1]),
+        _mm512_set1_ps(filt[2]),
+        _mm512_set1_ps(filt[3]),
+        _mm512_set1_ps(filt[4]),
+        _mm512_set1_ps(filt[5]),
+        _mm512_set1_ps(filt[6]),
+        _mm512_set1_ps(filt[7]),
+        _mm512_set1_ps(filt[8]),
+    ];
+    // Lane j of the even (odd) split of two vectors a, b: element 2j (2j+1)
+    // of their concatenation.
+    let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    let (iw, pw) = (g.iw, g.pw as isize);
+    let base = src.as_ptr();
+    let after_bias = Epi {
+        bias: None,
+        res: epi.res,
+        act: epi.act,
+        m: epi.m,
+        out_n: epi.out_n,
+    };
+    // Input columns the loads for one output vector span from its first
+    // column `ox0 * S - pw`: vectors whose span lies inside the row take
+    // plain loads, the others masked ones.
+    let span = if S == 1 { LANES + 2 } else { 2 * LANES + 2 };
+    // Padding rows read a row of zeros (no branch per kernel row).
+    ZEROS.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.len() < iw {
+            z.resize(iw, 0.0);
+        }
+        let zero_row = z.as_ptr();
+        for oy in 0..g.oh {
+            let orow = out.as_mut_ptr().add(oy * g.ow);
+            let row = |ky: usize| {
+                let iy = (oy * S + ky) as isize - g.ph as isize;
+                if iy >= 0 && (iy as usize) < g.ih {
+                    base.add(iy as usize * iw)
+                } else {
+                    zero_row
+                }
+            };
+            let rows = [row(0), row(1), row(2)];
+            let mut ox0 = 0;
+            while ox0 < g.ow {
+                let n = LANES.min(g.ow - ox0);
+                let start = (ox0 * S) as isize - pw;
+                let inside = n == LANES && start >= 0 && start as usize + span <= iw;
+                let masks = if inside {
+                    [0; 4]
+                } else {
+                    [
+                        col_mask(start, iw),
+                        col_mask(start + if S == 1 { 1 } else { 16 }, iw),
+                        col_mask(start + 2, iw),
+                        col_mask(start + 18, iw),
+                    ]
+                };
+                // One partial sum per kernel row: three short dependency
+                // chains instead of one of nine multiply-adds.
+                let mut part = [bias; 3];
+                for (ky, (&r, p)) in rows.iter().zip(part.iter_mut()).enumerate() {
+                    let (t0, t1, t2) = if inside {
+                        taps_plain::<S>(r.offset(start), even, odd)
+                    } else {
+                        taps_masked::<S>(r, start, masks, even, odd)
+                    };
+                    let acc = _mm512_mul_ps(t0, w[3 * ky]);
+                    let acc = _mm512_fmadd_ps(t1, w[3 * ky + 1], acc);
+                    *p = _mm512_fmadd_ps(t2, w[3 * ky + 2], acc);
+                }
+                let acc = _mm512_add_ps(
+                    _mm512_add_ps(part[0], part[1]),
+                    _mm512_add_ps(part[2], bias),
+                );
+                // x86 min/max return the second operand on NaN: acc goes second.
+                let v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, acc));
+                let omask: __mmask16 = if n == LANES { !0 } else { (1u16 << n) - 1 };
+                _mm512_mask_storeu_ps(orow.add(ox0), omask, v);
+                ox0 += n;
+            }
+            if rest_of_epi {
+                let orow = std::slice::from_raw_parts_mut(orow, g.ow);
+                after_bias.apply(ni, ch, oy * g.ow, orow);
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// A row of zeros standing in for the padding rows.
+    static ZEROS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The three taps' input vectors of one kernel row for 16 outputs whose
+/// input columns start at `p` and lie inside the row.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `p` must have 18 (stride 1) or 34 (stride 2)
+/// readable floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn taps_plain<const S: usize>(
+    p: *const f32,
+    even: std::arch::x86_64::__m512i,
+    odd: std::arch::x86_64::__m512i,
+) -> (
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+) {
+    use std::arch::x86_64::*;
+    if S == 1 {
+        (
+            _mm512_loadu_ps(p),
+            _mm512_loadu_ps(p.add(1)),
+            _mm512_loadu_ps(p.add(2)),
+        )
+    } else {
+        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let (c, d) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(18)));
+        (
+            _mm512_permutex2var_ps(a, even, b),
+            _mm512_permutex2var_ps(a, odd, b),
+            _mm512_permutex2var_ps(c, even, d),
+        )
+    }
+}
+
+/// [`taps_plain`] at the row's edges: each load (from `start`, then `start
+/// + 1` or `+ 16`, `+ 2`, `+ 18`) reads only the lanes its mask (from
+/// [`col_mask`]) keeps inside the row; the others are zero.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the masked lanes of every load must be
+/// readable.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn taps_masked<const S: usize>(
+    row: *const f32,
+    start: isize,
+    masks: [u16; 4],
+    even: std::arch::x86_64::__m512i,
+    odd: std::arch::x86_64::__m512i,
+) -> (
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+) {
+    use std::arch::x86_64::*;
+    let load = |m: u16, at: isize| _mm512_maskz_loadu_ps(m, row.wrapping_offset(at));
+    if S == 1 {
+        (
+            load(masks[0], start),
+            load(masks[1], start + 1),
+            load(masks[2], start + 2),
+        )
+    } else {
+        let (a, b) = (load(masks[0], start), load(masks[1], start + 16));
+        let (c, d) = (load(masks[2], start + 2), load(masks[3], start + 18));
+        (
+            _mm512_permutex2var_ps(a, even, b),
+            _mm512_permutex2var_ps(a, odd, b),
+            _mm512_permutex2var_ps(c, even, d),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn col_mask_covers_the_row() {
+        assert_eq!(col_mask(0, 100), u16::MAX);
+        assert_eq!(col_mask(-1, 100), u16::MAX - 1);
+        assert_eq!(col_mask(-2, 100), u16::MAX - 3);
+        assert_eq!(col_mask(90, 100), (1 << 10) - 1);
+        assert_eq!(col_mask(-1, 3), 0b1110);
+        assert_eq!(col_mask(100, 100), 0);
+        assert_eq!(col_mask(-20, 100), 0);
+    }
+}
