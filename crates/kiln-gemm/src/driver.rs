@@ -154,6 +154,18 @@ pub(crate) fn pack_b_now(b: MatRef<'_>, nr: usize) -> Packed<'static> {
     Packed::Owned(buf)
 }
 
+/// The last, partial `nr`-column panel of a B read in place ([`DirectB`]),
+/// packed now; None when B's columns fill whole panels.
+pub(crate) fn pack_b_tail_now(b: MatRef<'_>, nr: usize) -> Option<Packed<'static>> {
+    let n = b.cols();
+    if n % nr == 0 {
+        return None;
+    }
+    let mut buf = take_buf(nr * b.rows());
+    pack::pack_b_panel(b, n - n % nr, nr, buf.as_mut_slice());
+    Some(Packed::Owned(buf))
+}
+
 /// A caller-packed A (`Panels`), filled now into a spare buffer.
 pub(crate) fn fill_a_now(a: &crate::Panels<'_>, mr: usize) -> Packed<'static> {
     let mut buf = take_buf(a.rows.div_ceil(mr) * mr * a.cols);
@@ -185,11 +197,26 @@ pub(crate) struct Job<'a> {
     pub alpha: f32,
     pub beta: f32,
     pub a: &'a [f32],
+    /// B packed in `NR`-column panels (empty when `b_direct` is given).
     pub b: &'a [f32],
+    /// B read in place instead (see [`DirectB`]).
+    pub b_direct: Option<DirectB<'a>>,
     pub ldc: usize,
     /// Done by the microkernel on each tile's last k block.
     pub finish: &'a Finish<'a>,
     pub epilogue: Option<&'a Epilogue<'a>>,
+}
+
+/// A row-major B (`k x n`, unit column stride) that the microkernel reads in
+/// place: every full `NR`-column panel straight from `data` (rows `ld`
+/// apart), the last partial one, if any, from `tail` (packed, zero-padded
+/// to `NR` columns), since a full-width load there would read past the
+/// matrix.
+#[derive(Clone, Copy)]
+pub(crate) struct DirectB<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub tail: &'a [f32],
 }
 
 /// `C = alpha * A·B + beta * C` (+ epilogue) over packed A and B, `k >= 1`.
@@ -199,7 +226,14 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
     debug_assert!(m > 0 && n > 0 && k > 0);
     assert!(c.len() >= (m - 1) * job.ldc + n);
     assert!(job.a.len() >= m.div_ceil(kern.mr) * kern.mr * k);
-    assert!(job.b.len() >= n.div_ceil(kern.nr) * kern.nr * k);
+    match &job.b_direct {
+        Some(d) => {
+            let full = n / kern.nr;
+            assert!(full == 0 || d.data.len() >= (k - 1) * d.ld + full * kern.nr);
+            assert!(d.ld >= n && (n % kern.nr == 0 || d.tail.len() >= k * kern.nr));
+        }
+        None => assert!(job.b.len() >= n.div_ceil(kern.nr) * kern.nr * k),
+    }
     let blk = blocking_cached(kern);
     let mp = m.div_ceil(kern.mr);
     let np = n.div_ceil(kern.nr);
@@ -293,7 +327,11 @@ unsafe fn run_task(
             let a = job.a[ip * mr * k + pc * mr..].as_ptr();
             for jq in q0..q1 {
                 let cols = nr.min(n - jq * nr);
-                let b = job.b[jq * nr * k + pc * nr..].as_ptr();
+                let (b, ldb) = match &job.b_direct {
+                    Some(d) if cols == nr => (d.data[pc * d.ld + jq * nr..].as_ptr(), d.ld),
+                    Some(d) => (d.tail[pc * nr..].as_ptr(), nr),
+                    None => (job.b[jq * nr * k + pc * nr..].as_ptr(), nr),
+                };
                 let (i0, j0) = (ip * mr, jq * nr);
                 // The finish's slices cover all of C (checked by `Finish::check`),
                 // so these offsets start the tile's rows / columns in bounds.
@@ -307,7 +345,9 @@ unsafe fn run_task(
                     clamp: fin.clamp,
                 });
                 // SAFETY: A panel ip holds mr*k floats from ip*mr*k, so kc*mr
-                // remain from pc*mr; likewise B. The tile starting at row i0,
+                // remain from pc*mr; likewise a packed B panel. A direct B's
+                // full panel has kc rows of nr floats from row pc, ld apart
+                // (asserted in `gemm_packed`); its tail panel is packed. The tile starting at row i0,
                 // column j0 with `rows x cols` is inside C and inside this
                 // task's region (caller's contract), and the finish pointers
                 // cover the same rows and columns of their m x n operands.
@@ -316,6 +356,7 @@ unsafe fn run_task(
                         kc,
                         a,
                         b,
+                        ldb,
                         c.add(i0 * ldc + j0),
                         ldc,
                         job.alpha,

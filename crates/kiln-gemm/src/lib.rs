@@ -532,7 +532,16 @@ pub(crate) fn sgemm_with(
         Lhs::Mat(v) => driver::pack_a_now(v, kernel.mr),
         Lhs::Panels(p) => driver::fill_a_now(&p, kernel.mr),
     };
+    // A row-major B is read in place where packing it would cost a
+    // noticeable share of the product (see `direct_b_applies`).
+    let direct = match b {
+        Rhs::Mat(v) if direct_b_applies(kernel, m, v) => {
+            Some((v, driver::pack_b_tail_now(v, kernel.nr)))
+        }
+        _ => None,
+    };
     let pb = match b {
+        _ if direct.is_some() => driver::Packed::Borrowed(&[]),
         Rhs::Packed(p) if p.kind == kernel.kind => driver::Packed::Borrowed(p.data.as_slice()),
         Rhs::Packed(p) => {
             let rm = p.to_row_major();
@@ -550,11 +559,34 @@ pub(crate) fn sgemm_with(
         beta,
         a: pa.data(),
         b: pb.data(),
+        b_direct: direct.as_ref().map(|(v, tail)| driver::DirectB {
+            data: v.data(),
+            ld: v.row_stride(),
+            tail: tail.as_ref().map_or(&[], |t| t.data()),
+        }),
         ldc,
         finish,
         epilogue: user_epilogue,
     };
     driver::gemm_packed(&job, c);
+}
+
+/// Most rows of C (of A) for which a row-major B is read in place by the
+/// microkernel rather than packed first: packing B costs about one copy of
+/// it, the product `m` multiply-adds per element of B, so packing is a share
+/// of about `1 / m`. Measured (criterion, MobileNetV2/ResNet-50 pointwise
+/// shapes): m = 16 and 24 ran 36-49% faster in place, m = 96 and 256 1-6%
+/// slower (strided rows of B are re-read from L2 for every row panel of A).
+const DIRECT_B_MAX_M: usize = 64;
+
+/// Whether [`sgemm_with`] reads this B (`k x n`) in place: contiguous rows
+/// (unit column stride, rows apart by at least `n`), at least one full
+/// panel of columns, and few enough rows of C.
+pub(crate) fn direct_b_applies(kernel: &Kernel, m: usize, b: MatRef<'_>) -> bool {
+    b.col_stride() == 1
+        && b.row_stride() >= b.cols()
+        && b.cols() >= kernel.nr
+        && m <= DIRECT_B_MAX_M
 }
 
 /// The plain definition, for tests: `C = alpha * A·B + beta * C` then the

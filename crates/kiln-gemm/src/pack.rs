@@ -187,7 +187,7 @@ fn pack_a_full<const MR: usize>(data: &[f32], rs: usize, i0: usize, k: usize, ds
 }
 
 /// Columns `j0 .. j0 + nr` of `b` (zero past the last column): `dst[p * nr + c] = b[p, j0 + c]`.
-fn pack_b_panel(b: MatRef<'_>, j0: usize, nr: usize, dst: &mut [f32]) {
+pub(crate) fn pack_b_panel(b: MatRef<'_>, j0: usize, nr: usize, dst: &mut [f32]) {
     let k = b.rows();
     let cols = nr.min(b.cols() - j0);
     let (rs, cs, data) = (b.row_stride(), b.col_stride(), b.data());

@@ -12,12 +12,13 @@ pub(crate) const NR: usize = 16;
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. `a` must point to `kc * MR` readable
-/// floats, `b` to `kc * NR`, and `c` to an `mr x nr` tile with row stride `ldc`,
+/// floats, `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`,
 /// with `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -30,12 +31,12 @@ pub(crate) unsafe fn micro(
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match mr {
-            1 => tile::<1>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-            2 => tile::<2>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-            3 => tile::<3>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-            4 => tile::<4>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-            5 => tile::<5>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-            6 => tile::<6>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+            1 => tile::<1>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            2 => tile::<2>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            3 => tile::<3>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            4 => tile::<4>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            5 => tile::<5>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            6 => tile::<6>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
             _ => unreachable!("avx2 tile rows {mr}"),
         }
     }
@@ -46,6 +47,7 @@ unsafe fn tile<const R: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -55,8 +57,8 @@ unsafe fn tile<const R: usize>(
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let (mut a, mut b) = (a, b);
-    // SAFETY (whole body): `a` has kc*MR floats and `b` kc*NR floats; each step
-    // reads a[..R] and b[..16]. C (and `fin`'s bias/residual) accesses stay
+    // SAFETY (whole body): `a` has kc*MR floats and `b` kc rows of NR floats,
+    // ldb apart; each step reads a[..R] and b[..16]. C (and `fin`'s bias/residual) accesses stay
     // inside the mr x nr tile: full vectors only when nr == 16, element-wise
     // otherwise.
     unsafe {
@@ -69,7 +71,7 @@ unsafe fn tile<const R: usize>(
                 acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
             }
             a = a.add(MR);
-            b = b.add(NR);
+            b = b.wrapping_add(ldb);
         }
         let va = _mm256_set1_ps(alpha);
         if nr == NR {

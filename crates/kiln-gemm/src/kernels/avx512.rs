@@ -19,12 +19,13 @@ const PREFETCH_A: usize = 48;
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `a` must point to `kc * MR` readable floats,
-/// `b` to `kc * NR`, and `c` to an `mr x nr` tile with row stride `ldc`, with
+/// `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`, with
 /// `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -39,10 +40,10 @@ pub(crate) unsafe fn micro(
         ($($r:literal),*) => {
             match (mr, nv) {
                 $(
-                    ($r, 1) => tile::<$r, 1>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-                    ($r, 2) => tile::<$r, 2>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-                    ($r, 3) => tile::<$r, 3>(kc, a, b, c, ldc, alpha, beta, nr, fin),
-                    ($r, 4) => tile::<$r, 4>(kc, a, b, c, ldc, alpha, beta, nr, fin),
+                    ($r, 1) => tile::<$r, 1>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 2) => tile::<$r, 2>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 3) => tile::<$r, 3>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 4) => tile::<$r, 4>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
                 )*
                 _ => unreachable!("avx512 tile {mr}x{nr}"),
             }
@@ -59,6 +60,7 @@ unsafe fn tile<const R: usize, const V: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -68,8 +70,9 @@ unsafe fn tile<const R: usize, const V: usize>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut a, mut b) = (a, b);
-    // SAFETY (whole body): `a` has kc*MR floats and `b` kc*NR floats (contract);
-    // each step reads a[..R] and b[..16*V] then advances by MR / NR. Prefetches
+    // SAFETY (whole body): `a` has kc*MR floats and `b` kc rows of NR floats,
+    // ldb apart (contract); each step reads a[..R] and b[..16*V] then
+    // advances by MR / ldb. Prefetches
     // never fault, even past the end of the buffer.
     unsafe {
         // The C tile is read (or written) at the end; start fetching it now.
@@ -82,7 +85,7 @@ unsafe fn tile<const R: usize, const V: usize>(
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A * MR) as *const i8);
             let mut bv = [_mm512_setzero_ps(); V];
             for v in 0..V {
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B * NR + 16 * v) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B * ldb + 16 * v) as *const i8);
                 bv[v] = _mm512_loadu_ps(b.add(16 * v));
             }
             for r in 0..R {
@@ -92,7 +95,7 @@ unsafe fn tile<const R: usize, const V: usize>(
                 }
             }
             a = a.add(MR);
-            b = b.add(NR);
+            b = b.wrapping_add(ldb);
         }
         let va = _mm512_set1_ps(alpha);
         let vb = _mm512_set1_ps(beta);

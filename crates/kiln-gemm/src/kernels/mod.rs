@@ -21,12 +21,15 @@ pub(crate) enum KernelKind {
 }
 
 /// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile, `A` a packed
-/// `kc x MR` micro-panel and `B` a packed `kc x NR` micro-panel (`beta == 0`:
-/// C is not read), then `fin` if given. Safety contract: see each kernel's `micro`.
+/// `kc x MR` micro-panel and `B` a `kc x NR` micro-panel whose rows are `ldb`
+/// floats apart (`NR` when packed; a row-major B's row stride when read in
+/// place) (`beta == 0`: C is not read), then `fin` if given. Safety
+/// contract: see each kernel's `micro`.
 pub(crate) type MicroFn = unsafe fn(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -99,8 +102,9 @@ impl Kernel {
     /// One tile; see [`MicroFn`].
     ///
     /// # Safety
-    /// `a` must point to `kc * self.mr` readable floats, `b` to `kc * self.nr`,
-    /// and `c` to an `mr x nr` tile with row stride `ldc` that nothing else
+    /// `a` must point to `kc * self.mr` readable floats, `b` to `kc` rows of
+    /// `self.nr` readable floats each, `ldb >= self.nr` apart, and `c` to an
+    /// `mr x nr` tile with row stride `ldc` that nothing else
     /// accesses meanwhile, with `1 <= mr <= self.mr` and `1 <= nr <= self.nr`;
     /// `fin`'s non-null pointers must cover the same `mr x nr` tile.
     #[inline]
@@ -110,6 +114,7 @@ impl Kernel {
         kc: usize,
         a: *const f32,
         b: *const f32,
+        ldb: usize,
         c: *mut f32,
         ldc: usize,
         alpha: f32,
@@ -120,7 +125,7 @@ impl Kernel {
     ) {
         // SAFETY: pointer validity is the caller's contract; CPU support for the
         // kernel's instructions was checked when this `Kernel` was handed out.
-        unsafe { (self.micro)(kc, a, b, c, ldc, alpha, beta, mr, nr, fin) }
+        unsafe { (self.micro)(kc, a, b, ldb, c, ldc, alpha, beta, mr, nr, fin) }
     }
 
     /// `y += alpha * x` over the shorter length.

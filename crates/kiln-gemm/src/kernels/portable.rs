@@ -47,12 +47,14 @@ pub(crate) type Native = Unfused;
 /// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile (`beta == 0`: C not read).
 ///
 /// # Safety
-/// `a` must point to `kc * MR` readable floats, `b` to `kc * NR`, and `c` to an
-/// `mr x nr` tile with row stride `ldc`, `1 <= mr <= MR`, `1 <= nr <= NR`.
+/// `a` must point to `kc * MR` readable floats, `b` to `kc` rows of `NR`
+/// readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride
+/// `ldc`, `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     alpha: f32,
@@ -62,16 +64,12 @@ pub(crate) unsafe fn micro(
     fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
-    // SAFETY: the contract gives kc*MR floats at `a` and kc*NR at `b`.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(a, kc * MR),
-            std::slice::from_raw_parts(b, kc * NR),
-        )
-    };
+    // SAFETY: the contract gives kc*MR floats at `a`.
+    let a = unsafe { std::slice::from_raw_parts(a, kc * MR) };
     let mut acc = [[0f32; NR]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        let bp: &[f32; NR] = bp.try_into().expect("chunk of NR");
+    for (p, ap) in a.chunks_exact(MR).enumerate() {
+        // SAFETY: the contract gives kc rows of NR floats at `b`, ldb apart.
+        let bp: &[f32; NR] = unsafe { &*(b.add(p * ldb) as *const [f32; NR]) };
         for r in 0..MR {
             let av = ap[r];
             for j in 0..NR {
