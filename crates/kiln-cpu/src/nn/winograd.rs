@@ -62,6 +62,12 @@ const MIN_CHANNELS: usize = 16;
 /// rows, small enough to stay in L2/L3 between the steps.
 const CHUNK_BYTES: usize = 4 << 20;
 
+/// Most bytes of V and M one tile row may take (a chunk holds at least one
+/// row): wider planes of many channels stay GEMMs rather than allocate
+/// scratch out of proportion (4K-wide planes of 512 channels would take
+/// 150 MB a row).
+const MAX_ROW_BYTES: usize = 32 << 20;
+
 // The transforms of F(4x4, 3x3) with interpolation points 0, 1, -1, 2,
 // -1/2 and infinity (Toom-Cook). Lavin's usual points 0, ±1, ±2 have
 // transform entries up to 8 and 1/24; these keep them within 8 and 1/8 and
@@ -146,7 +152,8 @@ impl WinogradWeights {
 /// Whether a conv with W of shape `ws` and these attributes takes Winograd:
 /// AVX-512, one group, a 3x3 kernel, stride and dilation 1 (empty lists
 /// mean 1s), at least [`MIN_CHANNELS`] in and out, and output planes known
-/// at plan time (`out_hw`) with at least [`MIN_TILES`] 4x4 tiles.
+/// at plan time (`out_hw`) with at least [`MIN_TILES`] 4x4 tiles and tile
+/// rows within [`MAX_ROW_BYTES`].
 pub(crate) fn applies(
     ws: &[usize],
     group: usize,
@@ -167,7 +174,15 @@ pub(crate) fn applies(
         && ones(strides)
         && ones(dilations)
         && oh.div_ceil(OT) * ow.div_ceil(OT) >= MIN_TILES
+        && row_bytes(ws[1], ws[0], ow.div_ceil(OT)) <= MAX_ROW_BYTES
         && std::is_x86_feature_detected!("avx512f")
+}
+
+/// Bytes of V and M for one row of `tw` tiles, `c` channels in, `m` out.
+fn row_bytes(c: usize, m: usize, tw: usize) -> usize {
+    XI.saturating_mul(c.saturating_add(m))
+        .saturating_mul(tw)
+        .saturating_mul(std::mem::size_of::<f32>())
 }
 
 /// A raw pointer to Y shared by the output-transform tasks.
@@ -239,8 +254,7 @@ pub(crate) fn conv(
     };
     let (th, tw) = (oh.div_ceil(OT), ow.div_ceil(OT));
     let tile_rows = n * th;
-    let row_bytes = XI * (c + m) * tw * std::mem::size_of::<f32>();
-    let chunk_rows = (CHUNK_BYTES / row_bytes).clamp(1, tile_rows);
+    let chunk_rows = (CHUNK_BYTES / row_bytes(c, m, tw)).clamp(1, tile_rows);
     let max_tiles = chunk_rows * tw;
     let mut v = crate::buffers::take_f32(max_tiles * XI * c);
     let mut mm = crate::buffers::take_f32(XI * max_tiles * m);
@@ -699,9 +713,9 @@ mod tests {
             let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
             if case == cases.len() - 1 {
                 let (th, tw) = (geo.win.out[0].div_ceil(OT), geo.win.out[1].div_ceil(OT));
-                let row_bytes = XI * (c + m) * tw * 4;
+                let per_chunk = CHUNK_BYTES / row_bytes(c, m, tw);
                 assert!(
-                    n * th > CHUNK_BYTES / row_bytes && th % (CHUNK_BYTES / row_bytes) != 0,
+                    n * th > per_chunk && th % per_chunk != 0,
                     "the last case must span chunks with a boundary inside an image"
                 );
             }
@@ -799,5 +813,7 @@ mod tests {
         assert!(!applies(&[64, 64, 5, 5], 1, &[], &[], hw(28)));
         assert!(!applies(&[64, 8, 3, 3], 1, &[], &[], hw(28)));
         assert!(!applies(&[64, 64, 3, 3], 1, &[], &[], None));
+        // Tile rows too big for their scratch: 4K-wide, 512 channels.
+        assert!(!applies(&[512, 512, 3, 3], 1, &[], &[], Some((64, 4096))));
     }
 }
