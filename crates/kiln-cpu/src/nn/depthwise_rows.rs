@@ -135,68 +135,70 @@ unsafe fn plane_avx512<const S: usize>(
     // column `ox0 * S - pw`: vectors whose span lies inside the row take
     // plain loads, the others masked ones.
     let span = if S == 1 { LANES + 2 } else { 2 * LANES + 2 };
-    // Padding rows read a row of zeros (no branch per kernel row).
-    ZEROS.with(|z| {
+    // Padding rows read a row of zeros (no branch per kernel row). The
+    // pointer outlives the borrow: only this function touches the
+    // thread-local, it does not recurse, and it grows the row only here.
+    let zero_row = ZEROS.with(|z| {
         let mut z = z.borrow_mut();
         if z.len() < iw {
             z.resize(iw, 0.0);
         }
-        let zero_row = z.as_ptr();
-        for oy in 0..g.oh {
-            let orow = out.as_mut_ptr().add(oy * g.ow);
-            let row = |ky: usize| {
-                let iy = (oy * S + ky) as isize - g.ph as isize;
-                if iy >= 0 && (iy as usize) < g.ih {
-                    base.add(iy as usize * iw)
-                } else {
-                    zero_row
-                }
+        z.as_ptr()
+    });
+    for oy in 0..g.oh {
+        let orow = out.as_mut_ptr().add(oy * g.ow);
+        let row = |ky: usize| {
+            let iy = (oy * S + ky) as isize - g.ph as isize;
+            if iy >= 0 && (iy as usize) < g.ih {
+                base.add(iy as usize * iw)
+            } else {
+                zero_row
+            }
+        };
+        let rows = [row(0), row(1), row(2)];
+        let mut ox0 = 0;
+        while ox0 < g.ow {
+            let n = LANES.min(g.ow - ox0);
+            let start = (ox0 * S) as isize - pw;
+            let inside = n == LANES && start >= 0 && start as usize + span <= iw;
+            let masks = if inside {
+                [0; 4]
+            } else {
+                [
+                    col_mask(start, iw),
+                    col_mask(start + if S == 1 { 1 } else { 16 }, iw),
+                    col_mask(start + 2, iw),
+                    col_mask(start + 18, iw),
+                ]
             };
-            let rows = [row(0), row(1), row(2)];
-            let mut ox0 = 0;
-            while ox0 < g.ow {
-                let n = LANES.min(g.ow - ox0);
-                let start = (ox0 * S) as isize - pw;
-                let inside = n == LANES && start >= 0 && start as usize + span <= iw;
-                let masks = if inside {
-                    [0; 4]
+            // One partial sum per kernel row: three short dependency chains
+            // instead of one of nine multiply-adds.
+            let mut part = [bias; 3];
+            for (ky, (&r, p)) in rows.iter().zip(part.iter_mut()).enumerate() {
+                let (t0, t1, t2) = if inside {
+                    taps_plain::<S>(r.offset(start), even, odd)
                 } else {
-                    [
-                        col_mask(start, iw),
-                        col_mask(start + if S == 1 { 1 } else { 16 }, iw),
-                        col_mask(start + 2, iw),
-                        col_mask(start + 18, iw),
-                    ]
+                    taps_masked::<S>(r, start, masks, even, odd)
                 };
-                // One partial sum per kernel row: three short dependency
-                // chains instead of one of nine multiply-adds.
-                let mut part = [bias; 3];
-                for (ky, (&r, p)) in rows.iter().zip(part.iter_mut()).enumerate() {
-                    let (t0, t1, t2) = if inside {
-                        taps_plain::<S>(r.offset(start), even, odd)
-                    } else {
-                        taps_masked::<S>(r, start, masks, even, odd)
-                    };
-                    let acc = _mm512_mul_ps(t0, w[3 * ky]);
-                    let acc = _mm512_fmadd_ps(t1, w[3 * ky + 1], acc);
-                    *p = _mm512_fmadd_ps(t2, w[3 * ky + 2], acc);
-                }
-                let acc = _mm512_add_ps(
-                    _mm512_add_ps(part[0], part[1]),
-                    _mm512_add_ps(part[2], bias),
-                );
-                // x86 min/max return the second operand on NaN: acc goes second.
-                let v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, acc));
-                let omask: __mmask16 = if n == LANES { !0 } else { (1u16 << n) - 1 };
-                _mm512_mask_storeu_ps(orow.add(ox0), omask, v);
-                ox0 += n;
+                let acc = _mm512_mul_ps(t0, w[3 * ky]);
+                let acc = _mm512_fmadd_ps(t1, w[3 * ky + 1], acc);
+                *p = _mm512_fmadd_ps(t2, w[3 * ky + 2], acc);
             }
-            if rest_of_epi {
-                let orow = std::slice::from_raw_parts_mut(orow, g.ow);
-                after_bias.apply(ni, ch, oy * g.ow, orow);
-            }
+            let acc = _mm512_add_ps(
+                _mm512_add_ps(part[0], part[1]),
+                _mm512_add_ps(part[2], bias),
+            );
+            // x86 min/max return the second operand on NaN: acc goes second.
+            let v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, acc));
+            let omask: __mmask16 = if n == LANES { !0 } else { (1u16 << n) - 1 };
+            _mm512_mask_storeu_ps(orow.add(ox0), omask, v);
+            ox0 += n;
         }
-    })
+        if rest_of_epi {
+            let orow = std::slice::from_raw_parts_mut(orow, g.ow);
+            after_bias.apply(ni, ch, oy * g.ow, orow);
+        }
+    }
 }
 
 thread_local! {
