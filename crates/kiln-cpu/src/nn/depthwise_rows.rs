@@ -25,6 +25,10 @@ use super::depthwise::Plane2d;
 /// Output columns per vector.
 const LANES: usize = 16;
 
+/// Output vectors per row whose load masks are worked out once per plane
+/// (rows up to 1024 wide).
+const MAX_TABLE: usize = 64;
+
 /// Whether this kernel takes a depthwise plane of geometry `g`: a 3x3
 /// kernel, the same stride (1 or 2) on both axes, no dilation, output rows at
 /// least one vector wide, and AVX-512.
@@ -145,7 +149,45 @@ unsafe fn plane_avx512<const S: usize>(
         }
         z.as_ptr()
     });
+    // Per output vector (the same on every row): whether its loads lie
+    // inside the row, else their column masks. Rows wider than the table
+    // work them out per vector.
+    let vector_at = |ox0: usize| {
+        let n = LANES.min(g.ow - ox0);
+        let start = (ox0 * S) as isize - pw;
+        let inside = n == LANES && start >= 0 && start as usize + span <= iw;
+        let masks = if inside {
+            [0; 4]
+        } else {
+            [
+                col_mask(start, iw),
+                col_mask(start + if S == 1 { 1 } else { 16 }, iw),
+                col_mask(start + 2, iw),
+                col_mask(start + 18, iw),
+            ]
+        };
+        (inside, masks)
+    };
+    let nvec = g.ow.div_ceil(LANES);
+    let mut table = [(false, [0u16; 4]); MAX_TABLE];
+    for (v, e) in table.iter_mut().enumerate().take(nvec) {
+        *e = vector_at(v * LANES);
+    }
     for oy in 0..g.oh {
+        // The input rows two output rows ahead, into L1 (planes come from
+        // L3 or memory; each output row needs S new input rows). Past the
+        // plane's last row that is the next plane's first rows: the next
+        // channel, which the caller usually runs next. (Prefetches never
+        // fault, so the address may lie past `src`.)
+        for k in 0..S {
+            let iy = ((oy + 2) * S + 2 - k) as isize - g.ph as isize;
+            if iy >= 0 {
+                let r = base.wrapping_add(iy as usize * iw);
+                for c in (0..iw).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(c) as *const i8);
+                }
+            }
+        }
         let orow = out.as_mut_ptr().add(oy * g.ow);
         let row = |ky: usize| {
             let iy = (oy * S + ky) as isize - g.ph as isize;
@@ -160,16 +202,11 @@ unsafe fn plane_avx512<const S: usize>(
         while ox0 < g.ow {
             let n = LANES.min(g.ow - ox0);
             let start = (ox0 * S) as isize - pw;
-            let inside = n == LANES && start >= 0 && start as usize + span <= iw;
-            let masks = if inside {
-                [0; 4]
+            let v = ox0 / LANES;
+            let (inside, masks) = if v < MAX_TABLE {
+                table[v]
             } else {
-                [
-                    col_mask(start, iw),
-                    col_mask(start + if S == 1 { 1 } else { 16 }, iw),
-                    col_mask(start + 2, iw),
-                    col_mask(start + 18, iw),
-                ]
+                vector_at(ox0)
             };
             // One partial sum per kernel row: three short dependency chains
             // instead of one of nine multiply-adds.
