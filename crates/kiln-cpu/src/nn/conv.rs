@@ -2756,8 +2756,8 @@ mod tests {
     /// The 3x3 row kernel (AVX-512: depthwise planes too big for the
     /// channel-tiled kernel) against the reference, with every epilogue:
     /// strides 1 and 2, symmetric, asymmetric and 2-wide pads, no pads,
-    /// output rows of exactly 16, 17 (a 1-lane tail) and odd widths, and a
-    /// channel multiplier of 2.
+    /// output rows of exactly 16, 17 (a 1-lane tail), 10 (one partial
+    /// vector) and odd widths, and a channel multiplier of 2.
     #[test]
     fn depthwise_rows_with_epilogues() {
         let mut rng = Rng::new(83);
@@ -2785,6 +2785,11 @@ mod tests {
             (2, 2, 60, 17, 1, [1, 1, 1, 1]),
             (2, 2, 60, 16, 1, [0, 1, 0, 1]),
             (3, 6, 33, 66, 2, [1, 1, 1, 1]),
+            (2, 2, 90, 10, 1, [1, 1, 1, 1]),
+            (2, 2, 180, 20, 2, [1, 1, 1, 1]),
+            // Stride 2 onto a 28x28 plane: small enough for the channel-tiled
+            // kernel, which stride 2 leaves to the row kernel.
+            (16, 16, 56, 56, 2, [1, 1, 1, 1]),
         ]
         .iter()
         .enumerate()

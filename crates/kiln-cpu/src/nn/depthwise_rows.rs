@@ -31,7 +31,7 @@ const MAX_TABLE: usize = 64;
 
 /// Whether this kernel takes a depthwise plane of geometry `g`: a 3x3
 /// kernel, the same stride (1 or 2) on both axes, no dilation, output rows at
-/// least one vector wide, and AVX-512.
+/// least 8 wide (narrower ones are mostly masked lanes), and AVX-512.
 pub(super) fn applies(g: &Plane2d) -> bool {
     g.kh == 3
         && g.kw == 3
@@ -39,7 +39,7 @@ pub(super) fn applies(g: &Plane2d) -> bool {
         && (g.sh == 1 || g.sh == 2)
         && g.dh == 1
         && g.dw == 1
-        && g.ow >= LANES
+        && g.ow >= 8
         && g.oh > 0
         && std::is_x86_feature_detected!("avx512f")
 }
