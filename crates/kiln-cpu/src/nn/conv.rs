@@ -2830,6 +2830,74 @@ mod tests {
         }
     }
 
+    /// The blocked direct kernel (few input channels per group, or many on
+    /// wide planes) with every epilogue: on AVX-512 the bias and Relu/Clip
+    /// run in its registers, the rest after.
+    #[test]
+    fn blocked_direct_with_epilogues() {
+        let mut rng = Rng::new(84);
+        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
+            (FusedAct::Identity, &|v| v),
+            (FusedAct::Relu, &|v: f32| v.max(0.0)),
+            (
+                FusedAct::Clip {
+                    min: -0.25,
+                    max: 0.5,
+                },
+                &|v: f32| v.clamp(-0.25, 0.5),
+            ),
+            (FusedAct::Sigmoid, &sigmoid),
+        ];
+        // (C, M, group, H, W, kernel, stride, pads): an RGB stem (8-channel
+        // blocks), a 7x7 stem, a grouped few-channel conv (blocks of 2), and
+        // 16 channels on a 56-wide plane.
+        for (case, &(c, m, group, h, w, k, s, p)) in [
+            (3, 32, 1, 33, 35, 3, 2, 1),
+            (3, 16, 1, 40, 38, 7, 2, 3),
+            (6, 4, 2, 17, 19, 3, 1, 1),
+            (16, 8, 1, 20, 56, 3, 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let n = 2;
+            let x = t(&[n, c, h, w], rng.vec(n * c * h * w));
+            let wt = t(&[m, c / group, k, k], rng.vec(m * c / group * k * k));
+            let bias = t(&[m], rng.vec(m));
+            let a = attrs(AutoPad::NotSet, group, &[1, 1], &[p; 4], &[s, s]);
+            let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
+            let plain = f32s(&conv_reference(&a, &x, &wt, Some(&bias)).unwrap());
+            let res = t(&geo.out_shape, rng.vec(plain.len()));
+            for (act, f) in &acts {
+                for with_res in [false, true] {
+                    let r = with_res.then_some(&res);
+                    let got = conv_f32(
+                        &a,
+                        &x,
+                        wt.shape(),
+                        ConvWeights::Raw(&wt),
+                        Some(&bias),
+                        r,
+                        *act,
+                    );
+                    let want: Vec<f32> = plain
+                        .iter()
+                        .zip(f32s(&res))
+                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
+                        .collect();
+                    let got = f32s(&got.unwrap());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "case {case} {act:?} residual {with_res}: element {i} {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The few-channel direct kernel through every instruction set.
     #[test]
     fn few_channel_isas_agree() {

@@ -18,7 +18,7 @@
 //!
 //! The reference is `conv_reference` (im2col + GEMM) in `conv.rs`.
 
-use super::conv::{valid_range, ConvGeometry, Epi};
+use super::conv::{clamp_of, valid_range, ConvGeometry, Epi};
 use rayon::prelude::*;
 
 /// One output plane's 2-D geometry (height 1 for 1-D convs).
@@ -350,6 +350,33 @@ fn blocked_conv<const OB: usize, const V: usize>(
             let (ni, m0) = (p0 / m, p0 % m);
             let gi = m0 / mg;
             let phases = &all_phases[(ni * geo.group + gi) * phases_len..][..phases_len];
+            // The AVX-512 block starts from the bias and applies Relu/Clip
+            // (unless a residual comes first) in registers; the rest of the
+            // epilogue runs on the rows copied out.
+            let in_regs = isa == Isa::Avx512;
+            let clamp = if in_regs && epi.res.is_none() {
+                clamp_of(epi.act)
+            } else {
+                None
+            };
+            let bias: [f32; OB] = std::array::from_fn(|o| match epi.bias {
+                Some(b) if in_regs => b[m0 + o],
+                _ => 0.0,
+            });
+            let after = Epi {
+                bias: if in_regs { None } else { epi.bias },
+                res: epi.res,
+                act: if clamp.is_some() {
+                    kiln_ir::FusedAct::Identity
+                } else {
+                    epi.act
+                },
+                m: epi.m,
+                out_n: epi.out_n,
+            };
+            let after_needed = after.bias.is_some()
+                || after.res.is_some()
+                || after.act != kiln_ir::FusedAct::Identity;
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let need = acc_len + taps * OB;
@@ -370,7 +397,8 @@ fn blocked_conv<const OB: usize, const V: usize>(
                     let q0 = oy0 * lay.pitch;
                     // This band's accumulator stride (the last band may be short).
                     let stride = (rows * lay.pitch).div_ceil(bq) * bq;
-                    block_dispatch::<OB, V>(isa, starts, wt, phases, q0, &mut acc[..OB * stride]);
+                    let acc = &mut acc[..OB * stride];
+                    block_dispatch::<OB, V>(isa, starts, wt, phases, q0, acc, &bias, clamp);
                     for (o, out) in outs.chunks_exact_mut(out_n).enumerate() {
                         let band = &acc[o * stride..][..rows * lay.pitch];
                         let out = &mut out[oy0 * g.ow..][..rows * g.ow];
@@ -379,7 +407,9 @@ fn blocked_conv<const OB: usize, const V: usize>(
                         {
                             orow.copy_from_slice(&arow[..g.ow]);
                         }
-                        epi.apply(ni, m0 + o, oy0 * g.ow, out);
+                        if after_needed {
+                            after.apply(ni, m0 + o, oy0 * g.ow, out);
+                        }
                     }
                     oy0 += rows;
                 }
@@ -393,7 +423,10 @@ const BAND_FLATS: usize = 2048;
 
 /// `acc[o * bpad + i] = sum_t wt[t * OB + o] * phases[starts[t] + q0 + i]`
 /// for `i < bpad` (`acc` is `OB x bpad`, bpad a multiple of `block_q(V)`).
+/// The AVX-512 kernel also adds `bias[o]` and clamps to `clamp`; the
+/// others ignore both (their callers apply the whole epilogue after).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn block_dispatch<const OB: usize, const V: usize>(
     isa: Isa,
     starts: &[usize],
@@ -401,6 +434,8 @@ fn block_dispatch<const OB: usize, const V: usize>(
     phases: &[f32],
     q0: usize,
     acc: &mut [f32],
+    bias: &[f32; OB],
+    clamp: Option<(f32, f32)>,
 ) {
     let bpad = acc.len() / OB;
     assert!(
@@ -412,7 +447,7 @@ fn block_dispatch<const OB: usize, const V: usize>(
         // SAFETY: `Isa::Avx512` is only chosen after
         // `is_x86_feature_detected!("avx512f")` returned true; the bounds
         // the kernel relies on are asserted above.
-        Isa::Avx512 => unsafe { block_avx512::<OB, V>(starts, wt, phases, q0, acc) },
+        Isa::Avx512 => unsafe { block_avx512::<OB, V>(starts, wt, phases, q0, acc, bias, clamp) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
         // detected on this CPU; bounds asserted above.
@@ -431,9 +466,17 @@ unsafe fn block_avx512<const OB: usize, const V: usize>(
     phases: &[f32],
     q0: usize,
     acc: &mut [f32],
+    bias: &[f32; OB],
+    clamp: Option<(f32, f32)>,
 ) {
     use core::arch::x86_64::*;
     let bpad = acc.len() / OB;
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let mut vbias = [_mm512_setzero_ps(); OB];
+    for (v, &b) in vbias.iter_mut().zip(bias) {
+        *v = _mm512_set1_ps(b);
+    }
     let (ph, wp, ap) = (phases.as_ptr(), wt.as_ptr(), acc.as_mut_ptr());
     for q in (0..bpad).step_by(block_q(V)) {
         // SAFETY: every tap reads phases[st + q0 + q ..][..16 V] with
@@ -442,6 +485,9 @@ unsafe fn block_avx512<const OB: usize, const V: usize>(
         // acc[o * bpad + q ..][..16 V] (the caller's asserted bounds).
         unsafe {
             let mut a = [[_mm512_setzero_ps(); V]; OB];
+            for (ao, &b) in a.iter_mut().zip(&vbias) {
+                *ao = [b; V];
+            }
             for (t, &st) in starts.iter().enumerate() {
                 let p = ph.add(st + q0 + q);
                 let mut sv = [_mm512_setzero_ps(); V];
@@ -458,6 +504,8 @@ unsafe fn block_avx512<const OB: usize, const V: usize>(
             for (o, ao) in a.iter().enumerate() {
                 let d = ap.add(o * bpad + q);
                 for (v, &x) in ao.iter().enumerate() {
+                    // x86 min/max return the second operand on NaN: x goes second.
+                    let x = _mm512_min_ps(vhi, _mm512_max_ps(vlo, x));
                     _mm512_storeu_ps(d.add(16 * v), x);
                 }
             }
