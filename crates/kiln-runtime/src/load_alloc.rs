@@ -12,6 +12,16 @@
 //! threshold above it, so activations at run time reuse heap memory without
 //! a page fault per run, as they did before.
 //!
+//!
+//! The first load also limits malloc to one arena (unless the user set
+//! `MALLOC_ARENA_MAX`). Each op runs on whichever compute thread picks it
+//! up, and glibc gives every thread its own arena, whose freed blocks only
+//! that arena reuses: the same run's buffers were cached twice over, and
+//! ResNet-50's peak at batch 8 varied from 372 to 452 MiB between runs (331-338
+//! MiB with one arena, MobileNetV2 b8 175 -> 162 MiB; latencies unchanged
+//! or lower). Small allocations still go through each thread's tcache
+//! without the arena lock.
+//!
 //! Only on Linux with glibc; elsewhere these are no-ops.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +34,12 @@ pub(crate) struct LoadAllocs(());
 
 impl LoadAllocs {
     pub(crate) fn begin() -> LoadAllocs {
+        static ONE_ARENA: std::sync::Once = std::sync::Once::new();
+        ONE_ARENA.call_once(|| {
+            if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+                set_one_arena();
+            }
+        });
         if LOADING.fetch_add(1, Ordering::SeqCst) == 0 {
             set_mmap_threshold(LOAD_MMAP_THRESHOLD);
         }
@@ -65,3 +81,16 @@ fn set_mmap_threshold(bytes: usize) {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn set_mmap_threshold(_bytes: usize) {}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_one_arena() {
+    // SAFETY: as in `set_mmap_threshold`: a thread-safe parameter change
+    // that affects memory use only (threads that already have an arena
+    // keep it; new ones share the main arena).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_one_arena() {}
