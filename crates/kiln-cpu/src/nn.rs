@@ -209,6 +209,24 @@ pub(crate) fn float_tensor<T: Real>(shape: Vec<usize>, v: Vec<T>, dtype: DType) 
     crate::util::tensor(shape, T::into_data(v, dtype))
 }
 
+/// A raw pointer to an output buffer that parallel tasks share, each
+/// writing its own disjoint part (every user says which at its `unsafe`
+/// write), while the buffer stays borrowed for the whole parallel loop.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: see the type's contract: writes through it are disjoint per task
+// and the buffer outlives the parallel section.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper,
+    /// not the field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Product of dims, or an error when it overflows.
 pub(crate) fn numel(shape: &[usize]) -> Result<usize> {
     kiln_ir::checked_numel(shape).ok_or_else(|| invalid!("shape {shape:?} is too large"))
@@ -216,7 +234,8 @@ pub(crate) fn numel(shape: &[usize]) -> Result<usize> {
 
 #[cfg(test)]
 pub(crate) mod test_util {
-    use kiln_ir::Tensor;
+    use super::{conv_f32, ConvWeights};
+    use kiln_ir::{ConvAttrs, FusedAct, Tensor};
 
     /// A small deterministic pseudo-random generator (xorshift) for tests.
     pub struct Rng(u64);
@@ -267,6 +286,56 @@ pub(crate) mod test_util {
             }
         }
         out
+    }
+
+    /// A fused activation and its scalar definition.
+    pub type ActCase = (FusedAct, fn(f32) -> f32);
+
+    /// The activations the fast conv kernels fuse.
+    pub fn epilogue_acts() -> [ActCase; 4] {
+        [
+            (FusedAct::Identity, |v| v),
+            (FusedAct::Relu, |v| v.max(0.0)),
+            (
+                FusedAct::Clip {
+                    min: -0.25,
+                    max: 0.5,
+                },
+                |v| v.clamp(-0.25, 0.5),
+            ),
+            (FusedAct::Sigmoid, |v| 1.0 / (1.0 + (-v).exp())),
+        ]
+    }
+
+    /// Runs the fast conv under every fused epilogue (each of
+    /// [`epilogue_acts`], with and without `res` as the residual) and hands
+    /// each output with its expected values to `check(act, with_res, got,
+    /// want)`; `plain` is the reference conv with its bias, before any
+    /// activation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_epilogues(
+        a: &ConvAttrs,
+        x: &Tensor,
+        w_shape: &[usize],
+        weights: ConvWeights<'_>,
+        bias: &Tensor,
+        plain: &[f32],
+        res: &Tensor,
+        mut check: impl FnMut(FusedAct, bool, &[f32], &[f32]),
+    ) {
+        let resv = f32s(res);
+        for (act, f) in epilogue_acts() {
+            for with_res in [false, true] {
+                let r = with_res.then_some(res);
+                let got = conv_f32(a, x, w_shape, weights, Some(bias), r, act).unwrap();
+                let want: Vec<f32> = plain
+                    .iter()
+                    .zip(&resv)
+                    .map(|(&v, &rv)| f(if with_res { v + rv } else { v }))
+                    .collect();
+                check(act, with_res, &f32s(&got), &want);
+            }
+        }
     }
 
     #[track_caller]

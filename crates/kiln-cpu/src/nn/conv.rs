@@ -788,6 +788,31 @@ impl Epi<'_> {
     }
 }
 
+impl<'a> Epi<'a> {
+    /// How a kernel that adds the bias in its registers splits this
+    /// epilogue: the bounds it clamps to there (Relu/Clip when no residual
+    /// must be added first; else infinite, which leaves every value, NaN
+    /// included, as it is: x86 min/max need the value as second operand),
+    /// and what it must still apply to the outputs it stored (`None`:
+    /// nothing).
+    pub(crate) fn in_registers(&self) -> ((f32, f32), Option<Epi<'a>>) {
+        let clamp = if self.res.is_none() {
+            clamp_of(self.act)
+        } else {
+            None
+        };
+        let rest = (self.res.is_some() || (clamp.is_none() && self.act != FusedAct::Identity))
+            .then_some(Epi {
+                bias: None,
+                res: self.res,
+                act: self.act,
+                m: self.m,
+                out_n: self.out_n,
+            });
+        (clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)), rest)
+    }
+}
+
 /// The activations a GEMM can apply in registers, as `(lo, hi)` clamps.
 pub(crate) fn clamp_of(act: FusedAct) -> Option<(f32, f32)> {
     match act {
@@ -2666,19 +2691,6 @@ mod tests {
     #[test]
     fn depthwise_tiled_with_epilogues() {
         let mut rng = Rng::new(81);
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
-        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
-            (FusedAct::Identity, &|v| v),
-            (FusedAct::Relu, &|v: f32| v.max(0.0)),
-            (
-                FusedAct::Clip {
-                    min: -0.25,
-                    max: 0.5,
-                },
-                &|v: f32| v.clamp(-0.25, 0.5),
-            ),
-            (FusedAct::Sigmoid, &sigmoid),
-        ];
         // (C, H, W, kernel, stride, dilation, pads [top, left, bottom, right])
         for (case, &(c, h, w, k, s, d, p)) in [
             (17, 7, 7, [3, 3], 1, 1, [1, 1, 1, 1]),
@@ -2710,26 +2722,17 @@ mod tests {
                 &[n, c, geo.out_shape[2], geo.out_shape[3]],
                 rng.vec(plain.len()),
             );
-            for (act, f) in &acts {
-                for with_res in [false, true] {
-                    let r = with_res.then_some(&res);
-                    let got = conv_f32(
-                        &a,
-                        &x,
-                        wt.shape(),
-                        ConvWeights::Raw(&wt),
-                        Some(&bias),
-                        r,
-                        *act,
-                    );
-                    let want: Vec<f32> = plain
-                        .iter()
-                        .zip(f32s(&res))
-                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
-                        .collect();
-                    assert_close(&f32s(&got.unwrap()), &want, 1e-5);
-                }
-            }
+            let w = ConvWeights::Raw(&wt);
+            check_epilogues(
+                &a,
+                &x,
+                wt.shape(),
+                w,
+                &bias,
+                &plain,
+                &res,
+                |_, _, got, want| assert_close(got, want, 1e-5),
+            );
         }
         // 1-D depthwise (a plane of height 1), strided and padded.
         let (c, l) = (20, 50);
@@ -2761,19 +2764,6 @@ mod tests {
     #[test]
     fn depthwise_rows_with_epilogues() {
         let mut rng = Rng::new(83);
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
-        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
-            (FusedAct::Identity, &|v| v),
-            (FusedAct::Relu, &|v: f32| v.max(0.0)),
-            (
-                FusedAct::Clip {
-                    min: -0.25,
-                    max: 0.5,
-                },
-                &|v: f32| v.clamp(-0.25, 0.5),
-            ),
-            (FusedAct::Sigmoid, &sigmoid),
-        ];
         // (C, M, H, W, stride, pads [top, left, bottom, right])
         for (case, &(c, m, h, w, s, p)) in [
             (5, 5, 40, 37, 1, [1, 1, 1, 1]),
@@ -2807,26 +2797,17 @@ mod tests {
             );
             let plain = f32s(&conv_reference(&a, &x, &wt, Some(&bias)).unwrap());
             let res = t(&geo.out_shape, rng.vec(plain.len()));
-            for (act, f) in &acts {
-                for with_res in [false, true] {
-                    let r = with_res.then_some(&res);
-                    let got = conv_f32(
-                        &a,
-                        &x,
-                        wt.shape(),
-                        ConvWeights::Raw(&wt),
-                        Some(&bias),
-                        r,
-                        *act,
-                    );
-                    let want: Vec<f32> = plain
-                        .iter()
-                        .zip(f32s(&res))
-                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
-                        .collect();
-                    assert_close(&f32s(&got.unwrap()), &want, 1e-5);
-                }
-            }
+            let w = ConvWeights::Raw(&wt);
+            check_epilogues(
+                &a,
+                &x,
+                wt.shape(),
+                w,
+                &bias,
+                &plain,
+                &res,
+                |_, _, got, want| assert_close(got, want, 1e-5),
+            );
         }
     }
 
@@ -2836,19 +2817,6 @@ mod tests {
     #[test]
     fn blocked_direct_with_epilogues() {
         let mut rng = Rng::new(84);
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
-        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
-            (FusedAct::Identity, &|v| v),
-            (FusedAct::Relu, &|v: f32| v.max(0.0)),
-            (
-                FusedAct::Clip {
-                    min: -0.25,
-                    max: 0.5,
-                },
-                &|v: f32| v.clamp(-0.25, 0.5),
-            ),
-            (FusedAct::Sigmoid, &sigmoid),
-        ];
         // (C, M, group, H, W, kernel, stride, pads): an RGB stem (8-channel
         // blocks), a 7x7 stem, a grouped few-channel conv (blocks of 2), and
         // 16 channels on a 56-wide plane.
@@ -2869,32 +2837,24 @@ mod tests {
             let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
             let plain = f32s(&conv_reference(&a, &x, &wt, Some(&bias)).unwrap());
             let res = t(&geo.out_shape, rng.vec(plain.len()));
-            for (act, f) in &acts {
-                for with_res in [false, true] {
-                    let r = with_res.then_some(&res);
-                    let got = conv_f32(
-                        &a,
-                        &x,
-                        wt.shape(),
-                        ConvWeights::Raw(&wt),
-                        Some(&bias),
-                        r,
-                        *act,
-                    );
-                    let want: Vec<f32> = plain
-                        .iter()
-                        .zip(f32s(&res))
-                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
-                        .collect();
-                    let got = f32s(&got.unwrap());
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let w = ConvWeights::Raw(&wt);
+            check_epilogues(
+                &a,
+                &x,
+                wt.shape(),
+                w,
+                &bias,
+                &plain,
+                &res,
+                |act, with_res, got, want| {
+                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                             "case {case} {act:?} residual {with_res}: element {i} {g} vs {w}"
                         );
                     }
-                }
-            }
+                },
+            );
         }
     }
 

@@ -18,7 +18,7 @@
 //!
 //! The reference is `conv_reference` (im2col + GEMM) in `conv.rs`.
 
-use super::conv::{clamp_of, valid_range, ConvGeometry, Epi};
+use super::conv::{valid_range, ConvGeometry, Epi};
 use rayon::prelude::*;
 
 /// One output plane's 2-D geometry (height 1 for 1-D convs).
@@ -354,29 +354,22 @@ fn blocked_conv<const OB: usize, const V: usize>(
             // (unless a residual comes first) in registers; the rest of the
             // epilogue runs on the rows copied out.
             let in_regs = isa == Isa::Avx512;
-            let clamp = if in_regs && epi.res.is_none() {
-                clamp_of(epi.act)
+            let (bounds, after) = if in_regs {
+                epi.in_registers()
             } else {
-                None
+                let all = Epi {
+                    bias: epi.bias,
+                    res: epi.res,
+                    act: epi.act,
+                    m: epi.m,
+                    out_n: epi.out_n,
+                };
+                ((f32::NEG_INFINITY, f32::INFINITY), Some(all))
             };
             let bias: [f32; OB] = std::array::from_fn(|o| match epi.bias {
                 Some(b) if in_regs => b[m0 + o],
                 _ => 0.0,
             });
-            let after = Epi {
-                bias: if in_regs { None } else { epi.bias },
-                res: epi.res,
-                act: if clamp.is_some() {
-                    kiln_ir::FusedAct::Identity
-                } else {
-                    epi.act
-                },
-                m: epi.m,
-                out_n: epi.out_n,
-            };
-            let after_needed = after.bias.is_some()
-                || after.res.is_some()
-                || after.act != kiln_ir::FusedAct::Identity;
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let need = acc_len + taps * OB;
@@ -398,7 +391,7 @@ fn blocked_conv<const OB: usize, const V: usize>(
                     // This band's accumulator stride (the last band may be short).
                     let stride = (rows * lay.pitch).div_ceil(bq) * bq;
                     let acc = &mut acc[..OB * stride];
-                    block_dispatch::<OB, V>(isa, starts, wt, phases, q0, acc, &bias, clamp);
+                    block_dispatch::<OB, V>(isa, starts, wt, phases, q0, acc, &bias, bounds);
                     for (o, out) in outs.chunks_exact_mut(out_n).enumerate() {
                         let band = &acc[o * stride..][..rows * lay.pitch];
                         let out = &mut out[oy0 * g.ow..][..rows * g.ow];
@@ -407,7 +400,7 @@ fn blocked_conv<const OB: usize, const V: usize>(
                         {
                             orow.copy_from_slice(&arow[..g.ow]);
                         }
-                        if after_needed {
+                        if let Some(after) = &after {
                             after.apply(ni, m0 + o, oy0 * g.ow, out);
                         }
                     }
@@ -423,8 +416,9 @@ const BAND_FLATS: usize = 2048;
 
 /// `acc[o * bpad + i] = sum_t wt[t * OB + o] * phases[starts[t] + q0 + i]`
 /// for `i < bpad` (`acc` is `OB x bpad`, bpad a multiple of `block_q(V)`).
-/// The AVX-512 kernel also adds `bias[o]` and clamps to `clamp`; the
-/// others ignore both (their callers apply the whole epilogue after).
+/// The AVX-512 kernel also adds `bias[o]` and clamps to `bounds` (`(lo,
+/// hi)`); the others ignore both (their callers apply the whole epilogue
+/// after).
 #[inline]
 #[allow(clippy::too_many_arguments)]
 fn block_dispatch<const OB: usize, const V: usize>(
@@ -435,7 +429,7 @@ fn block_dispatch<const OB: usize, const V: usize>(
     q0: usize,
     acc: &mut [f32],
     bias: &[f32; OB],
-    clamp: Option<(f32, f32)>,
+    bounds: (f32, f32),
 ) {
     let bpad = acc.len() / OB;
     assert!(
@@ -447,7 +441,7 @@ fn block_dispatch<const OB: usize, const V: usize>(
         // SAFETY: `Isa::Avx512` is only chosen after
         // `is_x86_feature_detected!("avx512f")` returned true; the bounds
         // the kernel relies on are asserted above.
-        Isa::Avx512 => unsafe { block_avx512::<OB, V>(starts, wt, phases, q0, acc, bias, clamp) },
+        Isa::Avx512 => unsafe { block_avx512::<OB, V>(starts, wt, phases, q0, acc, bias, bounds) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only chosen after AVX2 and FMA were
         // detected on this CPU; bounds asserted above.
@@ -467,12 +461,11 @@ unsafe fn block_avx512<const OB: usize, const V: usize>(
     q0: usize,
     acc: &mut [f32],
     bias: &[f32; OB],
-    clamp: Option<(f32, f32)>,
+    bounds: (f32, f32),
 ) {
     use core::arch::x86_64::*;
     let bpad = acc.len() / OB;
-    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let (vlo, vhi) = (_mm512_set1_ps(bounds.0), _mm512_set1_ps(bounds.1));
     let mut vbias = [_mm512_setzero_ps(); OB];
     for (v, &b) in vbias.iter_mut().zip(bias) {
         *v = _mm512_set1_ps(b);

@@ -19,7 +19,7 @@
 //!
 //! The reference is `conv_reference` (im2col + GEMM).
 
-use super::conv::{clamp_of, Epi};
+use super::conv::Epi;
 use super::depthwise::Plane2d;
 
 /// Output columns per vector.
@@ -100,15 +100,8 @@ unsafe fn plane_avx512<const S: usize>(
     ch: usize,
 ) {
     use std::arch::x86_64::*;
-    // Relu/Clip in registers unless a residual must be added first.
-    let clamp = if epi.res.is_none() {
-        clamp_of(epi.act)
-    } else {
-        None
-    };
-    let rest_of_epi =
-        epi.res.is_some() || (clamp.is_none() && epi.act != kiln_ir::FusedAct::Identity);
-    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    // Bias and Relu/Clip in registers; a residual or other activation after.
+    let ((lo, hi), rest) = epi.in_registers();
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let bias = _mm512_set1_ps(epi.bias.map_or(0.0, |b| b[ch]));
     let w: [__m512; 9] = [
@@ -128,13 +121,6 @@ unsafe fn plane_avx512<const S: usize>(
     let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     let (iw, pw) = (g.iw, g.pw as isize);
     let base = src.as_ptr();
-    let after_bias = Epi {
-        bias: None,
-        res: epi.res,
-        act: epi.act,
-        m: epi.m,
-        out_n: epi.out_n,
-    };
     // Input columns the loads for one output vector span from its first
     // column `ox0 * S - pw`: vectors whose span lies inside the row take
     // plain loads, the others masked ones.
@@ -231,9 +217,9 @@ unsafe fn plane_avx512<const S: usize>(
             _mm512_mask_storeu_ps(orow.add(ox0), omask, v);
             ox0 += n;
         }
-        if rest_of_epi {
+        if let Some(rest) = &rest {
             let orow = std::slice::from_raw_parts_mut(orow, g.ow);
-            after_bias.apply(ni, ch, oy * g.ow, orow);
+            rest.apply(ni, ch, oy * g.ow, orow);
         }
     }
 }

@@ -17,7 +17,7 @@
 //! Any stride, dilation and padding works: the tile holds the padded input
 //! the band reads. The reference is `conv_reference` (im2col + GEMM).
 
-use super::conv::{clamp_of, Epi};
+use super::conv::Epi;
 use super::depthwise::Plane2d;
 use rayon::prelude::*;
 
@@ -183,15 +183,8 @@ unsafe fn block_avx512(
             _ => 0.0,
         };
     }
-    // Relu/Clip in registers unless a residual must be added first.
-    let clamp = if epi.res.is_none() {
-        clamp_of(epi.act)
-    } else {
-        None
-    };
-    let rest_of_epi =
-        epi.res.is_some() || (clamp.is_none() && epi.act != kiln_ir::FusedAct::Identity);
-    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    // Bias and Relu/Clip in registers; a residual or other activation after.
+    let ((lo, hi), rest) = epi.in_registers();
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let bias = _mm512_loadu_ps(bv.as_ptr());
     // Tile strides (floats) between kernel rows, kernel columns and
@@ -244,17 +237,10 @@ unsafe fn block_avx512(
             }
         }
         unpack_band(g, oy0, rows_out, otile, nch, blk);
-        if rest_of_epi {
-            let after_bias = Epi {
-                bias: None,
-                res: epi.res,
-                act: epi.act,
-                m: epi.m,
-                out_n: epi.out_n,
-            };
+        if let Some(rest) = &rest {
             let pos0 = oy0 * g.ow;
             for (l, plane) in blk.chunks_exact_mut(out_n).enumerate() {
-                after_bias.apply(ni, c0 + l, pos0, &mut plane[pos0..pos0 + rows_out * g.ow]);
+                rest.apply(ni, c0 + l, pos0, &mut plane[pos0..pos0 + rows_out * g.ow]);
             }
         }
         oy0 += rows_out;

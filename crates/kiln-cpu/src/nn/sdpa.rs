@@ -124,7 +124,7 @@ pub(crate) fn attention_f32(
     // The output rows are one contiguous run per head when no Transpose moved
     // them; then the P.V product is written in place.
     let direct = o_row == e;
-    let optr = OutPtr(out.as_mut_ptr());
+    let optr = super::SharedOut(out.as_mut_ptr());
     let out_len = out.len();
     (0..batch * per_head).into_par_iter().for_each(|task| {
         let (b, blk) = (task / per_head, task % per_head);
@@ -166,21 +166,6 @@ pub(crate) fn attention_f32(
         final_shape,
         TensorData::F32(out),
     )?))
-}
-
-/// The output buffer shared by the attention tasks, each writing its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint rows through it (see `attention_f32`) while
-// the buffer it points into is borrowed for the whole parallel loop.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method, so closures capture the whole (Sync) wrapper, not the field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One of Q, Kt, V: its data and the shape and strides of the core's view of

@@ -32,7 +32,7 @@
 //! sums of up to 36 terms of mixed sign); the tests bound it against the
 //! plain reference conv.
 
-use super::conv::{clamp_of, ConvGeometry, Epi};
+use super::conv::{ConvGeometry, Epi};
 use super::depthwise::Plane2d;
 use super::depthwise_tiled::{pack_band, transpose16};
 use crate::{invalid, Result};
@@ -185,21 +185,6 @@ fn row_bytes(c: usize, m: usize, tw: usize) -> usize {
         .saturating_mul(std::mem::size_of::<f32>())
 }
 
-/// A raw pointer to Y shared by the output-transform tasks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own (image, tile row, 16-channel block)
-// region of Y (see `conv`), and Y outlives the parallel section.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The conv `geo` over X into Y (`[N, M, OH, OW]`, fully overwritten),
 /// epilogue included. Errors when the geometry is not one the weights were
 /// transformed for.
@@ -258,7 +243,7 @@ pub(crate) fn conv(
     let max_tiles = chunk_rows * tw;
     let mut v = crate::buffers::take_f32(max_tiles * XI * c);
     let mut mm = crate::buffers::take_f32(XI * max_tiles * m);
-    let yp = OutPtr(y.as_mut_ptr());
+    let yp = super::SharedOut(y.as_mut_ptr());
     let mut r0 = 0;
     while r0 < tile_rows {
         let rows = chunk_rows.min(tile_rows - r0);
@@ -480,15 +465,8 @@ unsafe fn output_row(
     let (oh, ow) = (g.oh, g.ow);
     let width = OT * tw;
     assert!(ms.len() >= XI * tiles * m && t0 + tw <= tiles);
-    // Relu/Clip in registers unless a residual must be added first.
-    let clamp = if epi.res.is_none() {
-        clamp_of(epi.act)
-    } else {
-        None
-    };
-    let rest_of_epi =
-        epi.res.is_some() || (clamp.is_none() && epi.act != kiln_ir::FusedAct::Identity);
-    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    // Bias and Relu/Clip in registers; a residual or other activation after.
+    let ((lo, hi), rest) = epi.in_registers();
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let bias = match epi.bias {
         Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(k0)),
@@ -530,21 +508,14 @@ unsafe fn output_row(
             _mm_store_ps(dst.add(3 * width), _mm512_extractf32x4_ps::<3>(*ol));
         }
     }
-    let after_bias = Epi {
-        bias: None,
-        res: epi.res,
-        act: epi.act,
-        m: epi.m,
-        out_n: epi.out_n,
-    };
     for l in 0..nk {
         for r in 0..OT.min(oh - OT * ty) {
             let oy = OT * ty + r;
             let src = std::slice::from_raw_parts(op.add((l * OT + r) * width), ow);
             let dst = std::slice::from_raw_parts_mut(y.add(((ni * m + k0 + l) * oh + oy) * ow), ow);
             dst.copy_from_slice(src);
-            if rest_of_epi {
-                after_bias.apply(ni, k0 + l, oy * ow, dst);
+            if let Some(rest) = &rest {
+                rest.apply(ni, k0 + l, oy * ow, dst);
             }
         }
     }
@@ -673,19 +644,6 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(91);
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
-        let acts: [(FusedAct, &dyn Fn(f32) -> f32); 4] = [
-            (FusedAct::Identity, &|v| v),
-            (FusedAct::Relu, &|v: f32| v.max(0.0)),
-            (
-                FusedAct::Clip {
-                    min: -0.25,
-                    max: 0.5,
-                },
-                &|v: f32| v.clamp(-0.25, 0.5),
-            ),
-            (FusedAct::Sigmoid, &sigmoid),
-        ];
         // (N, C, M, H, W, auto_pad, pads [top, left, bottom, right])
         let cases = [
             (1, 16, 16, 14, 14, AutoPad::NotSet, [1, 1, 1, 1]),
@@ -734,34 +692,26 @@ mod tests {
                 .collect();
             let res = t(&geo.out_shape, rng.vec(plain.len()));
             let packed = ConvPack::Winograd(WinogradWeights::new(&f32s(&wt), m, c));
-            for (act, f) in &acts {
-                for with_res in [false, true] {
-                    let r = with_res.then_some(&res);
-                    let got = conv_f32(
-                        &a,
-                        &x,
-                        wt.shape(),
-                        ConvWeights::Packed(&packed),
-                        Some(&bias),
-                        r,
-                        *act,
-                    )
-                    .unwrap();
-                    let want: Vec<f32> = plain
-                        .iter()
-                        .zip(f32s(&res))
-                        .map(|(&v, rv)| f(if with_res { v + rv } else { v }))
-                        .collect();
-                    let err = error_vs_rms(&f32s(&got), &want, &plain);
-                    // F(4x4, 3x3) sums 36 transformed terms per channel
-                    // that partly cancel: measured up to 1.5e-5 of the
-                    // output's RMS here (the direct f32 conv: about 1e-6).
+            let w = ConvWeights::Packed(&packed);
+            check_epilogues(
+                &a,
+                &x,
+                wt.shape(),
+                w,
+                &bias,
+                &plain,
+                &res,
+                |act, with_res, got, want| {
+                    let err = error_vs_rms(got, want, &plain);
+                    // F(4x4, 3x3) sums 36 transformed terms per channel that
+                    // partly cancel: measured up to 1.5e-5 of the output's RMS
+                    // here (the direct f32 conv: about 1e-6).
                     assert!(
                         err <= 3e-5,
                         "case {case} {act:?} residual {with_res}: error {err:e} of the RMS"
                     );
-                }
-            }
+                },
+            );
         }
     }
 
