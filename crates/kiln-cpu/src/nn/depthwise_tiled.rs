@@ -201,39 +201,38 @@ unsafe fn block_avx512(
         for r in 0..rows_out {
             let row_base = r * g.sh * cols * LANES;
             let orow = otile.as_mut_ptr().add(r * g.ow * LANES);
+            // POS_BLOCK positions at a time, then blocks of 4, 2 and 1 for
+            // the rest: a 7-wide row (MobileNetV2's last layers) took one
+            // position at a time, a single chain of dependent multiply-adds.
+            let taps = Taps {
+                w: wv.as_ptr(),
+                kh: g.kh,
+                kw: g.kw,
+                krow,
+                kcol,
+                step,
+            };
+            let bounds = (bias, vlo, vhi);
+            let at = |ox: usize| (tp.add(row_base + ox * g.sw * LANES), orow.add(ox * LANES));
             let mut ox = 0;
             while ox + POS_BLOCK <= g.ow {
-                let mut acc = [bias; POS_BLOCK];
-                let base = tp.add(row_base + ox * g.sw * LANES);
-                for ky in 0..g.kh {
-                    let prow = base.add(ky * krow);
-                    for kx in 0..g.kw {
-                        let wt = _mm512_load_ps(wv.as_ptr().add((ky * g.kw + kx) * LANES));
-                        let p = prow.add(kx * kcol);
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(_mm512_load_ps(p.add(j * step)), wt, *a);
-                        }
-                    }
-                }
-                for (j, a) in acc.iter().enumerate() {
-                    let v = clamp_nan(*a, vlo, vhi);
-                    _mm512_store_ps(orow.add((ox + j) * LANES), v);
-                }
+                let (src, dst) = at(ox);
+                positions::<POS_BLOCK>(&taps, src, dst, bounds);
                 ox += POS_BLOCK;
             }
-            while ox < g.ow {
-                let mut a = bias;
-                let base = tp.add(row_base + ox * g.sw * LANES);
-                for ky in 0..g.kh {
-                    let prow = base.add(ky * krow);
-                    for kx in 0..g.kw {
-                        let wt = _mm512_load_ps(wv.as_ptr().add((ky * g.kw + kx) * LANES));
-                        a = _mm512_fmadd_ps(_mm512_load_ps(prow.add(kx * kcol)), wt, a);
-                    }
-                }
-                let v = clamp_nan(a, vlo, vhi);
-                _mm512_store_ps(orow.add(ox * LANES), v);
-                ox += 1;
+            if ox + 4 <= g.ow {
+                let (src, dst) = at(ox);
+                positions::<4>(&taps, src, dst, bounds);
+                ox += 4;
+            }
+            if ox + 2 <= g.ow {
+                let (src, dst) = at(ox);
+                positions::<2>(&taps, src, dst, bounds);
+                ox += 2;
+            }
+            if ox < g.ow {
+                let (src, dst) = at(ox);
+                positions::<1>(&taps, src, dst, bounds);
             }
         }
         unpack_band(g, oy0, rows_out, otile, nch, blk);
@@ -244,6 +243,55 @@ unsafe fn block_avx512(
             }
         }
         oy0 += rows_out;
+    }
+}
+
+/// The taps of one block: weight vectors (`kh * kw`, 16 lanes each) and the
+/// tile strides between kernel rows, kernel columns and neighbouring output
+/// positions.
+struct Taps {
+    w: *const f32,
+    kh: usize,
+    kw: usize,
+    krow: usize,
+    kcol: usize,
+    step: usize,
+}
+
+/// `N` neighbouring output positions from the tile at `src` (the first
+/// position's first tap) into `dst` (`N` vectors): bias plus every tap,
+/// clamped to `(lo, hi)`, each position its own accumulator.
+///
+/// # Safety
+/// AVX-512F; `taps.w` holds `kh * kw` aligned vectors; every tile read
+/// `src + ky * krow + kx * kcol + j * step` (j < N) and `dst[..N * 16]` lie
+/// inside the caller's aligned tile and output band.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn positions<const N: usize>(
+    taps: &Taps,
+    src: *const f32,
+    dst: *mut f32,
+    (bias, lo, hi): (
+        std::arch::x86_64::__m512,
+        std::arch::x86_64::__m512,
+        std::arch::x86_64::__m512,
+    ),
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [bias; N];
+    for ky in 0..taps.kh {
+        let prow = src.add(ky * taps.krow);
+        for kx in 0..taps.kw {
+            let wt = _mm512_load_ps(taps.w.add((ky * taps.kw + kx) * LANES));
+            let p = prow.add(kx * taps.kcol);
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_load_ps(p.add(j * taps.step)), wt, *a);
+            }
+        }
+    }
+    for (j, a) in acc.iter().enumerate() {
+        _mm512_store_ps(dst.add(j * LANES), clamp_nan(*a, lo, hi));
     }
 }
 
