@@ -737,6 +737,7 @@ fn winograd_conv(
 }
 
 /// The per-channel epilogue of a fast Conv: bias, residual, activation.
+#[derive(Clone, Copy)]
 pub(crate) struct Epi<'a> {
     pub bias: Option<&'a [f32]>,
     pub res: Option<&'a [f32]>,

@@ -109,22 +109,13 @@ fn depthwise_conv_with(
     if out_n == 0 || m == 0 {
         return;
     }
+    let kernel = dw_kernel(&g, mg, std::mem::size_of_val(x), isa, allow_special);
     #[cfg(target_arch = "x86_64")]
-    let rows = allow_special && isa == Isa::Avx512 && super::depthwise_rows::applies(&g);
-    // Stride 2 takes the row kernel wherever it applies (MobileNetV2 b1,
-    // 56x56 -> 28x28: 0.062 ms tiled, 0.042 by rows); stride 1 small planes
-    // stay channel-tiled (28x28: 0.042 tiled, 0.050 by rows).
-    #[cfg(target_arch = "x86_64")]
-    if allow_special
-        && isa == Isa::Avx512
-        && !(rows && g.sh == 2)
-        && super::depthwise_tiled::applies(&g, mg, std::mem::size_of_val(x))
-    {
+    if kernel == DwKernel::Tiled {
         return super::depthwise_tiled::conv(&g, c, in_n, x, w, epi, y);
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let rows = false;
-    let _ = allow_special;
+    let _ = kernel;
     // Several small planes per task: a 7x7 plane is ~100 ns of work, less
     // than scheduling a task costs.
     let per_task = (PLANE_TASK_ELEMS / out_n).clamp(1, 256);
@@ -140,15 +131,53 @@ fn depthwise_conv_with(
                     let src = &x[(ni * c + ci) * in_n..][..in_n];
                     let filt = &w[mi * kn..][..kn];
                     #[cfg(target_arch = "x86_64")]
-                    if rows {
+                    if kernel == DwKernel::Rows {
                         super::depthwise_rows::plane(&g, src, filt, out, epi, ni, mi);
                         continue;
                     }
-                    let _ = rows;
                     plane_dispatch(isa, &g, src, filt, &mut scratch, out, epi, ni, mi);
                 }
             })
         });
+}
+
+/// Which kernel runs a depthwise conv.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum DwKernel {
+    /// 16 channels per vector (`depthwise_tiled`).
+    Tiled,
+    /// 3x3 straight from the input rows (`depthwise_rows`).
+    Rows,
+    /// The per-plane kernels here.
+    Plane,
+}
+
+/// The kernel for depthwise planes of geometry `g` (`mg` output channels
+/// per input channel, X of `input_bytes`) on `isa`; `allow_special: false`
+/// keeps the per-plane kernels (tests).
+fn dw_kernel(
+    g: &Plane2d,
+    mg: usize,
+    input_bytes: usize,
+    isa: Isa,
+    allow_special: bool,
+) -> DwKernel {
+    #[cfg(target_arch = "x86_64")]
+    if allow_special && isa == Isa::Avx512 {
+        let rows = super::depthwise_rows::applies(g);
+        // Stride 2 takes the row kernel wherever it applies (MobileNetV2 b1,
+        // 56x56 -> 28x28: 0.062 ms tiled, 0.042 by rows); stride-1 small
+        // planes stay channel-tiled (28x28: 0.042 tiled, 0.050 by rows).
+        if !(rows && g.sh == 2) && super::depthwise_tiled::applies(g, mg, input_bytes) {
+            return DwKernel::Tiled;
+        }
+        if rows {
+            return DwKernel::Rows;
+        }
+    }
+    let _ = (g, mg, input_bytes, isa, allow_special);
+    DwKernel::Plane
 }
 
 /// A conv's 2-D plane geometry (1-D convs as height 1).
@@ -357,14 +386,7 @@ fn blocked_conv<const OB: usize, const V: usize>(
             let (bounds, after) = if in_regs {
                 epi.in_registers()
             } else {
-                let all = Epi {
-                    bias: epi.bias,
-                    res: epi.res,
-                    act: epi.act,
-                    m: epi.m,
-                    out_n: epi.out_n,
-                };
-                ((f32::NEG_INFINITY, f32::INFINITY), Some(all))
+                ((f32::NEG_INFINITY, f32::INFINITY), Some(*epi))
             };
             let bias: [f32; OB] = std::array::from_fn(|o| match epi.bias {
                 Some(b) if in_regs => b[m0 + o],
@@ -1208,42 +1230,28 @@ fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
     }
 }
 
+/// Test hook: the kernel this CPU runs a depthwise conv of this geometry on.
+#[cfg(test)]
+fn dw_kernel_of(geo: &ConvGeometry) -> DwKernel {
+    let bytes = geo.n * geo.c * geo.in_n * std::mem::size_of::<f32>();
+    if geo.cg != 1 {
+        return DwKernel::Plane;
+    }
+    dw_kernel(&plane2d(geo), geo.mg, bytes, detect_isa(), true)
+}
+
 /// Test hook: whether this CPU runs a depthwise conv of this geometry on the
 /// channel-tiled kernel.
 #[cfg(test)]
 pub(crate) fn takes_tiled(geo: &ConvGeometry) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let g = plane2d(geo);
-        let rows = super::depthwise_rows::applies(&g) && g.sh == 2;
-        geo.cg == 1
-            && detect_isa() == Isa::Avx512
-            && !rows
-            && super::depthwise_tiled::applies(&g, geo.mg, geo.n * geo.c * geo.in_n * 4)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = geo;
-        false
-    }
+    dw_kernel_of(geo) == DwKernel::Tiled
 }
 
 /// Test hook: whether this CPU runs a depthwise conv of this geometry on the
 /// 3x3 row kernel.
 #[cfg(test)]
 pub(crate) fn takes_rows(geo: &ConvGeometry) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        geo.cg == 1
-            && !takes_tiled(geo)
-            && detect_isa() == Isa::Avx512
-            && super::depthwise_rows::applies(&plane2d(geo))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = geo;
-        false
-    }
+    dw_kernel_of(geo) == DwKernel::Rows
 }
 
 /// Test hook: runs a depthwise or few-channel conv through every instruction
