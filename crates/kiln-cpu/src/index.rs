@@ -14,10 +14,9 @@ mod sort;
 use crate::util::i64_values;
 use crate::{invalid, Result};
 use half::{bf16, f16};
-use kiln_ir::{checked_numel, Element, IndexOp, Tensor};
+use kiln_ir::{Element, IndexOp, Tensor};
 
-/// Largest element count a kernel here will allocate for one output.
-const MAX_OUTPUT_ELEMENTS: usize = 1 << 32;
+use crate::shape_ops::output_len;
 
 /// Runs one op of the family on its present inputs.
 pub fn run(op: &IndexOp, inputs: &[Option<&Tensor>], num_outputs: usize) -> Result<Vec<Tensor>> {
@@ -137,19 +136,6 @@ pub fn run(op: &IndexOp, inputs: &[Option<&Tensor>], num_outputs: usize) -> Resu
 // ---------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------
-
-/// Element count of an output shape, or an error when it overflows or is absurd.
-fn output_len(op: &str, shape: &[usize]) -> Result<usize> {
-    match checked_numel(shape) {
-        Some(n) if n <= MAX_OUTPUT_ELEMENTS => Ok(n),
-        Some(n) => Err(invalid!(
-            "{op}: output shape {shape:?} has {n} elements, more than the limit of {MAX_OUTPUT_ELEMENTS}"
-        )),
-        None => Err(invalid!(
-            "{op}: output shape {shape:?} has too many elements (the count overflows)"
-        )),
-    }
-}
 
 /// Values of an integer index tensor. u64 values beyond i64 are refused.
 fn index_values(op: &str, t: &Tensor, what: &str) -> Result<Vec<i64>> {

@@ -24,7 +24,7 @@ pub mod util;
 mod vision;
 
 use kiln_ir::{Op, Tensor};
-pub use prepared::{prepare, PreparedOp};
+pub use prepared::{prepare, prepare_gather_from, tied_table, PreparedOp};
 
 /// Why a kernel could not produce its outputs.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,11 @@
 //! | Conv, FusedConv (not depthwise) | f32 W | per group, `PackedA` of `W_g [M/group, C/group * k...]`, or `PackedB` of its transpose when the output planes are small (see `nn::conv::ConvPack`) |
 //! | MatMul, FusedMatMul | f32 2-D B | `PackedB` of B |
 //! | Gemm | f32 2-D B | `PackedB` of B' (B or B^T, per `transB`) |
+//! | Gather (axis 0) | f32 2-D data D | nothing new: a MatMul/Gemm's `PackedB` that is bit for bit D^T ([`tied_table`], [`prepare_gather_from`]) |
+//!
+//! The last row is for tied embeddings (GPT-2's token table is also its LM
+//! head, transposed): the table is kept once, in the head's panels, and the
+//! lookup reads its rows from there.
 //!
 //! [`PreparedOp::run`] has `run_op`'s contract, except that the packed input
 //! ([`PreparedOp::packed_input`]) may be absent: the op holds its data, so the
@@ -23,6 +28,7 @@ use crate::util::{broadcast_indices, broadcast_shape};
 use crate::{fused, invalid};
 use kiln_gemm::{MatRef, PackedB, Rhs};
 use kiln_ir::{ConvAttrs, DType, FusedAct, FusedOp, Op, Tensor, TensorData};
+use std::sync::Arc;
 
 /// A node's kernel specialized once, at plan time, on its constant inputs
 /// (packed weights).
@@ -40,6 +46,11 @@ impl std::fmt::Debug for PreparedOp {
             } => format!("W {w_shape:?} packed per group {}", packed.orientation()),
             Kind::MatMul { b_shape, .. } => format!("B {b_shape:?} packed"),
             Kind::Gemm { b_shape, .. } => format!("B {b_shape:?} packed"),
+            Kind::Gather { table } => format!(
+                "data [{}, {}] read from a product's packed B",
+                table.cols(),
+                table.rows()
+            ),
         };
         write!(f, "PreparedOp({}: {what})", self.op.name())
     }
@@ -58,7 +69,7 @@ enum Kind {
     MatMul {
         fused: Option<FusedAct>,
         b_shape: Vec<usize>,
-        packed: PackedB,
+        packed: Arc<PackedB>,
     },
     /// Gemm with a packed B' (`transB` applied).
     Gemm {
@@ -66,8 +77,11 @@ enum Kind {
         beta: f32,
         trans_a: bool,
         b_shape: Vec<usize>,
-        packed: PackedB,
+        packed: Arc<PackedB>,
     },
+    /// Gather along axis 0 of a 2-D f32 table `D` that is held as the
+    /// transpose `table` = D^T, shared with the product that packed it.
+    Gather { table: Arc<PackedB> },
 }
 
 /// Specializes `op` on its constant inputs. `constants[i]` is the input's
@@ -114,7 +128,7 @@ pub fn prepare(
                 beta: *beta,
                 trans_a: *trans_a,
                 b_shape: b.shape().to_vec(),
-                packed: PackedB::new(view),
+                packed: Arc::new(PackedB::new(view)),
             }
         }
         _ => return None,
@@ -194,7 +208,69 @@ fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
     Some(Kind::MatMul {
         fused,
         b_shape: b.shape().to_vec(),
-        packed: PackedB::new(MatRef::row_major(b.as_slice::<f32>()?, k, n)),
+        packed: Arc::new(PackedB::new(MatRef::row_major(b.as_slice::<f32>()?, k, n))),
+    })
+}
+
+/// Whether `gather`, a Gather along axis 0 of the constant table `data`,
+/// can read its rows from the panels [`prepare`] makes for `product`'s
+/// constant B `b`: `product` is a MatMul, FusedMatMul or Gemm whose packed
+/// operand (B, or B^T for a Gemm with `transB`) is bit for bit `data`'s
+/// transpose. A tied embedding: GPT-2's token table is also its LM head.
+pub fn tied_table(gather: &Op, data: &Tensor, product: &Op, b: &Tensor) -> bool {
+    let (Op::Gather { axis: 0 | -2 }, Some(d), Some(bv)) =
+        (gather, data.as_slice::<f32>(), b.as_slice::<f32>())
+    else {
+        return false;
+    };
+    let packs_b_transposed = match product {
+        Op::MatMul | Op::Fused(FusedOp::MatMul { .. }) => false,
+        Op::Gemm { trans_b, .. } => *trans_b,
+        _ => return false,
+    };
+    let [rows, width] = *data.shape() else {
+        return false;
+    };
+    let same = |x: f32, y: f32| x.to_bits() == y.to_bits();
+    if packs_b_transposed {
+        // Packed B^T, whose transpose is b itself.
+        b.shape() == data.shape() && d.iter().zip(bv).all(|(&x, &y)| same(x, y))
+    } else {
+        // b is [width, rows]: d[r][c] must be b[c][r]. In tiles, so that both
+        // sides stay in cache.
+        const T: usize = 64;
+        b.shape() == [width, rows]
+            && (0..rows).step_by(T).all(|r0| {
+                (0..width).step_by(T).all(|c0| {
+                    (r0..rows.min(r0 + T)).all(|r| {
+                        (c0..width.min(c0 + T)).all(|c| same(d[r * width + c], bv[c * rows + r]))
+                    })
+                })
+            })
+    }
+}
+
+/// A Gather along axis 0 of a `[rows, width]` table that [`tied_table`]
+/// found in `product`'s packed B: it reads its rows from those panels, and
+/// the table itself can be freed. None when `op` is not such a Gather or
+/// `product` holds no packed B of shape `[width, rows]`.
+pub fn prepare_gather_from(
+    op: &Op,
+    table_shape: &[usize],
+    product: &PreparedOp,
+) -> Option<PreparedOp> {
+    let Op::Gather { axis: 0 | -2 } = op else {
+        return None;
+    };
+    let table = product.packed_b()?;
+    if table_shape != [table.cols(), table.rows()] {
+        return None;
+    }
+    Some(PreparedOp {
+        op: op.clone(),
+        kind: Kind::Gather {
+            table: table.clone(),
+        },
     })
 }
 
@@ -222,9 +298,22 @@ fn out_positions(out_shape: Option<&[Option<usize>]>, rank: usize) -> Option<usi
 
 impl PreparedOp {
     /// The input whose data this op holds packed (W for Conv, B for
-    /// MatMul/Gemm): `run` does not read it, so the caller may pass None.
+    /// MatMul/Gemm, the table for Gather): `run` does not read it, so the
+    /// caller may pass None.
     pub fn packed_input(&self) -> usize {
-        1
+        match self.kind {
+            Kind::Gather { .. } => 0,
+            _ => 1,
+        }
+    }
+
+    /// The packed right operand of a MatMul or Gemm, for
+    /// [`prepare_gather_from`].
+    pub fn packed_b(&self) -> Option<&Arc<PackedB>> {
+        match &self.kind {
+            Kind::MatMul { packed, .. } | Kind::Gemm { packed, .. } => Some(packed),
+            Kind::Conv { .. } | Kind::Gather { .. } => None,
+        }
     }
 
     /// Same contract as `run_op`: the node's present inputs, except that the
@@ -239,6 +328,17 @@ impl PreparedOp {
         let (packed_shape, packed_what) = match &self.kind {
             Kind::Conv { w_shape, .. } => (w_shape, "W"),
             Kind::MatMul { b_shape, .. } | Kind::Gemm { b_shape, .. } => (b_shape, "B"),
+            // Its indices are integers: none of the f32 checks below apply.
+            Kind::Gather { table } => {
+                return match inputs.first().copied().flatten() {
+                    // Given the table after all: the plain kernel on it.
+                    Some(_) => crate::run_op(&self.op, inputs, num_outputs),
+                    None => Ok(vec![gather_columns(
+                        table,
+                        crate::required(inputs, 1, "Gather indices")?,
+                    )?]),
+                };
+            }
         };
         let given = inputs.get(1).copied().flatten();
         if let Some(given) = given {
@@ -346,9 +446,27 @@ impl PreparedOp {
                 };
                 nn::gemm_f32(*alpha, *beta, view, Rhs::Packed(packed), c)?
             }
+            Kind::Gather { table } => gather_columns(table, x(1, "indices")?)?,
         };
         Ok(vec![y])
     }
+}
+
+/// Gather along axis 0 of D = `table`^T: output row r is column `idx[r]` of
+/// the packed table. The indices are checked (and negative ones resolved)
+/// like the plain kernel's.
+fn gather_columns(table: &PackedB, idx: &Tensor) -> crate::Result<Tensor> {
+    let (width, rows) = (table.rows(), table.cols());
+    let resolved = crate::shape_ops::gather_indices(idx, rows, 0)?;
+    let mut shape = idx.shape().to_vec();
+    shape.push(width);
+    let mut out = vec![0.0f32; crate::shape_ops::output_len("Gather", &shape)?];
+    if width > 0 {
+        for (o, &j) in out.chunks_exact_mut(width).zip(&resolved) {
+            table.column_into(j, o);
+        }
+    }
+    crate::util::tensor(shape, TensorData::F32(out))
 }
 
 #[cfg(test)]
@@ -623,5 +741,105 @@ mod tests {
         let want = crate::run_op(&op, &[Some(&x), Some(&w)], 1).unwrap();
         assert_eq!(got[0].dtype(), DType::F16);
         assert_eq!(got[0], want[0]);
+    }
+
+    /// A table tied to a product's packed B: only an exact transpose (or
+    /// for Gemm with transB, the same values) of f32 data, for a Gather
+    /// along axis 0.
+    #[test]
+    fn tied_table_needs_bitwise_transposed_weights() {
+        let mut rng = Rng::new(26);
+        let (rows, width) = (130, 7); // tiles of 64 with tails
+        let d = t(&[rows, width], rng.vec(rows * width));
+        let dv = f32s(&d);
+        let dt: Vec<f32> = (0..width * rows)
+            .map(|e| dv[(e % rows) * width + e / rows])
+            .collect();
+        let d_t = t(&[width, rows], dt.clone());
+        let gather = Op::Gather { axis: 0 };
+        let gemm = |trans_b| Op::Gemm {
+            alpha: 1.0,
+            beta: 0.0,
+            trans_a: false,
+            trans_b,
+        };
+        let fused = Op::Fused(FusedOp::MatMul {
+            act: FusedAct::Identity,
+        });
+        assert!(tied_table(&gather, &d, &Op::MatMul, &d_t));
+        assert!(tied_table(&Op::Gather { axis: -2 }, &d, &fused, &d_t));
+        assert!(tied_table(&gather, &d, &gemm(false), &d_t));
+        assert!(tied_table(&gather, &d, &gemm(true), &d));
+        // Wrong orientation, axis, op, dtype.
+        assert!(!tied_table(&gather, &d, &Op::MatMul, &d));
+        assert!(!tied_table(&gather, &d, &gemm(true), &d_t));
+        assert!(!tied_table(&Op::Gather { axis: 1 }, &d, &Op::MatMul, &d_t));
+        assert!(!tied_table(&gather, &d, &Op::Identity, &d_t));
+        let d64 = Tensor::from_vec(vec![rows, width], vec![0.0f64; rows * width]).unwrap();
+        assert!(!tied_table(&gather, &d64, &Op::MatMul, &d_t));
+        // One bit off in the last tile's last element.
+        let mut off = dt.clone();
+        let last = off.len() - 1;
+        off[last] = f32::from_bits(off[last].to_bits() ^ 1);
+        assert!(!tied_table(
+            &gather,
+            &d,
+            &Op::MatMul,
+            &t(&[width, rows], off)
+        ));
+        // 0.0 in D against -0.0 in B: equal as floats, not as weights.
+        let mut d0 = dv.clone();
+        d0[3 * width] = 0.0;
+        let mut b0 = dt.clone();
+        b0[3] = -0.0;
+        let (d0, b0) = (t(&[rows, width], d0), t(&[width, rows], b0));
+        assert!(!tied_table(&gather, &d0, &Op::MatMul, &b0));
+        let mut b = f32s(&b0);
+        b[3] = 0.0;
+        assert!(tied_table(&gather, &d0, &Op::MatMul, &t(&[width, rows], b)));
+    }
+
+    /// The Gather that reads a tied table from the product's panels gives
+    /// the plain kernel's values for every index form, and its errors.
+    #[test]
+    fn gather_from_packed_panels_matches_the_plain_gather() {
+        let mut rng = Rng::new(27);
+        let (rows, width) = (70, 5);
+        let d = t(&[rows, width], rng.vec(rows * width));
+        let dv = f32s(&d);
+        let dt: Vec<f32> = (0..width * rows)
+            .map(|e| dv[(e % rows) * width + e / rows])
+            .collect();
+        let d_t = t(&[width, rows], dt);
+        let head = prepare(&Op::MatMul, &[None, Some(&d_t)], None).unwrap();
+        let op = Op::Gather { axis: 0 };
+        assert!(prepare_gather_from(&op, &[width, rows], &head).is_none());
+        assert!(prepare_gather_from(&Op::Gather { axis: 1 }, &[rows, width], &head).is_none());
+        let p = prepare_gather_from(&op, &[rows, width], &head).unwrap();
+        assert_eq!(p.packed_input(), 0);
+        let indices = [
+            Tensor::from_vec(vec![2, 3], vec![0i64, 69, -1, -70, 63, 64]).unwrap(),
+            Tensor::from_vec(vec![4], vec![5i32, 0, 66, -3]).unwrap(),
+            Tensor::scalar(12i64),
+            Tensor::from_vec(vec![0], Vec::<i64>::new()).unwrap(),
+        ];
+        for idx in &indices {
+            let want = crate::run_op(&op, &[Some(&d), Some(idx)], 1).unwrap();
+            let got = p.run(&[None, Some(idx)], 1).unwrap();
+            assert_eq!(got[0], want[0], "indices {:?}", idx.shape());
+            // Given the table after all: the plain kernel, same values.
+            let given = p.run(&[Some(&d), Some(idx)], 1).unwrap();
+            assert_eq!(given[0], want[0]);
+        }
+        for bad in [Tensor::vector(vec![70i64]), Tensor::vector(vec![-71i64])] {
+            let e = p.run(&[None, Some(&bad)], 1).unwrap_err().to_string();
+            let want = crate::run_op(&op, &[Some(&d), Some(&bad)], 1)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e, want);
+        }
+        let floats = Tensor::vector(vec![1.0f32]);
+        assert!(p.run(&[None, Some(&floats)], 1).is_err());
+        assert!(p.run(&[None, None], 1).is_err());
     }
 }

@@ -17,7 +17,7 @@ use kiln_ir::{checked_numel, map_data, Element, PadMode, Tensor, TensorData};
 const MAX_OUTPUT_ELEMENTS: usize = 1 << 32;
 
 /// Element count of an output shape, or an error when it overflows or is absurd.
-fn output_len(op: &str, shape: &[usize]) -> Result<usize> {
+pub(crate) fn output_len(op: &str, shape: &[usize]) -> Result<usize> {
     match checked_numel(shape) {
         Some(n) if n <= MAX_OUTPUT_ELEMENTS => Ok(n),
         Some(n) => Err(invalid!(
@@ -855,6 +855,13 @@ fn resolve_indices(op: &str, raw: &[i64], dim: usize, axis: usize) -> Result<Vec
         .collect()
 }
 
+/// Gather's indices into an axis of size `dim`, negative ones resolved, each
+/// checked to be in range.
+pub(crate) fn gather_indices(idx: &Tensor, dim: usize, axis: usize) -> Result<Vec<usize>> {
+    let raw = index_values("Gather", idx)?;
+    resolve_indices("Gather", &raw, dim, axis)
+}
+
 pub fn gather(x: &Tensor, idx: &Tensor, axis: i64) -> Result<Tensor> {
     let shape = x.shape();
     if shape.is_empty() {
@@ -862,8 +869,7 @@ pub fn gather(x: &Tensor, idx: &Tensor, axis: i64) -> Result<Tensor> {
     }
     let ax = normalize_axis(axis, shape.len()).map_err(|e| invalid!("Gather: {e}"))?;
     let dim = shape[ax];
-    let raw = index_values("Gather", idx)?;
-    let resolved = resolve_indices("Gather", &raw, dim, ax)?;
+    let resolved = gather_indices(idx, dim, ax)?;
     let mut out_shape = shape[..ax].to_vec();
     out_shape.extend_from_slice(idx.shape());
     out_shape.extend_from_slice(&shape[ax + 1..]);

@@ -209,6 +209,24 @@ impl PackedB {
         self.data.as_slice()[jq * self.nr * self.k + p * self.nr + c]
     }
 
+    /// Copies column `j` (all `rows()` elements) into `out`, which must be
+    /// exactly that long: a row of B^T, such as one embedding vector when B
+    /// is a tied embedding table's transpose.
+    pub fn column_into(&self, j: usize, out: &mut [f32]) {
+        assert!(
+            j < self.n && out.len() == self.k,
+            "PackedB::column_into({j}, len {}) of {}x{}",
+            out.len(),
+            self.k,
+            self.n
+        );
+        let (jq, c) = (j / self.nr, j % self.nr);
+        let panel = &self.data.as_slice()[jq * self.nr * self.k..][..self.nr * self.k];
+        for (o, row) in out.iter_mut().zip(panel.chunks_exact(self.nr)) {
+            *o = row[c];
+        }
+    }
+
     /// The matrix back in row-major order.
     pub fn to_row_major(&self) -> Vec<f32> {
         let mut v = Vec::with_capacity(self.k * self.n);

@@ -598,6 +598,23 @@ fn packed_operands_round_trip() {
 }
 
 #[test]
+fn packed_b_columns() {
+    // k x n with a partial last panel for every kernel's nr.
+    let (k, n) = (19, 150);
+    let v = rand_vec(k * n, 33);
+    // d = v^T, row-major n x k.
+    let d: Vec<f32> = (0..n * k).map(|e| v[(e % k) * n + e / k]).collect();
+    for kernel in available() {
+        let pb = PackedB::for_kernel(kernel, MatRef::row_major(&v, k, n));
+        let mut col = vec![0.0; k];
+        for j in [0, 1, kernel.nr - 1, kernel.nr, n - 1] {
+            pb.column_into(j, &mut col);
+            assert_eq!(col, d[j * k..(j + 1) * k], "{} column {j}", kernel.name);
+        }
+    }
+}
+
+#[test]
 fn nan_and_inf_in_operands_propagate_like_the_reference() {
     let (m, k, n) = (9, 20, 70);
     let mut av = rand_vec(m * k, 41);

@@ -118,9 +118,30 @@ impl Plan {
                 reads_left.insert(o.name.clone(), usize::MAX);
             }
         }
-        // Per weight, the prepared steps that hold it packed: (step, input).
-        let mut holders: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
-        let mut released: Vec<(String, kiln_ir::ValueType)> = Vec::new();
+        let mut holders = Holders {
+            reads_left,
+            ..Holders::default()
+        };
+        // Tied tables whose only reader is their Gather go now, before any
+        // packing: the product's B has the same values, and packing it while
+        // both copies lived would raise the load's peak memory by one table.
+        let ties = if release {
+            find_tied_tables(graph, inits, &overridable)
+        } else {
+            Vec::new()
+        };
+        let mut dropped: HashMap<String, (kiln_ir::DType, Vec<usize>)> = HashMap::new();
+        for tie in &ties {
+            if tie.early && holders.reads_left.get(&tie.table) == Some(&1) {
+                if let Some(t) = inits.remove(&tie.table) {
+                    holders.released.push((
+                        tie.table.clone(),
+                        kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape()))),
+                    ));
+                    dropped.insert(tie.table.clone(), (t.dtype(), t.shape().to_vec()));
+                }
+            }
+        }
         let mut steps = Vec::with_capacity(order.len());
         // Per step, every slot it reads, including subgraph free variables.
         let mut reads_per_step: Vec<Vec<usize>> = Vec::with_capacity(order.len());
@@ -158,6 +179,16 @@ impl Plan {
                 subplan_outer.push(feeds);
                 subplans.push(plan);
             }
+            // A dropped table: the step will read it from the product's panels.
+            let mut ins = ins;
+            let mut held = Vec::new();
+            for (idx, name) in node.inputs.iter().enumerate() {
+                if let Some(info) = name.as_deref().and_then(|n| dropped.get(n)) {
+                    let slot = ins[idx].take();
+                    reads.retain(|&s| Some(s) != slot);
+                    held.push((idx, info.clone()));
+                }
+            }
             let outs: Vec<Option<usize>> = node
                 .outputs
                 .iter()
@@ -192,22 +223,11 @@ impl Plan {
             };
             // Each read of a weight a prepared step holds packed counts down;
             // at zero nothing needs the original any more.
-            let mut release_now = None;
-            if let Some(p) = &prepared {
+            let release_now = prepared.as_ref().and_then(|p| {
                 let idx = p.packed_input();
-                if let Some(name) = node.input(idx).filter(|n| inits.contains_key(*n)) {
-                    holders
-                        .entry(name.to_string())
-                        .or_default()
-                        .push((steps.len(), idx));
-                    if let Some(left) = reads_left.get_mut(name).filter(|l| **l != usize::MAX) {
-                        *left -= 1;
-                        if *left == 0 {
-                            release_now = Some(name.to_string());
-                        }
-                    }
-                }
-            }
+                let name = node.input(idx).filter(|n| inits.contains_key(*n))?;
+                holders.note(name, steps.len(), idx)
+            });
             steps.push(Step {
                 name: node.name.clone(),
                 op: node.op.clone(),
@@ -217,21 +237,38 @@ impl Plan {
                 subplans,
                 subplan_outer,
                 prepared,
-                held: Vec::new(),
+                held,
                 relabels_in_place: false,
             });
             if let Some(name) = release_now {
-                if let Some(t) = inits.remove(&name) {
-                    let slot = slots[&name];
-                    for &(si, idx) in &holders[&name] {
-                        steps[si].inputs[idx] = None;
-                        steps[si].held.push((idx, (t.dtype(), t.shape().to_vec())));
-                        reads_per_step[si].retain(|&s| s != slot);
+                holders.release(&name, inits, &slots, &mut steps, &mut reads_per_step);
+            }
+        }
+        // The Gathers of tied tables read the products' panels, which exist now.
+        let step_of: HashMap<usize, usize> =
+            order.iter().enumerate().map(|(s, &n)| (n, s)).collect();
+        for tie in &ties {
+            let (gi, pi) = (step_of[&tie.gather], step_of[&tie.product]);
+            let shared = steps[pi]
+                .prepared
+                .as_ref()
+                .and_then(|p| kiln_cpu::prepare_gather_from(&steps[gi].op, &tie.shape, p));
+            match shared {
+                Some(p) => {
+                    steps[gi].prepared = Some(p);
+                    if !dropped.contains_key(&tie.table) {
+                        if let Some(name) = holders.note(&tie.table, gi, 0) {
+                            holders.release(&name, inits, &slots, &mut steps, &mut reads_per_step);
+                        }
                     }
-                    let ty =
-                        kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape())));
-                    released.push((name, ty));
                 }
+                None if dropped.contains_key(&tie.table) => {
+                    return Err(Error::InvalidModel(format!(
+                        "internal: node '{}' was to read table '{}' from the packed weights of node '{}', which were not prepared",
+                        steps[gi].name, tie.table, steps[pi].name
+                    )));
+                }
+                None => {}
             }
         }
         let constants: Vec<(usize, Arc<Tensor>)> = inits
@@ -250,6 +287,7 @@ impl Plan {
             }
         }
 
+        let mut released = holders.released;
         released.sort_by(|a, b| a.0.cmp(&b.0));
         // Liveness: free each slot after its last reader, unless it is an output.
         let keep: HashSet<usize> = outputs.iter().map(|(_, s)| *s).collect();
@@ -306,4 +344,105 @@ impl Plan {
 fn slot_of(name: &str, slots: &mut HashMap<String, usize>) -> usize {
     let n = slots.len();
     *slots.entry(name.to_string()).or_insert(n)
+}
+
+/// Which weights prepared steps hold packed, and when each original can go.
+#[derive(Default)]
+struct Holders {
+    /// Per fixed initializer, reads left before it could be released
+    /// (`usize::MAX`: never). Empty when the plan releases nothing.
+    reads_left: HashMap<String, usize>,
+    /// Per weight, the prepared steps that hold it: (step, input).
+    by_weight: HashMap<String, Vec<(usize, usize)>>,
+    /// Weights released, with their types.
+    released: Vec<(String, kiln_ir::ValueType)>,
+}
+
+impl Holders {
+    /// Step `step` holds weight `name` (its input `idx`). Returns the name
+    /// when that was the weight's last read.
+    fn note(&mut self, name: &str, step: usize, idx: usize) -> Option<String> {
+        self.by_weight
+            .entry(name.to_string())
+            .or_default()
+            .push((step, idx));
+        let left = self
+            .reads_left
+            .get_mut(name)
+            .filter(|l| **l != usize::MAX)?;
+        *left -= 1;
+        (*left == 0).then(|| name.to_string())
+    }
+
+    /// Frees weight `name`: its holders get None for it and stop reading its slot.
+    fn release(
+        &mut self,
+        name: &str,
+        inits: &mut std::collections::BTreeMap<String, Arc<Tensor>>,
+        slots: &HashMap<String, usize>,
+        steps: &mut [Step],
+        reads_per_step: &mut [Vec<usize>],
+    ) {
+        let Some(t) = inits.remove(name) else {
+            return;
+        };
+        let slot = slots[name];
+        for &(si, idx) in &self.by_weight[name] {
+            steps[si].inputs[idx] = None;
+            steps[si].held.push((idx, (t.dtype(), t.shape().to_vec())));
+            reads_per_step[si].retain(|&s| s != slot);
+        }
+        let ty = kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape())));
+        self.released.push((name.to_string(), ty));
+    }
+}
+
+/// A Gather whose constant table is bit for bit the transpose of a
+/// MatMul/Gemm's packed weights ([`kiln_cpu::tied_table`]).
+struct Tie {
+    /// Node indices of the Gather and of the product.
+    gather: usize,
+    product: usize,
+    /// The table's name and shape.
+    table: String,
+    shape: Vec<usize>,
+    /// The product packs another initializer (a transposed copy), so the
+    /// table can go before any packing.
+    early: bool,
+}
+
+/// Tied embeddings: a Gather on a constant table D whose transpose some
+/// MatMul/Gemm packs (GPT-2's token table and LM head) can read D's rows
+/// from those panels, so D need not be kept as well.
+fn find_tied_tables(
+    graph: &Graph,
+    inits: &std::collections::BTreeMap<String, Arc<Tensor>>,
+    overridable: &HashSet<&str>,
+) -> Vec<Tie> {
+    let constant = |name: Option<&str>| {
+        name.filter(|n| !overridable.contains(n))
+            .and_then(|n| inits.get_key_value(n))
+    };
+    let mut ties = Vec::new();
+    for (gather, g) in graph.nodes.iter().enumerate() {
+        let Some((table, data)) =
+            constant(g.input(0)).filter(|_| matches!(g.op, Op::Gather { .. }))
+        else {
+            continue;
+        };
+        let product = graph.nodes.iter().enumerate().find_map(|(pi, p)| {
+            let (b_name, b) = constant(p.input(1))?;
+            kiln_cpu::tied_table(&g.op, data, &p.op, b).then_some((pi, b_name != table))
+        });
+        if let Some((product, early)) = product {
+            ties.push(Tie {
+                gather,
+                product,
+                table: table.clone(),
+                shape: data.shape().to_vec(),
+                early,
+            });
+        }
+    }
+    ties
 }

@@ -347,6 +347,117 @@ fn packed_weights_free_their_originals_unless_read_elsewhere() {
     assert_eq!(f32s(&out[1].1), w[8..12].to_vec());
 }
 
+/// Tied embeddings: a Gather's table that is bit for bit the transpose of a
+/// product's packed weights is read from those panels and freed, whether the
+/// head packs a transposed copy (MatMul on its own initializer, as exporters
+/// write GPT-2) or the table itself (Gemm with transB). A copy that differs
+/// in one bit is not tied. Values match the plain kernels throughout.
+#[test]
+fn tied_embedding_tables_are_kept_once_in_the_heads_panels() {
+    let (vocab, width) = (70usize, 3usize); // 70 columns: a partial panel
+    let table: Vec<f32> = (0..vocab * width)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    let transposed: Vec<f32> = (0..width * vocab)
+        .map(|e| table[(e % vocab) * width + e / vocab])
+        .collect();
+    // head: "matmul" (MatMul on tableT), "gemm" (Gemm transB on table),
+    // "near" (MatMul on a tableT with one bit flipped).
+    let graph = |head: &str| {
+        let ids_dims = vec![Dim::Known(2), Dim::Known(2)];
+        let mut g = Graph {
+            inputs: vec![vi("ids", DType::I64, ids_dims)],
+            outputs: vec![
+                vi(
+                    "e",
+                    DType::F32,
+                    vec![Dim::Known(2), Dim::Known(2), Dim::Known(width)],
+                ),
+                vi("logits", DType::F32, vec![Dim::Known(2), Dim::Known(vocab)]),
+            ],
+            nodes: vec![
+                node("wte", Op::Gather { axis: 0 }, &["table", "ids"], &["e"]),
+                node("first", Op::Flatten { axis: 2 }, &["e"], &["rows4"]),
+                node("rows", Op::Slice, &["rows4", "zero", "two", "zero"], &["h"]),
+            ],
+            ..Default::default()
+        };
+        let mut init = |name: &str, t: Tensor| {
+            g.initializers.insert(name.into(), Arc::new(t));
+        };
+        init(
+            "table",
+            Tensor::from_vec(vec![vocab, width], table.clone()).unwrap(),
+        );
+        init("zero", Tensor::vector(vec![0i64]));
+        init("two", Tensor::vector(vec![2i64]));
+        if head == "gemm" {
+            g.nodes.push(node(
+                "lm_head",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 0.0,
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &["h", "table"],
+                &["logits"],
+            ));
+        } else {
+            let mut t = transposed.clone();
+            if head == "near" {
+                t[2 * vocab + 5] = f32::from_bits(t[2 * vocab + 5].to_bits() ^ 1);
+            }
+            init("tableT", Tensor::from_vec(vec![width, vocab], t).unwrap());
+            g.nodes
+                .push(node("lm_head", Op::MatMul, &["h", "tableT"], &["logits"]));
+        }
+        g
+    };
+    let ids = Tensor::from_vec(vec![2, 2], vec![0i64, 69, -1, 13]).unwrap();
+    let rows = [0usize, 69, 69, 13];
+    let want_e: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| table[r * width..(r + 1) * width].to_vec())
+        .collect();
+    for head in ["matmul", "gemm", "near"] {
+        let s = session(graph(head)).unwrap();
+        let kept = s.graph().initializers.contains_key("table");
+        assert_eq!(kept, head == "near", "{head}: table kept = {kept}");
+        assert!(!s.graph().initializers.contains_key("tableT"), "{head}");
+        let out = s.run(vec![("ids".into(), ids.clone())]).unwrap();
+        assert_eq!(out[0].1.shape(), &[2, 2, width], "{head}");
+        assert_eq!(f32s(&out[0].1), want_e, "{head}");
+        // logits = h @ table^T for the first two looked-up rows.
+        let want_logits: Vec<f32> = rows[..2]
+            .iter()
+            .flat_map(|&r| {
+                let table = &table;
+                (0..vocab).map(move |v| {
+                    (0..width)
+                        .map(|k| table[r * width + k] * table[v * width + k])
+                        .sum::<f32>()
+                })
+            })
+            .collect();
+        for (g, w) in f32s(&out[1].1).iter().zip(&want_logits) {
+            assert!((g - w).abs() <= 1e-5, "{head}: {g} vs {w}");
+        }
+        // The lookup still checks its indices, and the profile still sees
+        // the table's shape.
+        let bad = Tensor::from_vec(vec![2, 2], vec![0i64, 70, 1, 1]).unwrap();
+        let e = s.run(vec![("ids".into(), bad)]).unwrap_err().to_string();
+        assert!(e.contains("wte") && e.contains("70"), "{head}: {e}");
+        let (_, profile) = s.run_profiled(vec![("ids".into(), ids.clone())]).unwrap();
+        let wte = profile.iter().find(|t| t.node == "wte").unwrap();
+        assert_eq!(
+            wte.inputs[0],
+            Some((DType::F32, vec![vocab, width])),
+            "{head}"
+        );
+    }
+}
+
 /// Reshape-like steps move their input's buffer when they are its last
 /// reader and copy otherwise; either way every reader sees the right values
 /// and shapes. Here `x` is reshaped (moved: the caller gave it up), `s` is
