@@ -187,6 +187,18 @@ fn pack_a_full<const MR: usize>(data: &[f32], rs: usize, i0: usize, k: usize, ds
 }
 
 /// Columns `j0 .. j0 + nr` of `b` (zero past the last column): `dst[p * nr + c] = b[p, j0 + c]`.
+/// Rows `0..k` of `data` (`rs` apart), `W` floats each from column `j0`,
+/// into `dst` back to back.
+fn copy_rows<const W: usize>(data: &[f32], rs: usize, j0: usize, k: usize, dst: &mut [f32]) {
+    for (p, d) in dst.chunks_exact_mut(W).take(k).enumerate() {
+        let src: &[f32; W] = data[p * rs + j0..][..W]
+            .try_into()
+            .expect("a slice of W floats");
+        let d: &mut [f32; W] = d.try_into().expect("a chunk of W floats");
+        *d = *src;
+    }
+}
+
 pub(crate) fn pack_b_panel(b: MatRef<'_>, j0: usize, nr: usize, dst: &mut [f32]) {
     let k = b.rows();
     let cols = nr.min(b.cols() - j0);
@@ -195,9 +207,18 @@ pub(crate) fn pack_b_panel(b: MatRef<'_>, j0: usize, nr: usize, dst: &mut [f32])
         dst.fill(0.0);
     }
     if cs == 1 {
-        for p in 0..k {
-            let src = &data[p * rs + j0..p * rs + j0 + cols];
-            dst[p * nr..p * nr + cols].copy_from_slice(src);
+        // Whole rows of the AVX-512 and AVX2 kernels' widths as fixed-size
+        // copies, which compile to a few vector moves: a memmove call per
+        // 256-byte row cost as much as the move.
+        match (cols, nr) {
+            (64, 64) => copy_rows::<64>(data, rs, j0, k, dst),
+            (16, 16) => copy_rows::<16>(data, rs, j0, k, dst),
+            _ => {
+                for p in 0..k {
+                    let src = &data[p * rs + j0..p * rs + j0 + cols];
+                    dst[p * nr..p * nr + cols].copy_from_slice(src);
+                }
+            }
         }
     } else if rs == 1 {
         // A transposed view: each column is contiguous in k.
