@@ -76,9 +76,21 @@ unsafe fn tile<const R: usize, const V: usize>(
     // never fault, even past the end of the buffer.
     unsafe {
         // The C tile is read (or written) at the end; start fetching it now.
+        // So is a residual tile: it is often big and out of cache (ResNet's
+        // block inputs at batch 8), and loading it only at the store left
+        // most of the tile's time waiting on memory.
         for r in 0..R {
             for v in 0..V {
                 _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 16 * v) as *const i8);
+            }
+        }
+        // (Fetching the next tile's residual as well, all at once or a line
+        // per step, measured no better.)
+        if let Some(f) = fin.filter(|f| !f.res.is_null()) {
+            for r in 0..R {
+                for v in 0..V {
+                    _mm_prefetch::<_MM_HINT_T0>(f.res.wrapping_add(r * f.ldr + 16 * v) as *const i8);
+                }
             }
         }
         for _ in 0..kc {
