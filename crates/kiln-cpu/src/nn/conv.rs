@@ -2696,7 +2696,7 @@ mod tests {
         for (case, &(c, h, w, k, s, d, p)) in [
             (17, 7, 7, [3, 3], 1, 1, [1, 1, 1, 1]),
             (16, 14, 14, [3, 3], 2, 1, [1, 1, 1, 1]),
-            (40, 28, 28, [3, 3], 1, 1, [1, 1, 1, 1]),
+            (40, 27, 27, [3, 3], 1, 1, [1, 1, 1, 1]),
             (5, 28, 28, [5, 5], 1, 1, [2, 2, 2, 2]),
             (33, 13, 11, [3, 3], 2, 1, [0, 1, 1, 0]),
             (15, 9, 9, [3, 3], 1, 2, [2, 2, 2, 2]),
@@ -2761,7 +2761,8 @@ mod tests {
     /// channel-tiled kernel) against the reference, with every epilogue:
     /// strides 1 and 2, symmetric, asymmetric and 2-wide pads, no pads,
     /// output rows of exactly 16, 17 (a 1-lane tail), 10 (one partial
-    /// vector) and odd widths, and a channel multiplier of 2.
+    /// vector) and odd widths, odd and even heights and a single row (stride
+    /// 1 takes rows in pairs), and a channel multiplier of 2.
     #[test]
     fn depthwise_rows_with_epilogues() {
         let mut rng = Rng::new(83);
@@ -2778,6 +2779,12 @@ mod tests {
             (3, 6, 33, 66, 2, [1, 1, 1, 1]),
             (2, 2, 90, 10, 1, [1, 1, 1, 1]),
             (2, 2, 180, 20, 2, [1, 1, 1, 1]),
+            // Stride 1 runs output rows in pairs: an odd height (the last row
+            // alone, over the bottom padding) and a single row.
+            (4, 4, 39, 21, 1, [1, 1, 1, 1]),
+            (2, 2, 3, 900, 1, [0, 0, 0, 0]),
+            // A stride-1 28x28 plane, which rows of 28 take from the tiled kernel.
+            (16, 16, 28, 28, 1, [1, 1, 1, 1]),
             // Stride 2 onto a 28x28 plane: small enough for the channel-tiled
             // kernel, which stride 2 leaves to the row kernel.
             (16, 16, 56, 56, 2, [1, 1, 1, 1]),

@@ -85,6 +85,42 @@ fn col_mask(start: isize, iw: usize) -> u16 {
     upto(hi) & !upto(lo)
 }
 
+/// Whether the loads for the output vector at column `ox0` lie inside a row
+/// of `iw` columns (then plain loads), else their column masks.
+#[inline(always)]
+fn vector_masks<const S: usize>(ox0: usize, ow: usize, iw: usize, pw: isize) -> (bool, [u16; 4]) {
+    // Input columns the loads for one output vector span from its first
+    // column `ox0 * S - pw`.
+    let span = if S == 1 { LANES + 2 } else { 2 * LANES + 2 };
+    let start = (ox0 * S) as isize - pw;
+    let inside = LANES.min(ow - ox0) == LANES && start >= 0 && start as usize + span <= iw;
+    if inside {
+        return (true, [0; 4]);
+    }
+    (
+        false,
+        [
+            col_mask(start, iw),
+            col_mask(start + if S == 1 { 1 } else { 16 }, iw),
+            col_mask(start + 2, iw),
+            col_mask(start + 18, iw),
+        ],
+    )
+}
+
+/// A plane's constants in registers: the 9 weights, bias, Relu/Clip bounds,
+/// and the even/odd permutes of stride 2.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct PlaneConsts {
+    w: [std::arch::x86_64::__m512; 9],
+    bias: std::arch::x86_64::__m512,
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+    even: std::arch::x86_64::__m512i,
+    odd: std::arch::x86_64::__m512i,
+}
+
 /// # Safety
 /// The CPU must have AVX-512F; `src` holds `ih * iw` floats, `out` `oh * ow`,
 /// `filt` 9.
@@ -102,29 +138,18 @@ unsafe fn plane_avx512<const S: usize>(
     use std::arch::x86_64::*;
     // Bias and Relu/Clip in registers; a residual or other activation after.
     let ((lo, hi), rest) = epi.in_registers();
-    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-    let bias = _mm512_set1_ps(epi.bias.map_or(0.0, |b| b[ch]));
-    let w: [__m512; 9] = [
-        _mm512_set1_ps(filt[0]),
-        _mm512_set1_ps(filt[1]),
-        _mm512_set1_ps(filt[2]),
-        _mm512_set1_ps(filt[3]),
-        _mm512_set1_ps(filt[4]),
-        _mm512_set1_ps(filt[5]),
-        _mm512_set1_ps(filt[6]),
-        _mm512_set1_ps(filt[7]),
-        _mm512_set1_ps(filt[8]),
-    ];
-    // Lane j of the even (odd) split of two vectors a, b: element 2j (2j+1)
-    // of their concatenation.
-    let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    let k = PlaneConsts {
+        w: std::array::from_fn(|i| _mm512_set1_ps(filt[i])),
+        bias: _mm512_set1_ps(epi.bias.map_or(0.0, |b| b[ch])),
+        lo: _mm512_set1_ps(lo),
+        hi: _mm512_set1_ps(hi),
+        // Lane j of the even (odd) split of two vectors a, b: element 2j
+        // (2j+1) of their concatenation.
+        even: _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0),
+        odd: _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1),
+    };
     let (iw, pw) = (g.iw, g.pw as isize);
     let base = src.as_ptr();
-    // Input columns the loads for one output vector span from its first
-    // column `ox0 * S - pw`: vectors whose span lies inside the row take
-    // plain loads, the others masked ones.
-    let span = if S == 1 { LANES + 2 } else { 2 * LANES + 2 };
     // Padding rows read a row of zeros (no branch per kernel row). The
     // pointer outlives the borrow: only this function touches the
     // thread-local, it does not recurse, and it grows the row only here.
@@ -135,91 +160,139 @@ unsafe fn plane_avx512<const S: usize>(
         }
         z.as_ptr()
     });
-    // Per output vector (the same on every row): whether its loads lie
-    // inside the row, else their column masks. Rows wider than the table
-    // work them out per vector.
-    let vector_at = |ox0: usize| {
-        let n = LANES.min(g.ow - ox0);
-        let start = (ox0 * S) as isize - pw;
-        let inside = n == LANES && start >= 0 && start as usize + span <= iw;
-        let masks = if inside {
-            [0; 4]
-        } else {
-            [
-                col_mask(start, iw),
-                col_mask(start + if S == 1 { 1 } else { 16 }, iw),
-                col_mask(start + 2, iw),
-                col_mask(start + 18, iw),
-            ]
-        };
-        (inside, masks)
-    };
+    // Per output vector (the same on every row), worked out once per plane;
+    // rows wider than the table work the rest out per vector.
     let nvec = g.ow.div_ceil(LANES);
     let mut table = [(false, [0u16; 4]); MAX_TABLE];
     for (v, e) in table.iter_mut().enumerate().take(nvec) {
-        *e = vector_at(v * LANES);
+        *e = vector_masks::<S>(v * LANES, g.ow, iw, pw);
     }
-    for oy in 0..g.oh {
+    // The input row kernel row `ky` of output row `oy` reads (a zero row
+    // in the padding).
+    let in_row = |oy: usize, ky: usize| {
+        let iy = (oy * S + ky) as isize - g.ph as isize;
+        if iy >= 0 && (iy as usize) < g.ih {
+            base.add(iy as usize * iw)
+        } else {
+            zero_row
+        }
+    };
+    // Stride 1 takes output rows in pairs: rows oy and oy + 1 share two of
+    // their four input rows, so each input vector is loaded once for both
+    // (12 loads per two output vectors instead of 18).
+    let mut oy = 0;
+    while oy < g.oh {
+        let two = S == 1 && oy + 1 < g.oh;
         // The input rows two output rows ahead, into L1 (planes come from
         // L3 or memory; each output row needs S new input rows). Past the
         // plane's last row that is the next plane's first rows: the next
         // channel, which the caller usually runs next. (Prefetches never
         // fault, so the address may lie past `src`.)
-        for k in 0..S {
-            let iy = ((oy + 2) * S + 2 - k) as isize - g.ph as isize;
-            if iy >= 0 {
-                let r = base.wrapping_add(iy as usize * iw);
-                for c in (0..iw).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(c) as *const i8);
+        for ahead in 2..if two { 4 } else { 3 } {
+            for kr in 0..S {
+                let iy = ((oy + ahead) * S + 2 - kr) as isize - g.ph as isize;
+                if iy >= 0 {
+                    let r = base.wrapping_add(iy as usize * iw);
+                    for c in (0..iw).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(c) as *const i8);
+                    }
                 }
             }
         }
+        let rows = [
+            in_row(oy, 0),
+            in_row(oy, 1),
+            in_row(oy, 2),
+            // Read only for a pair: output row oy + 1's last input row.
+            if two { in_row(oy + 1, 2) } else { zero_row },
+        ];
         let orow = out.as_mut_ptr().add(oy * g.ow);
-        let row = |ky: usize| {
-            let iy = (oy * S + ky) as isize - g.ph as isize;
-            if iy >= 0 && (iy as usize) < g.ih {
-                base.add(iy as usize * iw)
-            } else {
-                zero_row
+        if two {
+            row_pass::<S, true>(&k, rows, g.ow, iw, pw, &table, orow);
+        } else {
+            row_pass::<S, false>(&k, rows, g.ow, iw, pw, &table, orow);
+        }
+        let done = if two { 2 } else { 1 };
+        if let Some(rest) = &rest {
+            for r in oy..oy + done {
+                let orow = std::slice::from_raw_parts_mut(out.as_mut_ptr().add(r * g.ow), g.ow);
+                rest.apply(ni, ch, r * g.ow, orow);
             }
-        };
-        let rows = [row(0), row(1), row(2)];
-        let mut ox0 = 0;
-        while ox0 < g.ow {
-            let n = LANES.min(g.ow - ox0);
+        }
+        oy += done;
+    }
+}
+
+/// One output row at `orow` from input rows `rows[0..3]` (and with `TWO`,
+/// the next output row too, from `rows[1..4]`), bias and Relu/Clip in
+/// registers. Its own function with no calls in its loop, so the plane's
+/// constants stay in registers (a call there, into a closure or the
+/// epilogue, made the compiler keep them on the stack: two loads per
+/// multiply-add).
+///
+/// # Safety
+/// The CPU must have AVX-512F; each row holds `iw` readable floats and
+/// `orow` `ow` writable ones (`2 * ow` with `TWO`).
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_pass<const S: usize, const TWO: bool>(
+    k: &PlaneConsts,
+    rows: [*const f32; 4],
+    ow: usize,
+    iw: usize,
+    pw: isize,
+    table: &[(bool, [u16; 4]); MAX_TABLE],
+    orow: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = k.w;
+    let (bias, lo, hi, even, odd) = (k.bias, k.lo, k.hi, k.even, k.odd);
+    let [r0, r1, r2, r3] = rows;
+    let mut ox0 = 0;
+    // SAFETY (whole loop): every load stays inside its row (plain loads
+    // when `inside`, masked lanes otherwise) and every store inside the
+    // output row(s): the caller's contract.
+    unsafe {
+        while ox0 < ow {
+            let n = LANES.min(ow - ox0);
             let start = (ox0 * S) as isize - pw;
             let v = ox0 / LANES;
             let (inside, masks) = if v < MAX_TABLE {
                 table[v]
             } else {
-                vector_at(ox0)
+                vector_masks::<S>(ox0, ow, iw, pw)
             };
-            // One partial sum per kernel row: three short dependency chains
-            // instead of one of nine multiply-adds.
-            let mut part = [bias; 3];
-            for (ky, (&r, p)) in rows.iter().zip(part.iter_mut()).enumerate() {
-                let (t0, t1, t2) = if inside {
-                    taps_plain::<S>(r.offset(start), even, odd)
-                } else {
-                    taps_masked::<S>(r, start, masks, even, odd)
-                };
-                let acc = _mm512_mul_ps(t0, w[3 * ky]);
-                let acc = _mm512_fmadd_ps(t1, w[3 * ky + 1], acc);
-                *p = _mm512_fmadd_ps(t2, w[3 * ky + 2], acc);
-            }
-            let acc = _mm512_add_ps(
-                _mm512_add_ps(part[0], part[1]),
-                _mm512_add_ps(part[2], bias),
-            );
-            // x86 min/max return the second operand on NaN: acc goes second.
-            let v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, acc));
             let omask: __mmask16 = if n == LANES { !0 } else { (1u16 << n) - 1 };
-            _mm512_mask_storeu_ps(orow.add(ox0), omask, v);
+            let (a0, a1, a2) = taps_at::<S>(r0, start, inside, masks, even, odd);
+            let (b0, b1, b2) = taps_at::<S>(r1, start, inside, masks, even, odd);
+            let (c0, c1, c2) = taps_at::<S>(r2, start, inside, masks, even, odd);
+            // Three partial sums per output: short dependency chains.
+            let top = _mm512_fmadd_ps(a2, w2, _mm512_fmadd_ps(a1, w1, _mm512_mul_ps(a0, w0)));
+            let mid = _mm512_fmadd_ps(b2, w5, _mm512_fmadd_ps(b1, w4, _mm512_mul_ps(b0, w3)));
+            let low = _mm512_fmadd_ps(
+                c2,
+                w8,
+                _mm512_fmadd_ps(c1, w7, _mm512_fmadd_ps(c0, w6, bias)),
+            );
+            let acc = _mm512_add_ps(_mm512_add_ps(top, mid), low);
+            // x86 min/max return the second operand on NaN: acc goes second.
+            let y = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+            _mm512_mask_storeu_ps(orow.add(ox0), omask, y);
+            if TWO {
+                let (d0, d1, d2) = taps_at::<S>(r3, start, inside, masks, even, odd);
+                let top = _mm512_fmadd_ps(b2, w2, _mm512_fmadd_ps(b1, w1, _mm512_mul_ps(b0, w0)));
+                let mid = _mm512_fmadd_ps(c2, w5, _mm512_fmadd_ps(c1, w4, _mm512_mul_ps(c0, w3)));
+                let low = _mm512_fmadd_ps(
+                    d2,
+                    w8,
+                    _mm512_fmadd_ps(d1, w7, _mm512_fmadd_ps(d0, w6, bias)),
+                );
+                let acc = _mm512_add_ps(_mm512_add_ps(top, mid), low);
+                let y = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+                _mm512_mask_storeu_ps(orow.add(ow + ox0), omask, y);
+            }
             ox0 += n;
-        }
-        if let Some(rest) = &rest {
-            let orow = std::slice::from_raw_parts_mut(orow, g.ow);
-            rest.apply(ni, ch, oy * g.ow, orow);
         }
     }
 }
@@ -227,6 +300,34 @@ unsafe fn plane_avx512<const S: usize>(
 thread_local! {
     /// A row of zeros standing in for the padding rows.
     static ZEROS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`taps_plain`] when the loads lie `inside` the row, else [`taps_masked`].
+///
+/// # Safety
+/// As for the one it calls.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn taps_at<const S: usize>(
+    row: *const f32,
+    start: isize,
+    inside: bool,
+    masks: [u16; 4],
+    even: std::arch::x86_64::__m512i,
+    odd: std::arch::x86_64::__m512i,
+) -> (
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if inside {
+            taps_plain::<S>(row.offset(start), even, odd)
+        } else {
+            taps_masked::<S>(row, start, masks, even, odd)
+        }
+    }
 }
 
 /// The three taps' input vectors of one kernel row for 16 outputs whose
