@@ -248,7 +248,11 @@ impl Plan {
         let step_of: HashMap<usize, usize> =
             order.iter().enumerate().map(|(s, &n)| (n, s)).collect();
         for tie in &ties {
-            let (gi, pi) = (step_of[&tie.gather], step_of[&tie.product]);
+            // Every node has a step (the order covers the whole graph).
+            let (Some(&gi), Some(&pi)) = (step_of.get(&tie.gather), step_of.get(&tie.product))
+            else {
+                continue;
+            };
             let shared = steps[pi]
                 .prepared
                 .as_ref()
