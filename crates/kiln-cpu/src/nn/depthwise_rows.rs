@@ -29,6 +29,11 @@ const LANES: usize = 16;
 /// (rows up to 1024 wide).
 const MAX_TABLE: usize = 64;
 
+/// Output rows ahead whose input rows are prefetched: far enough to cover a
+/// memory latency. MobileNetV2's 112 -> 56 stride-2 layer (a 4.8 MB input
+/// from L3) on one thread: 2 rows ahead 0.24 ms, 5 rows 0.19, 8 rows 0.17.
+const AHEAD: usize = 8;
+
 /// Whether this kernel takes a depthwise plane of geometry `g`: a 3x3
 /// kernel, the same stride (1 or 2) on both axes, no dilation, output rows at
 /// least 8 wide (narrower ones are mostly masked lanes), and AVX-512.
@@ -183,12 +188,12 @@ unsafe fn plane_avx512<const S: usize>(
     let mut oy = 0;
     while oy < g.oh {
         let two = S == 1 && oy + 1 < g.oh;
-        // The input rows two output rows ahead, into L1 (planes come from
+        // The input rows AHEAD output rows ahead, into L1 (planes come from
         // L3 or memory; each output row needs S new input rows). Past the
         // plane's last row that is the next plane's first rows: the next
         // channel, which the caller usually runs next. (Prefetches never
         // fault, so the address may lie past `src`.)
-        for ahead in 2..if two { 4 } else { 3 } {
+        for ahead in AHEAD..AHEAD + if two { 2 } else { 1 } {
             for kr in 0..S {
                 let iy = ((oy + ahead) * S + 2 - kr) as isize - g.ph as isize;
                 if iy >= 0 {
