@@ -172,12 +172,40 @@ unsafe fn plane_avx512<const S: usize>(
     for (v, e) in table.iter_mut().enumerate().take(nvec) {
         *e = vector_masks::<S>(v * LANES, g.ow, iw, pw);
     }
+    rows_pass::<S>(&k, g, base, zero_row, &table, out.as_mut_ptr());
+    if let Some(rest) = &rest {
+        rest.apply(ni, ch, 0, &mut out[..g.oh * g.ow]);
+    }
+}
+
+/// Every output row of one plane (into `out`, `oh * ow`) from the plane at
+/// `base`, bias and Relu/Clip in registers. Its own function with no calls
+/// in its loops, so the plane's constants stay in registers (a call there,
+/// into a closure or the epilogue, made the compiler keep them on the
+/// stack: two loads per multiply-add; a call per row cost more than a 14-wide
+/// row's work).
+///
+/// # Safety
+/// The CPU must have AVX-512F; `base` holds `ih * iw` floats, `zero_row`
+/// `iw` zeros, `out` `oh * ow` writable floats.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+unsafe fn rows_pass<const S: usize>(
+    k: &PlaneConsts,
+    g: &Plane2d,
+    base: *const f32,
+    zero_row: *const f32,
+    table: &[(bool, [u16; 4]); MAX_TABLE],
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let (iw, pw) = (g.iw, g.pw as isize);
     // The input row kernel row `ky` of output row `oy` reads (a zero row
     // in the padding).
     let in_row = |oy: usize, ky: usize| {
         let iy = (oy * S + ky) as isize - g.ph as isize;
         if iy >= 0 && (iy as usize) < g.ih {
-            base.add(iy as usize * iw)
+            base.wrapping_add(iy as usize * iw)
         } else {
             zero_row
         }
@@ -186,60 +214,55 @@ unsafe fn plane_avx512<const S: usize>(
     // their four input rows, so each input vector is loaded once for both
     // (12 loads per two output vectors instead of 18).
     let mut oy = 0;
-    while oy < g.oh {
-        let two = S == 1 && oy + 1 < g.oh;
-        // The input rows AHEAD output rows ahead, into L1 (planes come from
-        // L3 or memory; each output row needs S new input rows). Past the
-        // plane's last row that is the next plane's first rows: the next
-        // channel, which the caller usually runs next. (Prefetches never
-        // fault, so the address may lie past `src`.)
-        for ahead in AHEAD..AHEAD + if two { 2 } else { 1 } {
-            for kr in 0..S {
-                let iy = ((oy + ahead) * S + 2 - kr) as isize - g.ph as isize;
-                if iy >= 0 {
-                    let r = base.wrapping_add(iy as usize * iw);
-                    for c in (0..iw).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(c) as *const i8);
+    // SAFETY (whole loop): the rows and the output rows passed on lie
+    // inside the caller's buffers (this function's contract).
+    unsafe {
+        while oy < g.oh {
+            let two = S == 1 && oy + 1 < g.oh;
+            // The input rows AHEAD output rows ahead, into L1 (planes come
+            // from L3 or memory; each output row needs S new input rows).
+            // Past the plane's last row that is the next plane's first rows:
+            // the next channel, which the caller usually runs next.
+            // (Prefetches never fault, so the address may lie past the plane.)
+            for ahead in AHEAD..AHEAD + if two { 2 } else { 1 } {
+                for kr in 0..S {
+                    let iy = ((oy + ahead) * S + 2 - kr) as isize - g.ph as isize;
+                    if iy >= 0 {
+                        let r = base.wrapping_add(iy as usize * iw);
+                        for c in (0..iw).step_by(16) {
+                            _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(c) as *const i8);
+                        }
                     }
                 }
             }
-        }
-        let rows = [
-            in_row(oy, 0),
-            in_row(oy, 1),
-            in_row(oy, 2),
-            // Read only for a pair: output row oy + 1's last input row.
-            if two { in_row(oy + 1, 2) } else { zero_row },
-        ];
-        let orow = out.as_mut_ptr().add(oy * g.ow);
-        if two {
-            row_pass::<S, true>(&k, rows, g.ow, iw, pw, &table, orow);
-        } else {
-            row_pass::<S, false>(&k, rows, g.ow, iw, pw, &table, orow);
-        }
-        let done = if two { 2 } else { 1 };
-        if let Some(rest) = &rest {
-            for r in oy..oy + done {
-                let orow = std::slice::from_raw_parts_mut(out.as_mut_ptr().add(r * g.ow), g.ow);
-                rest.apply(ni, ch, r * g.ow, orow);
+            let rows = [
+                in_row(oy, 0),
+                in_row(oy, 1),
+                in_row(oy, 2),
+                // Read only for a pair: output row oy + 1's last input row.
+                if two { in_row(oy + 1, 2) } else { zero_row },
+            ];
+            let orow = out.add(oy * g.ow);
+            if two {
+                row_pass::<S, true>(k, rows, g.ow, iw, pw, table, orow);
+                oy += 2;
+            } else {
+                row_pass::<S, false>(k, rows, g.ow, iw, pw, table, orow);
+                oy += 1;
             }
         }
-        oy += done;
     }
 }
 
 /// One output row at `orow` from input rows `rows[0..3]` (and with `TWO`,
 /// the next output row too, from `rows[1..4]`), bias and Relu/Clip in
-/// registers. Its own function with no calls in its loop, so the plane's
-/// constants stay in registers (a call there, into a closure or the
-/// epilogue, made the compiler keep them on the stack: two loads per
-/// multiply-add).
+/// registers.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; each row holds `iw` readable floats and
 /// `orow` `ow` writable ones (`2 * ow` with `TWO`).
 #[target_feature(enable = "avx512f")]
-#[inline(never)]
+#[inline]
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_pass<const S: usize, const TWO: bool>(
     k: &PlaneConsts,
