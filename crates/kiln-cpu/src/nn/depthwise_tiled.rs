@@ -198,25 +198,36 @@ unsafe fn block_avx512(
         pack_band(g, oy0 * g.sh, rows_in, cols, xs, in_n, nch, tile);
         // Taps: POS_BLOCK positions at a time, then single positions.
         let tp = tile.as_ptr();
-        for r in 0..rows_out {
+        let taps = Taps {
+            w: wv.as_ptr(),
+            kh: g.kh,
+            kw: g.kw,
+            krow,
+            kcol,
+            step,
+        };
+        let bounds = (bias, vlo, vhi);
+        // 3x3 kernels run the whole band in one call; other shapes row by row.
+        let generic_rows = if g.kh == 3 && g.kw == 3 {
+            band_3x3(
+                &taps,
+                tp,
+                g.sh * cols * LANES,
+                otile.as_mut_ptr(),
+                g.ow,
+                rows_out,
+                bounds,
+            );
+            0
+        } else {
+            rows_out
+        };
+        for r in 0..generic_rows {
             let row_base = r * g.sh * cols * LANES;
             let orow = otile.as_mut_ptr().add(r * g.ow * LANES);
             // POS_BLOCK positions at a time, then blocks of 4, 2 and 1 for
             // the rest: a 7-wide row (MobileNetV2's last layers) took one
             // position at a time, a single chain of dependent multiply-adds.
-            let taps = Taps {
-                w: wv.as_ptr(),
-                kh: g.kh,
-                kw: g.kw,
-                krow,
-                kcol,
-                step,
-            };
-            let bounds = (bias, vlo, vhi);
-            if g.kh == 3 && g.kw == 3 {
-                row_3x3(&taps, tp.add(row_base), orow, g.ow, bounds);
-                continue;
-            }
             let at = |ox: usize| (tp.add(row_base + ox * g.sw * LANES), orow.add(ox * LANES));
             let mut ox = 0;
             while ox + POS_BLOCK <= g.ow {
@@ -299,20 +310,24 @@ unsafe fn positions<const N: usize>(
     }
 }
 
-/// One output row of a 3x3 kernel: [`positions`] with the nine weight
-/// vectors loaded once into registers. Its own function with no calls in
-/// its loop, so they stay there: with the taps loaded per position, a 7-wide
-/// row (blocks of 4, 2 and 1) made one weight load per multiply-add.
+/// The `rows` output rows of a band for a 3x3 kernel: [`positions`] with the
+/// nine weight vectors loaded once into registers. Its own function with no
+/// calls in its loops, so they stay there: with the taps loaded per position,
+/// a 7-wide row (blocks of 4, 2 and 1) made one weight load per multiply-add.
+/// Output row r reads the tile from `src + r * row_step` and writes `ow`
+/// vectors at `dst + r * ow * 16`.
 ///
 /// # Safety
-/// As for [`positions`], for all `ow` positions from `src` / `dst`.
+/// As for [`positions`], for all `ow` positions of every row.
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
-unsafe fn row_3x3(
+unsafe fn band_3x3(
     taps: &Taps,
     src: *const f32,
+    row_step: usize,
     dst: *mut f32,
     ow: usize,
+    rows: usize,
     bounds: (
         std::arch::x86_64::__m512,
         std::arch::x86_64::__m512,
@@ -325,45 +340,48 @@ unsafe fn row_3x3(
     // contract).
     unsafe {
         let w: [__m512; 9] = std::array::from_fn(|t| _mm512_load_ps(taps.w.add(t * LANES)));
-        let mut ox = 0;
-        while ox + POS_BLOCK <= ow {
-            positions_3x3::<POS_BLOCK>(
-                &w,
-                taps,
-                src.add(ox * taps.step),
-                dst.add(ox * LANES),
-                bounds,
-            );
-            ox += POS_BLOCK;
-        }
-        if ox + 4 <= ow {
-            positions_3x3::<4>(
-                &w,
-                taps,
-                src.add(ox * taps.step),
-                dst.add(ox * LANES),
-                bounds,
-            );
-            ox += 4;
-        }
-        if ox + 2 <= ow {
-            positions_3x3::<2>(
-                &w,
-                taps,
-                src.add(ox * taps.step),
-                dst.add(ox * LANES),
-                bounds,
-            );
-            ox += 2;
-        }
-        if ox < ow {
-            positions_3x3::<1>(
-                &w,
-                taps,
-                src.add(ox * taps.step),
-                dst.add(ox * LANES),
-                bounds,
-            );
+        for r in 0..rows {
+            let (src, dst) = (src.add(r * row_step), dst.add(r * ow * LANES));
+            let mut ox = 0;
+            while ox + POS_BLOCK <= ow {
+                positions_3x3::<POS_BLOCK>(
+                    &w,
+                    taps,
+                    src.add(ox * taps.step),
+                    dst.add(ox * LANES),
+                    bounds,
+                );
+                ox += POS_BLOCK;
+            }
+            if ox + 4 <= ow {
+                positions_3x3::<4>(
+                    &w,
+                    taps,
+                    src.add(ox * taps.step),
+                    dst.add(ox * LANES),
+                    bounds,
+                );
+                ox += 4;
+            }
+            if ox + 2 <= ow {
+                positions_3x3::<2>(
+                    &w,
+                    taps,
+                    src.add(ox * taps.step),
+                    dst.add(ox * LANES),
+                    bounds,
+                );
+                ox += 2;
+            }
+            if ox < ow {
+                positions_3x3::<1>(
+                    &w,
+                    taps,
+                    src.add(ox * taps.step),
+                    dst.add(ox * LANES),
+                    bounds,
+                );
+            }
         }
     }
 }
