@@ -134,10 +134,7 @@ impl Plan {
         for tie in &ties {
             if tie.early && holders.reads_left.get(&tie.table) == Some(&1) {
                 if let Some(t) = inits.remove(&tie.table) {
-                    holders.released.push((
-                        tie.table.clone(),
-                        kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape()))),
-                    ));
+                    holders.record_released(&tie.table, &t);
                     dropped.insert(tie.table.clone(), (t.dtype(), t.shape().to_vec()));
                 }
             }
@@ -396,6 +393,11 @@ impl Holders {
             steps[si].held.push((idx, (t.dtype(), t.shape().to_vec())));
             reads_per_step[si].retain(|&s| s != slot);
         }
+        self.record_released(name, &t);
+    }
+
+    /// Notes that weight `name` (`t`) is no longer kept, with its type.
+    fn record_released(&mut self, name: &str, t: &Tensor) {
         let ty = kiln_ir::ValueType::new(t.dtype(), Some(kiln_ir::known_shape(t.shape())));
         self.released.push((name.to_string(), ty));
     }

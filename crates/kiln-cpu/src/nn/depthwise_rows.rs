@@ -274,8 +274,8 @@ unsafe fn row_pass<const S: usize, const TWO: bool>(
     orow: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = k.w;
-    let (bias, lo, hi, even, odd) = (k.bias, k.lo, k.hi, k.even, k.odd);
+    // Copied out of `k`, so they are plainly values the stores cannot touch.
+    let (w, bias, lo, hi, even, odd) = (k.w, k.bias, k.lo, k.hi, k.even, k.odd);
     let [r0, r1, r2, r3] = rows;
     let mut ox0 = 0;
     // SAFETY (whole loop): every load stays inside its row (plain loads
@@ -292,37 +292,55 @@ unsafe fn row_pass<const S: usize, const TWO: bool>(
                 vector_masks::<S>(ox0, ow, iw, pw)
             };
             let omask: __mmask16 = if n == LANES { !0 } else { (1u16 << n) - 1 };
-            let (a0, a1, a2) = taps_at::<S>(r0, start, inside, masks, even, odd);
-            let (b0, b1, b2) = taps_at::<S>(r1, start, inside, masks, even, odd);
-            let (c0, c1, c2) = taps_at::<S>(r2, start, inside, masks, even, odd);
-            // Three partial sums per output: short dependency chains.
-            let top = _mm512_fmadd_ps(a2, w2, _mm512_fmadd_ps(a1, w1, _mm512_mul_ps(a0, w0)));
-            let mid = _mm512_fmadd_ps(b2, w5, _mm512_fmadd_ps(b1, w4, _mm512_mul_ps(b0, w3)));
-            let low = _mm512_fmadd_ps(
-                c2,
-                w8,
-                _mm512_fmadd_ps(c1, w7, _mm512_fmadd_ps(c0, w6, bias)),
-            );
-            let acc = _mm512_add_ps(_mm512_add_ps(top, mid), low);
-            // x86 min/max return the second operand on NaN: acc goes second.
-            let y = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+            let a = taps_at::<S>(r0, start, inside, masks, even, odd);
+            let b = taps_at::<S>(r1, start, inside, masks, even, odd);
+            let c = taps_at::<S>(r2, start, inside, masks, even, odd);
+            let y = output_vector([a, b, c], &w, bias, lo, hi);
             _mm512_mask_storeu_ps(orow.add(ox0), omask, y);
             if TWO {
-                let (d0, d1, d2) = taps_at::<S>(r3, start, inside, masks, even, odd);
-                let top = _mm512_fmadd_ps(b2, w2, _mm512_fmadd_ps(b1, w1, _mm512_mul_ps(b0, w0)));
-                let mid = _mm512_fmadd_ps(c2, w5, _mm512_fmadd_ps(c1, w4, _mm512_mul_ps(c0, w3)));
-                let low = _mm512_fmadd_ps(
-                    d2,
-                    w8,
-                    _mm512_fmadd_ps(d1, w7, _mm512_fmadd_ps(d0, w6, bias)),
-                );
-                let acc = _mm512_add_ps(_mm512_add_ps(top, mid), low);
-                let y = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+                let d = taps_at::<S>(r3, start, inside, masks, even, odd);
+                let y = output_vector([b, c, d], &w, bias, lo, hi);
                 _mm512_mask_storeu_ps(orow.add(ow + ox0), omask, y);
             }
             ox0 += n;
         }
     }
+}
+
+/// One kernel row's three tap vectors.
+type RowTaps = (
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+);
+
+/// `bias + sum over kernel rows ky and taps kx of rows[ky].kx * w[3 ky + kx]`,
+/// clamped to `[lo, hi]`: one output vector. One partial sum per kernel row,
+/// three short dependency chains instead of one of nine multiply-adds.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn output_vector(
+    rows: [RowTaps; 3],
+    w: &[std::arch::x86_64::__m512; 9],
+    bias: std::arch::x86_64::__m512,
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let [(a0, a1, a2), (b0, b1, b2), (c0, c1, c2)] = rows;
+    let top = _mm512_fmadd_ps(a2, w[2], _mm512_fmadd_ps(a1, w[1], _mm512_mul_ps(a0, w[0])));
+    let mid = _mm512_fmadd_ps(b2, w[5], _mm512_fmadd_ps(b1, w[4], _mm512_mul_ps(b0, w[3])));
+    let low = _mm512_fmadd_ps(
+        c2,
+        w[8],
+        _mm512_fmadd_ps(c1, w[7], _mm512_fmadd_ps(c0, w[6], bias)),
+    );
+    let acc = _mm512_add_ps(_mm512_add_ps(top, mid), low);
+    // x86 min/max return the second operand on NaN: acc goes second.
+    _mm512_min_ps(hi, _mm512_max_ps(lo, acc))
 }
 
 thread_local! {
