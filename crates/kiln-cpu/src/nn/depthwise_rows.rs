@@ -34,6 +34,14 @@ const MAX_TABLE: usize = 64;
 /// from L3) on one thread: 2 rows ahead 0.24 ms, 5 rows 0.19, 8 rows 0.17.
 const AHEAD: usize = 8;
 
+/// One kernel row's three tap vectors.
+#[cfg(target_arch = "x86_64")]
+type RowTaps = (
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+);
+
 /// Whether this kernel takes a depthwise plane of geometry `g`: a 3x3
 /// kernel, the same stride (1 or 2) on both axes, no dilation, output rows at
 /// least 8 wide (narrower ones are mostly masked lanes), and AVX-512.
@@ -307,13 +315,6 @@ unsafe fn row_pass<const S: usize, const TWO: bool>(
     }
 }
 
-/// One kernel row's three tap vectors.
-type RowTaps = (
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-);
-
 /// `bias + sum over kernel rows ky and taps kx of rows[ky].kx * w[3 ky + kx]`,
 /// clamped to `[lo, hi]`: one output vector. One partial sum per kernel row,
 /// three short dependency chains instead of one of nine multiply-adds.
@@ -361,11 +362,7 @@ unsafe fn taps_at<const S: usize>(
     masks: [u16; 4],
     even: std::arch::x86_64::__m512i,
     odd: std::arch::x86_64::__m512i,
-) -> (
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-) {
+) -> RowTaps {
     // SAFETY: the caller's contract.
     unsafe {
         if inside {
@@ -388,11 +385,7 @@ unsafe fn taps_plain<const S: usize>(
     p: *const f32,
     even: std::arch::x86_64::__m512i,
     odd: std::arch::x86_64::__m512i,
-) -> (
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-) {
+) -> RowTaps {
     use std::arch::x86_64::*;
     if S == 1 {
         (
@@ -426,11 +419,7 @@ unsafe fn taps_masked<const S: usize>(
     masks: [u16; 4],
     even: std::arch::x86_64::__m512i,
     odd: std::arch::x86_64::__m512i,
-) -> (
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-) {
+) -> RowTaps {
     use std::arch::x86_64::*;
     let load = |m: u16, at: isize| _mm512_maskz_loadu_ps(m, row.wrapping_offset(at));
     if S == 1 {

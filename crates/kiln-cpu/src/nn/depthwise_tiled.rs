@@ -196,7 +196,6 @@ unsafe fn block_avx512(
         let rows_out = ob.min(g.oh - oy0);
         let rows_in = tile_rows(g, rows_out);
         pack_band(g, oy0 * g.sh, rows_in, cols, xs, in_n, nch, tile);
-        // Taps: POS_BLOCK positions at a time, then single positions.
         let tp = tile.as_ptr();
         let taps = Taps {
             w: wv.as_ptr(),
@@ -207,48 +206,13 @@ unsafe fn block_avx512(
             step,
         };
         let bounds = (bias, vlo, vhi);
-        // 3x3 kernels run the whole band in one call; other shapes row by row.
-        let generic_rows = if g.kh == 3 && g.kw == 3 {
-            band_3x3(
-                &taps,
-                tp,
-                g.sh * cols * LANES,
-                otile.as_mut_ptr(),
-                g.ow,
-                rows_out,
-                bounds,
-            );
-            0
+        // The whole band in one call; 3x3 kernels with their weights in
+        // registers.
+        let (dst, row_step) = (otile.as_mut_ptr(), g.sh * cols * LANES);
+        if g.kh == 3 && g.kw == 3 {
+            band::<true>(&taps, tp, row_step, dst, g.ow, rows_out, bounds);
         } else {
-            rows_out
-        };
-        for r in 0..generic_rows {
-            let row_base = r * g.sh * cols * LANES;
-            let orow = otile.as_mut_ptr().add(r * g.ow * LANES);
-            // POS_BLOCK positions at a time, then blocks of 4, 2 and 1 for
-            // the rest: a 7-wide row (MobileNetV2's last layers) took one
-            // position at a time, a single chain of dependent multiply-adds.
-            let at = |ox: usize| (tp.add(row_base + ox * g.sw * LANES), orow.add(ox * LANES));
-            let mut ox = 0;
-            while ox + POS_BLOCK <= g.ow {
-                let (src, dst) = at(ox);
-                positions::<POS_BLOCK>(&taps, src, dst, bounds);
-                ox += POS_BLOCK;
-            }
-            if ox + 4 <= g.ow {
-                let (src, dst) = at(ox);
-                positions::<4>(&taps, src, dst, bounds);
-                ox += 4;
-            }
-            if ox + 2 <= g.ow {
-                let (src, dst) = at(ox);
-                positions::<2>(&taps, src, dst, bounds);
-                ox += 2;
-            }
-            if ox < g.ow {
-                let (src, dst) = at(ox);
-                positions::<1>(&taps, src, dst, bounds);
-            }
+            band::<false>(&taps, tp, row_step, dst, g.ow, rows_out, bounds);
         }
         unpack_band(g, oy0, rows_out, otile, nch, blk);
         if let Some(rest) = &rest {
@@ -273,55 +237,20 @@ struct Taps {
     step: usize,
 }
 
-/// `N` neighbouring output positions from the tile at `src` (the first
-/// position's first tap) into `dst` (`N` vectors): bias plus every tap,
-/// clamped to `(lo, hi)`, each position its own accumulator.
-///
-/// # Safety
-/// AVX-512F; `taps.w` holds `kh * kw` aligned vectors; every tile read
-/// `src + ky * krow + kx * kcol + j * step` (j < N) and `dst[..N * 16]` lie
-/// inside the caller's aligned tile and output band.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn positions<const N: usize>(
-    taps: &Taps,
-    src: *const f32,
-    dst: *mut f32,
-    (bias, lo, hi): (
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-    ),
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [bias; N];
-    for ky in 0..taps.kh {
-        let prow = src.add(ky * taps.krow);
-        for kx in 0..taps.kw {
-            let wt = _mm512_load_ps(taps.w.add((ky * taps.kw + kx) * LANES));
-            let p = prow.add(kx * taps.kcol);
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_load_ps(p.add(j * taps.step)), wt, *a);
-            }
-        }
-    }
-    for (j, a) in acc.iter().enumerate() {
-        _mm512_store_ps(dst.add(j * LANES), clamp_nan(*a, lo, hi));
-    }
-}
-
-/// The `rows` output rows of a band for a 3x3 kernel: [`positions`] with the
-/// nine weight vectors loaded once into registers. Its own function with no
-/// calls in its loops, so they stay there: with the taps loaded per position,
-/// a 7-wide row (blocks of 4, 2 and 1) made one weight load per multiply-add.
-/// Output row r reads the tile from `src + r * row_step` and writes `ow`
-/// vectors at `dst + r * ow * 16`.
+/// The `rows` output rows of a band: output row r reads the tile from
+/// `src + r * row_step` and writes `ow` vectors at `dst + r * ow * 16`.
+/// POS_BLOCK positions at a time, then blocks of 4, 2 and 1 for the rest (a
+/// 7-wide row, MobileNetV2's last layers, took one position at a time: a
+/// single chain of dependent multiply-adds). With `K3` (a 3x3 kernel) the
+/// nine weight vectors are loaded once into registers. Its own function with
+/// no calls in its loops, so they stay there: loaded per position block, a
+/// 7-wide row made one weight load per multiply-add.
 ///
 /// # Safety
 /// As for [`positions`], for all `ow` positions of every row.
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
-unsafe fn band_3x3(
+unsafe fn band<const K3: bool>(
     taps: &Taps,
     src: *const f32,
     row_step: usize,
@@ -339,60 +268,51 @@ unsafe fn band_3x3(
     // output write lie inside the caller's buffers (this function's
     // contract).
     unsafe {
-        let w: [__m512; 9] = std::array::from_fn(|t| _mm512_load_ps(taps.w.add(t * LANES)));
+        let w: [__m512; 9] = if K3 {
+            std::array::from_fn(|t| _mm512_load_ps(taps.w.add(t * LANES)))
+        } else {
+            [_mm512_setzero_ps(); 9]
+        };
         for r in 0..rows {
             let (src, dst) = (src.add(r * row_step), dst.add(r * ow * LANES));
+            let at = |ox: usize| (src.add(ox * taps.step), dst.add(ox * LANES));
             let mut ox = 0;
             while ox + POS_BLOCK <= ow {
-                positions_3x3::<POS_BLOCK>(
-                    &w,
-                    taps,
-                    src.add(ox * taps.step),
-                    dst.add(ox * LANES),
-                    bounds,
-                );
+                let (s, d) = at(ox);
+                positions::<POS_BLOCK, K3>(&w, taps, s, d, bounds);
                 ox += POS_BLOCK;
             }
             if ox + 4 <= ow {
-                positions_3x3::<4>(
-                    &w,
-                    taps,
-                    src.add(ox * taps.step),
-                    dst.add(ox * LANES),
-                    bounds,
-                );
+                let (s, d) = at(ox);
+                positions::<4, K3>(&w, taps, s, d, bounds);
                 ox += 4;
             }
             if ox + 2 <= ow {
-                positions_3x3::<2>(
-                    &w,
-                    taps,
-                    src.add(ox * taps.step),
-                    dst.add(ox * LANES),
-                    bounds,
-                );
+                let (s, d) = at(ox);
+                positions::<2, K3>(&w, taps, s, d, bounds);
                 ox += 2;
             }
             if ox < ow {
-                positions_3x3::<1>(
-                    &w,
-                    taps,
-                    src.add(ox * taps.step),
-                    dst.add(ox * LANES),
-                    bounds,
-                );
+                let (s, d) = at(ox);
+                positions::<1, K3>(&w, taps, s, d, bounds);
             }
         }
     }
 }
 
-/// [`positions`] for a 3x3 kernel whose weight vectors are `w`.
+/// `N` neighbouring output positions from the tile at `src` (the first
+/// position's first tap) into `dst` (`N` vectors): bias plus every tap,
+/// clamped to `(lo, hi)`, each position its own accumulator. With `K3` the
+/// kernel is 3x3 and its weight vectors are `w`; otherwise they are read
+/// from `taps.w` (and `w` is unused).
 ///
 /// # Safety
-/// As for [`positions`].
+/// AVX-512F; `taps.w` holds `kh * kw` aligned vectors; every tile read
+/// `src + ky * krow + kx * kcol + j * step` (j < N) and `dst[..N * 16]` lie
+/// inside the caller's aligned tile and output band.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn positions_3x3<const N: usize>(
+unsafe fn positions<const N: usize, const K3: bool>(
     w: &[std::arch::x86_64::__m512; 9],
     taps: &Taps,
     src: *const f32,
@@ -404,13 +324,18 @@ unsafe fn positions_3x3<const N: usize>(
     ),
 ) {
     use std::arch::x86_64::*;
+    let (kh, kw) = if K3 { (3, 3) } else { (taps.kh, taps.kw) };
     // SAFETY: the caller's contract.
     unsafe {
         let mut acc = [bias; N];
-        for ky in 0..3 {
+        for ky in 0..kh {
             let prow = src.add(ky * taps.krow);
-            for kx in 0..3 {
-                let wt = w[ky * 3 + kx];
+            for kx in 0..kw {
+                let wt = if K3 {
+                    w[ky * 3 + kx]
+                } else {
+                    _mm512_load_ps(taps.w.add((ky * kw + kx) * LANES))
+                };
                 let p = prow.add(kx * taps.kcol);
                 for (j, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_load_ps(p.add(j * taps.step)), wt, *a);
