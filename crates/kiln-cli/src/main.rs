@@ -13,6 +13,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Large blocks start on a cache line, so the GEMM can stream outputs too
+/// big to stay cached (see `kiln_runtime::LargeAligned`).
+#[global_allocator]
+static ALLOC: kiln_runtime::LargeAligned = kiln_runtime::LargeAligned;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",

@@ -231,6 +231,7 @@ pub(crate) fn run_fast(
                 col_bias: bias,
                 residual: res.map(|data| kiln_gemm::Residual { data, ld: n }),
                 clamp,
+                stream: false,
             };
             let epi = |_row: usize, _col0: usize, vals: &mut [f32]| {
                 crate::fastmath::fused_act(act, vals);

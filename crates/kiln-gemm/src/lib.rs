@@ -341,6 +341,11 @@ pub struct Finish<'a> {
     pub residual: Option<Residual<'a>>,
     /// `(lo, hi)`: Relu is `(0, inf)`, Relu6 `(0, 6)`.
     pub clamp: Option<(f32, f32)>,
+    /// Not an epilogue but a hint: C is one piece of an output of at least
+    /// [`stream_min_bytes`] (a conv's batch of planes), so store it with
+    /// streaming stores as if C itself were that big. The product streams
+    /// by itself when C is.
+    pub stream: bool,
 }
 
 impl Finish<'_> {
@@ -454,6 +459,14 @@ pub fn sgemm_fused(
         _ => kernels::selected(),
     };
     sgemm_with(kernel, alpha, a, b, beta, c, ldc, finish, epilogue)
+}
+
+/// Outputs of at least this many bytes are stored with streaming stores
+/// (AVX-512, on rows that start on a 64-byte line), which skip reading each
+/// line before writing it: a third of the last-level cache.
+/// `KILN_GEMM_STREAM_BYTES` overrides it.
+pub fn stream_min_bytes() -> usize {
+    driver::blocking_cached(kernels::selected()).stream_bytes
 }
 
 /// The name of the microkernel `sgemm` uses on this CPU, e.g. `avx512-6x64`.

@@ -222,9 +222,13 @@ fn check_case(
             } else {
                 (-0.3, 0.5)
             }),
+            stream: seed & 64 != 0,
         }
     } else {
-        Finish::default()
+        Finish {
+            stream: seed & 64 != 0,
+            ..Finish::default()
+        }
     };
     let callback = with_epilogue && (finish.is_none() || seed & 16 != 0);
     let seen: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
@@ -320,6 +324,75 @@ fn check_case(
                 idx / n,
                 idx % n
             );
+        }
+    }
+}
+
+/// Streamed stores write every float of C exactly as plain stores would,
+/// whatever the offset of C's rows in their cache lines (the AVX-512 kernel
+/// streams the full tiles of line-aligned rows, one of the 16 offsets here
+/// when rows are 16 floats apart), and nothing around them.
+#[test]
+fn streamed_stores_match_reference_at_every_line_offset() {
+    let (m, k, n) = (7, 5, 3 * 64 + 8);
+    let av = rand_vec(m * k, 1);
+    let bv = rand_vec(k * n, 2);
+    let bias = rand_vec(m, 3);
+    // Rows a multiple of 16 floats apart, and rows at varying offsets.
+    for ldc in [n.next_multiple_of(16) + 16, n + 3] {
+        let mut want = vec![0.0f32; (m - 1) * ldc + n];
+        sgemm_reference(
+            1.0,
+            Lhs::Mat(MatRef::row_major(&av, m, k)),
+            Rhs::Mat(MatRef::row_major(&bv, k, n)),
+            0.0,
+            &mut want,
+            ldc,
+            Some(&|row: usize, _col0: usize, vals: &mut [f32]| {
+                vals.iter_mut().for_each(|v| *v = (*v + bias[row]).max(0.0))
+            }),
+        );
+        for kernel in crate::kernels::available() {
+            for off in 0..16 {
+                let mut buf = vec![-7.0f32; off + want.len() + 16];
+                let finish = Finish {
+                    row_bias: Some(&bias),
+                    clamp: Some((0.0, f32::INFINITY)),
+                    stream: true,
+                    ..Finish::default()
+                };
+                sgemm_with(
+                    kernel,
+                    1.0,
+                    Lhs::Mat(MatRef::row_major(&av, m, k)),
+                    Rhs::Mat(MatRef::row_major(&bv, k, n)),
+                    0.0,
+                    &mut buf[off..off + want.len()],
+                    ldc,
+                    &finish,
+                    None,
+                );
+                let ctx = format!("{} ldc {ldc} offset {off}", kernel.name);
+                assert!(
+                    buf[..off].iter().all(|&v| v == -7.0),
+                    "{ctx}: wrote before C"
+                );
+                assert!(
+                    buf[off + want.len()..].iter().all(|&v| v == -7.0),
+                    "{ctx}: wrote after C"
+                );
+                for (idx, (&got, &w)) in buf[off..].iter().zip(&want).enumerate() {
+                    let (i, j) = (idx / ldc, idx % ldc);
+                    if j < n {
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{ctx}: C[{i},{j}] = {got}, want {w}"
+                        );
+                    } else {
+                        assert_eq!(got, -7.0, "{ctx}: padding C[{i},{j}] written");
+                    }
+                }
+            }
         }
     }
 }
@@ -689,6 +762,7 @@ fn finish_definition_hand_checked() {
         col_bias: Some(&col_bias),
         residual: Some(Residual { data: &res, ld: 4 }),
         clamp: Some((-5.0, 12.0)),
+        stream: false,
     };
     let mut row1 = [0.0, f32::NAN, 20.0];
     f.apply(1, 0, &mut row1);

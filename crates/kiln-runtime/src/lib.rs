@@ -2,6 +2,7 @@
 //! value slots, liveness) and runs it. [`Session`] is the public API.
 
 mod control_flow;
+mod large_alloc;
 mod load_alloc;
 mod plan;
 mod pool;
@@ -10,6 +11,7 @@ mod session;
 mod value;
 mod value_pb;
 
+pub use large_alloc::LargeAligned;
 pub use pool::default_threads;
 pub use session::{IoInfo, NodeTiming, Session, SessionOptions};
 pub use value::Value;

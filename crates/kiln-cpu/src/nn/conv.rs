@@ -779,6 +779,7 @@ impl Epi<'_> {
                 ld: self.out_n,
             }),
             clamp,
+            stream: false,
         };
         (finish, clamp.is_none() && self.act != FusedAct::Identity)
     }
@@ -899,6 +900,9 @@ fn conv_gemm_channels<'w>(
     } else {
         (IM2COL_PACK_MAX / k).max(256)
     };
+    // Each GEMM writes one image's planes; the batch's output as a whole
+    // decides whether it can stay cached.
+    let stream = std::mem::size_of_val(y) >= kiln_gemm::stream_min_bytes();
     for ni in 0..geo.n {
         for gi in 0..geo.group {
             let xg = &xv[(ni * c + gi * cg) * in_n..];
@@ -928,7 +932,8 @@ fn conv_gemm_channels<'w>(
                 };
                 let c_len = (mg - 1) * out_n + nt;
                 let c_out = &mut y[y_off + j0..y_off + j0 + c_len];
-                let (finish, act_left) = epi.channel_rows_finish(ni, g0, j0);
+                let (mut finish, act_left) = epi.channel_rows_finish(ni, g0, j0);
+                finish.stream = stream;
                 let act = |_row: usize, _col0: usize, vals: &mut [f32]| epi.act_only(vals);
                 sgemm_fused(
                     1.0,

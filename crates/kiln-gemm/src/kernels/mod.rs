@@ -51,6 +51,13 @@ pub(crate) struct TileFinish {
     pub res: *const f32,
     pub ldr: usize,
     pub clamp: Option<(f32, f32)>,
+    /// Store the tile's full, 64-byte-aligned vectors with non-temporal
+    /// stores (kernels without them store as usual). The driver asks for
+    /// this when C is bigger than the last-level cache: a normal store first
+    /// reads each line from memory, which for an output that cannot stay
+    /// cached doubles the traffic. The writer must `sfence` before another
+    /// thread reads C.
+    pub stream: bool,
 }
 
 impl TileFinish {
