@@ -233,6 +233,13 @@ unsafe fn rows_pass<const S: usize>(
             // the next channel, which the caller usually runs next.
             // (Prefetches never fault, so the address may lie past the plane.)
             for ahead in AHEAD..AHEAD + if two { 2 } else { 1 } {
+                // Its output row too: a store to a line not in cache waits
+                // for the line to be read first (the output buffer is often
+                // cold: last written a whole run ago).
+                let o = out.wrapping_add((oy + ahead) * g.ow);
+                for c in (0..g.ow).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(o.wrapping_add(c) as *const i8);
+                }
                 for kr in 0..S {
                     let iy = ((oy + ahead) * S + 2 - kr) as isize - g.ph as isize;
                     if iy >= 0 {
