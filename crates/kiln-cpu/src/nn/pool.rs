@@ -392,7 +392,8 @@ fn pool2d_fast(
         incl,
     );
     let xv = values::<f32>(x, op)?;
-    let mut y = vec![0.0f32; total];
+    // Every output is written below (interior columns, then the edges).
+    let mut y = crate::buffers::take_f32(total);
     let (kw, sw, pw) = (win.kernel[1], win.strides[1], win.pad_begin[1]);
     let (c0, c1) = interior_columns(w, kw, sw, pw, ow);
     let plane = |src: &[f32], dst: &mut [f32]| {
@@ -408,7 +409,7 @@ fn pool2d_fast(
                             acc.fill(f32::NEG_INFINITY);
                             for row in rows.chunks_exact(w) {
                                 for (m, &v) in acc.iter_mut().zip(row) {
-                                    *m = if v > *m { v } else { *m };
+                                    *m = max_skip_nan(*m, v);
                                 }
                             }
                         }
@@ -436,7 +437,7 @@ fn pool2d_fast(
                             let src = phases.shifted(t as isize - pw as isize, c0, c1 - c0);
                             if kind == Kind::Max {
                                 for (m, &v) in d.iter_mut().zip(src) {
-                                    *m = if v > *m { v } else { *m };
+                                    *m = max_skip_nan(*m, v);
                                 }
                             } else {
                                 for (m, &v) in d.iter_mut().zip(src) {
@@ -479,6 +480,19 @@ fn pool2d_fast(
             .for_each(|(dst, src)| plane(src, dst));
     }
     Ok(Some((out_shape, y)))
+}
+
+/// `v` if it is greater than `m`, else `m` (so a NaN `v` is skipped; `m`
+/// is never NaN). Spelled as a select of two values, this compiled to a
+/// masked store into the running maximum, which the next row's load then
+/// waited on (masked stores do not forward): MaxPool 3x3 stride 2 over
+/// 8x64x112x112 took 2.0 ms against ONNX Runtime's 0.86. `f32::max`
+/// (maxnum: the non-NaN operand) is the same function on every input but
+/// signed zeros, where either may come back, and compiles to plain vector
+/// max and blend.
+#[inline(always)]
+fn max_skip_nan(m: f32, v: f32) -> f32 {
+    m.max(v)
 }
 
 /// Output columns `[c0, c1)` whose window `[c*s - pb, c*s - pb + k)` lies
