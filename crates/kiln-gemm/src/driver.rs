@@ -325,6 +325,7 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
 /// # Safety
 /// No other thread may access this task's region of C while it runs, and
 /// `cp` must point to a C of at least `(m-1)*ldc + n` floats.
+#[allow(clippy::too_many_arguments)]
 unsafe fn run_task(
     job: &Job<'_>,
     blk: &Blocking,
