@@ -40,6 +40,26 @@ use std::borrow::Cow;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
+/// Starts reading every cache line of `out` before a kernel stores into it.
+/// The activation buffers kernels write are usually out of cache (last
+/// written a whole run ago), and a store to such a line waits for the line
+/// to be read first; issued ahead of the work that computes the values,
+/// those reads overlap it. A no-op off x86_64.
+#[inline]
+pub(crate) fn prefetch_for_store(out: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for i in (0..out.len()).step_by(16) {
+        // SAFETY: SSE is baseline on x86_64; the address lies inside `out`,
+        // and a prefetch never faults or changes memory.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(out.as_ptr().add(i) as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = out;
+}
+
 /// An element type the GEMM core can multiply-accumulate. Floats use plain
 /// `acc + a * b`; integers wrap on overflow (exact modular arithmetic, like numpy).
 pub(crate) trait MatElem: Copy + Send + Sync + 'static {

@@ -171,14 +171,10 @@ unsafe fn block_avx512(
     let (tile, rest) = rest.split_at_mut(tile_len);
     let otile = &mut rest[..out_len];
 
-    // The block's outputs, transposed out a band at a time, are stores to 16
-    // planes at once, to lines that are often out of cache (the buffer was
-    // last written a whole run ago), each waiting for its line to be read
-    // first: start reading them all now, while the tiles are packed and
-    // computed.
-    for i in (0..blk.len()).step_by(16) {
-        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().add(i) as *const i8);
-    }
+    // The block's outputs, transposed out a band at a time: read their
+    // lines now, while the tiles are packed and computed (MobileNetV2 b8,
+    // 960x7x7: 0.265 -> 0.168 ms).
+    super::prefetch_for_store(blk);
     // Lane l of weight vector t is channel c0 + l's tap t (0 past the block).
     for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
         for (l, e) in v.iter_mut().enumerate() {
