@@ -66,6 +66,15 @@ unsafe fn mark(raw: *mut u8, block: *mut u8) {
     unsafe { (block as *mut *mut u8).sub(1).write(raw) }
 }
 
+/// `backing(size)` of a large block that was allocated, so exists.
+///
+/// # Safety
+/// A block of `size` bytes came from `from_system`.
+unsafe fn backing_of(size: usize) -> Layout {
+    // SAFETY: backing(size) succeeded when the block was allocated.
+    unsafe { Layout::from_size_align_unchecked(size + LINE, HEADER) }
+}
+
 /// The line-aligned block inside `raw` (a `backing` block), marked; null
 /// stays null.
 ///
@@ -93,6 +102,23 @@ unsafe fn raw_of(block: *mut u8) -> *mut u8 {
     unsafe { (block as *mut *mut u8).sub(1).read() }
 }
 
+/// A block of `layout` from `get` (System's alloc or alloc_zeroed): as it
+/// comes when small; when large, placed on a line inside a backing block.
+///
+/// # Safety
+/// `layout` has a non-zero size, and `get` returns null or a block of the
+/// layout it is given.
+unsafe fn from_system(layout: Layout, get: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+    if !large(layout) {
+        return get(layout);
+    }
+    match backing(layout.size()) {
+        // SAFETY: place gets null or a block of backing(size).
+        Some(b) => unsafe { place(get(b)) },
+        None => std::ptr::null_mut(),
+    }
+}
+
 // SAFETY: small blocks go to System unchanged. A large block lies inside a
 // System block of `backing(size)` (16-byte aligned), starts on a 64-byte line
 // and has its `size` bytes there (`place`), so it satisfies any alignment up
@@ -101,28 +127,14 @@ unsafe fn raw_of(block: *mut u8) -> *mut u8 {
 // layout the caller passes back.
 unsafe impl GlobalAlloc for LargeAligned {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !large(layout) {
-            // SAFETY: forwarded contract.
-            return unsafe { System.alloc(layout) };
-        }
-        match backing(layout.size()) {
-            // SAFETY: a non-zero layout; place gets System's block of it.
-            Some(b) => unsafe { place(System.alloc(b)) },
-            None => std::ptr::null_mut(),
-        }
+        // SAFETY: forwarded contract (a non-zero layout).
+        unsafe { from_system(layout, |l| System.alloc(l)) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !large(layout) {
-            // SAFETY: forwarded contract.
-            return unsafe { System.alloc_zeroed(layout) };
-        }
-        match backing(layout.size()) {
-            // SAFETY: as alloc; the whole backing block is zeroed, so is the
-            // part place hands out.
-            Some(b) => unsafe { place(System.alloc_zeroed(b)) },
-            None => std::ptr::null_mut(),
-        }
+        // SAFETY: forwarded contract; the whole backing block is zeroed, so
+        // is the part `place` hands out.
+        unsafe { from_system(layout, |l| System.alloc_zeroed(l)) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -130,8 +142,7 @@ unsafe impl GlobalAlloc for LargeAligned {
         // for a large one, a block `place` made in one of backing(size).
         unsafe {
             if large(layout) {
-                let b = Layout::from_size_align_unchecked(layout.size() + LINE, HEADER);
-                System.dealloc(raw_of(ptr), b);
+                System.dealloc(raw_of(ptr), backing_of(layout.size()));
             } else {
                 System.dealloc(ptr, layout);
             }
@@ -157,8 +168,7 @@ unsafe impl GlobalAlloc for LargeAligned {
                 unsafe {
                     let raw = raw_of(ptr);
                     let offset = ptr as usize - raw as usize;
-                    let old_b = Layout::from_size_align_unchecked(layout.size() + LINE, HEADER);
-                    let new_raw = System.realloc(raw, old_b, new_b.size());
+                    let new_raw = System.realloc(raw, backing_of(layout.size()), new_b.size());
                     if new_raw.is_null() {
                         return new_raw;
                     }
