@@ -56,24 +56,35 @@ struct Problem {
     n: usize,
     a: Vec<f32>,
     b: Vec<f32>,
+    /// C is `c[c_off..][..m * n]`, on a 64-byte line (plus `skew` floats).
     c: Vec<f32>,
+    c_off: usize,
     packed_a: Option<PackedA>,
     packed_b: Option<PackedB>,
 }
 
 impl Problem {
     fn new(m: usize, k: usize, n: usize, weight: Weight) -> Problem {
+        Problem::skewed(m, k, n, weight, 0)
+    }
+
+    /// C starts `skew` floats past a 64-byte line: the GEMM streams the
+    /// stores of a C that big only on line-aligned rows.
+    fn skewed(m: usize, k: usize, n: usize, weight: Weight, skew: usize) -> Problem {
         let a = data(m * k, 7, 13);
         let b = data(k * n, 5, 11);
         let (packed_a, packed_b) = match weight {
             Weight::A => (Some(PackedA::new(MatRef::row_major(&a, m, k))), None),
             Weight::B => (None, Some(PackedB::new(MatRef::row_major(&b, k, n)))),
         };
+        let c = vec![0.0; m * n + 16 + skew];
+        let c_off = c.as_ptr().align_offset(64).min(16) + skew;
         Problem {
             m,
             k,
             n,
-            c: vec![0.0; m * n],
+            c,
+            c_off,
             a,
             b,
             packed_a,
@@ -96,7 +107,15 @@ impl Problem {
             (Some(pb), true) => Rhs::Packed(pb),
             _ => Rhs::Mat(MatRef::row_major(&self.b, k, n)),
         };
-        sgemm(1.0, lhs, rhs, 0.0, &mut self.c, n, None);
+        sgemm(
+            1.0,
+            lhs,
+            rhs,
+            0.0,
+            &mut self.c[self.c_off..][..m * n],
+            n,
+            None,
+        );
         black_box(&mut self.c);
     }
 }
@@ -187,6 +206,16 @@ fn models(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(1));
         for &(name, m, k, n, weight) in MODEL_SHAPES {
             let mut p = Problem::new(m, k, n, weight);
+            bench_both(&mut group, &pool, name, &mut p);
+        }
+        // MobileNetV2's 16 -> 96 1x1 at batch 8 as one product: a 38 MiB C,
+        // past `stream_min_bytes`, stored by streaming stores when its rows
+        // start on a cache line and by plain ones when they do not.
+        for (name, skew) in [
+            ("mbv2_pw_16to96_112_b8_96x16x100352_streamed", 0),
+            ("mbv2_pw_16to96_112_b8_96x16x100352_c_off_line", 4),
+        ] {
+            let mut p = Problem::skewed(96, 16, 8 * 12544, Weight::A, skew);
             bench_both(&mut group, &pool, name, &mut p);
         }
         group.finish();
