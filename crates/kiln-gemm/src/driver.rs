@@ -294,8 +294,10 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
     let mcb = mp.div_ceil(mb);
     let mb = mp.div_ceil(mcb);
     // Streaming stores skip the cache, so only an output the general
-    // epilogue does not read back right away streams.
-    let stream = job.epilogue.is_none()
+    // epilogue does not read back right away streams; and only on a kernel
+    // that has them (no finish to build per tile, no fence, elsewhere).
+    let stream = kern.streams
+        && job.epilogue.is_none()
         && (job.finish.stream || m * n * std::mem::size_of::<f32>() >= blk.stream_bytes);
     let cp = CPtr(c.as_mut_ptr());
     // Column-block-major order: rayon hands each thread a contiguous range of

@@ -328,6 +328,28 @@ fn check_case(
     }
 }
 
+/// `A·B` of row-major `av` (`m x k`) and `bv` (`k x n`) by the reference,
+/// into a C of rows `ldc` apart (zeros between them), `epi` applied.
+fn reference_product(
+    av: &[f32],
+    bv: &[f32],
+    (m, k, n): (usize, usize, usize),
+    ldc: usize,
+    epi: Option<&Epilogue<'_>>,
+) -> Vec<f32> {
+    let mut c = vec![0.0f32; (m - 1) * ldc + n];
+    sgemm_reference(
+        1.0,
+        Lhs::Mat(MatRef::row_major(av, m, k)),
+        Rhs::Mat(MatRef::row_major(bv, k, n)),
+        0.0,
+        &mut c,
+        ldc,
+        epi,
+    );
+    c
+}
+
 /// Streamed stores write every float of C exactly as plain stores would,
 /// whatever the offset of C's rows in their cache lines (the AVX-512 kernel
 /// streams the full tiles of line-aligned rows, one of the 16 offsets here
@@ -340,18 +362,10 @@ fn streamed_stores_match_reference_at_every_line_offset() {
     let bias = rand_vec(m, 3);
     // Rows a multiple of 16 floats apart, and rows at varying offsets.
     for ldc in [n.next_multiple_of(16) + 16, n + 3] {
-        let mut want = vec![0.0f32; (m - 1) * ldc + n];
-        sgemm_reference(
-            1.0,
-            Lhs::Mat(MatRef::row_major(&av, m, k)),
-            Rhs::Mat(MatRef::row_major(&bv, k, n)),
-            0.0,
-            &mut want,
-            ldc,
-            Some(&|row: usize, _col0: usize, vals: &mut [f32]| {
-                vals.iter_mut().for_each(|v| *v = (*v + bias[row]).max(0.0))
-            }),
-        );
+        let relu_bias = |row: usize, _col0: usize, vals: &mut [f32]| {
+            vals.iter_mut().for_each(|v| *v = (*v + bias[row]).max(0.0))
+        };
+        let want = reference_product(&av, &bv, (m, k, n), ldc, Some(&relu_bias));
         for kernel in crate::kernels::available() {
             for off in 0..16 {
                 let mut buf = vec![-7.0f32; off + want.len() + 16];
@@ -596,16 +610,7 @@ fn nested_calls_inside_par_iter() {
     let (m, k, n) = (64, 96, 80);
     let av = rand_vec(m * k, 11);
     let bv = rand_vec(k * n, 12);
-    let mut want = vec![0.0; m * n];
-    sgemm_reference(
-        1.0,
-        Lhs::Mat(MatRef::row_major(&av, m, k)),
-        Rhs::Mat(MatRef::row_major(&bv, k, n)),
-        0.0,
-        &mut want,
-        n,
-        None,
-    );
+    let want = reference_product(&av, &bv, (m, k, n), n, None);
     let outs: Vec<Vec<f32>> = pool(2).install(|| {
         (0..6)
             .into_par_iter()

@@ -52,11 +52,11 @@ pub(crate) struct TileFinish {
     pub ldr: usize,
     pub clamp: Option<(f32, f32)>,
     /// Store the tile's full, 64-byte-aligned vectors with non-temporal
-    /// stores (kernels without them store as usual). The driver asks for
-    /// this when C is bigger than the last-level cache: a normal store first
-    /// reads each line from memory, which for an output that cannot stay
-    /// cached doubles the traffic. The writer must `sfence` before another
-    /// thread reads C.
+    /// stores (set only for kernels with `Kernel::streams`). The driver asks
+    /// for this when C is too big to stay cached for its reader (see
+    /// `Blocking::stream_bytes`): a normal store first reads each line from
+    /// memory, which stalls the kernel and doubles the traffic. The writer
+    /// must `sfence` before another thread reads C.
     pub stream: bool,
 }
 
@@ -93,6 +93,9 @@ pub(crate) struct Kernel {
     pub name: &'static str,
     pub mr: usize,
     pub nr: usize,
+    /// Whether `micro` honours `TileFinish::stream` (the others store as
+    /// usual, so the driver does not ask them).
+    pub streams: bool,
     micro: MicroFn,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
     dot: unsafe fn(&[f32], &[f32]) -> f32,
@@ -171,6 +174,7 @@ static PORTABLE: Kernel = Kernel {
     },
     mr: portable::MR,
     nr: portable::NR,
+    streams: false,
     micro: portable::micro,
     axpy: portable_axpy,
     dot: portable_dot,
@@ -202,6 +206,7 @@ pub(crate) fn avx512() -> Option<&'static Kernel> {
             name: "avx512-6x64",
             mr: avx512::MR,
             nr: avx512::NR,
+            streams: true,
             micro: avx512::micro,
             axpy: avx512::axpy,
             dot: avx512::dot,
@@ -223,6 +228,7 @@ pub(crate) fn avx2() -> Option<&'static Kernel> {
             name: "avx2-6x16",
             mr: avx2::MR,
             nr: avx2::NR,
+            streams: false,
             micro: avx2::micro,
             axpy: avx2::axpy,
             dot: avx2::dot,
