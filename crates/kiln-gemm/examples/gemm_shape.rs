@@ -2,7 +2,8 @@
 //! For tuning: `KILN_GEMM_KC`, `KILN_GEMM_NCB`, `KILN_GEMM_MCB` and
 //! `KILN_GEMM_KERNEL` override the blocking and the kernel. Best and median of several runs.
 //! `cold` (with `packed`) cycles through enough packed copies of B to overflow the last-level
-//! cache, as a model's weights do when each layer's are read once per run.
+//! cache, as a model's weights do when each layer's are read once per run
+//! (and cycles C likewise); `coldc` cycles only C, to tell the two apart.
 //! `packa` prepacks A instead (a conv's weights, B the activations).
 //! `finish` adds a row bias and a [0, 6] clamp in registers; `callback` does
 //! the same in an epilogue callback (to compare the two).
@@ -26,7 +27,8 @@ fn main() {
         .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
         .collect();
     // `cold` also cycles C through enough buffers to leave the caches.
-    let c_copies = if cold {
+    let cold_c_only = args.iter().any(|a| a == "coldc");
+    let c_copies = if cold || cold_c_only {
         (64 << 20) / (4 * m * n).max(1) + 1
     } else {
         1
