@@ -6,6 +6,7 @@
 //! by integer MatMul, Conv (im2col), ConvTranspose, LSTM and Resize.
 
 mod conv;
+mod conv_phases;
 mod depthwise;
 // AVX-512 only: elsewhere depthwise convs take the per-plane kernels.
 #[cfg(target_arch = "x86_64")]

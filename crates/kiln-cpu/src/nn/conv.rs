@@ -1,6 +1,7 @@
 //! Conv (im2col + GEMM per group, direct path when each output channel reads a
 //! single input channel) and ConvTranspose (GEMM + col2im), N-D.
 
+use super::conv_phases::PhaseSplit;
 use super::matmul::transpose;
 use super::{float_prec, float_tensor, gemm_acc, numel, values, Prec, Real};
 use crate::{invalid, Result};
@@ -825,7 +826,7 @@ pub(crate) fn clamp_of(act: FusedAct) -> Option<(f32, f32)> {
 }
 
 /// Every kernel tap of a window, with its per-axis input offsets.
-fn window_taps(win: &Window, kshape: &[usize]) -> Vec<Vec<isize>> {
+pub(super) fn window_taps(win: &Window, kshape: &[usize]) -> Vec<Vec<isize>> {
     let pb: Vec<isize> = win.pad_begin.iter().map(|&p| p as isize).collect();
     let mut taps = Vec::new();
     let mut tap = vec![0usize; kshape.len()];
@@ -849,12 +850,15 @@ fn conv_gemm(
     y: &mut [f32],
 ) {
     let taps = window_taps(&geo.win, &geo.kshape);
+    let split = PhaseSplit::plan(geo, &taps);
+    let src = Source {
+        taps: &taps,
+        split: split.as_ref(),
+    };
     match w {
-        ConvWeights::Packed(ConvPack::Positions(p)) => {
-            conv_gemm_positions(geo, xv, p, &taps, epi, y)
-        }
+        ConvWeights::Packed(ConvPack::Positions(p)) => conv_gemm_positions(geo, xv, p, src, epi, y),
         ConvWeights::Packed(ConvPack::Channels(p)) => {
-            conv_gemm_channels(geo, xv, |g| Lhs::Packed(&p[g]), &taps, epi, y)
+            conv_gemm_channels(geo, xv, |g| Lhs::Packed(&p[g]), src, epi, y)
         }
         #[cfg(target_arch = "x86_64")]
         ConvWeights::Packed(ConvPack::Winograd(_)) => {
@@ -870,9 +874,17 @@ fn conv_gemm(
                     rows,
                 ))
             };
-            conv_gemm_channels(geo, xv, lhs, &taps, epi, y)
+            conv_gemm_channels(geo, xv, lhs, src, epi, y)
         }
     }
+}
+
+/// Where a conv's im2col panels gather from: X through the window's taps,
+/// or, for a strided conv, phase planes built from X first.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    taps: &'a [Vec<isize>],
+    split: Option<&'a PhaseSplit>,
 }
 
 /// The `Channels` orientation: per image and group, `Y_g = W_g x im2col(X_g)`
@@ -881,19 +893,29 @@ fn conv_gemm_channels<'w>(
     geo: &ConvGeometry,
     xv: &[f32],
     lhs: impl Fn(usize) -> Lhs<'w>,
-    taps: &[Vec<isize>],
+    src: Source<'_>,
     epi: &Epi<'_>,
     y: &mut [f32],
 ) {
     let (c, m, cg, mg) = (geo.c, geo.m, geo.cg, geo.mg);
-    let (in_n, out_n) = (geo.in_n, geo.out_n);
-    let win = &geo.win;
+    let out_n = geo.out_n;
     let k = cg * geo.kn;
-    // 1x1, stride 1, no padding: X itself is the right operand.
+    // What the fill reads: X itself, or one image and group's phase planes.
+    let (fill_geo, taps, bases) = match src.split {
+        Some(s) => (&s.geo, &s.taps[..], &s.bases[..]),
+        None => (geo, src.taps, &[][..]),
+    };
+    let mut planes = src
+        .split
+        .map(|s| crate::buffers::take_f32(cg * s.channel_len()));
+    let in_n = fill_geo.in_n;
+    let win = &fill_geo.win;
+    // 1x1, stride 1, no padding: X (or a 1x1 strided conv's one phase
+    // plane, its subsampled input) itself is the right operand.
     let pointwise = win.kernel.iter().all(|&k| k == 1)
         && win.strides.iter().all(|&s| s == 1)
         && win.pad_begin.iter().all(|&p| p == 0)
-        && win.out == geo.in_sp;
+        && win.out == fill_geo.in_sp;
     // Columns per GEMM: all of the plane unless the packed operand would be huge.
     let chunk = if pointwise || k * out_n <= IM2COL_PACK_MAX {
         out_n
@@ -905,22 +927,30 @@ fn conv_gemm_channels<'w>(
     let stream = std::mem::size_of_val(y) >= kiln_gemm::stream_min_bytes();
     for ni in 0..geo.n {
         for gi in 0..geo.group {
-            let xg = &xv[(ni * c + gi * cg) * in_n..];
+            let x0 = (ni * c + gi * cg) * geo.in_n;
+            let xg = match (src.split, planes.as_deref_mut()) {
+                (Some(s), Some(buf)) => {
+                    s.split(xv, |j| x0 + j * geo.in_n, buf);
+                    &*buf
+                }
+                _ => &xv[x0..],
+            };
             let g0 = gi * mg;
             let y_off = (ni * m + g0) * out_n;
             let mut j0 = 0;
             while j0 < out_n {
                 let nt = chunk.min(out_n - j0);
-                let src = Im2col {
+                let cols = Im2col {
                     x: xg,
                     image_stride: 0,
                     first: j0,
                     len: nt,
-                    geo,
+                    geo: fill_geo,
                     taps,
+                    bases,
                 };
                 let fill =
-                    |first: usize, width: usize, panel: &mut [f32]| src.fill(first, width, panel);
+                    |first: usize, width: usize, panel: &mut [f32]| cols.fill(first, width, panel);
                 let rhs = if pointwise {
                     Rhs::Mat(MatRef::row_major(&xg[..cg * in_n], cg, in_n))
                 } else {
@@ -949,6 +979,9 @@ fn conv_gemm_channels<'w>(
             }
         }
     }
+    if let Some(buf) = planes {
+        crate::buffers::recycle(buf);
+    }
 }
 
 /// The `Positions` orientation: per group and run of whole images,
@@ -958,7 +991,7 @@ fn conv_gemm_positions(
     geo: &ConvGeometry,
     xv: &[f32],
     packed: &[PackedB],
-    taps: &[Vec<isize>],
+    src: Source<'_>,
     epi: &Epi<'_>,
     y: &mut [f32],
 ) {
@@ -967,21 +1000,39 @@ fn conv_gemm_positions(
     let k = cg * geo.kn;
     let images_per = (IM2COL_PACK_MAX / (k * out_n).max(1)).clamp(1, geo.n.max(1));
     let mut t = crate::buffers::take_f32(images_per * out_n * mg);
+    // A strided conv's fill reads a run of images' phase planes instead.
+    let (fill_geo, taps, bases) = match src.split {
+        Some(s) => (&s.geo, &s.taps[..], &s.bases[..]),
+        None => (geo, src.taps, &[][..]),
+    };
+    let mut planes = src
+        .split
+        .map(|s| crate::buffers::take_f32(images_per * cg * s.channel_len()));
     let mut n0 = 0;
     while n0 < geo.n {
         let nb = images_per.min(geo.n - n0);
         let rows = nb * out_n;
         for (gi, w_t) in packed.iter().enumerate() {
-            let src = Im2col {
-                x: &xv[(n0 * c + gi * cg) * in_n..],
-                image_stride: c * in_n,
+            let (x, image_stride) = match (src.split, planes.as_deref_mut()) {
+                (Some(s), Some(buf)) => {
+                    let buf = &mut buf[..nb * cg * s.channel_len()];
+                    let src_of = |j: usize| ((n0 + j / cg) * c + gi * cg + j % cg) * in_n;
+                    s.split(xv, src_of, buf);
+                    (&*buf, cg * s.channel_len())
+                }
+                _ => (&xv[(n0 * c + gi * cg) * in_n..], c * in_n),
+            };
+            let cols = Im2col {
+                x,
+                image_stride,
                 first: 0,
                 len: rows,
-                geo,
+                geo: fill_geo,
                 taps,
+                bases,
             };
             let fill =
-                |first: usize, width: usize, panel: &mut [f32]| src.fill(first, width, panel);
+                |first: usize, width: usize, panel: &mut [f32]| cols.fill(first, width, panel);
             let tv = &mut t[..rows * mg];
             sgemm(
                 1.0,
@@ -1028,6 +1079,9 @@ fn conv_gemm_positions(
         n0 += nb;
     }
     crate::buffers::recycle(t);
+    if let Some(buf) = planes {
+        crate::buffers::recycle(buf);
+    }
 }
 
 /// The im2col matrix of one group, `[Cg * k1 * ... * kn, positions]`, as a
@@ -1043,6 +1097,9 @@ struct Im2col<'a> {
     len: usize,
     geo: &'a ConvGeometry,
     taps: &'a [Vec<isize>],
+    /// Per tap, an offset added to every source index (the tap's phase
+    /// plane, [`PhaseSplit`]); empty: none.
+    bases: &'a [usize],
 }
 
 /// Per-thread working lists of [`Im2col::fill`], kept between panels so
@@ -1056,6 +1113,42 @@ struct FillScratch {
     table: Vec<isize>,
     /// An output row's multi-index over the outer spatial axes.
     idx: Vec<usize>,
+    /// One tap's runs, where they read.
+    spans: Vec<Span>,
+}
+
+/// One run of positions along an output row, as one tap reads it: panel
+/// columns `t0 .. t0 + len`, of which `a .. b` (relative) read X from
+/// `src0` on (the rest is padding).
+#[derive(Clone, Copy)]
+struct Span {
+    t0: usize,
+    len: usize,
+    a: usize,
+    b: usize,
+    src0: usize,
+}
+
+/// When one tap's runs read one contiguous stretch of X in panel order
+/// (stride 1 and an input row as wide as the output row, as after
+/// [`PhaseSplit`] or in a "same"-padded conv: each run continues where the
+/// previous one stopped, a row later), the panel columns `[t_a, t_b)` of
+/// that stretch and where it starts. Columns inside it that are padding
+/// (a run's `..a` or `b..`) read real values and must be zeroed after.
+fn linear_stretch(spans: &[Span], stride: usize) -> Option<(usize, usize, usize)> {
+    if stride != 1 || spans.len() < 2 {
+        return None;
+    }
+    let live = |sp: &&Span| sp.a < sp.b;
+    let first = spans.iter().position(|sp| sp.a < sp.b)?;
+    let last = spans.iter().rposition(|sp| sp.a < sp.b)?;
+    let inner = &spans[first..=last];
+    let (s0, t_a) = (inner[0].src0, inner[0].t0 + inner[0].a);
+    let linear = inner
+        .iter()
+        .all(|sp| live(&sp) && sp.src0 + t_a == s0 + sp.t0 + sp.a);
+    let end = inner[inner.len() - 1];
+    linear.then_some((t_a, end.t0 + end.b, s0))
 }
 
 thread_local! {
@@ -1087,7 +1180,12 @@ impl Im2col<'_> {
                 panel[r * width + valid..(r + 1) * width].fill(0.0);
             }
         }
-        let FillScratch { runs, table, idx } = scratch;
+        let FillScratch {
+            runs,
+            table,
+            idx,
+            spans,
+        } = scratch;
         runs.clear();
         let mut t = 0;
         while t < valid {
@@ -1111,6 +1209,7 @@ impl Im2col<'_> {
         for (ti, offs) in self.taps.iter().enumerate() {
             let off = offs[last];
             let (lo, hi) = valid_range(out_last, s_last, off, in_last);
+            spans.clear();
             for &(t0, len, img, orow, ox0) in runs.iter() {
                 // The input row this output row reads through this tap.
                 let mut rem = orow;
@@ -1141,7 +1240,8 @@ impl Im2col<'_> {
                 let src0 = ((img * self.image_stride + irow * in_last) as isize
                     + ((ox0 + a) * s_last) as isize
                     + off)
-                    .max(0) as usize;
+                    .max(0) as usize
+                    + self.bases.get(ti).copied().unwrap_or(0);
                 if gather {
                     let row = &mut table[ti * valid + t0..][..len];
                     for (j, o) in row[a..b].iter_mut().enumerate() {
@@ -1149,14 +1249,49 @@ impl Im2col<'_> {
                     }
                     continue;
                 }
+                spans.push(Span {
+                    t0,
+                    len,
+                    a,
+                    b,
+                    src0,
+                });
+            }
+            if gather {
+                continue;
+            }
+            let panel_row = |ci: usize| (ci * kn + ti) * width;
+            if let Some((t_a, t_b, src)) = linear_stretch(spans, s_last) {
+                // One copy per channel for the whole stretch, then zeros
+                // where a run reads padding.
                 for ci in 0..geo.cg {
-                    let dst = &mut panel[(ci * kn + ti) * width + t0..][..len];
+                    let dst = &mut panel[panel_row(ci)..][..valid];
+                    let src = src + ci * in_n;
+                    dst[t_a..t_b].copy_from_slice(&self.x[src..src + (t_b - t_a)]);
+                    dst[..t_a].fill(0.0);
+                    dst[t_b..].fill(0.0);
+                    for sp in spans.iter() {
+                        let run = &mut dst[sp.t0..sp.t0 + sp.len];
+                        if sp.t0 + sp.a > t_a {
+                            run[..sp.a].fill(0.0);
+                        }
+                        if sp.t0 + sp.b < t_b {
+                            run[sp.b..].fill(0.0);
+                        }
+                    }
+                }
+                continue;
+            }
+            for sp in spans.iter() {
+                let (a, b) = (sp.a, sp.b);
+                for ci in 0..geo.cg {
+                    let dst = &mut panel[panel_row(ci) + sp.t0..][..sp.len];
                     dst[..a].fill(0.0);
                     dst[b..].fill(0.0);
                     if a == b {
                         continue;
                     }
-                    let src0 = src0 + ci * in_n;
+                    let src0 = sp.src0 + ci * in_n;
                     let d = &mut dst[a..b];
                     match s_last {
                         1 => d.copy_from_slice(&self.x[src0..src0 + (b - a)]),
@@ -2517,6 +2652,65 @@ mod tests {
                 vec![1, 1],
                 vec![1, 1],
                 vec![1, 1, 1, 1],
+            ),
+            // Strided GEMM convs through phase planes: dilation 2 with
+            // uneven pads on two images, a row stride of 3 (no pair
+            // deinterleave) over a 3x5 kernel, groups, several output tiles
+            // of a 5x5 stride 2, and a column stride smaller than the row's.
+            (
+                2,
+                8,
+                10,
+                1,
+                vec![13, 14],
+                vec![3, 3],
+                vec![2, 2],
+                vec![2, 2],
+                vec![2, 1, 1, 2],
+            ),
+            (
+                1,
+                6,
+                5,
+                1,
+                vec![11, 17],
+                vec![3, 5],
+                vec![1, 3],
+                vec![1, 1],
+                vec![1, 2, 0, 1],
+            ),
+            (
+                2,
+                12,
+                8,
+                2,
+                vec![9, 10],
+                vec![3, 3],
+                vec![2, 2],
+                vec![1, 1],
+                vec![1; 4],
+            ),
+            (
+                1,
+                8,
+                70,
+                1,
+                vec![30, 34],
+                vec![5, 5],
+                vec![2, 2],
+                vec![1, 1],
+                vec![2; 4],
+            ),
+            (
+                1,
+                8,
+                6,
+                1,
+                vec![8, 9],
+                vec![3, 3],
+                vec![3, 2],
+                vec![1, 1],
+                vec![0; 4],
             ),
             // Output 1x1 and input 1x1.
             (

@@ -1091,7 +1091,7 @@ fn build_phases_paired(
 /// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` for every k of each (both
 /// inside `src`): whole pairs first (shuffle-vectorized), then the ends.
 #[inline(always)]
-fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+pub(crate) fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
     let pairs = even.len().min(odd.len()).min(src.len() / 2);
     for ((e, o), c) in even[..pairs]
         .iter_mut()
