@@ -21,7 +21,7 @@ mod sdpa;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
 
-pub(crate) use conv::{clamp_of, prefers_positions};
+pub(crate) use conv::{clamp_of, is_pointwise, prefers_positions};
 pub use conv::{conv, conv_transpose};
 pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvPack, ConvWeights};
 pub(crate) use depthwise::many_channel_applies;

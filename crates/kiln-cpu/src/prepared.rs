@@ -194,8 +194,9 @@ fn prepare_conv(
             wv,
             m,
             group,
-            out_positions(out_shape, ws.len())
-                .is_some_and(|o| nn::prefers_positions(o, m / group, wv.len() / m)),
+            out_positions(out_shape, ws.len()).is_some_and(|o| {
+                nn::prefers_positions(o, m / group, wv.len() / m, nn::is_pointwise(attrs, ws))
+            }),
         ),
     })
 }
@@ -505,10 +506,15 @@ mod tests {
             // The orientation follows the hint's plane size and W's shape.
             let w = inputs[1].expect("conv W").shape();
             let plane: usize = h[2..].iter().map(|d| d.unwrap_or(0)).product();
+            let attrs = match op {
+                Op::Conv(a) | Op::Fused(FusedOp::Conv { conv: a, .. }) => a,
+                _ => unreachable!("matched a conv above"),
+            };
             let positions = nn::prefers_positions(
                 plane,
                 w[0] / (inputs[0].unwrap().shape()[1] / w[1]),
                 w[1..].iter().product(),
+                nn::is_pointwise(attrs, w),
             );
             let want = if positions {
                 "for position rows"
@@ -577,16 +583,24 @@ mod tests {
     #[test]
     fn small_planes_pack_for_position_rows() {
         // ResNet-50's 3x3 convs on 7x7 and 14x14 planes; not on 28x28, 56x56.
-        assert!(nn::prefers_positions(49, 512, 4608));
-        assert!(nn::prefers_positions(196, 256, 2304));
-        assert!(!nn::prefers_positions(784, 128, 1152));
-        assert!(!nn::prefers_positions(3136, 64, 576));
+        assert!(nn::prefers_positions(49, 512, 4608, false));
+        assert!(nn::prefers_positions(196, 256, 2304, false));
+        assert!(!nn::prefers_positions(784, 128, 1152, false));
+        assert!(!nn::prefers_positions(3136, 64, 576, false));
         // Few output channels (a 64-wide column panel mostly padding) or a
         // shallow product (packing as narrow A panels costs too much).
-        assert!(!nn::prefers_positions(49, 8, 4608));
-        assert!(!nn::prefers_positions(196, 384, 64));
-        assert!(!nn::prefers_positions(196, 64, 384));
-        assert!(!nn::prefers_positions(0, 512, 4608));
+        assert!(!nn::prefers_positions(49, 8, 4608, false));
+        assert!(!nn::prefers_positions(196, 384, 64, false));
+        assert!(!nn::prefers_positions(196, 64, 384, false));
+        assert!(!nn::prefers_positions(0, 512, 4608, false));
+        // A pointwise conv whose X is read in place stays on channel rows
+        // (where the kernel reads partial panels in place), one that big not.
+        assert!(nn::prefers_positions(49, 256, 1024, false));
+        assert_eq!(
+            nn::prefers_positions(49, 256, 1024, true),
+            !kiln_gemm::reads_b_in_place(256, 1024, 49)
+        );
+        assert!(nn::prefers_positions(49, 512, 4608, true));
     }
 
     #[test]

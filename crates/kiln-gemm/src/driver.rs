@@ -230,12 +230,20 @@ pub(crate) struct Job<'a> {
 /// place: every full `NR`-column panel straight from `data` (rows `ld`
 /// apart), the last partial one, if any, from `tail` (packed, zero-padded
 /// to `NR` columns), since a full-width load there would read past the
-/// matrix.
+/// matrix; or, with an empty `tail` and a kernel that loads only a partial
+/// tile's live columns (`Kernel::partial_b_in_place`), in place too.
 #[derive(Clone, Copy)]
 pub(crate) struct DirectB<'a> {
     pub data: &'a [f32],
     pub ld: usize,
     pub tail: &'a [f32],
+}
+
+impl DirectB<'_> {
+    /// Whether the partial panel is read in place.
+    fn in_place_tail(&self, kern: &Kernel) -> bool {
+        self.tail.is_empty() && kern.partial_b_in_place
+    }
 }
 
 /// `C = alpha * A·B + beta * C` (+ epilogue) over packed A and B, `k >= 1`.
@@ -249,7 +257,13 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
         Some(d) => {
             let full = n / kern.nr;
             assert!(full == 0 || d.data.len() >= (k - 1) * d.ld + full * kern.nr);
-            assert!(d.ld >= n && (n % kern.nr == 0 || d.tail.len() >= k * kern.nr));
+            assert!(
+                d.ld >= n
+                    && (n % kern.nr == 0 || d.tail.len() >= k * kern.nr || d.in_place_tail(kern))
+            );
+            if d.in_place_tail(kern) {
+                assert!(d.data.len() >= (k - 1) * d.ld + n);
+            }
         }
         None => assert!(job.b.len() >= n.div_ceil(kern.nr) * kern.nr * k),
     }
@@ -356,7 +370,9 @@ unsafe fn run_task(
             for jq in q0..q1 {
                 let cols = nr.min(n - jq * nr);
                 let (b, ldb) = match &job.b_direct {
-                    Some(d) if cols == nr => (d.data[pc * d.ld + jq * nr..].as_ptr(), d.ld),
+                    Some(d) if cols == nr || d.in_place_tail(kern) => {
+                        (d.data[pc * d.ld + jq * nr..].as_ptr(), d.ld)
+                    }
                     Some(d) => (d.tail[pc * nr..].as_ptr(), nr),
                     None => (job.b[jq * nr * k + pc * nr..].as_ptr(), nr),
                 };
@@ -376,7 +392,9 @@ unsafe fn run_task(
                 // SAFETY: A panel ip holds mr*k floats from ip*mr*k, so kc*mr
                 // remain from pc*mr; likewise a packed B panel. A direct B's
                 // full panel has kc rows of nr floats from row pc, ld apart
-                // (asserted in `gemm_packed`); its tail panel is packed. The tile starting at row i0,
+                // (asserted in `gemm_packed`); its tail panel is packed, or
+                // read in place by a kernel that loads only the live
+                // columns (then B holds all of them, asserted too). The tile starting at row i0,
                 // column j0 with `rows x cols` is inside C and inside this
                 // task's region (caller's contract), and the finish pointers
                 // cover the same rows and columns of their m x n operands.

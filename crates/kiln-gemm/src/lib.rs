@@ -566,9 +566,12 @@ pub(crate) fn sgemm_with(
     // A row-major B is read in place where packing it would cost a
     // noticeable share of the product (see `direct_b_applies`).
     let direct = match b {
-        Rhs::Mat(v) if direct_b_applies(kernel, m, v) => {
-            Some((v, driver::pack_b_tail_now(v, kernel.nr)))
-        }
+        Rhs::Mat(v) if direct_b_applies(kernel, m, v) => Some((
+            v,
+            (!kernel.partial_b_in_place)
+                .then(|| driver::pack_b_tail_now(v, kernel.nr))
+                .flatten(),
+        )),
         _ => None,
     };
     let pb = match b {
@@ -616,9 +619,27 @@ const DIRECT_B_MAX_M: usize = 64;
 pub(crate) fn direct_b_applies(kernel: &Kernel, m: usize, b: MatRef<'_>) -> bool {
     b.col_stride() == 1
         && b.row_stride() >= b.cols()
-        && b.cols() >= kernel.nr
-        && m <= DIRECT_B_MAX_M
+        && direct_b_fits(kernel, m, b.rows(), b.cols())
 }
+
+/// The shape half of [`direct_b_applies`], for a `k x n` B.
+fn direct_b_fits(kernel: &Kernel, m: usize, k: usize, n: usize) -> bool {
+    // A kernel that reads partial panels in place packs nothing at all; a
+    // B that small stays in L2 for every row panel's re-read.
+    let whole_in_place =
+        kernel.partial_b_in_place && k * n * std::mem::size_of::<f32>() <= DIRECT_B_MAX_BYTES;
+    (m <= DIRECT_B_MAX_M && (n >= kernel.nr || kernel.partial_b_in_place)) || whole_in_place
+}
+
+/// Whether `sgemm` on this CPU reads a row-major `k x n` B (rows `n` apart)
+/// in place, packing nothing, for a product with `m` rows.
+pub fn reads_b_in_place(m: usize, k: usize, n: usize) -> bool {
+    direct_b_fits(kernels::selected(), m, k, n)
+}
+
+/// Largest B read in place whatever the rows of C, with no panel packed
+/// (see [`direct_b_applies`]).
+const DIRECT_B_MAX_BYTES: usize = 256 << 10;
 
 /// The plain definition, for tests: `C = alpha * A·B + beta * C` then the
 /// epilogue row by row, one dot product per element accumulated in f64.

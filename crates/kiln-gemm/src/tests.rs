@@ -532,7 +532,8 @@ fn random_shapes_match_reference() {
 }
 
 /// Thin products read a row-major B in place (full panels straight from B,
-/// the partial last one packed): tight and padded rows, column counts with
+/// the partial last one packed, or read in place too by a kernel that
+/// loads only its live columns): tight and padded rows, column counts with
 /// and without a partial panel, depths across several k blocks, 1 and 2
 /// threads, with and without an epilogue.
 #[test]
@@ -559,6 +560,50 @@ fn direct_b_matches_reference() {
                         case += 1;
                         let threads = 1 + case % 2;
                         pool(threads).install(|| {
+                            check_case(
+                                kernel,
+                                (m, k, n),
+                                (Layout::Packed, lb),
+                                1.0,
+                                if case % 3 == 0 { 0.5 } else { 0.0 },
+                                n + 2,
+                                case % 2 == 0,
+                                case as u64,
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A B small enough to stay in L2 is read whole in place, partial panel
+/// included, for any number of rows of C, by a kernel that loads only a
+/// partial tile's live columns (and packed by the others): column counts
+/// below, at and past one panel (MobileNetV2's 7x7 planes: 49), tight rows
+/// (the last ends where the buffer does) and padded ones, 1 and 2 threads.
+#[test]
+fn small_b_read_whole_in_place_matches_reference() {
+    for kernel in available() {
+        let nr = kernel.nr;
+        let mut case = 0;
+        for &m in &[7, 65, 160] {
+            for &n in &[1, 13, 49, nr, nr + 3] {
+                for &k in &[1, 9, 960] {
+                    for lb in [Layout::RowMajor, Layout::Padded] {
+                        let view = Operand {
+                            store: vec![0.0; k * (n + 5)],
+                            rows: k,
+                            cols: n,
+                            layout: lb,
+                        };
+                        let in_place = crate::direct_b_applies(kernel, m, view.view());
+                        if kernel.partial_b_in_place {
+                            assert!(in_place, "{} m={m} n={n} k={k} {lb:?}", kernel.name);
+                        }
+                        case += 1;
+                        pool(1 + case % 2).install(|| {
                             check_case(
                                 kernel,
                                 (m, k, n),

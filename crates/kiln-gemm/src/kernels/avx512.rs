@@ -19,8 +19,9 @@ const PREFETCH_A: usize = 48;
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `a` must point to `kc * MR` readable floats,
-/// `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`, with
-/// `1 <= mr <= MR`, `1 <= nr <= NR`.
+/// `b` to `kc` rows of `nr` readable floats (`NR` when `nr` is `NR`: a
+/// partial tile reads only its live columns), `ldb` apart, and `c` to an
+/// `mr x nr` tile with row stride `ldc`, with `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
@@ -68,6 +69,39 @@ unsafe fn tile<const R: usize, const V: usize>(
     nr: usize,
     fin: Option<&super::TileFinish>,
 ) {
+    // A partial tile loads only B's live columns: B may be a matrix read in
+    // place, whose last row ends at the tile's last column.
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        if nr == 16 * V {
+            tile_body::<R, V, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin)
+        } else {
+            tile_body::<R, V, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_body<const R: usize, const V: usize, const PARTIAL: bool>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    nr: usize,
+    fin: Option<&super::TileFinish>,
+) {
+    let tail = nr - 16 * (V - 1);
+    let mask: __mmask16 = if tail == 16 {
+        0xffff
+    } else {
+        (1u16 << tail) - 1
+    };
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut a, mut b) = (a, b);
     // SAFETY (whole body): `a` has kc*MR floats and `b` kc rows of NR floats,
@@ -109,7 +143,11 @@ unsafe fn tile<const R: usize, const V: usize>(
             let mut bv = [_mm512_setzero_ps(); V];
             for v in 0..V {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B * ldb + 16 * v) as *const i8);
-                bv[v] = _mm512_loadu_ps(b.add(16 * v));
+                bv[v] = if PARTIAL && v + 1 == V {
+                    _mm512_maskz_loadu_ps(mask, b.add(16 * v))
+                } else {
+                    _mm512_loadu_ps(b.add(16 * v))
+                };
             }
             for r in 0..R {
                 let av = _mm512_set1_ps(*a.add(r));
@@ -122,12 +160,6 @@ unsafe fn tile<const R: usize, const V: usize>(
         }
         let va = _mm512_set1_ps(alpha);
         let vb = _mm512_set1_ps(beta);
-        let tail = nr - 16 * (V - 1);
-        let mask: __mmask16 = if tail == 16 {
-            0xffff
-        } else {
-            (1u16 << tail) - 1
-        };
         for r in 0..R {
             let crow = c.add(r * ldc);
             for v in 0..V {

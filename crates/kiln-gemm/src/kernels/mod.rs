@@ -96,6 +96,10 @@ pub(crate) struct Kernel {
     /// Whether `micro` honours `TileFinish::stream` (the others store as
     /// usual, so the driver does not ask them).
     pub streams: bool,
+    /// Whether `micro` reads only the live columns of a partial tile's B
+    /// rows, so a partial panel of a row-major B can be read in place (the
+    /// others load whole vectors and need it packed, zero-padded).
+    pub partial_b_in_place: bool,
     micro: MicroFn,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
     dot: unsafe fn(&[f32], &[f32]) -> f32,
@@ -175,6 +179,7 @@ static PORTABLE: Kernel = Kernel {
     mr: portable::MR,
     nr: portable::NR,
     streams: false,
+    partial_b_in_place: false,
     micro: portable::micro,
     axpy: portable_axpy,
     dot: portable_dot,
@@ -207,6 +212,7 @@ pub(crate) fn avx512() -> Option<&'static Kernel> {
             mr: avx512::MR,
             nr: avx512::NR,
             streams: true,
+            partial_b_in_place: true,
             micro: avx512::micro,
             axpy: avx512::axpy,
             dot: avx512::dot,
@@ -229,6 +235,7 @@ pub(crate) fn avx2() -> Option<&'static Kernel> {
             mr: avx2::MR,
             nr: avx2::NR,
             streams: false,
+            partial_b_in_place: false,
             micro: avx2::micro,
             axpy: avx2::axpy,
             dot: avx2::dot,
