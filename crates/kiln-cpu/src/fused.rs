@@ -542,7 +542,13 @@ mod tests {
 
     #[test]
     fn fast_attention_matches_reference() {
-        let scales = [AttnScale::None, AttnScale::Div(8.0), AttnScale::Mul(0.125)];
+        // Div(8) and Mul run as the GEMM's alpha, Div(3) as a division.
+        let scales = [
+            AttnScale::None,
+            AttnScale::Div(8.0),
+            AttnScale::Mul(0.125),
+            AttnScale::Div(3.0),
+        ];
         for (ci, (qs, ks, vs, ms)) in attention_shapes().into_iter().enumerate() {
             let (q, kt, v) = (t(&qs, 11), t(&ks, 12), t(&vs, 13));
             let add = t(&ms, 14);

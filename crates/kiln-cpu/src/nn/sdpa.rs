@@ -107,6 +107,17 @@ pub(crate) fn attention_f32(
         ));
     };
     let out_strides = logical_strides(&final_shape, out_perm, true);
+    // A scale the Q.Kt product applies as its alpha instead of a pass over
+    // the scores: a multiplier, or a division by a power of two (BERT's
+    // sqrt(64)), exactly a multiplication by its inverse. The same values
+    // while a head's depth fits one k block of the GEMM (512); deeper, alpha
+    // scales each block's partial sum, a rounding apart. Any other division
+    // stays a division, in the pass over the scores.
+    let (alpha, left_scale) = match scale {
+        AttnScale::Mul(c) => (c, AttnScale::None),
+        AttnScale::Div(c) if exact_inverse(c) => (1.0 / c, AttnScale::None),
+        other => (1.0, other),
+    };
     // Every element is written: by the P.V GEMM (beta 0) or the no-keys fill.
     let mut out = crate::buffers::take_f32(batch * s * e);
     if out.is_empty() {
@@ -131,13 +142,11 @@ pub(crate) fn attention_f32(
         let i0 = blk * rows;
         let n = rows.min(s - i0);
         let o0 = batch_offset(lead, &out_strides, b) + i0 * o_row;
-        let prep = |i: usize, row: &mut [f32]| {
-            for x in row.iter_mut() {
-                *x = scale.apply(*x);
-            }
-            if let Some(m) = &mask {
-                m.apply(b, i0 + i, row);
-            }
+        let prep = Prep {
+            scale: left_scale,
+            mask: mask.as_ref(),
+            b,
+            i0,
         };
         let qb = qo.rows(b, i0, n);
         let (kb, vb) = (ko.rows(b, 0, d), vo.rows(b, 0, t));
@@ -147,10 +156,10 @@ pub(crate) fn attention_f32(
             // run [o0, o0 + n * e) (rows contiguous, `direct`), inside `out`
             // (asserted); tasks' runs are disjoint and `out` outlives the loop.
             let o = unsafe { std::slice::from_raw_parts_mut(optr.get().add(o0), n * e) };
-            block(qb, kb, vb, (n, d, t, e), prep, o);
+            block(qb, kb, vb, (n, d, t, e), alpha, &prep, o);
         } else {
             let mut o = vec![0f32; n * e];
-            block(qb, kb, vb, (n, d, t, e), prep, &mut o);
+            block(qb, kb, vb, (n, d, t, e), alpha, &prep, &mut o);
             assert!(n == 0 || o0 + (n - 1) * o_row + e <= out_len);
             for (i, row) in o.chunks_exact(e.max(1)).enumerate() {
                 // SAFETY: row i0 + i of head b lies at o0 + i * o_row, e
@@ -233,14 +242,48 @@ fn batch_offset(lead: &[usize], strides: &[usize], mut b: usize) -> usize {
     off
 }
 
-/// One block of `n` query rows: `out = softmax(prep(Q_blk · Kt)) · V`, where
-/// `prep(i, row)` scales and masks the scores of block row `i` in place.
+/// Whether `1 / c` is exact and `x * (1 / c) == x / c` for every x: `c` a
+/// normal power of two whose inverse is normal too.
+fn exact_inverse(c: f32) -> bool {
+    c.is_normal() && c.to_bits() & 0x007f_ffff == 0 && (1.0 / c).is_normal()
+}
+
+/// What is left to do to a block's scores before the softmax: the scale
+/// the GEMM could not take, and the mask.
+struct Prep<'a> {
+    scale: AttnScale,
+    mask: Option<&'a MaskView<'a>>,
+    /// The head, and the block's first query row.
+    b: usize,
+    i0: usize,
+}
+
+impl Prep<'_> {
+    /// Scales and masks the scores of block row `i` in place (inlined
+    /// into `block`'s loop, which is compiled for the CPU's vector ISA).
+    #[inline(always)]
+    fn apply(&self, i: usize, row: &mut [f32]) {
+        if self.scale != AttnScale::None {
+            for x in row.iter_mut() {
+                *x = self.scale.apply(*x);
+            }
+        }
+        if let Some(m) = self.mask {
+            m.apply(self.b, self.i0 + i, row);
+        }
+    }
+}
+
+/// One block of `n` query rows: `out = softmax(prep(alpha Q_blk · Kt)) · V`,
+/// where `prep` scales and masks the scores of each block row in place.
+#[allow(clippy::too_many_arguments)]
 fn block(
     q: MatRef<'_>,
     kt: MatRef<'_>,
     v: MatRef<'_>,
     (n, _d, t, e): (usize, usize, usize, usize),
-    prep: impl Fn(usize, &mut [f32]),
+    alpha: f32,
+    prep: &Prep<'_>,
     out: &mut [f32],
 ) {
     // A fresh buffer per task: the GEMMs below may run nested parallel work,
@@ -252,12 +295,12 @@ fn block(
     }
     // (With d == 0 the GEMM writes zeros: beta is 0 and the sums are empty.)
     let mut scores = vec![0f32; n * t];
-    sgemm(1.0, Lhs::Mat(q), Rhs::Mat(kt), 0.0, &mut scores, t, None);
+    sgemm(alpha, Lhs::Mat(q), Rhs::Mat(kt), 0.0, &mut scores, t, None);
     let mut tmp = Vec::new();
     for (i, row) in scores.chunks_exact_mut(t).enumerate() {
         crate::fastmath::simd(
             #[inline(always)]
-            || prep(i, row),
+            || prep.apply(i, row),
         );
         softmax_row(row, false, &mut tmp);
     }
@@ -365,6 +408,32 @@ impl<'a> MaskView<'a> {
                     row.fill(fill);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_inverse;
+
+    #[test]
+    fn only_normal_powers_of_two_have_exact_inverses() {
+        for c in [1.0f32, 8.0, 0.125, -4.0, 2f32.powi(100)] {
+            assert!(exact_inverse(c), "{c}");
+            for x in [1.0f32, 3.7, -1e-30, 6.5e37, 1.0e-38] {
+                assert_eq!(x * (1.0 / c), x / c, "{x} / {c}");
+            }
+        }
+        for c in [
+            3.0f32,
+            8.000001,
+            0.0,
+            f32::INFINITY,
+            f32::NAN,
+            2f32.powi(127),
+            1e-39,
+        ] {
+            assert!(!exact_inverse(c), "{c}");
         }
     }
 }
