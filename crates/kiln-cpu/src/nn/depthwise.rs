@@ -363,15 +363,27 @@ fn blocked_conv<const OB: usize, const V: usize>(
     // get `bq` zeros more so those reads stay in bounds.
     let (phases_len, acc_len) = (lay.phases_len + bq, OB * bpad);
     // Every (image, group)'s phase planes first, once (each is read by all
-    // of the group's output-channel blocks), in parallel.
+    // of the group's output-channel blocks), in parallel over channels too:
+    // at batch 1 a stem has one group, whose split alone kept one thread
+    // busy while the other waited. Each channel's planes are built apart,
+    // then the zeros past the last one.
+    let per_channel = lay.phases_len - lay.pitch;
+    let channel_lay = FlatLayout {
+        phases_len: per_channel / cg.max(1),
+        ..lay
+    };
     let mut all_phases = crate::buffers::take_f32(geo.n * geo.group * phases_len);
     all_phases
         .par_chunks_mut(phases_len)
         .enumerate()
         .for_each(|(ng, buf)| {
             let xg = &x[ng * cg * in_n..][..cg * in_n];
-            phases_dispatch(isa, g, &lay, xg, in_n, cg, buf);
-            buf[lay.phases_len..].fill(0.0);
+            let (planes, tail) = buf.split_at_mut(per_channel);
+            planes
+                .par_chunks_mut(channel_lay.phases_len.max(1))
+                .zip(xg.par_chunks(in_n.max(1)))
+                .for_each(|(cbuf, xc)| phases_dispatch(isa, g, &channel_lay, xc, in_n, 1, cbuf));
+            tail.fill(0.0);
         });
     let mut starts = vec![0usize; taps];
     fill_tap_starts(g, &lay, cg, &mut starts);
