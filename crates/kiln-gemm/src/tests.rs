@@ -531,66 +531,21 @@ fn random_shapes_match_reference() {
     }
 }
 
-/// Thin products read a row-major B in place (full panels straight from B,
-/// the partial last one packed, or read in place too by a kernel that
-/// loads only its live columns): tight and padded rows, column counts with
-/// and without a partial panel, depths across several k blocks, 1 and 2
-/// threads, with and without an epilogue.
-#[test]
-fn direct_b_matches_reference() {
+/// Every (m, n, k) of the grid, with B row-major (tight: its last row ends
+/// where the buffer does) and padded, against the reference on 1 and 2
+/// threads, with and without an epilogue; first asserting that B is read
+/// in place where `in_place(kernel, m)` says it must be.
+fn check_b_in_place_grid(
+    ms: &[usize],
+    ns: impl Fn(usize) -> Vec<usize>,
+    ks: &[usize],
+    in_place: impl Fn(&Kernel, usize) -> bool,
+) {
     for kernel in available() {
-        let nr = kernel.nr;
         let mut case = 0;
-        for &m in &[1, 5, 6, 7, 24, 64] {
-            for &n in &[nr, nr + 1, 2 * nr + 13, 3 * nr] {
-                for &k in &[1, 7, 700] {
-                    for lb in [Layout::RowMajor, Layout::Padded] {
-                        let store = vec![0.0; k * (n + 5)];
-                        let view = Operand {
-                            store,
-                            rows: k,
-                            cols: n,
-                            layout: lb,
-                        };
-                        assert!(
-                            m == 1 || crate::direct_b_applies(kernel, m, view.view()),
-                            "{} m={m} n={n} k={k} {lb:?} is not read in place",
-                            kernel.name
-                        );
-                        case += 1;
-                        let threads = 1 + case % 2;
-                        pool(threads).install(|| {
-                            check_case(
-                                kernel,
-                                (m, k, n),
-                                (Layout::Packed, lb),
-                                1.0,
-                                if case % 3 == 0 { 0.5 } else { 0.0 },
-                                n + 2,
-                                case % 2 == 0,
-                                case as u64,
-                            )
-                        });
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A B small enough to stay in L2 is read whole in place, partial panel
-/// included, for any number of rows of C, by a kernel that loads only a
-/// partial tile's live columns (and packed by the others): column counts
-/// below, at and past one panel (MobileNetV2's 7x7 planes: 49), tight rows
-/// (the last ends where the buffer does) and padded ones, 1 and 2 threads.
-#[test]
-fn small_b_read_whole_in_place_matches_reference() {
-    for kernel in available() {
-        let nr = kernel.nr;
-        let mut case = 0;
-        for &m in &[7, 65, 160] {
-            for &n in &[1, 13, 49, nr, nr + 3] {
-                for &k in &[1, 9, 960] {
+        for &m in ms {
+            for n in ns(kernel.nr) {
+                for &k in ks {
                     for lb in [Layout::RowMajor, Layout::Padded] {
                         let view = Operand {
                             store: vec![0.0; k * (n + 5)],
@@ -598,9 +553,12 @@ fn small_b_read_whole_in_place_matches_reference() {
                             cols: n,
                             layout: lb,
                         };
-                        let in_place = crate::direct_b_applies(kernel, m, view.view());
-                        if kernel.partial_b_in_place {
-                            assert!(in_place, "{} m={m} n={n} k={k} {lb:?}", kernel.name);
+                        if in_place(kernel, m) {
+                            assert!(
+                                crate::direct_b_applies(kernel, m, view.view()),
+                                "{} m={m} n={n} k={k} {lb:?} is not read in place",
+                                kernel.name
+                            );
                         }
                         case += 1;
                         pool(1 + case % 2).install(|| {
@@ -620,6 +578,34 @@ fn small_b_read_whole_in_place_matches_reference() {
             }
         }
     }
+}
+
+/// Thin products read a row-major B in place (full panels straight from B,
+/// the partial last one packed, or read in place too by a kernel that
+/// loads only its live columns): column counts with and without a partial
+/// panel, depths across several k blocks.
+#[test]
+fn direct_b_matches_reference() {
+    check_b_in_place_grid(
+        &[1, 5, 6, 7, 24, 64],
+        |nr| vec![nr, nr + 1, 2 * nr + 13, 3 * nr],
+        &[1, 7, 700],
+        |_, m| m > 1,
+    );
+}
+
+/// A B small enough to stay in L2 is read whole in place, partial panel
+/// included, for any number of rows of C, by a kernel that loads only a
+/// partial tile's live columns (and packed by the others): column counts
+/// below, at and past one panel (MobileNetV2's 7x7 planes: 49).
+#[test]
+fn small_b_read_whole_in_place_matches_reference() {
+    check_b_in_place_grid(
+        &[7, 65, 160],
+        |nr| vec![1, 13, 49, nr, nr + 3],
+        &[1, 9, 960],
+        |kernel, _| kernel.partial_b_in_place,
+    );
 }
 
 #[test]
