@@ -904,6 +904,27 @@ struct Source<'a> {
     split: Option<&'a PhaseSplit>,
 }
 
+impl<'a> Source<'a> {
+    /// The geometry, taps and per-tap base offsets the fill reads through:
+    /// the conv's own, or its phase planes'.
+    fn fill_view(
+        &self,
+        geo: &'a ConvGeometry,
+    ) -> (&'a ConvGeometry, &'a [Vec<isize>], &'a [usize]) {
+        match self.split {
+            Some(s) => (&s.geo, &s.taps, &s.bases),
+            None => (geo, self.taps, &[]),
+        }
+    }
+
+    /// A buffer for the phase planes of `channels` channels (none without
+    /// a split); give it back with [`crate::buffers::recycle`].
+    fn planes_buffer(&self, channels: usize) -> Option<Vec<f32>> {
+        self.split
+            .map(|s| crate::buffers::take_f32(channels * s.channel_len()))
+    }
+}
+
 /// The `Channels` orientation: per image and group, `Y_g = W_g x im2col(X_g)`
 /// straight into Y, epilogue fused.
 fn conv_gemm_channels<'w>(
@@ -918,13 +939,8 @@ fn conv_gemm_channels<'w>(
     let out_n = geo.out_n;
     let k = cg * geo.kn;
     // What the fill reads: X itself, or one image and group's phase planes.
-    let (fill_geo, taps, bases) = match src.split {
-        Some(s) => (&s.geo, &s.taps[..], &s.bases[..]),
-        None => (geo, src.taps, &[][..]),
-    };
-    let mut planes = src
-        .split
-        .map(|s| crate::buffers::take_f32(cg * s.channel_len()));
+    let (fill_geo, taps, bases) = src.fill_view(geo);
+    let mut planes = src.planes_buffer(cg);
     let in_n = fill_geo.in_n;
     let win = &fill_geo.win;
     // 1x1, stride 1, no padding: X (or a 1x1 strided conv's one phase
@@ -1018,13 +1034,8 @@ fn conv_gemm_positions(
     let images_per = (IM2COL_PACK_MAX / (k * out_n).max(1)).clamp(1, geo.n.max(1));
     let mut t = crate::buffers::take_f32(images_per * out_n * mg);
     // A strided conv's fill reads a run of images' phase planes instead.
-    let (fill_geo, taps, bases) = match src.split {
-        Some(s) => (&s.geo, &s.taps[..], &s.bases[..]),
-        None => (geo, src.taps, &[][..]),
-    };
-    let mut planes = src
-        .split
-        .map(|s| crate::buffers::take_f32(images_per * cg * s.channel_len()));
+    let (fill_geo, taps, bases) = src.fill_view(geo);
+    let mut planes = src.planes_buffer(images_per * cg);
     let mut n0 = 0;
     while n0 < geo.n {
         let nb = images_per.min(geo.n - n0);
@@ -1156,14 +1167,14 @@ fn linear_stretch(spans: &[Span], stride: usize) -> Option<(usize, usize, usize)
     if stride != 1 || spans.len() < 2 {
         return None;
     }
-    let live = |sp: &&Span| sp.a < sp.b;
     let first = spans.iter().position(|sp| sp.a < sp.b)?;
     let last = spans.iter().rposition(|sp| sp.a < sp.b)?;
     let inner = &spans[first..=last];
     let (s0, t_a) = (inner[0].src0, inner[0].t0 + inner[0].a);
+    // Every run between is live and continues the stretch.
     let linear = inner
         .iter()
-        .all(|sp| live(&sp) && sp.src0 + t_a == s0 + sp.t0 + sp.a);
+        .all(|sp| sp.a < sp.b && sp.src0 + t_a == s0 + sp.t0 + sp.a);
     let end = inner[inner.len() - 1];
     linear.then_some((t_a, end.t0 + end.b, s0))
 }
@@ -1226,6 +1237,7 @@ impl Im2col<'_> {
         for (ti, offs) in self.taps.iter().enumerate() {
             let off = offs[last];
             let (lo, hi) = valid_range(out_last, s_last, off, in_last);
+            let base = self.bases.get(ti).copied().unwrap_or(0);
             spans.clear();
             for &(t0, len, img, orow, ox0) in runs.iter() {
                 // The input row this output row reads through this tap.
@@ -1258,7 +1270,7 @@ impl Im2col<'_> {
                     + ((ox0 + a) * s_last) as isize
                     + off)
                     .max(0) as usize
-                    + self.bases.get(ti).copied().unwrap_or(0);
+                    + base;
                 if gather {
                     let row = &mut table[ti * valid + t0..][..len];
                     for (j, o) in row[a..b].iter_mut().enumerate() {

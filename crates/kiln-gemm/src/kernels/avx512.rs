@@ -37,14 +37,19 @@ pub(crate) unsafe fn micro(
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
     let nv = nr.div_ceil(16);
+    let partial = nr != 16 * nv;
     macro_rules! dispatch {
         ($($r:literal),*) => {
-            match (mr, nv) {
+            match (mr, nv, partial) {
                 $(
-                    ($r, 1) => tile::<$r, 1>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 2) => tile::<$r, 2>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 3) => tile::<$r, 3>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 4) => tile::<$r, 4>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 1, false) => tile::<$r, 1, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 1, true) => tile::<$r, 1, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 2, false) => tile::<$r, 2, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 2, true) => tile::<$r, 2, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 3, false) => tile::<$r, 3, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 3, true) => tile::<$r, 3, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 4, false) => tile::<$r, 4, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 4, true) => tile::<$r, 4, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
                 )*
                 _ => unreachable!("avx512 tile {mr}x{nr}"),
             }
@@ -52,39 +57,16 @@ pub(crate) unsafe fn micro(
     }
     // SAFETY: forwarded from this function's contract (AVX-512F present, pointers
     // valid for the tile); `nv = ceil(nr / 16)` so the instance reads only the
-    // B vectors that hold live columns and masks the last one.
+    // B vectors that hold live columns, and a partial one masks the last.
     unsafe { dispatch!(1, 2, 3, 4, 5, 6) }
 }
 
+/// One tile of `R` rows and `V` B vectors. A `PARTIAL` tile loads only B's
+/// live columns (the last vector masked): B may be a matrix read in place,
+/// whose last row ends at the tile's last column.
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const V: usize>(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    alpha: f32,
-    beta: f32,
-    nr: usize,
-    fin: Option<&super::TileFinish>,
-) {
-    // A partial tile loads only B's live columns: B may be a matrix read in
-    // place, whose last row ends at the tile's last column.
-    // SAFETY: forwarded from this function's contract.
-    unsafe {
-        if nr == 16 * V {
-            tile_body::<R, V, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin)
-        } else {
-            tile_body::<R, V, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin)
-        }
-    }
-}
-
-#[target_feature(enable = "avx512f")]
-#[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_body<const R: usize, const V: usize, const PARTIAL: bool>(
+unsafe fn tile<const R: usize, const V: usize, const PARTIAL: bool>(
     kc: usize,
     a: *const f32,
     b: *const f32,
