@@ -56,7 +56,7 @@ pub fn node_flops(op: &Op, inputs: &[Shape], outputs: &[Shape]) -> Option<u128> 
         }
         Op::Fused(f) => {
             let base = match f {
-                FusedOp::Conv { .. } => conv()?,
+                FusedOp::Conv { .. } | FusedOp::ConvNhwc { .. } => conv()?,
                 FusedOp::MatMul { .. } => matmul()?,
                 FusedOp::Attention { layout, .. } => {
                     // Q·Kt ([..., S, D] x [..., D, T]) and P·V ([..., S, T] x [..., T, E]),

@@ -107,7 +107,7 @@ fn attention_reference(
 fn fast_path_applies(op: &FusedOp, inputs: &[Option<&Tensor>]) -> bool {
     let all_f32 = inputs.iter().flatten().all(|t| t.dtype() == DType::F32);
     let b_ok = match op {
-        FusedOp::Conv { .. } => true,
+        FusedOp::Conv { .. } | FusedOp::ConvNhwc { .. } => true,
         // Takes its own route in `run`.
         FusedOp::Attention { .. } => false,
         FusedOp::MatMul { .. } => inputs
@@ -172,6 +172,12 @@ pub(crate) fn run_fast(
                         *act,
                     )
                 }
+            }
+        }
+        FusedOp::ConvNhwc { conv, act } => {
+            match nn::depthwise_conv_nhwc(conv, get(0, "X")?, get(1, "W")?, opt(2), opt(3), *act)? {
+                Some(y) => Ok(y),
+                None => nhwc_through_nchw(conv, *act, inputs, run),
             }
         }
         FusedOp::MatMul { act } => {
@@ -249,6 +255,60 @@ pub(crate) fn run_fast(
     }
 }
 
+/// `FusedOp::ConvNhwc` as `conv` (a `FusedOp::Conv` run by `run_conv`) on X
+/// and the residual with their channels moved to axis 1, and the result's
+/// moved last: the reference, and the route of convs the channels-last
+/// kernel does not take.
+fn nhwc_through_nchw(
+    conv: &kiln_ir::ConvAttrs,
+    act: FusedAct,
+    inputs: &[Option<&Tensor>],
+    run_conv: fn(&FusedOp, &[Option<&Tensor>]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let x = opt_input(inputs, 0)
+        .ok_or_else(|| invalid!("FusedConvNhwc: missing required input 0 (X)"))?;
+    let r = x.rank();
+    if r < 3 {
+        return Err(invalid!(
+            "FusedConvNhwc: X must have rank 3 or more, got {:?}",
+            x.shape()
+        ));
+    }
+    // [N, spatial..., C] -> [N, C, spatial...] and back.
+    let to_first: Vec<i64> = [0, r - 1]
+        .into_iter()
+        .chain(1..r - 1)
+        .map(|a| a as i64)
+        .collect();
+    let to_last: Vec<i64> = [0]
+        .into_iter()
+        .chain(2..r)
+        .chain([1])
+        .map(|a| a as i64)
+        .collect();
+    let xc = crate::shape_ops::transpose(x, Some(&to_first))?;
+    let res = match opt_input(inputs, 3) {
+        Some(t) if t.rank() == r => Some(crate::shape_ops::transpose(t, Some(&to_first))?),
+        Some(t) => {
+            return Err(invalid!(
+                "FusedConvNhwc: residual must have X's rank {r}, got {:?}",
+                t.shape()
+            ))
+        }
+        None => None,
+    };
+    let mut ins: Vec<Option<&Tensor>> = inputs.to_vec();
+    ins[0] = Some(&xc);
+    if let Some(t) = &res {
+        ins[3] = Some(t);
+    }
+    let op = FusedOp::Conv {
+        conv: conv.clone(),
+        act,
+    };
+    crate::shape_ops::transpose(&run_conv(&op, &ins)?, Some(&to_last))
+}
+
 /// The reference: the plain op, then bias, residual and activation in order.
 pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let get = |i: usize, what: &str| {
@@ -261,6 +321,9 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
     let opt = |i: usize| inputs.get(i).copied().flatten();
     let (mut y, bias_axis) = match op {
         FusedOp::Conv { conv, .. } => (nn::conv(conv, get(0, "X")?, get(1, "W")?, opt(2))?, None),
+        FusedOp::ConvNhwc { conv, act } => {
+            return nhwc_through_nchw(conv, *act, inputs, run_reference)
+        }
         FusedOp::MatMul { .. } => {
             let y = nn::matmul(get(0, "A")?, get(1, "B")?)?;
             let last = y.rank().checked_sub(1);
@@ -430,6 +493,108 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn channels_last_depthwise_matches_reference() {
+        // (N, H, W, C, kernel, strides, pads, dilations): whole 16-channel
+        // blocks and partial ones (24, 7), stride 2 along one axis or both,
+        // asymmetric pads, dilation, a 5x5 kernel, a 1x1 plane, and a plane
+        // tall enough for several row bands.
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+            [usize; 2],
+        );
+        let cases: &[Case] = &[
+            (1, 7, 7, 32, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            (2, 14, 14, 24, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
+            (1, 9, 11, 16, [5, 5], [1, 1], [2, 2, 2, 2], [1, 1]),
+            (1, 12, 10, 48, [3, 3], [1, 1], [2, 2, 2, 2], [2, 2]),
+            (3, 5, 6, 7, [3, 3], [2, 1], [0, 1, 1, 0], [1, 1]),
+            (1, 1, 1, 64, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            (1, 60, 40, 16, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+        ];
+        let acts = [
+            FusedAct::Identity,
+            FusedAct::Relu,
+            FusedAct::Clip { min: 0.0, max: 6.0 },
+            FusedAct::HardSwish,
+        ];
+        for (ci, &(n, h, w, c, k, strides, pads, dil)) in cases.iter().enumerate() {
+            let conv = ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: dil.to_vec(),
+                group: c,
+                kernel_shape: k.to_vec(),
+                pads: pads.to_vec(),
+                strides: strides.to_vec(),
+            };
+            let (x, wt, b) = (t(&[n, h, w, c], 1), t(&[c, 1, k[0], k[1]], 2), t(&[c], 3));
+            for act in acts {
+                let op = FusedOp::ConvNhwc {
+                    conv: conv.clone(),
+                    act,
+                };
+                let out = run_reference(&op, &[Some(&x), Some(&wt)]).unwrap();
+                let res = t(out.shape(), 4);
+                for inputs in [
+                    vec![Some(&x), Some(&wt), Some(&b), Some(&res)],
+                    vec![Some(&x), Some(&wt), Some(&b)],
+                    vec![Some(&x), Some(&wt)],
+                ] {
+                    let what = format!("case {ci} {act:?} with {} inputs", inputs.len());
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_close(&run_fast(&op, &inputs, Packed::None).unwrap(), &want, &what);
+                    // The channels-last kernel itself ran, not the NCHW route.
+                    #[cfg(target_arch = "x86_64")]
+                    if std::is_x86_feature_detected!("avx512f") {
+                        let direct = nn::depthwise_conv_nhwc(
+                            &conv,
+                            &x,
+                            &wt,
+                            inputs.get(2).copied().flatten(),
+                            inputs.get(3).copied().flatten(),
+                            act,
+                        )
+                        .unwrap();
+                        assert!(direct.is_some(), "{what}: the kernel did not take it");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn channels_last_reference_is_the_nchw_conv_transposed() {
+        // A 1x2 plane of 2 channels, X stored channels-last, worked by hand.
+        let conv = ConvAttrs {
+            auto_pad: AutoPad::NotSet,
+            dilations: vec![],
+            group: 2,
+            kernel_shape: vec![3, 3],
+            pads: vec![1, 1, 1, 1],
+            strides: vec![],
+        };
+        let x = Tensor::from_vec(vec![1, 1, 2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let w = Tensor::from_vec(vec![2, 1, 3, 3], (0..18).map(|v| v as f32).collect()).unwrap();
+        let b = Tensor::from_vec(vec![2], vec![0.5f32, -0.5]).unwrap();
+        let op = FusedOp::ConvNhwc {
+            conv,
+            act: FusedAct::Identity,
+        };
+        let y = run_reference(&op, &[Some(&x), Some(&w), Some(&b)]).unwrap();
+        assert_eq!(y.shape(), &[1, 1, 2, 2]);
+        // Channel 0 reads 1, 3 along the row, channel 1 reads 2, 4; only
+        // the kernel's middle row meets the plane. Position 0: 1 * w0[1][1]
+        // + 3 * w0[1][2] = 4 + 15, and 2 * w1[1][1] + 4 * w1[1][2] = 26 +
+        // 56; position 1: 1 * 3 + 3 * 4 and 2 * 12 + 4 * 13; plus the bias.
+        assert_eq!(y.as_slice::<f32>().unwrap(), &[19.5, 81.5, 15.5, 75.5]);
     }
 
     #[test]

@@ -24,7 +24,9 @@ mod winograd;
 pub(crate) use conv::{clamp_of, is_pointwise, prefers_positions};
 pub use conv::{conv, conv_transpose};
 pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvPack, ConvWeights};
-pub(crate) use depthwise::many_channel_applies;
+pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applies};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use depthwise_tiled::transpose16;
 pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};

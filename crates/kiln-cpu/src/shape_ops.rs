@@ -401,10 +401,111 @@ pub fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     let shape = x.shape();
     let in_strides = istrides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    // NCHW <-> NHWC of f32 (the edges of the optimizer's channels-last
+    // regions): a batch of matrix transposes, in tiles.
+    if let (Some(v), 4) = (x.as_slice::<f32>(), rank) {
+        let n = shape[0];
+        if perm == [0, 2, 3, 1] {
+            let hw = shape[2] * shape[3];
+            return tensor(
+                out_shape,
+                TensorData::F32(batched_transpose(v, n, shape[1], hw)),
+            );
+        }
+        if perm == [0, 3, 1, 2] {
+            let hw = shape[1] * shape[2];
+            return tensor(
+                out_shape,
+                TensorData::F32(batched_transpose(v, n, hw, shape[3])),
+            );
+        }
+    }
     let out_strides: Vec<isize> = perm.iter().map(|&p| in_strides[p]).collect();
     // permute_copy measured slower than strided_copy here; not wired.
     let data = map_data!(x.data(), v => strided_copy(v, 0, &out_shape, &out_strides));
     tensor(out_shape, data)
+}
+
+/// `batch` row-major `rows x cols` matrices, each transposed. Tasks of 16
+/// output rows; each copies 16 x 16 tiles, so both sides stay in cache lines.
+fn batched_transpose(src: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const T: usize = 16;
+    let mut out = crate::buffers::take_f32(batch * rows * cols);
+    if out.is_empty() {
+        return out;
+    }
+    let mat = rows * cols;
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::is_x86_feature_detected!("avx512f");
+    // Output row block (b, c0) is out[b][c0..c0 + 16][..]: contiguous.
+    let blocks_per = cols.div_ceil(T);
+    let task = |bi: usize, dst: &mut [f32]| {
+        let (b, c0) = (bi / blocks_per, (bi % blocks_per) * T);
+        let s = &src[b * mat..(b + 1) * mat];
+        let nc = T.min(cols - c0);
+        for r0 in (0..rows).step_by(T) {
+            let nr = T.min(rows - r0);
+            #[cfg(target_arch = "x86_64")]
+            if nr == T && nc == T && avx512 {
+                // SAFETY: AVX-512F was detected; the tile's 16 source rows
+                // of 16 floats from (r0, c0) lie inside matrix b (r0 + 16
+                // <= rows, c0 + 16 <= cols), and its 16 destination rows
+                // of 16 floats from column r0 inside `dst` (16 rows of
+                // `rows` floats).
+                unsafe {
+                    transpose_tile16(
+                        s[r0 * cols + c0..].as_ptr(),
+                        cols,
+                        dst[r0..].as_mut_ptr(),
+                        rows,
+                    )
+                };
+                continue;
+            }
+            for c in 0..nc {
+                let d = &mut dst[c * rows + r0..c * rows + r0 + nr];
+                for (r, o) in d.iter_mut().enumerate() {
+                    *o = s[(r0 + r) * cols + c0 + c];
+                }
+            }
+        }
+    };
+    // Split the output at matrix boundaries and every 16 rows within.
+    let chunks: Vec<(usize, &mut [f32])> = out
+        .chunks_mut(mat)
+        .enumerate()
+        .flat_map(|(b, m)| {
+            m.chunks_mut(T * rows)
+                .enumerate()
+                .map(move |(k, d)| (b * blocks_per + k, d))
+        })
+        .collect();
+    if mat * batch >= 1 << 15 {
+        chunks.into_par_iter().for_each(|(bi, d)| task(bi, d));
+    } else {
+        chunks.into_iter().for_each(|(bi, d)| task(bi, d));
+    }
+    out
+}
+
+/// One 16 x 16 tile: `d[c * ld_d + r] = s[r * ld_s + c]`, in registers.
+///
+/// # Safety
+/// AVX-512F; `s` has 16 rows of 16 readable floats `ld_s` apart, `d` 16
+/// rows of 16 writable ones `ld_d` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_tile16(s: *const f32, ld_s: usize, d: *mut f32, ld_d: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut v: [__m512; 16] = std::array::from_fn(|r| _mm512_loadu_ps(s.add(r * ld_s)));
+        crate::nn::transpose16(&mut v);
+        for (c, vc) in v.iter().enumerate() {
+            _mm512_storeu_ps(d.add(c * ld_d), *vc);
+        }
+    }
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
@@ -1504,6 +1605,36 @@ mod tests {
                     ii[a] = oi[j];
                 }
                 assert_eq!(val, flat(&shape, &ii) as f32, "perm {perm:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn nchw_nhwc_transposes_match_naive() {
+        // The batched-matrix path of f32 NCHW <-> NHWC: whole 16 x 16 tiles
+        // (in registers on AVX-512), partial ones on either side, both, and
+        // several images.
+        for shape in [
+            [1usize, 32, 4, 8],
+            [2, 37, 5, 7],
+            [3, 20, 6, 6],
+            [1, 1280, 7, 7],
+            [1, 16, 1, 1],
+        ] {
+            let x = iota(&shape);
+            for perm in [[0usize, 2, 3, 1], [0, 3, 1, 2]] {
+                let p: Vec<i64> = perm.iter().map(|&a| a as i64).collect();
+                let y = transpose(&x, Some(&p)).unwrap();
+                let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+                assert_eq!(y.shape(), &out_shape[..]);
+                for (o, &val) in f(&y).iter().enumerate() {
+                    let oi = unflat(&out_shape, o);
+                    let mut ii = [0; 4];
+                    for (j, &a) in perm.iter().enumerate() {
+                        ii[a] = oi[j];
+                    }
+                    assert_eq!(val, flat(&shape, &ii) as f32, "{shape:?} perm {perm:?}");
+                }
             }
         }
     }

@@ -1253,6 +1253,7 @@ impl Ctx<'_> {
             Op::Text(o) => self.family(n, |t, c, k| o.infer(t, c, k))?,
             Op::Fused(f) => match f {
                 crate::FusedOp::Conv { conv, .. } => self.conv(n, conv)?,
+                crate::FusedOp::ConvNhwc { conv, .. } => self.conv_nhwc(n, conv)?,
                 crate::FusedOp::MatMul { .. } => self.matmul(n)?,
                 crate::FusedOp::Attention { layout, .. } => self.attention(n, layout)?,
             },
@@ -1550,11 +1551,46 @@ impl Ctx<'_> {
     }
 
     fn conv(&self, n: &Node, a: &ConvAttrs) -> Result<NodeOut, IrError> {
+        let (xs, ws) = (self.sh(n, 0), self.sh(n, 1));
+        self.conv_of(n, a, xs, ws)
+    }
+
+    /// `FusedOp::ConvNhwc`: Conv's rule on X with its channels moved to
+    /// axis 1, and the result's moved last.
+    fn conv_nhwc(&self, n: &Node, a: &ConvAttrs) -> Result<NodeOut, IrError> {
+        let xs = self.sh(n, 0).map(|x| {
+            let mut s = x.to_vec();
+            if s.len() >= 3 {
+                let c = s.remove(s.len() - 1);
+                s.insert(1, c);
+            }
+            s
+        });
+        let mut out = self.conv_of(n, a, xs.as_deref(), self.sh(n, 1))?;
+        for s in out
+            .types
+            .iter_mut()
+            .flatten()
+            .filter_map(|t| t.shape.as_mut())
+        {
+            if s.len() >= 3 {
+                let m = s.remove(1);
+                s.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    fn conv_of(
+        &self,
+        n: &Node,
+        a: &ConvAttrs,
+        xs: Option<&[Dim]>,
+        ws: Option<&[Dim]>,
+    ) -> Result<NodeOut, IrError> {
         self.check_same(n, 0, 1)?;
         self.check_same(n, 0, 2)?;
         let dt = self.dt(n, 0).or(self.dt(n, 1));
-        let xs = self.sh(n, 0);
-        let ws = self.sh(n, 1);
         let Some(rank) = xs.map(|s| s.len()).or(ws.map(|s| s.len())) else {
             return Ok(NodeOut::one(typed(dt, None), None));
         };

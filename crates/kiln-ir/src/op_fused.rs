@@ -131,6 +131,12 @@ pub enum FusedOp {
     /// Conv, then the per-channel bias, then the residual, then `act`.
     /// Inputs: X, W, B?, residual? (residual has exactly the output's shape).
     Conv { conv: ConvAttrs, act: FusedAct },
+    /// [`FusedOp::Conv`] on channels-last tensors: X `[N, H, W, C]`, the
+    /// residual and the output `[N, OH, OW, M]`; W and B as for Conv. Made
+    /// by the optimizer (`passes/channels_last.rs`) for 2-D pointwise and
+    /// depthwise convs inside a region it converts, with Transposes at the
+    /// region's edges.
+    ConvNhwc { conv: ConvAttrs, act: FusedAct },
     /// MatMul (numpy semantics), then the bias along the last axis, then the
     /// residual, then `act`. Inputs: A, B, bias? (1-D, the output's last dim),
     /// residual? (exactly the output's shape).
@@ -221,6 +227,7 @@ impl FusedOp {
     pub fn name(&self) -> &'static str {
         match self {
             FusedOp::Conv { .. } => "FusedConv",
+            FusedOp::ConvNhwc { .. } => "FusedConvNhwc",
             FusedOp::MatMul { .. } => "FusedMatMul",
             FusedOp::Attention { .. } => "FusedAttention",
         }
@@ -228,7 +235,9 @@ impl FusedOp {
 
     pub fn act(&self) -> FusedAct {
         match self {
-            FusedOp::Conv { act, .. } | FusedOp::MatMul { act } => *act,
+            FusedOp::Conv { act, .. } | FusedOp::ConvNhwc { act, .. } | FusedOp::MatMul { act } => {
+                *act
+            }
             FusedOp::Attention { .. } => FusedAct::Identity,
         }
     }

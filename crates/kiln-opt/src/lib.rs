@@ -171,6 +171,13 @@ pub fn optimize(graph: &mut Graph, opts: &OptOptions) -> Result<OptReport, OptEr
             &mut report,
         );
         run_pass(graph, &ctx, "fusion", passes::fusion::run, &mut report);
+        run_pass(
+            graph,
+            &ctx,
+            "channels-last",
+            passes::channels_last::run,
+            &mut report,
+        );
         run_pass(graph, &ctx, "dce", passes::dce::run, &mut report);
     }
     drop_stale_types(graph);

@@ -19,6 +19,8 @@
 //! The reference is `conv_reference` (im2col + GEMM) in `conv.rs`.
 
 use super::conv::{valid_range, ConvGeometry, Epi};
+use crate::{invalid, Result};
+use kiln_ir::{ConvAttrs, FusedAct, Tensor};
 use rayon::prelude::*;
 
 /// One output plane's 2-D geometry (height 1 for 1-D convs).
@@ -185,7 +187,7 @@ fn dw_kernel(
 }
 
 /// A conv's 2-D plane geometry (1-D convs as height 1).
-fn plane2d(geo: &ConvGeometry) -> Plane2d {
+pub(super) fn plane2d(geo: &ConvGeometry) -> Plane2d {
     let win = &geo.win;
     if geo.in_sp.len() == 2 {
         Plane2d {
@@ -1247,6 +1249,97 @@ fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
 }
 
 /// Test hook: the kernel this CPU runs a depthwise conv of this geometry on.
+/// `FusedOp::ConvNhwc` for a 2-D depthwise conv (one input and one output
+/// channel per group) on channels-last f32 tensors: X `[N, H, W, C]`, the
+/// residual and the result `[N, OH, OW, C]`, with bias, residual and `act`.
+/// `Ok(None)` when the kernel does not take the conv (another shape of
+/// conv, or no AVX-512): the caller then runs it through the NCHW path.
+pub(crate) fn conv_nhwc(
+    a: &ConvAttrs,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    res: Option<&Tensor>,
+    act: FusedAct,
+) -> Result<Option<Tensor>> {
+    let (Some(xv), Some(wv)) = (x.as_slice::<f32>(), w.as_slice::<f32>()) else {
+        return Ok(None);
+    };
+    let &[n, h, wd, c] = x.shape() else {
+        return Ok(None);
+    };
+    let geo = super::conv::conv_geometry(a, &[n, c, h, wd], w.shape())?;
+    if geo.in_sp.len() != 2 || geo.cg != 1 || geo.mg != 1 || geo.group != c {
+        return Ok(None);
+    }
+    let g = plane2d(&geo);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !super::depthwise_tiled::nhwc_applies(&g) {
+            return Ok(None);
+        }
+        let out_shape = vec![n, g.oh, g.ow, c];
+        let b = match bias {
+            Some(t) => Some(
+                t.as_slice::<f32>()
+                    .filter(|b| b.len() == c)
+                    .ok_or_else(|| {
+                        invalid!(
+                            "FusedConvNhwc: bias must be f32 [{c}], got {} {:?}",
+                            t.dtype(),
+                            t.shape()
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let r = match res {
+            Some(t) => Some(
+                t.as_slice::<f32>()
+                    .filter(|_| t.shape() == out_shape.as_slice())
+                    .ok_or_else(|| {
+                        invalid!(
+                            "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
+                            t.dtype(),
+                            t.shape()
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        // Relu/Clip in the kernel's registers, unless a residual comes first.
+        let clamp = super::conv::clamp_of(act).filter(|_| r.is_none());
+        let mut y = crate::buffers::take_f32(n * g.oh * g.ow * c);
+        super::depthwise_tiled::conv_nhwc(
+            &g,
+            n,
+            c,
+            xv,
+            wv,
+            b,
+            clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
+            &mut y,
+        );
+        if let Some(r) = r {
+            for (v, &rv) in y.iter_mut().zip(r) {
+                *v += rv;
+            }
+        }
+        if clamp.is_none() {
+            crate::fastmath::fused_act(act, &mut y);
+        }
+        Ok(Some(crate::util::tensor(
+            out_shape,
+            kiln_ir::TensorData::F32(y),
+        )?))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (g, xv, wv, bias, res, act);
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 fn dw_kernel_of(geo: &ConvGeometry) -> DwKernel {
     let bytes = geo.n * geo.c * geo.in_n * std::mem::size_of::<f32>();

@@ -131,6 +131,200 @@ pub(super) fn conv(
         });
 }
 
+/// Whether [`conv_nhwc`] takes this geometry: AVX-512, a non-empty output
+/// and at least one tile row in the budget.
+pub(super) fn nhwc_applies(g: &Plane2d) -> bool {
+    g.oh > 0 && g.ow > 0 && band_rows(g) > 0 && std::is_x86_feature_detected!("avx512f")
+}
+
+/// Depthwise conv on channels-last tensors: `x` is `[n, ih, iw, c]`, `y`
+/// `[n, oh, ow, c]`, `w` `[c, kh * kw]`; the bias per channel and a
+/// `(lo, hi)` clamp in registers (a residual or any other activation is the
+/// caller's, after). One task per image, band of output rows and block of
+/// 16 channels: the block's input rows of the band are copied into the
+/// zero-padded tile (16 neighbouring channels are already one vector, so
+/// nothing is transposed, unlike [`conv`]), and its outputs are stored
+/// straight into `y`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_nhwc(
+    g: &Plane2d,
+    n: usize,
+    c: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    clamp: (f32, f32),
+    y: &mut [f32],
+) {
+    let taps = g.kh * g.kw;
+    assert!(
+        nhwc_applies(g),
+        "channels-last depthwise does not take {g:?}"
+    );
+    let (in_img, out_img) = (g.ih * g.iw * c, g.oh * g.ow * c);
+    assert!(
+        x.len() == n * in_img
+            && y.len() == n * out_img
+            && w.len() == c * taps
+            && bias.is_none_or(|b| b.len() == c),
+        "channels-last depthwise buffers do not match {n} images of {c} channels of {g:?}"
+    );
+    let ob = band_rows(g);
+    let (bands, blocks) = (g.oh.div_ceil(ob), c.div_ceil(LANES));
+    let out = super::SharedOut(y.as_mut_ptr());
+    (0..n * bands * blocks).into_par_iter().for_each(|t| {
+        let (ni, rest) = (t / (bands * blocks), t % (bands * blocks));
+        let (oy0, c0) = ((rest / blocks) * ob, (rest % blocks) * LANES);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let xs = &x[ni * in_img..(ni + 1) * in_img];
+            // SAFETY: `nhwc_applies` (asserted) checked AVX-512F. Task t
+            // writes only channels c0..c0 + 16 (fewer at the end) of output
+            // rows oy0..oy0 + ob of image ni, inside `y` (its length was
+            // asserted); tasks' pieces are disjoint and `y` outlives the loop.
+            unsafe {
+                block_nhwc(
+                    g,
+                    c,
+                    xs,
+                    w,
+                    bias,
+                    clamp,
+                    (c0, oy0),
+                    out.get().add(ni * out_img),
+                    &mut s,
+                )
+            }
+        })
+    });
+}
+
+/// One band of one 16-channel block of [`conv_nhwc`]: output rows `oy0..`
+/// (up to [`band_rows`]) of channels `c0..` of the image whose input is `xs`
+/// and output starts at `y`.
+///
+/// # Safety
+/// AVX-512F; `y` points to the image's `oh * ow * c` output floats, and no
+/// one else accesses this block's part of them during the call.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_nhwc(
+    g: &Plane2d,
+    c: usize,
+    xs: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (lo, hi): (f32, f32),
+    (c0, oy0): (usize, usize),
+    y: *mut f32,
+    scratch: &mut Vec<f32>,
+) {
+    use std::arch::x86_64::*;
+    let nch = LANES.min(c - c0);
+    let full = nch == LANES;
+    let lanes: __mmask16 = if full { !0 } else { (1u16 << nch) - 1 };
+    let taps = g.kh * g.kw;
+    let cols = tile_cols(g);
+    let rows_out = band_rows(g).min(g.oh - oy0);
+    let rows_in = tile_rows(g, rows_out);
+    let tile_len = rows_in * cols * LANES;
+    // A partial block's outputs go through a band buffer, then masked stores.
+    let out_len = if full { 0 } else { rows_out * g.ow * LANES };
+    let need = (taps + 1) * LANES + tile_len + out_len + LANES;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let skew = scratch.as_ptr().align_offset(64).min(LANES);
+    let (wv, rest) = scratch[skew..].split_at_mut(taps * LANES);
+    let (bv, rest) = rest.split_at_mut(LANES);
+    let (tile, rest) = rest.split_at_mut(tile_len);
+    let otile = &mut rest[..out_len];
+    for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
+        for (l, e) in v.iter_mut().enumerate() {
+            *e = if l < nch { w[(c0 + l) * taps + t] } else { 0.0 };
+        }
+    }
+    for (l, e) in bv.iter_mut().enumerate() {
+        *e = match bias {
+            Some(b) if l < nch => b[c0 + l],
+            _ => 0.0,
+        };
+    }
+    // The padded tile: tile column j holds input column j - pw.
+    let ncopy = g.iw.min(cols.saturating_sub(g.pw));
+    let lead = g.pw.min(cols);
+    assert!(xs.len() >= g.ih * g.iw * c && c0 + nch <= c);
+    // SAFETY (whole body): every input read is channel c0 + l < c (masked
+    // past nch) of a position inside the image (asserted above); tile and
+    // band buffer writes stay inside their slices; output stores are the
+    // caller's (this function's contract).
+    unsafe {
+        let zero = _mm512_setzero_ps();
+        for r in 0..rows_in {
+            let trow = tile.as_mut_ptr().add(r * cols * LANES);
+            let iy = (oy0 * g.sh + r) as isize - g.ph as isize;
+            if iy < 0 || iy >= g.ih as isize {
+                for col in 0..cols {
+                    _mm512_store_ps(trow.add(col * LANES), zero);
+                }
+                continue;
+            }
+            for col in (0..lead).chain(lead + ncopy..cols) {
+                _mm512_store_ps(trow.add(col * LANES), zero);
+            }
+            let src = xs.as_ptr().add(iy as usize * g.iw * c + c0);
+            for ix in 0..ncopy {
+                // (Unmasked when the block is whole: masked loads from
+                // memory run much slower on some cores.)
+                let v = if full {
+                    _mm512_loadu_ps(src.add(ix * c))
+                } else {
+                    _mm512_maskz_loadu_ps(lanes, src.add(ix * c))
+                };
+                _mm512_store_ps(trow.add((lead + ix) * LANES), v);
+            }
+        }
+        let taps = Taps {
+            w: wv.as_ptr(),
+            kh: g.kh,
+            kw: g.kw,
+            krow: g.dh * cols * LANES,
+            kcol: g.dw * LANES,
+            step: g.sw * LANES,
+        };
+        let bounds = (
+            _mm512_loadu_ps(bv.as_ptr()),
+            _mm512_set1_ps(lo),
+            _mm512_set1_ps(hi),
+        );
+        let dst = if full {
+            Dst {
+                p: y.add(oy0 * g.ow * c + c0),
+                row: g.ow * c,
+                step: c,
+            }
+        } else {
+            Dst {
+                p: otile.as_mut_ptr(),
+                row: g.ow * LANES,
+                step: LANES,
+            }
+        };
+        let row_step = g.sh * cols * LANES;
+        if g.kh == 3 && g.kw == 3 {
+            band::<true>(&taps, tile.as_ptr(), row_step, dst, g.ow, rows_out, bounds);
+        } else {
+            band::<false>(&taps, tile.as_ptr(), row_step, dst, g.ow, rows_out, bounds);
+        }
+        if !full {
+            for p in 0..rows_out * g.ow {
+                let v = _mm512_load_ps(otile.as_ptr().add(p * LANES));
+                _mm512_mask_storeu_ps(y.add((oy0 * g.ow + p) * c + c0), lanes, v);
+            }
+        }
+    }
+}
+
 thread_local! {
     /// Per-thread tile, output band and weight vectors, kept between calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -212,7 +406,12 @@ unsafe fn block_avx512(
         let bounds = (bias, vlo, vhi);
         // The whole band in one call; 3x3 kernels with their weights in
         // registers.
-        let (dst, row_step) = (otile.as_mut_ptr(), g.sh * cols * LANES);
+        let row_step = g.sh * cols * LANES;
+        let dst = Dst {
+            p: otile.as_mut_ptr(),
+            row: g.ow * LANES,
+            step: LANES,
+        };
         if g.kh == 3 && g.kw == 3 {
             band::<true>(&taps, tp, row_step, dst, g.ow, rows_out, bounds);
         } else {
@@ -241,8 +440,17 @@ struct Taps {
     step: usize,
 }
 
+/// Where a band's output vectors go: position `ox` of band row `r` at
+/// `p + r * row + ox * step` (floats; unaligned stores).
+#[derive(Clone, Copy)]
+struct Dst {
+    p: *mut f32,
+    row: usize,
+    step: usize,
+}
+
 /// The `rows` output rows of a band: output row r reads the tile from
-/// `src + r * row_step` and writes `ow` vectors at `dst + r * ow * 16`.
+/// `src + r * row_step` and writes `ow` vectors to `dst`'s row r.
 /// POS_BLOCK positions at a time, then blocks of 4, 2 and 1 for the rest (a
 /// 7-wide row, MobileNetV2's last layers, took one position at a time: a
 /// single chain of dependent multiply-adds). With `K3` (a 3x3 kernel) the
@@ -258,7 +466,7 @@ unsafe fn band<const K3: bool>(
     taps: &Taps,
     src: *const f32,
     row_step: usize,
-    dst: *mut f32,
+    dst: Dst,
     ow: usize,
     rows: usize,
     bounds: (
@@ -278,42 +486,43 @@ unsafe fn band<const K3: bool>(
             [_mm512_setzero_ps(); 9]
         };
         for r in 0..rows {
-            let (src, dst) = (src.add(r * row_step), dst.add(r * ow * LANES));
-            let at = |ox: usize| (src.add(ox * taps.step), dst.add(ox * LANES));
+            let (src, out) = (src.add(r * row_step), dst.p.add(r * dst.row));
+            let at = |ox: usize| (src.add(ox * taps.step), out.add(ox * dst.step));
             let mut ox = 0;
             while ox + POS_BLOCK <= ow {
                 let (s, d) = at(ox);
-                positions::<POS_BLOCK, K3>(&w, taps, s, d, bounds);
+                positions::<POS_BLOCK, K3>(&w, taps, s, d, dst.step, bounds);
                 ox += POS_BLOCK;
             }
             if ox + 4 <= ow {
                 let (s, d) = at(ox);
-                positions::<4, K3>(&w, taps, s, d, bounds);
+                positions::<4, K3>(&w, taps, s, d, dst.step, bounds);
                 ox += 4;
             }
             if ox + 2 <= ow {
                 let (s, d) = at(ox);
-                positions::<2, K3>(&w, taps, s, d, bounds);
+                positions::<2, K3>(&w, taps, s, d, dst.step, bounds);
                 ox += 2;
             }
             if ox < ow {
                 let (s, d) = at(ox);
-                positions::<1, K3>(&w, taps, s, d, bounds);
+                positions::<1, K3>(&w, taps, s, d, dst.step, bounds);
             }
         }
     }
 }
 
 /// `N` neighbouring output positions from the tile at `src` (the first
-/// position's first tap) into `dst` (`N` vectors): bias plus every tap,
+/// position's first tap) into `dst` (`N` vectors, `dst_step` floats apart): bias plus every tap,
 /// clamped to `(lo, hi)`, each position its own accumulator. With `K3` the
 /// kernel is 3x3 and its weight vectors are `w`; otherwise they are read
 /// from `taps.w` (and `w` is unused).
 ///
 /// # Safety
 /// AVX-512F; `taps.w` holds `kh * kw` aligned vectors; every tile read
-/// `src + ky * krow + kx * kcol + j * step` (j < N) and `dst[..N * 16]` lie
-/// inside the caller's aligned tile and output band.
+/// `src + ky * krow + kx * kcol + j * step` (j < N) lie inside the
+/// caller's aligned tile, and the 16 floats at `dst + j * dst_step` inside
+/// its output.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn positions<const N: usize, const K3: bool>(
@@ -321,6 +530,7 @@ unsafe fn positions<const N: usize, const K3: bool>(
     taps: &Taps,
     src: *const f32,
     dst: *mut f32,
+    dst_step: usize,
     (bias, lo, hi): (
         std::arch::x86_64::__m512,
         std::arch::x86_64::__m512,
@@ -347,7 +557,7 @@ unsafe fn positions<const N: usize, const K3: bool>(
             }
         }
         for (j, a) in acc.iter().enumerate() {
-            _mm512_store_ps(dst.add(j * LANES), clamp_nan(*a, lo, hi));
+            _mm512_storeu_ps(dst.add(j * dst_step), clamp_nan(*a, lo, hi));
         }
     }
 }
@@ -462,7 +672,7 @@ unsafe fn unpack_band(
 /// old `v[i]` lane `j`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
+pub(crate) unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
     use std::arch::x86_64::*;
     // Interleave row pairs: t[2i] = (a0 b0 a1 b1 | a4 b4 a5 b5 | ...),
     // t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.

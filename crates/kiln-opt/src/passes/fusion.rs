@@ -239,7 +239,9 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
         return None;
     }
     match &mut op {
-        FusedOp::Conv { act: a, .. } | FusedOp::MatMul { act: a } => *a = act,
+        FusedOp::Conv { act: a, .. }
+        | FusedOp::ConvNhwc { act: a, .. }
+        | FusedOp::MatMul { act: a } => *a = act,
         FusedOp::Attention { .. } => return None,
     }
     let bias = match bias {

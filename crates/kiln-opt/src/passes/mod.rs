@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bn_fold;
+pub mod channels_last;
 pub mod const_fold;
 pub mod cse;
 pub mod dce;

@@ -1,0 +1,423 @@
+//! Channels-last regions: chains of depthwise and pointwise convs (a
+//! MobileNet's body) run on `[N, H, W, C]` tensors.
+//!
+//! On NCHW tensors a depthwise conv over small planes (7x7 to 28x28) spends
+//! most of its time transposing 16 channels into vector lanes and back, and
+//! a pointwise conv over a 7x7 plane wastes a quarter of each 64-wide GEMM
+//! tile on its 49 columns. Channels-last, 16 neighbouring channels are one
+//! vector as stored, and a pointwise conv is a plain product whose rows are
+//! every image's positions: `[N*H*W, C] x [C, M]`.
+//!
+//! A region is a connected set of 2-D convs (plain or `FusedOp::Conv`) that
+//! are depthwise (one input and one output channel per group) or pointwise
+//! (1x1, stride 1, no padding, one group), linked through their X or
+//! residual inputs. A region is converted only when it holds at least two
+//! depthwise convs and no more Transposes at its edges than depthwise convs
+//! inside: then each value entering it is transposed to channels-last once,
+//! each leaving it back once, depthwise convs become `FusedOp::ConvNhwc` and
+//! pointwise ones `FusedOp::MatMul` over a transposed copy of W (`[C, M]`),
+//! and every value keeps its name and contents outside the region.
+
+use crate::util::{add_constant, constant, f32_tensor, fresh_name, shape_of, Index};
+use crate::PassCtx;
+use kiln_ir::{AutoPad, ConvAttrs, DType, Dim, FusedAct, FusedOp, Graph, Node, Op, ValueType};
+use std::collections::{BTreeSet, HashMap};
+
+/// The largest input or output plane (H x W) of a conv in a region.
+const MAX_PLANE: usize = 14 * 14;
+
+/// What a candidate conv becomes.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Depthwise,
+    Pointwise,
+}
+
+pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
+    let Some(ix) = Index::new(g) else {
+        return 0;
+    };
+    let kinds: HashMap<usize, Kind> = (0..g.nodes.len())
+        .filter_map(|i| candidate(g, &ix, i).map(|k| (i, k)))
+        .collect();
+    if kinds.is_empty() {
+        return 0;
+    }
+    // Regions: candidates linked through a value one produces and another
+    // reads as X or residual.
+    let mut parent: HashMap<usize, usize> = kinds.keys().map(|&i| (i, i)).collect();
+    fn root(p: &mut HashMap<usize, usize>, mut i: usize) -> usize {
+        while p[&i] != i {
+            let up = p[&p[&i]];
+            p.insert(i, up);
+            i = up;
+        }
+        i
+    }
+    for &i in kinds.keys() {
+        for v in linked_inputs(&g.nodes[i]) {
+            if let Some(j) = ix.producer_of(v).filter(|j| kinds.contains_key(j)) {
+                let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                parent.insert(a, b);
+            }
+        }
+    }
+    let mut regions: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut members: Vec<usize> = kinds.keys().copied().collect();
+    members.sort_unstable();
+    for i in members {
+        let r = root(&mut parent, i);
+        regions.entry(r).or_default().push(i);
+    }
+    let mut roots: Vec<usize> = regions.keys().copied().collect();
+    roots.sort_unstable();
+    let mut converted = 0;
+    for r in roots {
+        let nodes = &regions[&r];
+        let edges = edges(g, &ix, nodes);
+        let depthwise = nodes.iter().filter(|i| kinds[i] == Kind::Depthwise).count();
+        if depthwise < 2 || edges.entering.len() + edges.leaving.len() > depthwise {
+            continue;
+        }
+        convert(g, nodes, &kinds, &edges);
+        converted += nodes.len();
+    }
+    converted
+}
+
+/// A Conv's attributes and fused activation (Identity for a plain Conv).
+fn conv_of(op: &Op) -> Option<(&ConvAttrs, FusedAct)> {
+    match op {
+        Op::Conv(conv) => Some((conv, FusedAct::Identity)),
+        Op::Fused(FusedOp::Conv { conv, act }) => Some((conv, *act)),
+        _ => None,
+    }
+}
+
+/// The inputs through which a candidate joins a region: X and the residual.
+fn linked_inputs(n: &Node) -> impl Iterator<Item = &str> {
+    [n.input(0), n.input(3)].into_iter().flatten()
+}
+
+/// Whether node `i` can run channels-last, and as what: a fused f32 2-D
+/// conv with a constant W, X of known rank 4 and channel count, and an
+/// output of known rank 4.
+fn candidate(g: &Graph, ix: &Index, i: usize) -> Option<Kind> {
+    let n = &g.nodes[i];
+    let (conv, _) = conv_of(&n.op)?;
+    let out = n.outputs.first()?.as_deref()?;
+    if n.outputs.len() != 1 {
+        return None;
+    }
+    let xs = shape(g, n.input(0)?)?;
+    let ys = shape(g, out)?;
+    if xs.len() != 4 || ys.len() != 4 || g.value_type(out)?.dtype != DType::F32 {
+        return None;
+    }
+    let c = xs[1].known()?;
+    // Big planes stay NCHW: there the NCHW kernels stream whole rows
+    // (MobileNetV2's 112x112 and 56x56 layers ran 1.2-2x slower
+    // channels-last), and the Transpose into the region is smaller later.
+    let plane = |s: &[Dim]| Some(s[2].known()? * s[3].known()?);
+    if plane(&xs)? > MAX_PLANE || plane(&ys)? > MAX_PLANE {
+        return None;
+    }
+    let w = constant(g, ix, n.input(1)?)?;
+    if w.dtype() != DType::F32 || w.rank() != 4 || c == 0 {
+        return None;
+    }
+    let ws = w.shape();
+    if let Some(res) = n.input(3) {
+        if shape(g, res)? != ys {
+            return None;
+        }
+    }
+    if conv.group == c && ws[0] == c && ws[1] == 1 {
+        return Some(Kind::Depthwise);
+    }
+    let ones = |v: &[usize]| v.iter().all(|&d| d == 1);
+    if conv.group == 1
+        && ws[1] == c
+        && ws[2] == 1
+        && ws[3] == 1
+        && ones(&conv.strides)
+        && ones(&conv.dilations)
+        && conv.pads.iter().all(|&p| p == 0)
+        && matches!(conv.auto_pad, AutoPad::NotSet | AutoPad::Valid)
+        && conv_bias_ok(g, n, ws[0])
+    {
+        return Some(Kind::Pointwise);
+    }
+    None
+}
+
+/// `v`'s shape: as declared or inferred (a graph output may be declared
+/// without one).
+fn shape(g: &Graph, v: &str) -> Option<Vec<Dim>> {
+    shape_of(g, v).or_else(|| g.value_types.get(v)?.shape.clone())
+}
+
+/// A pointwise conv's bias, if any, is `[M]`: FusedMatMul's bias along the
+/// last axis.
+fn conv_bias_ok(g: &Graph, n: &Node, m: usize) -> bool {
+    match n.input(2) {
+        None => true,
+        Some(b) => shape_of(g, b).is_some_and(|s| s == [Dim::Known(m)]),
+    }
+}
+
+/// The values crossing a region's edge: read by a member as X or residual
+/// but made outside, and made by a member but read outside (or seen outside
+/// the graph).
+struct Edges {
+    entering: BTreeSet<String>,
+    leaving: BTreeSet<String>,
+}
+
+fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
+    let inside = |j: usize| nodes.contains(&j);
+    let mut entering = BTreeSet::new();
+    let mut leaving = BTreeSet::new();
+    for &i in nodes {
+        for v in linked_inputs(&g.nodes[i]) {
+            if !ix.producer_of(v).is_some_and(inside) {
+                entering.insert(v.to_string());
+            }
+        }
+        for v in g.nodes[i].present_outputs() {
+            // Read by a non-member, or by a member other than as X/residual.
+            let outside_reader = ix.readers(v).iter().any(|&j| {
+                !inside(j)
+                    || g.nodes[j]
+                        .present_inputs()
+                        .enumerate()
+                        .any(|(k, name)| name == v && k != 0 && k != 3)
+            });
+            if outside_reader || ix.is_pinned(v) {
+                leaving.insert(v.to_string());
+            }
+        }
+    }
+    Edges { entering, leaving }
+}
+
+/// `[N, C, H, W]` as `[N, H, W, C]`.
+fn to_last(s: &[Dim]) -> Vec<Dim> {
+    vec![s[0].clone(), s[2].clone(), s[3].clone(), s[1].clone()]
+}
+
+fn convert(g: &mut Graph, nodes: &[usize], kinds: &HashMap<usize, Kind>, e: &Edges) {
+    // Channels-last names: a Transpose's output for values entering, a
+    // fresh name for every member's output.
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut new_nodes = Vec::new();
+    let typed = |g: &Graph, v: &str| Some(ValueType::new(DType::F32, Some(to_last(&shape(g, v)?))));
+    for v in &e.entering {
+        let name = fresh_name(g, &format!("{v}_nhwc"));
+        if let Some(t) = typed(g, v) {
+            g.value_types.insert(name.clone(), t);
+        }
+        new_nodes.push(Node {
+            name: fresh_name(g, &format!("{v}_to_nhwc")),
+            op: Op::Transpose {
+                perm: Some(vec![0, 2, 3, 1]),
+            },
+            inputs: vec![Some(v.clone())],
+            outputs: vec![Some(name.clone())],
+        });
+        last.insert(v.clone(), name);
+    }
+    for &i in nodes {
+        let out = g.nodes[i].outputs[0].clone().unwrap_or_default();
+        let name = fresh_name(g, &format!("{out}_nhwc"));
+        if let Some(t) = typed(g, &out) {
+            g.value_types.insert(name.clone(), t);
+        }
+        last.insert(out, name);
+    }
+    let mut w_t: HashMap<String, String> = HashMap::new();
+    for &i in nodes {
+        let n = g.nodes[i].clone();
+        let Some((conv, act)) = conv_of(&n.op) else {
+            continue;
+        };
+        let conv = conv.clone();
+        let mut inputs = n.inputs.clone();
+        for k in [0, 3] {
+            if let Some(Some(v)) = inputs.get_mut(k) {
+                *v = last[v.as_str()].clone();
+            }
+        }
+        let op = match kinds[&i] {
+            Kind::Depthwise => Op::Fused(FusedOp::ConvNhwc { conv, act }),
+            Kind::Pointwise => {
+                let w = n.input(1).unwrap_or_default().to_string();
+                let wt = match w_t.get(&w) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = transposed_weight(g, &w);
+                        w_t.insert(w.clone(), t.clone());
+                        t
+                    }
+                };
+                inputs[1] = Some(wt);
+                Op::Fused(FusedOp::MatMul { act })
+            }
+        };
+        let out = n.outputs[0].clone().unwrap_or_default();
+        let node = &mut g.nodes[i];
+        node.op = op;
+        node.inputs = inputs;
+        node.outputs = vec![Some(last[&out].clone())];
+        if e.leaving.contains(&out) {
+            new_nodes.push(Node {
+                name: fresh_name(g, &format!("{out}_to_nchw")),
+                op: Op::Transpose {
+                    perm: Some(vec![0, 3, 1, 2]),
+                },
+                inputs: vec![Some(last[&out].clone())],
+                outputs: vec![Some(out.clone())],
+            });
+        }
+    }
+    g.nodes.extend(new_nodes);
+}
+
+/// A new constant `[C, M]`: pointwise W `[M, C, 1, 1]` transposed.
+fn transposed_weight(g: &mut Graph, w: &str) -> String {
+    let t = g.initializers[w].clone();
+    let (m, c) = (t.shape()[0], t.shape()[1]);
+    let v = t.as_slice::<f32>().unwrap_or_default();
+    let mut out = vec![0f32; m * c];
+    for (mi, row) in v.chunks_exact(c).enumerate() {
+        for (ci, &x) in row.iter().enumerate() {
+            out[ci * m + mi] = x;
+        }
+    }
+    add_constant(g, &format!("{w}_t"), f32_tensor(vec![c, m], out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use kiln_ir::Op;
+
+    fn conv(group: usize, k: usize, stride: usize, pad: usize, dil: usize) -> ConvAttrs {
+        ConvAttrs {
+            auto_pad: AutoPad::NotSet,
+            dilations: vec![dil, dil],
+            group,
+            kernel_shape: vec![k, k],
+            pads: vec![pad; 4],
+            strides: vec![stride, stride],
+        }
+    }
+
+    fn fused(c: ConvAttrs, act: FusedAct) -> Op {
+        Op::Fused(FusedOp::Conv { conv: c, act })
+    }
+
+    const CLIP: FusedAct = FusedAct::Clip { min: 0.0, max: 6.0 };
+
+    /// `blocks` MobileNetV2 blocks on `[2, 16, hw, hw]`: a fused 1x1 expand
+    /// to 32 channels with Clip, a fused 3x3 depthwise (stride 1, or the
+    /// given one in the first block) with Clip, and a plain 1x1 project
+    /// back to 16, plus the block's input as residual when the shapes allow.
+    fn mobilenet_blocks(hw: usize, blocks: usize, first_stride: usize, dil: usize) -> Graph {
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[2, 16, hw, hw]);
+        let mut cur = "x".to_string();
+        for i in 0..blocks {
+            let s = if i == 0 { first_stride } else { 1 };
+            let we = b.init_rand(&format!("we{i}"), &[32, 16, 1, 1], -0.5, 0.5);
+            let be = b.init_rand(&format!("be{i}"), &[32], -0.5, 0.5);
+            let wd = b.init_rand(&format!("wd{i}"), &[32, 1, 3, 3], -0.5, 0.5);
+            let bd = b.init_rand(&format!("bd{i}"), &[32], -0.5, 0.5);
+            let wp = b.init_rand(&format!("wp{i}"), &[16, 32, 1, 1], -0.5, 0.5);
+            let bp = b.init_rand(&format!("bp{i}"), &[16], -0.5, 0.5);
+            let (e, d, p) = (format!("e{i}"), format!("d{i}"), format!("p{i}"));
+            b.node(fused(conv(1, 1, 1, 0, 1), CLIP), &[&cur, &we, &be], &[&e]);
+            b.node(
+                fused(conv(32, 3, s, dil, dil), CLIP),
+                &[&e, &wd, &bd],
+                &[&d],
+            );
+            if s == 1 {
+                let project = fused(conv(1, 1, 1, 0, 1), FusedAct::Identity);
+                b.node(project, &[&d, &wp, &bp, &cur], &[&p]);
+            } else {
+                b.node(Op::Conv(conv(1, 1, 1, 0, 1)), &[&d, &wp, &bp], &[&p]);
+            }
+            cur = p;
+        }
+        b.output(&cur, DType::F32);
+        b.finish()
+    }
+
+    #[test]
+    fn converts_a_chain_of_depthwise_blocks() {
+        for (hw, stride, dil) in [(7, 1, 1), (14, 2, 1), (9, 1, 2)] {
+            let g = mobilenet_blocks(hw, 3, stride, dil);
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 9, "{hw}x{hw}: every conv joins the region");
+            assert_eq!(count_op(&after, "FusedConvNhwc"), 3);
+            assert_eq!(count_op(&after, "FusedMatMul"), 6);
+            // One Transpose in, one out; the output keeps its name.
+            assert_eq!(count_op(&after, "Transpose"), 2);
+            assert_eq!(after.outputs, g.outputs);
+        }
+    }
+
+    #[test]
+    fn leaves_big_planes_lone_depthwise_and_costly_edges() {
+        // Planes past 14x14.
+        let g = mobilenet_blocks(28, 3, 1, 1);
+        assert_eq!(check_pass(&g, run), (g.clone(), 0));
+        // One depthwise conv is not worth two Transposes.
+        let g = mobilenet_blocks(7, 1, 1, 1);
+        assert_eq!(check_pass(&g, run), (g.clone(), 0));
+        // Every block's output also read by a Relu outside: more edges
+        // than depthwise convs.
+        let mut g = mobilenet_blocks(7, 3, 1, 1);
+        for i in 0..3 {
+            g.nodes.push(Node {
+                name: format!("side{i}"),
+                op: Op::Unary(kiln_ir::UnaryOp::Relu),
+                inputs: vec![Some(format!("e{i}"))],
+                outputs: vec![Some(format!("side{i}"))],
+            });
+            g.outputs.push(kiln_ir::ValueInfo {
+                name: format!("side{i}"),
+                ty: ValueType::new(DType::F32, None),
+            });
+        }
+        assert_eq!(check_pass(&g, run).1, 0);
+    }
+
+    #[test]
+    fn values_read_outside_the_region_keep_their_layout() {
+        // An intermediate that is also a graph output, and one read by a
+        // node outside the region: both come back NCHW under their names.
+        // (Four blocks: four edges need four depthwise convs.)
+        let mut g = mobilenet_blocks(7, 4, 1, 1);
+        g.outputs.push(kiln_ir::ValueInfo {
+            name: "d1".into(),
+            ty: ValueType::new(DType::F32, None),
+        });
+        g.nodes.push(Node {
+            name: "side".into(),
+            op: Op::Unary(kiln_ir::UnaryOp::Relu),
+            inputs: vec![Some("e2".into())],
+            outputs: vec![Some("side".into())],
+        });
+        g.outputs.push(kiln_ir::ValueInfo {
+            name: "side".into(),
+            ty: ValueType::new(DType::F32, None),
+        });
+        let (after, n) = check_pass(&g, run);
+        assert_eq!(n, 12);
+        // In, and out for p3, d1 and e2.
+        assert_eq!(count_op(&after, "Transpose"), 4);
+    }
+}
