@@ -218,7 +218,11 @@ pub(crate) struct Job<'a> {
     pub k: usize,
     pub alpha: f32,
     pub beta: f32,
+    /// A packed in `MR`-row panels (empty when `a_rows` is given).
     pub a: &'a [f32],
+    /// A row-major A (`m x k`, unit column stride, rows this far apart)
+    /// that a kernel which [`Kernel::reads_a_in_place`] reads in place.
+    pub a_rows: Option<(&'a [f32], usize)>,
     /// B packed in `NR`-column panels (empty when `b_direct` is given).
     pub b: &'a [f32],
     /// B read in place instead (see [`DirectB`]).
@@ -255,7 +259,12 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
     let (m, n, k) = (job.m, job.n, job.k);
     debug_assert!(m > 0 && n > 0 && k > 0);
     assert!(c.len() >= (m - 1) * job.ldc + n);
-    assert!(job.a.len() >= m.div_ceil(kern.mr) * kern.mr * k);
+    match job.a_rows {
+        Some((data, ld)) => {
+            assert!(kern.reads_a_in_place && ld >= k && data.len() >= (m - 1) * ld + k)
+        }
+        None => assert!(job.a.len() >= m.div_ceil(kern.mr) * kern.mr * k),
+    }
     match &job.b_direct {
         Some(d) => {
             let full = n / kern.nr;
@@ -382,7 +391,10 @@ unsafe fn run_task(
         let last = pc + kc == k;
         for ip in p0..p1 {
             let rows = mr.min(m - ip * mr);
-            let a = job.a[ip * mr * k + pc * mr..].as_ptr();
+            let (a, lda) = match job.a_rows {
+                Some((data, ld)) => (data[ip * mr * ld + pc..].as_ptr(), ld),
+                None => (job.a[ip * mr * k + pc * mr..].as_ptr(), 0),
+            };
             for jq in q0..q1 {
                 let cols = nr.min(n - jq * nr);
                 let (b, ldb) = match &job.b_direct {
@@ -406,7 +418,9 @@ unsafe fn run_task(
                     stream,
                 });
                 // SAFETY: A panel ip holds mr*k floats from ip*mr*k, so kc*mr
-                // remain from pc*mr; likewise a packed B panel. A direct B's
+                // remain from pc*mr (A read in place: its rows ip*mr.. hold
+                // k floats each, ld apart, asserted in `gemm_packed`, so kc
+                // remain from column pc of each); likewise a packed B panel. A direct B's
                 // full panel has kc rows of nr floats from row pc, ld apart
                 // (asserted in `gemm_packed`); its tail panel is packed, or
                 // read in place by a kernel that loads only the live
@@ -418,6 +432,7 @@ unsafe fn run_task(
                     kern.micro(
                         kc,
                         a,
+                        lda,
                         b,
                         ldb,
                         c.add(i0 * ldc + j0),

@@ -554,7 +554,14 @@ pub(crate) fn sgemm_with(
     {
         return;
     }
+    // A row-major A is read in place by a kernel that can: packing it was a
+    // pass of its own, with its own fork and join, before the product.
+    let a_rows = match a {
+        Lhs::Mat(v) if a_in_place_applies(kernel, v) => Some((v.data(), v.row_stride())),
+        _ => None,
+    };
     let pa = match a {
+        _ if a_rows.is_some() => driver::Packed::Borrowed(&[]),
         Lhs::Packed(p) if p.kind == kernel.kind => driver::Packed::Borrowed(p.data.as_slice()),
         Lhs::Packed(p) => {
             let rm = p.to_row_major();
@@ -592,6 +599,7 @@ pub(crate) fn sgemm_with(
         alpha,
         beta,
         a: pa.data(),
+        a_rows,
         b: pb.data(),
         b_direct: direct.as_ref().map(|(v, tail)| driver::DirectB {
             data: v.data(),
@@ -603,6 +611,12 @@ pub(crate) fn sgemm_with(
         epilogue: user_epilogue,
     };
     driver::gemm_packed(&job, c);
+}
+
+/// Whether [`sgemm_with`] reads this A (`m x k`) in place: a kernel that
+/// can, and contiguous rows (unit column stride, rows apart by at least k).
+fn a_in_place_applies(kernel: &Kernel, a: MatRef<'_>) -> bool {
+    kernel.reads_a_in_place && a.col_stride() == 1 && a.row_stride() >= a.cols()
 }
 
 /// Most rows of C (of A) for which a row-major B is read in place by the

@@ -826,3 +826,27 @@ fn finish_definition_hand_checked() {
     assert_eq!(v, [1.0, 1.0, 1.0]);
     assert!(Finish::default().is_none() && !relu.is_none());
 }
+
+/// The kernels that can read A's rows in place get row-major and padded A
+/// that way (so the random-shape tests above run that path on them), and
+/// never a transposed or column-strided one.
+#[test]
+fn a_read_in_place_only_with_unit_column_stride() {
+    for kernel in crate::kernels::available() {
+        for layout in [
+            Layout::RowMajor,
+            Layout::Padded,
+            Layout::Transposed,
+            Layout::Strided,
+        ] {
+            let op = Operand::new(&[1.0; 35], 5, 7, layout);
+            let in_place = crate::a_in_place_applies(kernel, op.view());
+            let contiguous = matches!(layout, Layout::RowMajor | Layout::Padded);
+            assert_eq!(
+                in_place,
+                kernel.reads_a_in_place && contiguous,
+                "{kernel:?} {layout:?}"
+            );
+        }
+    }
+}

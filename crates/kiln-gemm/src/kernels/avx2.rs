@@ -17,6 +17,7 @@ pub(crate) const NR: usize = 16;
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -28,6 +29,9 @@ pub(crate) unsafe fn micro(
     fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
+    // Packed A only (`Kernel::reads_a_in_place` is false).
+    debug_assert_eq!(lda, 0);
+    let _ = lda;
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match mr {

@@ -18,13 +18,15 @@ const PREFETCH_A: usize = 48;
 /// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile (`beta == 0`: C not read).
 ///
 /// # Safety
-/// The CPU must support AVX-512F. `a` must point to `kc * MR` readable floats,
+/// The CPU must support AVX-512F. `a` must point to `kc * MR` readable floats
+/// (with `lda > 0`: to `mr` rows of `kc` readable floats, `lda` apart),
 /// `b` to `kc` rows of `nr` readable floats (`NR` when `nr` is `NR`: a
 /// partial tile reads only its live columns), `ldb` apart, and `c` to an
 /// `mr x nr` tile with row stride `ldc`, with `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -42,14 +44,14 @@ pub(crate) unsafe fn micro(
         ($($r:literal),*) => {
             match (mr, nv, partial) {
                 $(
-                    ($r, 1, false) => tile::<$r, 1, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 1, true) => tile::<$r, 1, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 2, false) => tile::<$r, 2, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 2, true) => tile::<$r, 2, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 3, false) => tile::<$r, 3, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 3, true) => tile::<$r, 3, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 4, false) => tile::<$r, 4, false>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-                    ($r, 4, true) => tile::<$r, 4, true>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 1, false) => tile::<$r, 1, false>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 1, true) => tile::<$r, 1, true>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 2, false) => tile::<$r, 2, false>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 2, true) => tile::<$r, 2, true>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 3, false) => tile::<$r, 3, false>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 3, true) => tile::<$r, 3, true>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 4, false) => tile::<$r, 4, false>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+                    ($r, 4, true) => tile::<$r, 4, true>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
                 )*
                 _ => unreachable!("avx512 tile {mr}x{nr}"),
             }
@@ -69,6 +71,7 @@ pub(crate) unsafe fn micro(
 unsafe fn tile<const R: usize, const V: usize, const PARTIAL: bool>(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -86,9 +89,16 @@ unsafe fn tile<const R: usize, const V: usize, const PARTIAL: bool>(
     };
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut a, mut b) = (a, b);
-    // SAFETY (whole body): `a` has kc*MR floats and `b` kc rows of NR floats,
-    // ldb apart (contract); each step reads a[..R] and b[..16*V] then
-    // advances by MR / ldb. Prefetches
+    // Row r's value at step p: a[p * MR + r] packed, a[r * lda + p] in place.
+    let (a_row, a_step, a_ahead) = if lda == 0 {
+        (1, MR, PREFETCH_A * MR)
+    } else {
+        (lda, 1, PREFETCH_A)
+    };
+    // SAFETY (whole body): `a` has kc*MR floats, or R rows of kc floats lda
+    // apart, and `b` kc rows of NR floats, ldb apart (contract); each step
+    // reads row r's value at a + r * a_row (r < R) and b[..16*V], then
+    // advances by a_step / ldb, ending at most one past A's row. Prefetches
     // never fault, even past the end of the buffer.
     unsafe {
         // The C tile is read (or written) at the end; start fetching it now,
@@ -121,7 +131,7 @@ unsafe fn tile<const R: usize, const V: usize, const PARTIAL: bool>(
             }
         }
         for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH_A * MR) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(a_ahead) as *const i8);
             let mut bv = [_mm512_setzero_ps(); V];
             for v in 0..V {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_B * ldb + 16 * v) as *const i8);
@@ -132,12 +142,12 @@ unsafe fn tile<const R: usize, const V: usize, const PARTIAL: bool>(
                 };
             }
             for r in 0..R {
-                let av = _mm512_set1_ps(*a.add(r));
+                let av = _mm512_set1_ps(*a.add(r * a_row));
                 for v in 0..V {
                     acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
                 }
             }
-            a = a.add(MR);
+            a = a.add(a_step);
             b = b.wrapping_add(ldb);
         }
         let va = _mm512_set1_ps(alpha);

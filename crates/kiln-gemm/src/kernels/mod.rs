@@ -21,13 +21,16 @@ pub(crate) enum KernelKind {
 }
 
 /// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile, `A` a packed
-/// `kc x MR` micro-panel and `B` a `kc x NR` micro-panel whose rows are `ldb`
+/// `kc x MR` micro-panel (`lda == 0`) or, for a kernel that
+/// [`Kernel::reads_a_in_place`], `mr` rows of `kc` floats `lda` apart, and
+/// `B` a `kc x NR` micro-panel whose rows are `ldb`
 /// floats apart (`NR` when packed; a row-major B's row stride when read in
 /// place) (`beta == 0`: C is not read), then `fin` if given. Safety
 /// contract: see each kernel's `micro`.
 pub(crate) type MicroFn = unsafe fn(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -100,6 +103,8 @@ pub(crate) struct Kernel {
     /// rows, so a partial panel of a row-major B can be read in place (the
     /// others load whole vectors and need it packed, zero-padded).
     pub partial_b_in_place: bool,
+    /// Whether `micro` takes A's rows in place (`lda > 0`) as well as packed.
+    pub reads_a_in_place: bool,
     micro: MicroFn,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
     dot: unsafe fn(&[f32], &[f32]) -> f32,
@@ -116,7 +121,8 @@ impl Kernel {
     /// One tile; see [`MicroFn`].
     ///
     /// # Safety
-    /// `a` must point to `kc * self.mr` readable floats, `b` to `kc` rows of
+    /// `a` must point to `kc * self.mr` readable floats (with `lda > 0`,
+    /// to `mr` rows of `kc` readable floats `lda` apart), `b` to `kc` rows of
     /// `self.nr` readable floats each, `ldb >= self.nr` apart, and `c` to an
     /// `mr x nr` tile with row stride `ldc` that nothing else
     /// accesses meanwhile, with `1 <= mr <= self.mr` and `1 <= nr <= self.nr`;
@@ -127,6 +133,7 @@ impl Kernel {
         &self,
         kc: usize,
         a: *const f32,
+        lda: usize,
         b: *const f32,
         ldb: usize,
         c: *mut f32,
@@ -137,9 +144,10 @@ impl Kernel {
         nr: usize,
         fin: Option<&TileFinish>,
     ) {
+        debug_assert!(lda == 0 || self.reads_a_in_place);
         // SAFETY: pointer validity is the caller's contract; CPU support for the
         // kernel's instructions was checked when this `Kernel` was handed out.
-        unsafe { (self.micro)(kc, a, b, ldb, c, ldc, alpha, beta, mr, nr, fin) }
+        unsafe { (self.micro)(kc, a, lda, b, ldb, c, ldc, alpha, beta, mr, nr, fin) }
     }
 
     /// `y += alpha * x` over the shorter length.
@@ -180,6 +188,7 @@ static PORTABLE: Kernel = Kernel {
     nr: portable::NR,
     streams: false,
     partial_b_in_place: false,
+    reads_a_in_place: false,
     micro: portable::micro,
     axpy: portable_axpy,
     dot: portable_dot,
@@ -213,6 +222,7 @@ pub(crate) fn avx512() -> Option<&'static Kernel> {
             nr: avx512::NR,
             streams: true,
             partial_b_in_place: true,
+            reads_a_in_place: true,
             micro: avx512::micro,
             axpy: avx512::axpy,
             dot: avx512::dot,
@@ -236,6 +246,7 @@ pub(crate) fn avx2() -> Option<&'static Kernel> {
             nr: avx2::NR,
             streams: false,
             partial_b_in_place: false,
+            reads_a_in_place: false,
             micro: avx2::micro,
             axpy: avx2::axpy,
             dot: avx2::dot,

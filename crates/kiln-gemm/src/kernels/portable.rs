@@ -53,6 +53,7 @@ pub(crate) type Native = Unfused;
 pub(crate) unsafe fn micro(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -64,6 +65,9 @@ pub(crate) unsafe fn micro(
     fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
+    // Packed A only (`Kernel::reads_a_in_place` is false).
+    debug_assert_eq!(lda, 0);
+    let _ = lda;
     // SAFETY: the contract gives kc*MR floats at `a`.
     let a = unsafe { std::slice::from_raw_parts(a, kc * MR) };
     let mut acc = [[0f32; NR]; MR];
