@@ -12,7 +12,8 @@ pub(crate) const NR: usize = 16;
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. `a` must point to `kc * MR` readable
-/// floats, `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`,
+/// floats (with `lda > 0`: to `mr` rows of `kc` readable floats, `lda`
+/// apart), `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`,
 /// with `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
@@ -29,18 +30,15 @@ pub(crate) unsafe fn micro(
     fin: Option<&super::TileFinish>,
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
-    // Packed A only (`Kernel::reads_a_in_place` is false).
-    debug_assert_eq!(lda, 0);
-    let _ = lda;
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match mr {
-            1 => tile::<1>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-            2 => tile::<2>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-            3 => tile::<3>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-            4 => tile::<4>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-            5 => tile::<5>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
-            6 => tile::<6>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            1 => tile::<1>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+            2 => tile::<2>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+            3 => tile::<3>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+            4 => tile::<4>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+            5 => tile::<5>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+            6 => tile::<6>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
             _ => unreachable!("avx2 tile rows {mr}"),
         }
     }
@@ -50,6 +48,7 @@ pub(crate) unsafe fn micro(
 unsafe fn tile<const R: usize>(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -61,8 +60,11 @@ unsafe fn tile<const R: usize>(
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let (mut a, mut b) = (a, b);
-    // SAFETY (whole body): `a` has kc*MR floats and `b` kc rows of NR floats,
-    // ldb apart; each step reads a[..R] and b[..16]. C (and `fin`'s bias/residual) accesses stay
+    // Row r's value at step p: a[p * MR + r] packed, a[r * lda + p] in place.
+    let (a_row, a_step) = if lda == 0 { (1, MR) } else { (lda, 1) };
+    // SAFETY (whole body): `a` has kc*MR floats, or R rows of kc floats lda
+    // apart, and `b` kc rows of NR floats, ldb apart; each step reads row
+    // r's value at a + r * a_row (r < R) and b[..16]. C (and `fin`'s bias/residual) accesses stay
     // inside the mr x nr tile: full vectors only when nr == 16, element-wise
     // otherwise.
     unsafe {
@@ -70,11 +72,11 @@ unsafe fn tile<const R: usize>(
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
             for r in 0..R {
-                let av = _mm256_broadcast_ss(&*a.add(r));
+                let av = _mm256_broadcast_ss(&*a.add(r * a_row));
                 acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
             }
-            a = a.add(MR);
+            a = a.add(a_step);
             b = b.wrapping_add(ldb);
         }
         let va = _mm256_set1_ps(alpha);

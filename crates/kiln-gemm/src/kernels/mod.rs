@@ -246,7 +246,7 @@ pub(crate) fn avx2() -> Option<&'static Kernel> {
             nr: avx2::NR,
             streams: false,
             partial_b_in_place: false,
-            reads_a_in_place: false,
+            reads_a_in_place: true,
             micro: avx2::micro,
             axpy: avx2::axpy,
             dot: avx2::dot,
