@@ -551,22 +551,62 @@ mod tests {
                     let what = format!("case {ci} {act:?} with {} inputs", inputs.len());
                     let want = run_reference(&op, &inputs).unwrap();
                     assert_close(&run_fast(&op, &inputs, Packed::None).unwrap(), &want, &what);
-                    // The channels-last kernel itself ran, not the NCHW route.
-                    #[cfg(target_arch = "x86_64")]
-                    if std::is_x86_feature_detected!("avx512f") {
-                        let direct = nn::depthwise_conv_nhwc(
+                    // Each channels-last kernel itself (the AVX-512 one where
+                    // the CPU has it, and the portable one), not the NCHW route.
+                    for allow_tiled in [true, false] {
+                        let direct = nn::depthwise_conv_nhwc_with(
                             &conv,
                             &x,
                             &wt,
                             inputs.get(2).copied().flatten(),
                             inputs.get(3).copied().flatten(),
                             act,
+                            allow_tiled,
                         )
-                        .unwrap();
-                        assert!(direct.is_some(), "{what}: the kernel did not take it");
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{what}: no channels-last kernel took it"));
+                        assert_close(&direct, &want, &format!("{what}, tiled {allow_tiled}"));
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn channels_last_conv_of_any_other_shape_takes_the_nchw_route() {
+        // A full 3x3 conv and a grouped one: no channels-last kernel takes
+        // them, and the route through NCHW matches the reference.
+        for (group, cin, m) in [(1, 5, 7), (2, 6, 4)] {
+            let conv = ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: vec![],
+                group,
+                kernel_shape: vec![3, 3],
+                pads: vec![1, 1, 1, 1],
+                strides: vec![2, 1],
+            };
+            let (x, w, b) = (
+                t(&[2, 6, 5, cin], 1),
+                t(&[m, cin / group, 3, 3], 2),
+                t(&[m], 3),
+            );
+            let op = FusedOp::ConvNhwc {
+                conv: conv.clone(),
+                act: FusedAct::Relu,
+            };
+            let inputs = [Some(&x), Some(&w), Some(&b)];
+            assert!(
+                nn::depthwise_conv_nhwc(&conv, &x, &w, Some(&b), None, FusedAct::Relu)
+                    .unwrap()
+                    .is_none()
+            );
+            let want = run_reference(&op, &inputs).unwrap();
+            assert_eq!(want.shape(), &[2, 3, 5, m]);
+            assert_close(
+                &run(&op, &inputs).unwrap(),
+                &want,
+                &format!("group {group}"),
+            );
         }
     }
 

@@ -1252,8 +1252,9 @@ fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
 /// `FusedOp::ConvNhwc` for a 2-D depthwise conv (one input and one output
 /// channel per group) on channels-last f32 tensors: X `[N, H, W, C]`, the
 /// residual and the result `[N, OH, OW, C]`, with bias, residual and `act`.
-/// `Ok(None)` when the kernel does not take the conv (another shape of
-/// conv, or no AVX-512): the caller then runs it through the NCHW path.
+/// On AVX-512 the channel-tiled kernel (`depthwise_tiled::conv_nhwc`), else
+/// [`nhwc_rows`]. `Ok(None)` for any other conv: the caller then runs it
+/// through the NCHW path.
 pub(crate) fn conv_nhwc(
     a: &ConvAttrs,
     x: &Tensor,
@@ -1261,6 +1262,19 @@ pub(crate) fn conv_nhwc(
     bias: Option<&Tensor>,
     res: Option<&Tensor>,
     act: FusedAct,
+) -> Result<Option<Tensor>> {
+    conv_nhwc_with(a, x, w, bias, res, act, true)
+}
+
+/// [`conv_nhwc`], with the AVX-512 kernel allowed or not (tests run both).
+pub(crate) fn conv_nhwc_with(
+    a: &ConvAttrs,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    res: Option<&Tensor>,
+    act: FusedAct,
+    allow_tiled: bool,
 ) -> Result<Option<Tensor>> {
     let (Some(xv), Some(wv)) = (x.as_slice::<f32>(), w.as_slice::<f32>()) else {
         return Ok(None);
@@ -1273,71 +1287,151 @@ pub(crate) fn conv_nhwc(
         return Ok(None);
     }
     let g = plane2d(&geo);
+    if g.kh * g.kw > MAX_NHWC_TAPS {
+        return Ok(None);
+    }
+    let out_shape = vec![n, g.oh, g.ow, c];
+    let b = match bias {
+        Some(t) => Some(
+            t.as_slice::<f32>()
+                .filter(|b| b.len() == c)
+                .ok_or_else(|| {
+                    invalid!(
+                        "FusedConvNhwc: bias must be f32 [{c}], got {} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let r = match res {
+        Some(t) => Some(
+            t.as_slice::<f32>()
+                .filter(|_| t.shape() == out_shape.as_slice())
+                .ok_or_else(|| {
+                    invalid!(
+                        "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    // Relu/Clip in the kernel, unless a residual comes first.
+    let clamp = super::conv::clamp_of(act).filter(|_| r.is_none());
+    let bounds = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let mut y = crate::buffers::take_f32(n * g.oh * g.ow * c);
     #[cfg(target_arch = "x86_64")]
-    {
-        if !super::depthwise_tiled::nhwc_applies(&g) {
-            return Ok(None);
-        }
-        let out_shape = vec![n, g.oh, g.ow, c];
-        let b = match bias {
-            Some(t) => Some(
-                t.as_slice::<f32>()
-                    .filter(|b| b.len() == c)
-                    .ok_or_else(|| {
-                        invalid!(
-                            "FusedConvNhwc: bias must be f32 [{c}], got {} {:?}",
-                            t.dtype(),
-                            t.shape()
-                        )
-                    })?,
-            ),
-            None => None,
-        };
-        let r = match res {
-            Some(t) => Some(
-                t.as_slice::<f32>()
-                    .filter(|_| t.shape() == out_shape.as_slice())
-                    .ok_or_else(|| {
-                        invalid!(
-                            "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
-                            t.dtype(),
-                            t.shape()
-                        )
-                    })?,
-            ),
-            None => None,
-        };
-        // Relu/Clip in the kernel's registers, unless a residual comes first.
-        let clamp = super::conv::clamp_of(act).filter(|_| r.is_none());
-        let mut y = crate::buffers::take_f32(n * g.oh * g.ow * c);
-        super::depthwise_tiled::conv_nhwc(
-            &g,
-            n,
-            c,
-            xv,
-            wv,
-            b,
-            clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
-            &mut y,
-        );
-        if let Some(r) = r {
-            for (v, &rv) in y.iter_mut().zip(r) {
-                *v += rv;
-            }
-        }
-        if clamp.is_none() {
-            crate::fastmath::fused_act(act, &mut y);
-        }
-        Ok(Some(crate::util::tensor(
-            out_shape,
-            kiln_ir::TensorData::F32(y),
-        )?))
-    }
+    let tiled = allow_tiled && super::depthwise_tiled::nhwc_applies(&g);
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (g, xv, wv, bias, res, act);
-        Ok(None)
+    let tiled = {
+        let _ = allow_tiled;
+        false
+    };
+    if tiled {
+        #[cfg(target_arch = "x86_64")]
+        super::depthwise_tiled::conv_nhwc(&g, n, c, xv, wv, b, bounds, &mut y);
+    } else {
+        nhwc_rows(&g, n, c, xv, wv, b, bounds, &mut y);
     }
+    if let Some(r) = r {
+        for (v, &rv) in y.iter_mut().zip(r) {
+            *v += rv;
+        }
+    }
+    if clamp.is_none() {
+        crate::fastmath::fused_act(act, &mut y);
+    }
+    Ok(Some(crate::util::tensor(
+        out_shape,
+        kiln_ir::TensorData::F32(y),
+    )?))
+}
+
+/// The portable channels-last depthwise kernel: one task per output row;
+/// each output position is the bias plus, per tap inside the input, that
+/// input position's channels times the tap's weights, a loop over the
+/// contiguous channels that the compiler vectorizes (built for the CPU's
+/// vector ISA by `fastmath::simd`); then the `(lo, hi)` clamp, NaN kept.
+/// Most taps of a kernel [`nhwc_rows`] takes (larger ones go through NCHW).
+const MAX_NHWC_TAPS: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+fn nhwc_rows(
+    g: &Plane2d,
+    n: usize,
+    c: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (lo, hi): (f32, f32),
+    y: &mut [f32],
+) {
+    let taps = g.kh * g.kw;
+    assert!(
+        x.len() == n * g.ih * g.iw * c && y.len() == n * g.oh * g.ow * c && w.len() == c * taps,
+        "channels-last depthwise buffers do not match {n} images of {c} channels of {g:?}"
+    );
+    if y.is_empty() {
+        return;
+    }
+    // Weights as [tap][channel], so each tap's are contiguous like X's.
+    let mut wt = vec![0f32; taps * c];
+    for (ci, wc) in w.chunks_exact(taps).enumerate() {
+        for (t, &v) in wc.iter().enumerate() {
+            wt[t * c + ci] = v;
+        }
+    }
+    let zeros = vec![0f32; c];
+    let b = bias.unwrap_or(&zeros);
+    y.par_chunks_mut(g.ow * c)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (ni, oy) = (row / g.oh, row % g.oh);
+            let img = &x[ni * g.ih * g.iw * c..(ni + 1) * g.ih * g.iw * c];
+            crate::fastmath::simd(
+                #[inline(always)]
+                || {
+                    // Per position: input and weight offsets of the taps that
+                    // fall inside the input.
+                    let mut at = [(0usize, 0usize); MAX_NHWC_TAPS];
+                    for (ox, o) in out.chunks_exact_mut(c).enumerate() {
+                        let mut live = 0;
+                        for ky in 0..g.kh {
+                            let iy = (oy * g.sh + ky * g.dh) as isize - g.ph as isize;
+                            if iy < 0 || iy >= g.ih as isize {
+                                continue;
+                            }
+                            for kx in 0..g.kw {
+                                let ix = (ox * g.sw + kx * g.dw) as isize - g.pw as isize;
+                                if ix >= 0 && ix < g.iw as isize {
+                                    let t = ky * g.kw + kx;
+                                    at[live] = ((iy as usize * g.iw + ix as usize) * c, t * c);
+                                    live += 1;
+                                }
+                            }
+                        }
+                        o.copy_from_slice(b);
+                        for &(xo, wo) in &at[..live] {
+                            let (xs, ws) = (&img[xo..xo + c], &wt[wo..wo + c]);
+                            for ((v, &xv), &wv) in o.iter_mut().zip(xs).zip(ws) {
+                                *v += xv * wv;
+                            }
+                        }
+                        for v in o.iter_mut() {
+                            // Comparisons with NaN are false: NaN stays.
+                            if *v < lo {
+                                *v = lo;
+                            } else if *v > hi {
+                                *v = hi;
+                            }
+                        }
+                    }
+                },
+            );
+        });
 }
 
 #[cfg(test)]
