@@ -133,8 +133,10 @@ fn candidate(g: &Graph, ix: &Index, i: usize) -> Option<Kind> {
     // Big planes stay NCHW: there the NCHW kernels stream whole rows
     // (MobileNetV2's 112x112 and 56x56 layers ran 1.2-2x slower
     // channels-last), and the Transpose into the region is smaller later.
+    // 1x1 planes (squeeze-and-excitation convs) are stored the same either
+    // way: nothing to gain there.
     let plane = |s: &[Dim]| Some(s[2].known()? * s[3].known()?);
-    if plane(&xs)? > MAX_PLANE || plane(&ys)? > MAX_PLANE {
+    if plane(&xs)? > MAX_PLANE || !(2..=MAX_PLANE).contains(&plane(&ys)?) {
         return None;
     }
     let w = constant(g, ix, n.input(1)?)?;
