@@ -125,6 +125,13 @@ pub(crate) trait Real:
     /// Wraps a result computed in `Self` as a buffer of `dtype` (narrowing f32
     /// back to f16/bf16 when the inputs were half precision).
     fn into_data(v: Vec<Self>, dtype: DType) -> TensorData;
+    /// `c = a * b` (`a` `m x k`, `b` `k x n`, both row-major): the blocked
+    /// reference core ([`matmul::gemm_acc`]) on a zeroed `c`; f32 runs the
+    /// threaded, vectorized `kiln_gemm::sgemm` instead, tested against it.
+    fn product(m: usize, k: usize, n: usize, a: &[Self], b: &[Self], c: &mut [Self]) {
+        c.fill(Self::ZERO);
+        matmul::gemm_acc(m, k, n, a, b, c);
+    }
 }
 
 impl Real for f32 {
@@ -160,6 +167,14 @@ impl Real for f32 {
             DType::BF16 => TensorData::BF16(v.into_iter().map(bf16::from_f32).collect()),
             _ => TensorData::F32(v),
         }
+    }
+    fn product(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        use kiln_gemm::{sgemm, Lhs, MatRef, Rhs};
+        let (a, b) = (
+            MatRef::row_major(&a[..m * k], m, k),
+            MatRef::row_major(&b[..k * n], k, n),
+        );
+        sgemm(1.0, Lhs::Mat(a), Rhs::Mat(b), 0.0, &mut c[..m * n], n, None);
     }
 }
 

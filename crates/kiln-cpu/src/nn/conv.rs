@@ -1626,28 +1626,32 @@ fn conv_transpose_impl<T: Real>(
     for ni in 0..n {
         for (gi, wtg) in wt.iter().enumerate() {
             let xg = &xv[(ni * c + gi * cg) * in_n..][..cg * in_n];
-            col.fill(T::ZERO);
-            gemm_acc(rows, cg, in_n, wtg, xg, &mut col);
-            // col2im: scatter-add each (m, tap) row into the output.
-            for mi in 0..mg {
-                let yo = (ni * m + gi * mg + mi) * out_n;
-                let yplane = &mut y[yo..yo + out_n];
-                for (ti, offs) in taps.iter().enumerate() {
-                    let crow = &col[(mi * kn + ti) * in_n..][..in_n];
-                    let off = offs[last];
-                    let (lo, hi) = valid_range(in_sp[last], s_last, off, out_sp[last]);
-                    if lo >= hi {
-                        continue;
-                    }
-                    for_each_row(in_sp, &out_sp, &strides, offs, |irow, orow| {
-                        let dst0 = (orow as isize + lo as isize * s_last as isize + off) as usize;
-                        let src = &crow[irow + lo..irow + hi];
-                        for (j, &v) in src.iter().enumerate() {
-                            yplane[dst0 + j * s_last] += v;
+            T::product(rows, cg, in_n, wtg, xg, &mut col);
+            // col2im: scatter-add each (m, tap) row into its output plane,
+            // the planes in parallel.
+            let planes = &mut y[(ni * m + gi * mg) * out_n..(ni * m + (gi + 1) * mg) * out_n];
+            let col = &col;
+            planes
+                .par_chunks_mut(out_n)
+                .enumerate()
+                .for_each(|(mi, yplane)| {
+                    for (ti, offs) in taps.iter().enumerate() {
+                        let crow = &col[(mi * kn + ti) * in_n..][..in_n];
+                        let off = offs[last];
+                        let (lo, hi) = valid_range(in_sp[last], s_last, off, out_sp[last]);
+                        if lo >= hi {
+                            continue;
                         }
-                    });
-                }
-            }
+                        for_each_row(in_sp, &out_sp, &strides, offs, |irow, orow| {
+                            let dst0 =
+                                (orow as isize + lo as isize * s_last as isize + off) as usize;
+                            let src = &crow[irow + lo..irow + hi];
+                            for (j, &v) in src.iter().enumerate() {
+                                yplane[dst0 + j * s_last] += v;
+                            }
+                        });
+                    }
+                });
         }
     }
     float_tensor(out_shape, y, x.dtype())
@@ -2305,6 +2309,61 @@ mod tests {
             let want =
                 naive_conv_transpose_1d(&xv, c, len, &wv, mg, k, group, s, d, pb as isize, out_len);
             assert_close(&f32s(&y), &want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn conv_transpose_f32_matches_the_f64_reference_2d() {
+        // f32 runs the product on kiln_gemm's sgemm and the col2im planes
+        // in parallel; f64 runs the blocked reference core. Groups, strides,
+        // dilation, pads, output padding, several images, planes of up to
+        // 40x40 with 32 channels (sgemm's threaded, tiled path).
+        let cases: &[(
+            usize,
+            usize,
+            usize,
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+        )] = &[
+            (2, 4, 3, 1, [3, 3], [2, 2], [1, 1, 1, 1]),
+            (1, 6, 4, 2, [4, 4], [2, 2], [1, 1, 1, 1]),
+            (1, 32, 16, 1, [2, 2], [2, 2], [0, 0, 0, 0]),
+            (1, 3, 5, 1, [3, 2], [1, 3], [0, 1, 2, 0]),
+        ];
+        let mut rng = Rng::new(5);
+        for (ci, &(n, c, mg, group, k, s, pads)) in cases.iter().enumerate() {
+            let (h, w) = if c >= 32 { (40, 40) } else { (7, 9) };
+            let xv = rng.vec(n * c * h * w);
+            let wv = rng.vec(c * mg * k[0] * k[1]);
+            let bv = rng.vec(mg * group);
+            let mut a = tattrs(&pads, &s, &[s[0] - 1, 0], &[]);
+            a.conv.group = group;
+            a.conv.dilations = vec![1, 2];
+            let run = |dt: DType| {
+                let cast = |shape: &[usize], v: &[f32]| {
+                    let t32 = t(shape, v.to_vec());
+                    crate::elementwise::cast(&t32, dt).unwrap()
+                };
+                let y = conv_transpose(
+                    &a,
+                    &cast(&[n, c, h, w], &xv),
+                    &cast(&[c, mg, k[0], k[1]], &wv),
+                    Some(&cast(&[mg * group], &bv)),
+                )
+                .unwrap();
+                (y.shape().to_vec(), y.to_f64_vec().unwrap())
+            };
+            let (s32, y32) = run(DType::F32);
+            let (s64, y64) = run(DType::F64);
+            assert_eq!(s32, s64, "case {ci}");
+            for (i, (a, b)) in y32.iter().zip(&y64).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "case {ci} [{i}]: {a} vs {b}"
+                );
+            }
         }
     }
 
