@@ -446,6 +446,14 @@ pub fn resize(
                     .collect(),
             })
             .collect();
+        if let (Some(xv), None, Some(&w_out)) = (x.as_slice::<f32>(), &mask, out_shape.last()) {
+            if w_out > 0 && total > 0 {
+                return tensor(
+                    out_shape.clone(),
+                    TensorData::F32(nearest_rows_f32(xv, &out_shape, &maps)),
+                );
+            }
+        }
         let mut idx = vec![0usize; out_shape.len()];
         let gather = (0..total).map(|k| {
             if k > 0 {
@@ -477,6 +485,40 @@ pub fn resize(
         Prec::F32 => resize_float::<f32>(a, x, &plans, &taps, mask, out_shape),
         Prec::F64 => resize_float::<f64>(a, x, &plans, &taps, mask, out_shape),
     }
+}
+
+/// Nearest-neighbour Resize of f32 data, a row of the output at a time (in
+/// parallel): each row's input offset is the sum of its outer indices'
+/// offsets in `maps`, then the row gathers through the last axis's map.
+/// The general path walked every output element's index across all axes
+/// and gathered through a per-element iterator: 3.7 ns an element, 9 ms for
+/// one of PP-OCRv4 det's upsamples.
+fn nearest_rows_f32(x: &[f32], out_shape: &[usize], maps: &[Vec<usize>]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let last = out_shape.len() - 1;
+    let (w_out, lm) = (out_shape[last], &maps[last]);
+    let mut out = crate::buffers::take_f32(out_shape.iter().product());
+    let rows = out.len() / w_out;
+    let row = |r: usize, dst: &mut [f32]| {
+        let (mut rem, mut base) = (r, 0);
+        for ax in (0..last).rev() {
+            base += maps[ax][rem % out_shape[ax]];
+            rem /= out_shape[ax];
+        }
+        for (d, &m) in dst.iter_mut().zip(lm) {
+            *d = x[base + m];
+        }
+    };
+    if out.len() >= 1 << 15 && rows > 1 {
+        out.par_chunks_mut(w_out)
+            .enumerate()
+            .for_each(|(r, d)| row(r, d));
+    } else {
+        out.chunks_mut(w_out)
+            .enumerate()
+            .for_each(|(r, d)| row(r, d));
+    }
+    out
 }
 
 fn resize_float<T: Real>(
@@ -555,6 +597,58 @@ mod tests {
 
     fn x4x4() -> Tensor {
         t(&[1, 1, 4, 4], (1..=16).map(|v| v as f32).collect())
+    }
+
+    #[test]
+    fn nearest_f32_rows_match_the_general_gather() {
+        // The f32 row path against the general per-element gather (which
+        // f64 takes): upsampling, downsampling, non-integer scales, every
+        // axis resized or only some, rounding modes and coordinate modes.
+        let cases: &[(&[usize], &[f32], NearestMode, CoordTransform)] = &[
+            (
+                &[1, 3, 5, 7],
+                &[1.0, 1.0, 2.0, 2.0],
+                NearestMode::Floor,
+                CoordTransform::Asymmetric,
+            ),
+            (
+                &[2, 2, 9, 8],
+                &[1.0, 1.0, 0.5, 1.7],
+                NearestMode::RoundPreferFloor,
+                CoordTransform::HalfPixel,
+            ),
+            (
+                &[1, 4, 6, 6],
+                &[1.0, 2.0, 3.0, 0.4],
+                NearestMode::Ceil,
+                CoordTransform::Asymmetric,
+            ),
+            (
+                &[3, 64, 40],
+                &[1.0, 1.0, 4.0],
+                NearestMode::RoundPreferCeil,
+                CoordTransform::HalfPixel,
+            ),
+        ];
+        for (ci, &(shape, sc, nearest, coord)) in cases.iter().enumerate() {
+            let mut a = attrs(ResizeMode::Nearest, coord);
+            a.nearest = nearest;
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (i * 7 % 1000) as f32).collect();
+            let x32 = t(shape, v.clone());
+            let x64 =
+                Tensor::from_vec(shape.to_vec(), v.iter().map(|&f| f as f64).collect()).unwrap();
+            let y32 = resize(&a, &x32, None, Some(&scales(sc)), None).unwrap();
+            let y64 = resize(&a, &x64, None, Some(&scales(sc)), None).unwrap();
+            assert_eq!(y32.shape(), y64.shape(), "case {ci}");
+            let want: Vec<f32> = y64
+                .as_slice::<f64>()
+                .unwrap()
+                .iter()
+                .map(|&d| d as f32)
+                .collect();
+            assert_eq!(f32s(&y32), want, "case {ci}");
+        }
     }
 
     #[test]
