@@ -78,7 +78,10 @@ impl Converter {
             return Err(OnnxError::UnsupportedFeature("sparse initializers".into()));
         }
         for vi in &g.input {
-            let info = value_info(vi, is_main)?;
+            let mut info = value_info(vi, is_main)?;
+            if is_main {
+                name_unknown_dims(&mut info);
+            }
             graph.inputs.push(info);
         }
         for vi in &g.output {
@@ -685,6 +688,25 @@ fn set_input(inputs: &mut Vec<Option<String>>, slot: usize, v: Option<String>) {
         inputs.resize(slot + 1, None);
     }
     inputs[slot] = v;
+}
+
+/// Gives each unnamed dim of a main-graph tensor input (`?` or empty) a
+/// symbol of its own, `unk:<input>:<axis>`. A run binds it like a named dim;
+/// until then shape inference can tell that `x + 3` has `x`'s shape, which
+/// the optimizer's rewrites need (paddle2onnx's PP-OCR recognizer declares
+/// `[N, 3, ?, W]`, and none of its HardSwish patterns were recognized).
+/// Two such dims are never the same symbol, as two `?` are not.
+fn name_unknown_dims(info: &mut ValueInfo) {
+    if !info.ty.is_tensor() {
+        return;
+    }
+    if let Some(shape) = info.ty.shape.as_mut() {
+        for (axis, d) in shape.iter_mut().enumerate() {
+            if *d == Dim::Unknown {
+                *d = Dim::Named(format!("unk:{}:{axis}", info.name));
+            }
+        }
+    }
 }
 
 /// A graph input/output/value_info entry. `require_type`: main-graph inputs must
