@@ -10,6 +10,11 @@
 //! the BatchNorm alone and by nothing outside the graph, and (for Gemm/MatMul)
 //! a 2-D output whose channel axis is its last. New weights get new names, so
 //! weights shared with other nodes stay intact.
+//!
+//! A Conv followed by a Mul by a constant that is one value per output
+//! channel (or one for all: paddle's learnable affine blocks, `conv * s + b`
+//! with scalar `s` and `b`) is folded the same way, `W' = W * s`, `B' = B * s`;
+//! fusion then takes the Add of `b` as the Conv's bias.
 
 use crate::util::{
     add_constant, constant, dtype_of, f32_tensor, shape_of, single_reader_is, Index,
@@ -65,6 +70,9 @@ fn bn_affine(g: &Graph, ix: &Index, bn: usize) -> Option<(Vec<f64>, Vec<f64>)> {
 }
 
 fn fold_one(g: &mut Graph, ix: &Index, bn: usize) -> bool {
+    if matches!(g.nodes[bn].op, Op::Binary(BinaryOp::Mul)) {
+        return fold_conv_scale(g, ix, bn);
+    }
     if !matches!(g.nodes[bn].op, Op::BatchNormalization { .. }) {
         return false;
     }
@@ -237,6 +245,96 @@ fn scale_columns(t: &Tensor, s: &[f64], cols_last: bool) -> Option<Tensor> {
     Some(f32_tensor(vec![r, c], out))
 }
 
+/// `Mul(Conv(x), c)` (either order) with `c` a constant of one value per
+/// output channel, or one value: the scale folded into the Conv's W and B.
+fn fold_conv_scale(g: &mut Graph, ix: &Index, mul: usize) -> bool {
+    let n = &g.nodes[mul];
+    let (Some(a), Some(b), Some(out)) =
+        (n.input(0), n.input(1), n.outputs.first().cloned().flatten())
+    else {
+        return false;
+    };
+    let conv_of = |v: &str| {
+        ix.producer_of(v)
+            .filter(|&p| matches!(g.nodes[p].op, Op::Conv(_)) && single_reader_is(ix, v, mul))
+    };
+    let (x, c, p) = match (conv_of(a), conv_of(b)) {
+        (Some(p), _) => (a.to_string(), b, p),
+        (None, Some(p)) => (b.to_string(), a, p),
+        _ => return false,
+    };
+    if dtype_of(g, &x) != Some(DType::F32) || shape_of(g, &out) != shape_of(g, &x) {
+        return false;
+    }
+    let prod = g.nodes[p].clone();
+    let Some(w) = prod.input(1).and_then(|w| constant(g, ix, w)) else {
+        return false;
+    };
+    if w.dtype() != DType::F32 || w.rank() < 3 {
+        return false;
+    }
+    let m = w.shape()[0];
+    // One value per output channel (axis 1 of the output), or one for all.
+    let Some(ct) = constant(g, ix, c) else {
+        return false;
+    };
+    let rank = w.rank();
+    if ct.dtype() != DType::F32 || ct.rank() > rank {
+        return false;
+    }
+    let pad = rank - ct.rank();
+    let shape_ok = ct
+        .shape()
+        .iter()
+        .enumerate()
+        .all(|(k, &d)| d == 1 || (pad + k == 1 && d == m));
+    let Ok(cv) = ct.to_f64_vec() else {
+        return false;
+    };
+    if !shape_ok || cv.is_empty() {
+        return false;
+    }
+    let s: Vec<f64> = (0..m)
+        .map(|o| if cv.len() == m { cv[o] } else { cv[0] })
+        .collect();
+    let per = w.len() / m.max(1);
+    let wv = w.as_slice::<f32>().expect("f32 checked");
+    let w2: Vec<f32> = wv
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| (v as f64 * s[k / per.max(1)]) as f32)
+        .collect();
+    let bias = match prod.input(2) {
+        None => None,
+        Some(b) => match constant(g, ix, b) {
+            Some(t) if t.dtype() == DType::F32 && t.shape() == [m] => {
+                let bv = t.to_f64_vec().expect("f32");
+                Some((0..m).map(|o| (bv[o] * s[o]) as f32).collect::<Vec<f32>>())
+            }
+            _ => return false,
+        },
+    };
+    let w_shape = w.shape().to_vec();
+    let base = prod.input(1).unwrap_or("W").to_string();
+    let wn = add_constant(g, &format!("{base}_scaled"), f32_tensor(w_shape, w2));
+    let bn = bias.map(|b| {
+        add_constant(
+            g,
+            &format!("{}_bias_scaled", prod.name),
+            f32_tensor(vec![m], b),
+        )
+    });
+    let conv = &mut g.nodes[p];
+    conv.inputs[1] = Some(wn);
+    if let Some(bn) = bn {
+        conv.inputs[2] = Some(bn);
+    }
+    conv.outputs[0] = Some(out);
+    g.value_types.remove(&x);
+    g.nodes.remove(mul);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +397,69 @@ mod tests {
             assert_eq!(after.nodes[0].outputs[0].as_deref(), Some("y"));
             // The original weight is untouched (it might be shared).
             assert_eq!(after.initializers["w"], g.initializers["w"]);
+        }
+    }
+
+    #[test]
+    fn folds_a_per_channel_or_scalar_mul_into_conv() {
+        // conv * s (s scalar [1], per channel [1,4,1,1] or [4,1,1], either
+        // operand order), then + b: the Mul folds into W and B.
+        let cases: &[(&[usize], bool, bool)] = &[
+            (&[1], true, false),
+            (&[1, 4, 1, 1], false, true),
+            (&[4, 1, 1], true, true),
+            (&[], false, false),
+        ];
+        for &(s_shape, bias, swap) in cases {
+            let mut b = Builder::new();
+            b.input("x", DType::F32, &[2, 3, 5, 5]);
+            let w = b.init_rand("w", &[4, 3, 3, 3], -1.0, 1.0);
+            let bb = b.init_rand("bb", &[4], -1.0, 1.0);
+            let sv = b.init_rand("s", s_shape, 0.5, 2.0);
+            let add = b.init_rand("a", &[1], -1.0, 1.0);
+            let ins: Vec<&str> = if bias {
+                vec!["x", &w, &bb]
+            } else {
+                vec!["x", &w]
+            };
+            b.node(Op::Conv(conv_attrs()), &ins, &["c"]);
+            let (l, r) = if swap {
+                (sv.as_str(), "c")
+            } else {
+                ("c", sv.as_str())
+            };
+            b.node(Op::Binary(BinaryOp::Mul), &[l, r], &["m"]);
+            b.node(Op::Binary(BinaryOp::Add), &["m", &add], &["y"]);
+            b.output("y", DType::F32);
+            let g = b.finish();
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 1, "scale {s_shape:?}");
+            assert_eq!(count_op(&after, "Mul"), 0);
+            assert_eq!(after.initializers["w"], g.initializers["w"]);
+        }
+    }
+
+    #[test]
+    fn leaves_a_mul_that_is_not_per_channel_or_not_the_convs_only_reader() {
+        for case in 0..2 {
+            let mut b = Builder::new();
+            b.input("x", DType::F32, &[1, 3, 5, 5]);
+            let w = b.init_rand("w", &[4, 3, 3, 3], -1.0, 1.0);
+            // Per position, not per channel.
+            let sv = b.init_rand("s", &[1, 1, 5, 5], 0.5, 2.0);
+            let one = b.init_rand("one", &[1], 0.5, 2.0);
+            b.node(Op::Conv(conv_attrs()), &["x", &w], &["c"]);
+            if case == 0 {
+                b.node(Op::Binary(BinaryOp::Mul), &["c", &sv], &["y"]);
+            } else {
+                b.node(Op::Binary(BinaryOp::Mul), &["c", &one], &["y"]);
+                b.node(Op::Unary(kiln_ir::UnaryOp::Relu), &["c"], &["r"]);
+                b.output("r", DType::F32);
+            }
+            b.output("y", DType::F32);
+            let g = b.finish();
+            let (after, n) = check_pass(&g, run);
+            assert_eq!((n, &after), (0, &g), "case {case}");
         }
     }
 
