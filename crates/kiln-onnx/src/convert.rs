@@ -970,3 +970,94 @@ fn constant_value(a: &Attrs, limits: &TensorLimits) -> Result<Tensor> {
     }
     Err(OnnxError::Invalid("Constant has no value attribute".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::proto::tensor_shape_proto::{dimension::Value as DimValue, Dimension};
+    use crate::proto::{
+        type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
+        TypeProto, ValueInfoProto,
+    };
+    use crate::{load_model_bytes, LoadOptions};
+    use kiln_ir::Dim;
+    use prost::Message;
+
+    fn input(name: &str, dims: Vec<Option<DimValue>>) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(TensorShapeProto {
+                        dim: dims
+                            .into_iter()
+                            .map(|value| Dimension {
+                                value,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unnamed_input_dims_get_symbols_of_their_own() {
+        let p = |s: &str| Some(DimValue::DimParam(s.into()));
+        let model = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                node: vec![NodeProto {
+                    op_type: Some("Add".into()),
+                    input: vec!["x".into(), "z".into()],
+                    output: vec!["y".into()],
+                    ..Default::default()
+                }],
+                input: vec![
+                    input("x", vec![p("N"), Some(DimValue::DimValue(3)), p("?"), None]),
+                    input(
+                        "z",
+                        vec![p("N"), Some(DimValue::DimValue(3)), p(""), p("?")],
+                    ),
+                ],
+                output: vec![input("y", vec![p("?"), None, None, None])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let m = load_model_bytes(&model.encode_to_vec(), None, &LoadOptions::default()).unwrap();
+        let shape = |i: usize| m.graph.inputs[i].ty.shape.clone().unwrap();
+        let named = |s: &str| Dim::Named(s.into());
+        assert_eq!(
+            shape(0),
+            vec![
+                named("N"),
+                Dim::Known(3),
+                named("unk:x:2"),
+                named("unk:x:3")
+            ]
+        );
+        assert_eq!(
+            shape(1),
+            vec![
+                named("N"),
+                Dim::Known(3),
+                named("unk:z:2"),
+                named("unk:z:3")
+            ]
+        );
+        // Outputs keep unknown dims unknown (inference fills them in).
+        assert_eq!(
+            m.graph.outputs[0].ty.shape.clone().unwrap()[0],
+            Dim::Unknown
+        );
+    }
+}
