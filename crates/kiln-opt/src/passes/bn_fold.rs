@@ -15,6 +15,12 @@
 //! channel (or one for all: paddle's learnable affine blocks, `conv * s + b`
 //! with scalar `s` and `b`) is folded the same way, `W' = W * s`, `B' = B * s`;
 //! fusion then takes the Add of `b` as the Conv's bias.
+//!
+//! The same blocks also put `h * s + b` (scalar or per-channel constants)
+//! after activations, in front of the next Conv. Where that Conv has no
+//! padding (so every tap reads a real input), the affine folds into it:
+//! `W'[m, c, k] = W[m, c, k] * s[c]`, `B'[m] = B[m] + sum over c, k of
+//! W[m, c, k] * b[c]`.
 
 use crate::util::{
     add_constant, constant, dtype_of, f32_tensor, shape_of, single_reader_is, Index,
@@ -72,6 +78,9 @@ fn bn_affine(g: &Graph, ix: &Index, bn: usize) -> Option<(Vec<f64>, Vec<f64>)> {
 fn fold_one(g: &mut Graph, ix: &Index, bn: usize) -> bool {
     if matches!(g.nodes[bn].op, Op::Binary(BinaryOp::Mul)) {
         return fold_conv_scale(g, ix, bn);
+    }
+    if matches!(g.nodes[bn].op, Op::Conv(_)) {
+        return fold_input_affine(g, ix, bn);
     }
     if !matches!(g.nodes[bn].op, Op::BatchNormalization { .. }) {
         return false;
@@ -335,6 +344,132 @@ fn fold_conv_scale(g: &mut Graph, ix: &Index, mul: usize) -> bool {
     true
 }
 
+/// Values of constant `c` that is one value per channel of axis 1 of a
+/// rank-`rank` operand with `len` channels, or one for all.
+fn channel_values(c: &Tensor, rank: usize, len: usize) -> Option<Vec<f64>> {
+    if c.dtype() != DType::F32 || c.rank() > rank {
+        return None;
+    }
+    let pad = rank - c.rank();
+    let ok = c
+        .shape()
+        .iter()
+        .enumerate()
+        .all(|(k, &d)| d == 1 || (pad + k == 1 && d == len));
+    let v = c.to_f64_vec().ok()?;
+    if !ok || v.is_empty() {
+        return None;
+    }
+    Some(
+        (0..len)
+            .map(|i| if v.len() == len { v[i] } else { v[0] })
+            .collect(),
+    )
+}
+
+/// `Conv(x * s + b)` (the Mul, the Add or both; either operand order) with
+/// no padding and per-input-channel or scalar constants: the affine folded
+/// into the Conv's W and B.
+fn fold_input_affine(g: &mut Graph, ix: &Index, conv: usize) -> bool {
+    let n = &g.nodes[conv];
+    let Op::Conv(attrs) = &n.op else {
+        return false;
+    };
+    let unpadded = attrs.pads.iter().all(|&p| p == 0)
+        && matches!(
+            attrs.auto_pad,
+            kiln_ir::AutoPad::NotSet | kiln_ir::AutoPad::Valid
+        );
+    let Some(w) = n.input(1).and_then(|w| constant(g, ix, w)) else {
+        return false;
+    };
+    if !unpadded || w.dtype() != DType::F32 || w.rank() < 3 || attrs.group != 1 {
+        return false;
+    }
+    let (m, c) = (w.shape()[0], w.shape()[1]);
+    let rank = w.rank();
+    // Walk back from X through an Add, then a Mul, each read only here.
+    let mut x = match n.input(0) {
+        Some(x) => x.to_string(),
+        None => return false,
+    };
+    let mut reader = conv;
+    let (mut scale, mut shift): (Option<Vec<f64>>, Option<Vec<f64>>) = (None, None);
+    let mut removed = Vec::new();
+    for want in [BinaryOp::Add, BinaryOp::Mul] {
+        let Some(p) = ix.producer_of(&x) else { break };
+        let pn = &g.nodes[p];
+        if want == BinaryOp::Add && !matches!(pn.op, Op::Binary(BinaryOp::Add)) {
+            // No shift: perhaps a scale alone.
+            continue;
+        }
+        if !matches!(pn.op, Op::Binary(b) if b == want)
+            || !single_reader_is(ix, &x, reader)
+            || dtype_of(g, &x) != Some(DType::F32)
+        {
+            break;
+        }
+        let (Some(a), Some(b)) = (pn.input(0), pn.input(1)) else {
+            break;
+        };
+        let (v, k) = match (constant(g, ix, a), constant(g, ix, b)) {
+            (None, Some(k)) => (a, k),
+            (Some(k), None) => (b, k),
+            _ => break,
+        };
+        let Some(vals) = channel_values(k, rank, c) else {
+            break;
+        };
+        // The other operand must have the Conv input's shape already (the
+        // constant only broadcasts into it).
+        if shape_of(g, v).is_none() || shape_of(g, v) != shape_of(g, &x) {
+            break;
+        }
+        match want {
+            BinaryOp::Add => shift = Some(vals),
+            _ => scale = Some(vals),
+        }
+        removed.push(p);
+        x = v.to_string();
+        reader = p;
+    }
+    if removed.is_empty() {
+        return false;
+    }
+    let s = scale.unwrap_or_else(|| vec![1.0; c]);
+    let b = shift.unwrap_or_else(|| vec![0.0; c]);
+    // With both, the graph computed (x * s) + b: the shift is after the scale.
+    let per = w.len() / (m * c).max(1);
+    let wv = w.as_slice::<f32>().expect("f32 checked");
+    let mut w2 = vec![0f32; wv.len()];
+    let mut extra = vec![0f64; m];
+    for (i, &v) in wv.iter().enumerate() {
+        let (mo, ci) = (i / (c * per), (i / per) % c);
+        w2[i] = (v as f64 * s[ci]) as f32;
+        extra[mo] += v as f64 * b[ci];
+    }
+    let bias: Vec<f64> = match n.input(2) {
+        None => vec![0.0; m],
+        Some(bn) => match constant(g, ix, bn) {
+            Some(t) if t.dtype() == DType::F32 && t.shape() == [m] => t.to_f64_vec().expect("f32"),
+            _ => return false,
+        },
+    };
+    let b2: Vec<f32> = (0..m).map(|o| (bias[o] + extra[o]) as f32).collect();
+    let w_shape = w.shape().to_vec();
+    let base = n.input(1).unwrap_or("W").to_string();
+    let name = n.name.clone();
+    let wn = add_constant(g, &format!("{base}_affine"), f32_tensor(w_shape, w2));
+    let bn = add_constant(g, &format!("{name}_bias_affine"), f32_tensor(vec![m], b2));
+    let node = &mut g.nodes[conv];
+    node.inputs.resize(3, None);
+    node.inputs[0] = Some(x);
+    node.inputs[1] = Some(wn);
+    node.inputs[2] = Some(bn);
+    crate::util::remove_nodes(g, &removed);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +572,64 @@ mod tests {
             assert_eq!(count_op(&after, "Mul"), 0);
             assert_eq!(after.initializers["w"], g.initializers["w"]);
         }
+    }
+
+    #[test]
+    fn folds_an_affine_in_front_of_an_unpadded_conv() {
+        // relu(x) * s + b, relu(x) * s, relu(x) + b (scalar or per input
+        // channel, either operand order) in front of a 1x1 conv: folded.
+        let cases: &[(bool, bool, &[usize])] = &[
+            (true, true, &[1]),
+            (true, false, &[1, 3, 1, 1]),
+            (false, true, &[3, 1, 1]),
+            (true, true, &[1, 3, 1, 1]),
+        ];
+        for (ci, &(mul, add, cshape)) in cases.iter().enumerate() {
+            let mut b = Builder::new();
+            b.input("x", DType::F32, &[2, 3, 5, 5]);
+            let w = b.init_rand("w", &[4, 3, 1, 1], -1.0, 1.0);
+            let bb = b.init_rand("bb", &[4], -1.0, 1.0);
+            let sv = b.init_rand("s", cshape, 0.5, 2.0);
+            let av = b.init_rand("a", cshape, -1.0, 1.0);
+            b.node(Op::Unary(kiln_ir::UnaryOp::Relu), &["x"], &["h"]);
+            let mut cur = "h".to_string();
+            if mul {
+                b.node(Op::Binary(BinaryOp::Mul), &[&sv, &cur], &["hs"]);
+                cur = "hs".into();
+            }
+            if add {
+                b.node(Op::Binary(BinaryOp::Add), &[&cur, &av], &["hb"]);
+                cur = "hb".into();
+            }
+            let mut a = conv_attrs();
+            a.pads = vec![0; 4];
+            a.kernel_shape = vec![1, 1];
+            b.node(Op::Conv(a), &[&cur, &w, &bb], &["y"]);
+            b.output("y", DType::F32);
+            let g = b.finish();
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 1, "case {ci}");
+            assert_eq!(
+                count_op(&after, "Mul") + count_op(&after, "Add"),
+                0,
+                "case {ci}"
+            );
+        }
+    }
+
+    #[test]
+    fn leaves_an_affine_in_front_of_a_padded_conv() {
+        // Padding reads zeros where x * s + b would not be zero.
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[1, 3, 5, 5]);
+        let w = b.init_rand("w", &[4, 3, 3, 3], -1.0, 1.0);
+        let av = b.init_rand("a", &[1], 0.5, 1.0);
+        b.node(Op::Binary(BinaryOp::Add), &["x", &av], &["xb"]);
+        b.node(Op::Conv(conv_attrs()), &["xb", &w], &["y"]);
+        b.output("y", DType::F32);
+        let g = b.finish();
+        let (after, n) = check_pass(&g, run);
+        assert_eq!((n, &after), (0, &g));
     }
 
     #[test]
