@@ -848,8 +848,47 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> Result<Tensor> {
     let outer: usize = first.shape()[..ax].iter().product();
     let inner: usize = first.shape()[ax + 1..].iter().product();
     let runs: Vec<usize> = xs.iter().map(|x| x.shape()[ax] * inner).collect();
+    if total >= PAR_CONCAT_MIN {
+        let f32s: Option<Vec<&[f32]>> = xs.iter().map(|x| x.as_slice::<f32>()).collect();
+        if let Some(slices) = f32s {
+            let data = concat_f32_parallel(&slices, &runs, total);
+            return tensor(out_shape, TensorData::F32(data));
+        }
+    }
     let data = map_data!(first.data(), _v => concat_typed(xs, outer, &runs, total)?);
     tensor(out_shape, data)
+}
+
+/// Outputs of at least this many elements are copied by [`concat_f32_parallel`].
+const PAR_CONCAT_MIN: usize = 1 << 16;
+
+/// f32 Concat in parallel: the output cut into equal chunks, each filled
+/// from whichever inputs' runs it spans. (A serial copy ran at 20 GB/s:
+/// YOLOv8n's 33 Concats took 0.8 ms of its 8.6.) Every input's `runs[i]`
+/// elements per outer index follow each other in the output.
+fn concat_f32_parallel(slices: &[&[f32]], runs: &[usize], total: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let period: usize = runs.iter().sum();
+    let mut out = crate::buffers::take_f32(total);
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, dst)| {
+        let start = ci * CHUNK;
+        let mut pos = start;
+        let end = start + dst.len();
+        while pos < end {
+            let (o, mut r) = (pos / period, pos % period);
+            let mut k = 0;
+            while r >= runs[k] {
+                r -= runs[k];
+                k += 1;
+            }
+            let n = (runs[k] - r).min(end - pos);
+            dst[pos - start..pos - start + n]
+                .copy_from_slice(&slices[k][o * runs[k] + r..o * runs[k] + r + n]);
+            pos += n;
+        }
+    });
+    out
 }
 
 pub fn split(x: &Tensor, split: Option<&Tensor>, axis: i64, parts: usize) -> Result<Vec<Tensor>> {
@@ -1606,6 +1645,47 @@ mod tests {
                 }
                 assert_eq!(val, flat(&shape, &ii) as f32, "perm {perm:?}");
             }
+        }
+    }
+
+    #[test]
+    fn parallel_f32_concat_matches_the_serial_copy() {
+        // Big enough for the parallel path: the same values concatenated as
+        // f32 (parallel chunks) and as i64 (serial), on every axis, with an
+        // empty input among them and chunks that span several inputs.
+        for (shapes, axis) in [
+            (
+                vec![[1usize, 8, 48, 48], [1, 24, 48, 48], [1, 0, 48, 48]],
+                1i64,
+            ),
+            (vec![[2, 3, 100, 120], [2, 3, 7, 120], [2, 3, 1, 120]], 2),
+            (vec![[3, 5, 40, 200], [3, 5, 40, 1], [3, 5, 40, 63]], 3),
+            (vec![[30, 4, 30, 30], [1, 4, 30, 30], [50, 4, 30, 30]], 0),
+        ] {
+            let mut next = 0i64;
+            let mut fl = Vec::new();
+            let mut il = Vec::new();
+            for s in &shapes {
+                let n: usize = s.iter().product();
+                let v: Vec<i64> = (next..next + n as i64).collect();
+                next += n as i64;
+                fl.push(t(s, v.iter().map(|&x| x as f32).collect()));
+                il.push(Tensor::from_vec(s.to_vec(), v).unwrap());
+            }
+            let yf = concat(&fl.iter().collect::<Vec<_>>(), axis).unwrap();
+            let yi = concat(&il.iter().collect::<Vec<_>>(), axis).unwrap();
+            assert!(
+                yf.len() >= PAR_CONCAT_MIN,
+                "{shapes:?} too small for the parallel path"
+            );
+            assert_eq!(yf.shape(), yi.shape());
+            let want: Vec<f32> = yi
+                .as_slice::<i64>()
+                .unwrap()
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            assert_eq!(f(&yf), want, "{shapes:?} axis {axis}");
         }
     }
 
