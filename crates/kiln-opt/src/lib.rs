@@ -159,6 +159,10 @@ pub fn optimize(graph: &mut Graph, opts: &OptOptions) -> Result<OptReport, OptEr
             break;
         }
     }
+    // The copy holds every constant the rounds replaced (folded weights):
+    // freed now, before the passes below make more, so a load's peak
+    // memory holds one copy fewer.
+    drop(last_good);
     if all {
         if let Some(values) = refresh_types(graph) {
             ctx.sym_values = values;

@@ -23,7 +23,7 @@
 use crate::util::{add_constant, constant, f32_tensor, fresh_name, shape_of, Index};
 use crate::PassCtx;
 use kiln_ir::{AutoPad, ConvAttrs, DType, Dim, FusedAct, FusedOp, Graph, Node, Op, ValueType};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The largest input or output plane (H x W) of a conv in a region.
 const MAX_PLANE: usize = 14 * 14;
@@ -82,7 +82,16 @@ pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
         if !worth_converting(nodes.len() - depthwise, depthwise, transposes) {
             continue;
         }
-        convert(g, nodes, &kinds, &edges);
+        // Weights only this region's pointwise convs read are replaced by
+        // their transposes under the same name (no second copy).
+        let own: HashSet<String> = nodes
+            .iter()
+            .filter(|i| kinds[i] == Kind::Pointwise)
+            .filter_map(|&i| g.nodes[i].input(1))
+            .filter(|w| ix.readers(w).len() == 1 && !ix.graph_inputs.contains(*w))
+            .map(str::to_string)
+            .collect();
+        convert(g, nodes, &kinds, &edges, &own);
         converted += nodes.len();
     }
     converted
@@ -223,7 +232,13 @@ fn to_last(s: &[Dim]) -> Vec<Dim> {
     vec![s[0].clone(), s[2].clone(), s[3].clone(), s[1].clone()]
 }
 
-fn convert(g: &mut Graph, nodes: &[usize], kinds: &HashMap<usize, Kind>, e: &Edges) {
+fn convert(
+    g: &mut Graph,
+    nodes: &[usize],
+    kinds: &HashMap<usize, Kind>,
+    e: &Edges,
+    own: &HashSet<String>,
+) {
     // Channels-last names: a Transpose's output for values entering, a
     // fresh name for every member's output.
     let mut last: HashMap<String, String> = HashMap::new();
@@ -272,7 +287,7 @@ fn convert(g: &mut Graph, nodes: &[usize], kinds: &HashMap<usize, Kind>, e: &Edg
                 let wt = match w_t.get(&w) {
                     Some(t) => t.clone(),
                     None => {
-                        let t = transposed_weight(g, &w);
+                        let t = transposed_weight(g, &w, own.contains(&w));
                         w_t.insert(w.clone(), t.clone());
                         t
                     }
@@ -300,8 +315,9 @@ fn convert(g: &mut Graph, nodes: &[usize], kinds: &HashMap<usize, Kind>, e: &Edg
     g.nodes.extend(new_nodes);
 }
 
-/// A new constant `[C, M]`: pointwise W `[M, C, 1, 1]` transposed.
-fn transposed_weight(g: &mut Graph, w: &str) -> String {
+/// Pointwise W `[M, C, 1, 1]` transposed to `[C, M]`: under W's own name
+/// when `in_place` (nothing else reads W), else as a new constant.
+fn transposed_weight(g: &mut Graph, w: &str, in_place: bool) -> String {
     let t = g.initializers[w].clone();
     let (m, c) = (t.shape()[0], t.shape()[1]);
     let v = t.as_slice::<f32>().unwrap_or_default();
@@ -311,7 +327,12 @@ fn transposed_weight(g: &mut Graph, w: &str) -> String {
             out[ci * m + mi] = x;
         }
     }
-    add_constant(g, &format!("{w}_t"), f32_tensor(vec![c, m], out))
+    let t = f32_tensor(vec![c, m], out);
+    if in_place {
+        g.initializers.insert(w.to_string(), std::sync::Arc::new(t));
+        return w.to_string();
+    }
+    add_constant(g, &format!("{w}_t"), t)
 }
 
 #[cfg(test)]
