@@ -230,26 +230,9 @@ unsafe fn block_nhwc(
     let tile_len = rows_in * cols * LANES;
     // A partial block's outputs go through a band buffer, then masked stores.
     let out_len = if full { 0 } else { rows_out * g.ow * LANES };
-    let need = (taps + 1) * LANES + tile_len + out_len + LANES;
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
-    }
-    let skew = scratch.as_ptr().align_offset(64).min(LANES);
-    let (wv, rest) = scratch[skew..].split_at_mut(taps * LANES);
-    let (bv, rest) = rest.split_at_mut(LANES);
-    let (tile, rest) = rest.split_at_mut(tile_len);
-    let otile = &mut rest[..out_len];
-    for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
-        for (l, e) in v.iter_mut().enumerate() {
-            *e = if l < nch { w[(c0 + l) * taps + t] } else { 0.0 };
-        }
-    }
-    for (l, e) in bv.iter_mut().enumerate() {
-        *e = match bias {
-            Some(b) if l < nch => b[c0 + l],
-            _ => 0.0,
-        };
-    }
+    let bias = bias.map(|b| &b[c0..]);
+    let (wv, bv, tile, otile) =
+        block_scratch(scratch, &w[c0 * taps..], bias, nch, taps, tile_len, out_len);
     // The padded tile: tile column j holds input column j - pw.
     let ncopy = g.iw.min(cols.saturating_sub(g.pw));
     let lead = g.pw.min(cols);
@@ -354,33 +337,13 @@ unsafe fn block_avx512(
     let ob = band_rows(g);
     let tile_len = tile_rows(g, ob) * cols * LANES;
     let out_len = ob * g.ow * LANES;
-    // Weights, bias, tile and output band, each 64-byte aligned.
-    let need = (taps + 1) * LANES + tile_len + out_len + LANES;
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
-    }
-    let skew = scratch.as_ptr().align_offset(64).min(LANES);
-    let (wv, rest) = scratch[skew..].split_at_mut(taps * LANES);
-    let (bv, rest) = rest.split_at_mut(LANES);
-    let (tile, rest) = rest.split_at_mut(tile_len);
-    let otile = &mut rest[..out_len];
+    let bias = epi.bias.map(|b| &b[c0..]);
+    let (wv, bv, tile, otile) = block_scratch(scratch, ws, bias, nch, taps, tile_len, out_len);
 
     // The block's outputs, transposed out a band at a time: read their
     // lines now, while the tiles are packed and computed (MobileNetV2 b8,
     // 960x7x7: 0.265 -> 0.168 ms).
     super::prefetch_for_store(blk);
-    // Lane l of weight vector t is channel c0 + l's tap t (0 past the block).
-    for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
-        for (l, e) in v.iter_mut().enumerate() {
-            *e = if l < nch { ws[l * taps + t] } else { 0.0 };
-        }
-    }
-    for (l, e) in bv.iter_mut().enumerate() {
-        *e = match epi.bias {
-            Some(b) if l < nch => b[c0 + l],
-            _ => 0.0,
-        };
-    }
     // Bias and Relu/Clip in registers; a residual or other activation after.
     let ((lo, hi), rest) = epi.in_registers();
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
@@ -426,6 +389,42 @@ unsafe fn block_avx512(
         }
         oy0 += rows_out;
     }
+}
+
+/// A 16-channel block's scratch, each part 64-byte aligned: the weight
+/// vectors (lane l of vector t is channel l's tap t of `ws`, the block's
+/// filters `[nch, taps]`; 0 past `nch`), the bias vector (`bias` starts at
+/// the block's first channel), the padded tile and the output band.
+#[allow(clippy::type_complexity)]
+fn block_scratch<'s>(
+    scratch: &'s mut Vec<f32>,
+    ws: &[f32],
+    bias: Option<&[f32]>,
+    nch: usize,
+    taps: usize,
+    tile_len: usize,
+    out_len: usize,
+) -> (&'s [f32], &'s [f32], &'s mut [f32], &'s mut [f32]) {
+    let need = (taps + 1) * LANES + tile_len + out_len + LANES;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let skew = scratch.as_ptr().align_offset(64).min(LANES);
+    let (wv, rest) = scratch[skew..].split_at_mut(taps * LANES);
+    let (bv, rest) = rest.split_at_mut(LANES);
+    let (tile, rest) = rest.split_at_mut(tile_len);
+    for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
+        for (l, e) in v.iter_mut().enumerate() {
+            *e = if l < nch { ws[l * taps + t] } else { 0.0 };
+        }
+    }
+    for (l, e) in bv.iter_mut().enumerate() {
+        *e = match bias {
+            Some(b) if l < nch => b[l],
+            _ => 0.0,
+        };
+    }
+    (wv, bv, tile, &mut rest[..out_len])
 }
 
 /// The taps of one block: weight vectors (`kh * kw`, 16 lanes each) and the

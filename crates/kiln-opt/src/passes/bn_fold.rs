@@ -284,28 +284,9 @@ fn fold_conv_scale(g: &mut Graph, ix: &Index, mul: usize) -> bool {
     }
     let m = w.shape()[0];
     // One value per output channel (axis 1 of the output), or one for all.
-    let Some(ct) = constant(g, ix, c) else {
+    let Some(s) = constant(g, ix, c).and_then(|ct| channel_values(ct, w.rank(), m)) else {
         return false;
     };
-    let rank = w.rank();
-    if ct.dtype() != DType::F32 || ct.rank() > rank {
-        return false;
-    }
-    let pad = rank - ct.rank();
-    let shape_ok = ct
-        .shape()
-        .iter()
-        .enumerate()
-        .all(|(k, &d)| d == 1 || (pad + k == 1 && d == m));
-    let Ok(cv) = ct.to_f64_vec() else {
-        return false;
-    };
-    if !shape_ok || cv.is_empty() {
-        return false;
-    }
-    let s: Vec<f64> = (0..m)
-        .map(|o| if cv.len() == m { cv[o] } else { cv[0] })
-        .collect();
     let per = w.len() / m.max(1);
     let wv = w.as_slice::<f32>().expect("f32 checked");
     let w2: Vec<f32> = wv
