@@ -242,18 +242,11 @@ unsafe fn block_nhwc(
     // band buffer writes stay inside their slices; output stores are the
     // caller's (this function's contract).
     unsafe {
-        let zero = _mm512_setzero_ps();
         for r in 0..rows_in {
             let trow = tile.as_mut_ptr().add(r * cols * LANES);
             let iy = (oy0 * g.sh + r) as isize - g.ph as isize;
-            if iy < 0 || iy >= g.ih as isize {
-                for col in 0..cols {
-                    _mm512_store_ps(trow.add(col * LANES), zero);
-                }
+            if !pad_tile_row(trow, iy, g.ih, cols, lead, ncopy) {
                 continue;
-            }
-            for col in (0..lead).chain(lead + ncopy..cols) {
-                _mm512_store_ps(trow.add(col * LANES), zero);
             }
             let src = xs.as_ptr().add(iy as usize * g.iw * c + c0);
             for ix in 0..ncopy {
@@ -574,6 +567,36 @@ fn clamp_nan(
     _mm512_min_ps(hi, _mm512_max_ps(lo, v))
 }
 
+/// Zeroes the padding of tile row `trow` (`cols` vectors) for input row
+/// `iy`: all of it when `iy` is outside the `ih` rows (returns false: no
+/// input to copy), else the `lead` vectors before and those past `lead +
+/// ncopy`, where the row's input columns go.
+///
+/// # Safety
+/// AVX-512F; `trow` points to `cols` writable, aligned vectors.
+#[target_feature(enable = "avx512f")]
+unsafe fn pad_tile_row(
+    trow: *mut f32,
+    iy: isize,
+    ih: usize,
+    cols: usize,
+    lead: usize,
+    ncopy: usize,
+) -> bool {
+    use std::arch::x86_64::*;
+    let inside = iy >= 0 && iy < ih as isize;
+    let (lead, tail) = if inside {
+        (lead, lead + ncopy)
+    } else {
+        (cols, cols)
+    };
+    for col in (0..lead).chain(tail..cols) {
+        // SAFETY: col < cols; the caller's contract covers the row.
+        unsafe { _mm512_store_ps(trow.add(col * LANES), _mm512_setzero_ps()) };
+    }
+    inside
+}
+
 /// Fills `tile` (`rows` x `cols` x 16) with the zero-padded input rows from
 /// padded row `prow0` on, lane l from input plane l (`xs[l * in_n..]`, zero
 /// for lanes at or past `nch`).
@@ -601,14 +624,8 @@ pub(super) unsafe fn pack_band(
     for r in 0..rows {
         let trow = tile.as_mut_ptr().add(r * cols * LANES);
         let iy = (prow0 + r) as isize - g.ph as isize;
-        if iy < 0 || iy >= g.ih as isize {
-            for col in 0..cols {
-                _mm512_store_ps(trow.add(col * LANES), zero);
-            }
+        if !pad_tile_row(trow, iy, g.ih, cols, lead, ncopy) {
             continue;
-        }
-        for col in (0..lead).chain(lead + ncopy..cols) {
-            _mm512_store_ps(trow.add(col * LANES), zero);
         }
         let src_row = iy as usize * g.iw;
         let mut ix0 = 0;

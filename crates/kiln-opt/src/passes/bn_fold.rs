@@ -104,42 +104,10 @@ fn fold_one(g: &mut Graph, ix: &Index, bn: usize) -> bool {
     let prod = g.nodes[p].clone();
     match &prod.op {
         Op::Conv(_) => {
-            let Some(w) = prod.input(1).and_then(|w| constant(g, ix, w)) else {
-                return false;
-            };
-            if w.dtype() != DType::F32 || w.rank() < 1 || w.shape()[0] != m {
+            if !rescale_conv(g, ix, p, &s, Some(&shift), "bnfold") {
                 return false;
             }
-            let per = w.len() / m.max(1);
-            let wv = w.as_slice::<f32>().expect("f32 checked");
-            let w2: Vec<f32> = wv
-                .iter()
-                .enumerate()
-                .map(|(k, &v)| (v as f64 * s[k / per.max(1)]) as f32)
-                .collect();
-            let w_shape = w.shape().to_vec();
-            let bias: Vec<f64> = match prod.input(2) {
-                None => vec![0.0; m],
-                Some(b) => match constant(g, ix, b) {
-                    Some(t) if t.dtype() == DType::F32 && t.shape() == [m] => {
-                        t.to_f64_vec().expect("f32")
-                    }
-                    _ => return false,
-                },
-            };
-            let b2: Vec<f32> = (0..m).map(|c| (bias[c] * s[c] + shift[c]) as f32).collect();
-            let base = prod.input(1).unwrap_or("W").to_string();
-            let wn = add_constant(g, &format!("{base}_bnfold"), f32_tensor(w_shape, w2));
-            let bnm = add_constant(
-                g,
-                &format!("{}_bias_bnfold", prod.name),
-                f32_tensor(vec![m], b2),
-            );
-            let conv = &mut g.nodes[p];
-            conv.inputs.resize(3, None);
-            conv.inputs[1] = Some(wn);
-            conv.inputs[2] = Some(bnm);
-            conv.outputs[0] = Some(bn_out);
+            g.nodes[p].outputs[0] = Some(bn_out);
             g.value_types.remove(&x);
             g.nodes.remove(bn);
             true
@@ -275,17 +243,53 @@ fn fold_conv_scale(g: &mut Graph, ix: &Index, mul: usize) -> bool {
     if dtype_of(g, &x) != Some(DType::F32) || shape_of(g, &out) != shape_of(g, &x) {
         return false;
     }
-    let prod = g.nodes[p].clone();
-    let Some(w) = prod.input(1).and_then(|w| constant(g, ix, w)) else {
+    let Some(w) = g.nodes[p].input(1).and_then(|w| constant(g, ix, w)) else {
         return false;
     };
     if w.dtype() != DType::F32 || w.rank() < 3 {
         return false;
     }
-    let m = w.shape()[0];
     // One value per output channel (axis 1 of the output), or one for all.
-    let Some(s) = constant(g, ix, c).and_then(|ct| channel_values(ct, w.rank(), m)) else {
+    let (m, rank) = (w.shape()[0], w.rank());
+    let Some(s) = constant(g, ix, c).and_then(|ct| channel_values(ct, rank, m)) else {
         return false;
+    };
+    if !rescale_conv(g, ix, p, &s, None, "scaled") {
+        return false;
+    }
+    g.nodes[p].outputs[0] = Some(out);
+    g.value_types.remove(&x);
+    g.nodes.remove(mul);
+    true
+}
+
+/// Conv node `p` with its W scaled per output channel, `W' = W * s`, and
+/// its B made `B * s + shift` (no B and no shift: none), under new names
+/// tagged `tag` (the old W and B may be shared). False, changing nothing,
+/// unless W is a constant f32 with `s.len()` output channels and B, if any,
+/// a constant f32 `[M]`.
+fn rescale_conv(
+    g: &mut Graph,
+    ix: &Index,
+    p: usize,
+    s: &[f64],
+    shift: Option<&[f64]>,
+    tag: &str,
+) -> bool {
+    let prod = &g.nodes[p];
+    let m = s.len();
+    let Some(w) = prod.input(1).and_then(|w| constant(g, ix, w)) else {
+        return false;
+    };
+    if w.dtype() != DType::F32 || w.rank() < 1 || w.shape()[0] != m {
+        return false;
+    }
+    let bias: Option<Vec<f64>> = match prod.input(2) {
+        None => None,
+        Some(b) => match constant(g, ix, b) {
+            Some(t) if t.dtype() == DType::F32 && t.shape() == [m] => t.to_f64_vec().ok(),
+            _ => return false,
+        },
     };
     let per = w.len() / m.max(1);
     let wv = w.as_slice::<f32>().expect("f32 checked");
@@ -294,34 +298,28 @@ fn fold_conv_scale(g: &mut Graph, ix: &Index, mul: usize) -> bool {
         .enumerate()
         .map(|(k, &v)| (v as f64 * s[k / per.max(1)]) as f32)
         .collect();
-    let bias = match prod.input(2) {
-        None => None,
-        Some(b) => match constant(g, ix, b) {
-            Some(t) if t.dtype() == DType::F32 && t.shape() == [m] => {
-                let bv = t.to_f64_vec().expect("f32");
-                Some((0..m).map(|o| (bv[o] * s[o]) as f32).collect::<Vec<f32>>())
-            }
-            _ => return false,
-        },
+    let b2: Option<Vec<f32>> = match (bias, shift) {
+        (None, None) => None,
+        (b, sh) => Some(
+            (0..m)
+                .map(|o| {
+                    let scaled = b.as_ref().map_or(0.0, |b| b[o] * s[o]);
+                    (scaled + sh.map_or(0.0, |sh| sh[o])) as f32
+                })
+                .collect(),
+        ),
     };
     let w_shape = w.shape().to_vec();
-    let base = prod.input(1).unwrap_or("W").to_string();
-    let wn = add_constant(g, &format!("{base}_scaled"), f32_tensor(w_shape, w2));
-    let bn = bias.map(|b| {
-        add_constant(
-            g,
-            &format!("{}_bias_scaled", prod.name),
-            f32_tensor(vec![m], b),
-        )
-    });
+    let (base, name) = (prod.input(1).unwrap_or("W").to_string(), prod.name.clone());
+    let wn = add_constant(g, &format!("{base}_{tag}"), f32_tensor(w_shape, w2));
+    let bn = b2.map(|b| add_constant(g, &format!("{name}_bias_{tag}"), f32_tensor(vec![m], b)));
     let conv = &mut g.nodes[p];
+    conv.inputs.resize(conv.inputs.len().max(2), None);
     conv.inputs[1] = Some(wn);
     if let Some(bn) = bn {
+        conv.inputs.resize(3, None);
         conv.inputs[2] = Some(bn);
     }
-    conv.outputs[0] = Some(out);
-    g.value_types.remove(&x);
-    g.nodes.remove(mul);
     true
 }
 
