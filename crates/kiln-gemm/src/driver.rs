@@ -13,7 +13,7 @@
 //! Tasks run on the caller's rayon pool; the packed operands are shared by all
 //! of them.
 
-use crate::kernels::{Kernel, TileFinish};
+use crate::kernels::{Kernel, TileA, TileFinish, MAX_MR};
 use crate::pack::{self, AlignedBuf};
 use crate::{Epilogue, Finish, MatRef};
 use rayon::prelude::*;
@@ -202,6 +202,14 @@ pub(crate) fn fill_b_now(b: &crate::Panels<'_>, nr: usize) -> Packed<'static> {
     Packed::Owned(buf)
 }
 
+/// What a gathered A's zero segments read: a k block there reads at most
+/// this many floats.
+static GATHER_ZEROS: [f32; 1024] = [0.0; 1024];
+
+/// Most segments of a gathered A in one k block (the table of their row
+/// pointers lives on the task's stack).
+const SEG_BLOCK_MAX: usize = 64;
+
 /// A raw pointer to C that tasks share; each task writes only its own region.
 #[derive(Clone, Copy)]
 struct CPtr(*mut f32);
@@ -223,6 +231,8 @@ pub(crate) struct Job<'a> {
     /// A row-major A (`m x k`, unit column stride, rows this far apart)
     /// that a kernel which [`Kernel::reads_a_in_place`] reads in place.
     pub a_rows: Option<(&'a [f32], usize)>,
+    /// A gathered A that such a kernel reads where its segments lie.
+    pub a_gather: Option<crate::Gather<'a>>,
     /// B packed in `NR`-column panels (empty when `b_direct` is given).
     pub b: &'a [f32],
     /// B read in place instead (see [`DirectB`]).
@@ -259,11 +269,15 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
     let (m, n, k) = (job.m, job.n, job.k);
     debug_assert!(m > 0 && n > 0 && k > 0);
     assert!(c.len() >= (m - 1) * job.ldc + n);
-    match job.a_rows {
-        Some((data, ld)) => {
+    match (job.a_rows, &job.a_gather) {
+        (Some((data, ld)), _) => {
             assert!(kern.reads_a_in_place && ld >= k && data.len() >= (m - 1) * ld + k)
         }
-        None => assert!(job.a.len() >= m.div_ceil(kern.mr) * kern.mr * k),
+        // `Gather::check` has bounded every segment.
+        (None, Some(g)) => {
+            assert!(kern.reads_a_in_place && g.rows() == m && g.cols() == k)
+        }
+        (None, None) => assert!(job.a.len() >= m.div_ceil(kern.mr) * kern.mr * k),
     }
     match &job.b_direct {
         Some(d) => {
@@ -384,16 +398,71 @@ unsafe fn run_task(
     let fin = job.finish;
     let col0 = q0 * nr;
     let width = (q1 * nr).min(n) - col0;
+    // A gathered A's segments shorter than a k block are read a block of
+    // whole segments at a time, through a table of row pointers per
+    // segment (`TileA::Segments`); longer ones a k block within one
+    // segment at a time (`TileA::Rows`).
+    let seg_block = job
+        .a_gather
+        .as_ref()
+        .filter(|g| g.seg_len <= GATHER_ZEROS.len())
+        .map(|g| blk.kc / g.seg_len.max(1))
+        .filter(|&s| s >= 2)
+        .map(|s| s.min(SEG_BLOCK_MAX));
+    let mut seg_ptrs = [std::ptr::null::<f32>(); SEG_BLOCK_MAX * MAX_MR];
     let mut pc = 0;
     while pc < k {
-        let kc = blk.kc.min(k - pc);
+        let mut kc = blk.kc.min(k - pc);
+        if let Some(g) = &job.a_gather {
+            kc = match seg_block {
+                // Whole segments (pc is at a segment's start, k a multiple
+                // of seg_len).
+                Some(s) => (s * g.seg_len).min(k - pc),
+                // A k block reads within one segment of each row.
+                None => kc.min(g.seg_len - pc % g.seg_len).min(GATHER_ZEROS.len()),
+            };
+        }
         let beta = if pc == 0 { job.beta } else { 1.0 };
         let last = pc + kc == k;
         for ip in p0..p1 {
             let rows = mr.min(m - ip * mr);
-            let (a, lda) = match job.a_rows {
-                Some((data, ld)) => (data[ip * mr * ld + pc..].as_ptr(), ld),
-                None => (job.a[ip * mr * k + pc * mr..].as_ptr(), 0),
+            // Row i's segment t, from float q of it.
+            let seg_at = |g: &crate::Gather<'_>, i: usize, t: usize, q: usize| match g.segment(i, t)
+            {
+                None => GATHER_ZEROS.as_ptr(),
+                Some(o) => g.data[o + q..].as_ptr(),
+            };
+            let a = match (job.a_rows, &job.a_gather) {
+                (Some((data, ld)), _) => TileA::Rows(std::array::from_fn(|r| {
+                    if r < rows {
+                        data[(ip * mr + r) * ld + pc..].as_ptr()
+                    } else {
+                        std::ptr::null()
+                    }
+                })),
+                (None, Some(g)) if seg_block.is_some() => {
+                    let t0 = pc / g.seg_len;
+                    for s in 0..kc / g.seg_len {
+                        for r in 0..rows {
+                            seg_ptrs[s * MAX_MR + r] = seg_at(g, ip * mr + r, t0 + s, 0);
+                        }
+                    }
+                    TileA::Segments {
+                        ptrs: seg_ptrs.as_ptr(),
+                        seg_len: g.seg_len,
+                    }
+                }
+                (None, Some(g)) => {
+                    let (t, q) = (pc / g.seg_len, pc % g.seg_len);
+                    TileA::Rows(std::array::from_fn(|r| {
+                        if r < rows {
+                            seg_at(g, ip * mr + r, t, q)
+                        } else {
+                            std::ptr::null()
+                        }
+                    }))
+                }
+                (None, None) => TileA::Packed(job.a[ip * mr * k + pc * mr..].as_ptr()),
             };
             for jq in q0..q1 {
                 let cols = nr.min(n - jq * nr);
@@ -420,7 +489,12 @@ unsafe fn run_task(
                 // SAFETY: A panel ip holds mr*k floats from ip*mr*k, so kc*mr
                 // remain from pc*mr (A read in place: its rows ip*mr.. hold
                 // k floats each, ld apart, asserted in `gemm_packed`, so kc
-                // remain from column pc of each); likewise a packed B panel. A direct B's
+                // remain from column pc of each; gathered: each row's
+                // segment holds seg_len floats inside `data` (checked by
+                // `Gather::check`), kc of them from pc's place in it, and
+                // the zero segment at least kc; in whole segments, `seg_ptrs`
+                // holds each of the block's segments' row pointers, every
+                // one to seg_len readable floats); likewise a packed B panel. A direct B's
                 // full panel has kc rows of nr floats from row pc, ld apart
                 // (asserted in `gemm_packed`); its tail panel is packed, or
                 // read in place by a kernel that loads only the live
@@ -432,7 +506,6 @@ unsafe fn run_task(
                     kern.micro(
                         kc,
                         a,
-                        lda,
                         b,
                         ldb,
                         c.add(i0 * ldc + j0),

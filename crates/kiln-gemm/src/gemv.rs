@@ -197,7 +197,9 @@ pub(crate) fn a_at(a: &Lhs<'_>, i: usize, p: usize) -> f32 {
     match a {
         Lhs::Mat(v) => v.at(i, p),
         Lhs::Packed(pa) => pa.get(i, p),
-        Lhs::Panels(_) => unreachable!("sgemm never reads caller-packed operands by element"),
+        Lhs::Panels(_) | Lhs::Gather(_) => {
+            unreachable!("sgemm never reads caller-packed operands by element")
+        }
     }
 }
 

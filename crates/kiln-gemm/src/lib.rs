@@ -262,12 +262,148 @@ impl std::fmt::Debug for Panels<'_> {
     }
 }
 
+/// Marks a [`Gather`] segment that is all zeros.
+pub const GATHER_ZEROS: usize = usize::MAX;
+
+/// Where the rows of a [`Gather`] read: per row, per segment, an offset
+/// into the data, or [`GATHER_ZEROS`]. Built once (it scans its offsets for
+/// the largest), so each product checks it against the data in O(1).
+#[derive(Clone, Debug)]
+pub struct GatherTable {
+    offsets: Vec<usize>,
+    segs: usize,
+    /// The largest offset that is not `GATHER_ZEROS`.
+    max_offset: Option<usize>,
+}
+
+impl GatherTable {
+    /// `offsets[i * segs + t]`: row `i`'s segment `t`. Panics unless `segs
+    /// > 0` and the offsets fill whole rows.
+    pub fn new(offsets: Vec<usize>, segs: usize) -> GatherTable {
+        assert!(
+            segs > 0 && offsets.len().is_multiple_of(segs),
+            "GatherTable: {} offsets are not whole rows of {segs} segments",
+            offsets.len()
+        );
+        let max_offset = offsets.iter().copied().filter(|&o| o != GATHER_ZEROS).max();
+        GatherTable {
+            offsets,
+            segs,
+            max_offset,
+        }
+    }
+
+    /// Rows (of one image).
+    pub fn rows(&self) -> usize {
+        self.offsets.len() / self.segs
+    }
+
+    pub fn segs(&self) -> usize {
+        self.segs
+    }
+}
+
+/// An A (`m x k`) whose rows are gathered from segments of one slice, in
+/// `images` blocks of the same pattern: row `b * table.rows() + i` is
+/// `table.segs()` segments of `seg_len` floats, segment `t` read from
+/// `data[b * image_stride + o..]` where `o` is the table's offset for row
+/// `i`, segment `t`, or zeros where that is [`GATHER_ZEROS`]. This is an
+/// implicit im2col over a channels-last input (a row is an output
+/// position, a segment one tap's channels, zeros a tap in the padding, a
+/// block one image): kernels that read A's rows in place read every
+/// segment where it lies, so nothing is packed or copied; the others pack.
+#[derive(Clone, Copy)]
+pub struct Gather<'a> {
+    pub data: &'a [f32],
+    pub table: &'a GatherTable,
+    pub seg_len: usize,
+    pub images: usize,
+    pub image_stride: usize,
+}
+
+impl Gather<'_> {
+    pub fn rows(&self) -> usize {
+        self.images * self.table.rows()
+    }
+
+    pub fn cols(&self) -> usize {
+        self.table.segs * self.seg_len
+    }
+
+    /// Panics unless every segment of every image lies inside `data` (a
+    /// caller bug).
+    fn check(&self) {
+        let Some(max) = self.table.max_offset else {
+            return;
+        };
+        let end = self
+            .images
+            .saturating_sub(1)
+            .checked_mul(self.image_stride)
+            .and_then(|last| last.checked_add(max))
+            .and_then(|o| o.checked_add(self.seg_len));
+        assert!(
+            self.images == 0 || end.is_some_and(|e| e <= self.data.len()),
+            "sgemm: a gather segment (offset {max} + {}, {} images {} apart) is outside its {} floats",
+            self.seg_len,
+            self.images,
+            self.image_stride,
+            self.data.len()
+        );
+    }
+
+    /// Where row `i`'s segment `t` starts in `data` (None: zeros).
+    #[inline]
+    pub(crate) fn segment(&self, i: usize, t: usize) -> Option<usize> {
+        let (per, segs) = (self.table.rows(), self.table.segs);
+        match self.table.offsets[(i % per) * segs + t] {
+            GATHER_ZEROS => None,
+            o => Some(o + i / per * self.image_stride),
+        }
+    }
+
+    /// Row `i`'s values `p0 .. p0 + out.len()` (within one segment).
+    fn read(&self, i: usize, p0: usize, out: &mut [f32]) {
+        let (t, q) = (p0 / self.seg_len, p0 % self.seg_len);
+        debug_assert!(q + out.len() <= self.seg_len);
+        match self.segment(i, t) {
+            None => out.fill(0.0),
+            Some(o) => out.copy_from_slice(&self.data[o + q..o + q + out.len()]),
+        }
+    }
+
+    /// The whole matrix, row-major (for the reference and packing kernels).
+    fn to_row_major(&self) -> Vec<f32> {
+        let k = self.cols();
+        let mut dense = vec![0.0; self.rows() * k];
+        for (i, row) in dense.chunks_exact_mut(k.max(1)).enumerate() {
+            for (t, seg) in row.chunks_exact_mut(self.seg_len.max(1)).enumerate() {
+                self.read(i, t * self.seg_len, seg);
+            }
+        }
+        dense
+    }
+}
+
+impl std::fmt::Debug for Gather<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Gather({}x{} in {} segments)",
+            self.rows(),
+            self.cols(),
+            self.table.segs
+        )
+    }
+}
+
 /// The left operand of one product.
 #[derive(Clone, Copy, Debug)]
 pub enum Lhs<'a> {
     Mat(MatRef<'a>),
     Packed(&'a PackedA),
     Panels(Panels<'a>),
+    Gather(Gather<'a>),
 }
 
 /// The right operand of one product.
@@ -284,6 +420,7 @@ impl Lhs<'_> {
             Lhs::Mat(a) => a.rows,
             Lhs::Packed(a) => a.m,
             Lhs::Panels(a) => a.rows,
+            Lhs::Gather(a) => a.rows(),
         }
     }
     pub fn cols(&self) -> usize {
@@ -291,6 +428,7 @@ impl Lhs<'_> {
             Lhs::Mat(a) => a.cols,
             Lhs::Packed(a) => a.k,
             Lhs::Panels(a) => a.cols,
+            Lhs::Gather(a) => a.cols(),
         }
     }
 }
@@ -474,6 +612,12 @@ pub fn selected_kernel() -> &'static str {
     kernels::selected().name
 }
 
+/// Whether `sgemm` on this CPU reads a [`Gather`] A where its segments
+/// lie (else it packs it first, a copy of the whole im2col matrix).
+pub fn gathers_in_place() -> bool {
+    kernels::selected().reads_a_in_place
+}
+
 /// The tile (`MR` rows x `NR` columns of C) of the microkernel `sgemm` uses
 /// on this CPU: packed operands are padded to multiples of it.
 pub fn selected_tile() -> (usize, usize) {
@@ -496,6 +640,9 @@ pub(crate) fn sgemm_with(
 ) {
     let (m, k, n) = check_dims(&a, &b, c.len(), ldc);
     finish.check(m, n);
+    if let Lhs::Gather(g) = &a {
+        g.check();
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -529,7 +676,7 @@ pub(crate) fn sgemm_with(
         }
         return;
     }
-    let caller_packed = matches!(a, Lhs::Panels(_)) || matches!(b, Rhs::Panels(_));
+    let caller_packed = matches!(a, Lhs::Panels(_) | Lhs::Gather(_)) || matches!(b, Rhs::Panels(_));
     if m == 1 && n == 1 && !caller_packed {
         let x: Vec<f32> = (0..k).map(|p| gemv::a_at(&a, 0, p)).collect();
         let y: Vec<f32> = (0..k).map(|p| gemv::b_at(&b, p, 0)).collect();
@@ -560,8 +707,13 @@ pub(crate) fn sgemm_with(
         Lhs::Mat(v) if a_in_place_applies(kernel, v) => Some((v.data(), v.row_stride())),
         _ => None,
     };
+    // A gathered A is read where its segments lie, by a kernel that can.
+    let a_gather = match a {
+        Lhs::Gather(g) if kernel.reads_a_in_place => Some(g),
+        _ => None,
+    };
     let pa = match a {
-        _ if a_rows.is_some() => driver::Packed::Borrowed(&[]),
+        _ if a_rows.is_some() || a_gather.is_some() => driver::Packed::Borrowed(&[]),
         Lhs::Packed(p) if p.kind == kernel.kind => driver::Packed::Borrowed(p.data.as_slice()),
         Lhs::Packed(p) => {
             let rm = p.to_row_major();
@@ -569,6 +721,10 @@ pub(crate) fn sgemm_with(
         }
         Lhs::Mat(v) => driver::pack_a_now(v, kernel.mr),
         Lhs::Panels(p) => driver::fill_a_now(&p, kernel.mr),
+        Lhs::Gather(g) => {
+            let dense = g.to_row_major();
+            driver::pack_a_now(MatRef::row_major(&dense, m, k), kernel.mr)
+        }
     };
     // A row-major B is read in place where packing it would cost a
     // noticeable share of the product (see `direct_b_applies`).
@@ -600,6 +756,7 @@ pub(crate) fn sgemm_with(
         beta,
         a: pa.data(),
         a_rows,
+        a_gather,
         b: pb.data(),
         b_direct: direct.as_ref().map(|(v, tail)| driver::DirectB {
             data: v.data(),
@@ -672,6 +829,10 @@ pub fn sgemm_reference(
     let a = match a {
         Lhs::Panels(p) => {
             a_dense = pack::unpack_panels(&p, false);
+            Lhs::Mat(MatRef::row_major(&a_dense, m, k))
+        }
+        Lhs::Gather(g) => {
+            a_dense = g.to_row_major();
             Lhs::Mat(MatRef::row_major(&a_dense, m, k))
         }
         other => other,

@@ -850,3 +850,118 @@ fn a_read_in_place_only_with_unit_column_stride() {
         }
     }
 }
+
+/// A gathered A (segments from anywhere in one slice, some all zeros)
+/// against the reference on its dense form, on every kernel (those that
+/// read A in place read the segments where they lie; the others pack),
+/// B packed and row-major, 1 and 2 threads, with a finish. Segment lengths
+/// cover one float, a partial vector, and more than a k block, so blocks
+/// are cut at segment ends and past the zero segment's length.
+#[test]
+fn gathered_a_matches_reference() {
+    let mut r = rand_vec(4000, 7)
+        .into_iter()
+        .map(|x| ((x + 1.0) * 1e6) as usize);
+    let mut next = |max: usize| r.next().expect("enough random numbers") % max;
+    // (rows per image, segments, segment length, n, images)
+    let shapes = [
+        (1, 1, 1, 1, 1),
+        (7, 9, 3, 70, 2),
+        (13, 9, 64, 130, 1),
+        (50, 4, 17, 65, 3),
+        (6, 2, 1100, 40, 1),
+        (31, 1, 300, 129, 2),
+    ];
+    for kernel in available() {
+        for (case, &(per, segs, seg_len, n, images)) in shapes.iter().enumerate() {
+            let stride = 5000.max(2 * seg_len);
+            let data = rand_vec(stride * images, case as u64);
+            let offsets: Vec<usize> = (0..per * segs)
+                .map(|_| {
+                    if next(5) == 0 {
+                        GATHER_ZEROS
+                    } else {
+                        next(stride - seg_len + 1)
+                    }
+                })
+                .collect();
+            let m = per * images;
+            let table = GatherTable::new(offsets, segs);
+            let g = Gather {
+                data: &data,
+                table: &table,
+                seg_len,
+                images,
+                image_stride: stride,
+            };
+            let k = segs * seg_len;
+            let dense = g.to_row_major();
+            let bv = rand_vec(k * n, case as u64 + 100);
+            let bias = rand_vec(n, case as u64 + 200);
+            let fin = Finish {
+                col_bias: Some(&bias),
+                clamp: Some((-0.5, 0.5)),
+                ..Finish::default()
+            };
+            let mut want = reference_product(&dense, &bv, (m, k, n), n, None);
+            for (i, row) in want.chunks_exact_mut(n).enumerate() {
+                fin.apply(i, 0, row);
+            }
+            let pb = PackedB::for_kernel(kernel, MatRef::row_major(&bv, k, n));
+            for (threads, packed) in [(1, false), (2, true), (2, false)] {
+                let b = if packed {
+                    Rhs::Packed(&pb)
+                } else {
+                    Rhs::Mat(MatRef::row_major(&bv, k, n))
+                };
+                let mut c = vec![f32::NAN; m * n];
+                pool(threads).install(|| {
+                    sgemm_with(kernel, 1.0, Lhs::Gather(g), b, 0.0, &mut c, n, &fin, None)
+                });
+                for (j, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{} m={m} segs={segs} seg_len={seg_len} n={n} threads={threads} \
+                         packed={packed}: C[{}, {}] = {got}, want {w}",
+                        kernel.name,
+                        j / n,
+                        j % n
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A gather whose segment runs past its slice is refused (a caller bug,
+/// caught before any kernel reads out of bounds).
+#[test]
+#[should_panic(expected = "outside its")]
+fn gathered_a_out_of_bounds_panics() {
+    let data = vec![1.0f32; 10];
+    let table = GatherTable::new(vec![0, GATHER_ZEROS, 6], 1);
+    let g = Gather {
+        data: &data,
+        table: &table,
+        seg_len: 4,
+        images: 1,
+        image_stride: 0,
+    };
+    // Each segment fits one image, but the second image's does not.
+    let g = Gather {
+        images: 2,
+        image_stride: 2,
+        ..g
+    };
+    let bv = vec![1.0f32; 4];
+    let mut c = vec![0.0f32; 6];
+    sgemm(
+        1.0,
+        Lhs::Gather(g),
+        Rhs::Mat(MatRef::row_major(&bv, 4, 1)),
+        0.0,
+        &mut c,
+        1,
+        None,
+    );
+}

@@ -12,13 +12,11 @@ pub(crate) const NR: usize = 16;
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. `a` must point to `kc * MR` readable
-/// floats (with `lda > 0`: to `mr` rows of `kc` readable floats, `lda`
-/// apart), `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`,
+/// floats (as rows: each of the first `mr` to `kc` readable floats), `b` to `kc` rows of `NR` readable floats, `ldb` apart, and `c` to an `mr x nr` tile with row stride `ldc`,
 /// with `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
-    a: *const f32,
-    lda: usize,
+    a: super::TileA,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -33,12 +31,12 @@ pub(crate) unsafe fn micro(
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match mr {
-            1 => tile::<1>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
-            2 => tile::<2>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
-            3 => tile::<3>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
-            4 => tile::<4>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
-            5 => tile::<5>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
-            6 => tile::<6>(kc, a, lda, b, ldb, c, ldc, alpha, beta, nr, fin),
+            1 => tile::<1>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            2 => tile::<2>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            3 => tile::<3>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            4 => tile::<4>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            5 => tile::<5>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
+            6 => tile::<6>(kc, a, b, ldb, c, ldc, alpha, beta, nr, fin),
             _ => unreachable!("avx2 tile rows {mr}"),
         }
     }
@@ -47,8 +45,7 @@ pub(crate) unsafe fn micro(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile<const R: usize>(
     kc: usize,
-    a: *const f32,
-    lda: usize,
+    a: super::TileA,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -59,25 +56,25 @@ unsafe fn tile<const R: usize>(
     fin: Option<&super::TileFinish>,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let (mut a, mut b) = (a, b);
-    // Row r's value at step p: a[p * MR + r] packed, a[r * lda + p] in place.
-    let (a_row, a_step) = if lda == 0 { (1, MR) } else { (lda, 1) };
-    // SAFETY (whole body): `a` has kc*MR floats, or R rows of kc floats lda
-    // apart, and `b` kc rows of NR floats, ldb apart; each step reads row
-    // r's value at a + r * a_row (r < R) and b[..16]. C (and `fin`'s bias/residual) accesses stay
+    let mut b = b;
+    // SAFETY (whole body): `a` has kc*MR floats, or R rows of kc floats, or
+    // segments of R rows of seg_len floats whose pointers `ptrs` holds,
+    // and `b` kc rows of NR floats, ldb apart; step p of a segment reads
+    // row r's value at rows[r] + p * a_step (r < R) and b[..16]. C (and `fin`'s bias/residual) accesses stay
     // inside the mr x nr tile: full vectors only when nr == 16, element-wise
     // otherwise.
     unsafe {
-        for _ in 0..kc {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
-            for r in 0..R {
-                let av = _mm256_broadcast_ss(&*a.add(r * a_row));
-                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        match a {
+            super::TileA::Segments { ptrs, seg_len } => {
+                for seg in 0..kc / seg_len {
+                    let rows = std::array::from_fn(|r| *ptrs.add(seg * super::MAX_MR + r));
+                    (acc, b) = steps::<R>(acc, rows, 1, seg_len, b, ldb);
+                }
             }
-            a = a.add(a_step);
-            b = b.wrapping_add(ldb);
+            _ => {
+                let (rows, a_step, _) = super::tile_rows::<R>(a, MR, 0);
+                (acc, _) = steps::<R>(acc, rows, a_step, kc, b, ldb);
+            }
         }
         let va = _mm256_set1_ps(alpha);
         if nr == NR {
@@ -132,6 +129,42 @@ unsafe fn tile<const R: usize>(
             }
         }
     }
+}
+
+/// `len` k steps of a tile: row r's value at step p is `rows[r][p *
+/// a_step]`, B's row p at `b + p * ldb`; returns the sums and B's next row.
+/// (Its own function: with the segment loop around it in `tile`, LLVM
+/// kept the sums in memory.)
+///
+/// # Safety
+/// AVX2 and FMA; every row holds `len` values at its step, B `len` rows of
+/// 16 floats.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn steps<const R: usize>(
+    mut acc: [[__m256; 2]; R],
+    rows: [*const f32; R],
+    a_step: usize,
+    len: usize,
+    mut b: *const f32,
+    ldb: usize,
+) -> ([[__m256; 2]; R], *const f32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut off = 0;
+        for _ in 0..len {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*rows[r].add(off));
+                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+            }
+            off += a_step;
+            b = b.wrapping_add(ldb);
+        }
+    }
+    (acc, b)
 }
 
 /// `y += alpha * x`.

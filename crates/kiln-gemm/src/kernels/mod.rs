@@ -20,17 +20,15 @@ pub(crate) enum KernelKind {
     Avx512,
 }
 
-/// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile, `A` a packed
-/// `kc x MR` micro-panel (`lda == 0`) or, for a kernel that
-/// [`Kernel::reads_a_in_place`], `mr` rows of `kc` floats `lda` apart, and
-/// `B` a `kc x NR` micro-panel whose rows are `ldb`
+/// `C[..mr, ..nr] = alpha * A·B + beta * C` for one tile, `A` as [`TileA`]
+/// says (rows in place only for a kernel that [`Kernel::reads_a_in_place`]),
+/// and `B` a `kc x NR` micro-panel whose rows are `ldb`
 /// floats apart (`NR` when packed; a row-major B's row stride when read in
 /// place) (`beta == 0`: C is not read), then `fin` if given. Safety
 /// contract: see each kernel's `micro`.
 pub(crate) type MicroFn = unsafe fn(
     kc: usize,
-    a: *const f32,
-    lda: usize,
+    a: TileA,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -41,6 +39,46 @@ pub(crate) type MicroFn = unsafe fn(
     nr: usize,
     fin: Option<&TileFinish>,
 );
+
+/// The most rows any kernel's tile has.
+pub(crate) const MAX_MR: usize = 8;
+
+/// Where one tile's A values come from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TileA {
+    /// A packed `kc x MR` micro-panel: row r's value at step p is
+    /// `a[p * MR + r]`.
+    Packed(*const f32),
+    /// Row r's `kc` values are contiguous from `rows[r]`, for `r < mr` (the
+    /// rest are unused): a row-major A read in place, or rows gathered from
+    /// anywhere (an implicit im2col over a channels-last input).
+    Rows([*const f32; MAX_MR]),
+    /// `kc / seg_len` segments of `seg_len` steps (`kc` a multiple of it):
+    /// in segment `s`, row r's values are contiguous from
+    /// `*ptrs.add(s * MAX_MR + r)`. A gathered A whose segments are shorter
+    /// than a k block, read in one tile pass: the accumulators stay in
+    /// registers from one segment to the next.
+    Segments {
+        ptrs: *const *const f32,
+        seg_len: usize,
+    },
+}
+
+/// A packed or row-wise A's first `R` rows as pointers, the step between
+/// a row's values (`mr`, the panel's rows, when packed; else 1) and how far
+/// ahead of a row's current value to prefetch (`ahead` steps).
+#[inline(always)]
+pub(crate) fn tile_rows<const R: usize>(
+    a: TileA,
+    mr: usize,
+    ahead: usize,
+) -> ([*const f32; R], usize, usize) {
+    match a {
+        TileA::Packed(p) => (std::array::from_fn(|r| p.wrapping_add(r)), mr, ahead * mr),
+        TileA::Rows(rows) => (std::array::from_fn(|r| rows[r]), 1, ahead),
+        TileA::Segments { .. } => unreachable!("segments are walked one at a time"),
+    }
+}
 
 /// [`crate::Finish`] for one tile: each pointer (null for none) already
 /// points at the tile's first row / column.
@@ -103,7 +141,8 @@ pub(crate) struct Kernel {
     /// rows, so a partial panel of a row-major B can be read in place (the
     /// others load whole vectors and need it packed, zero-padded).
     pub partial_b_in_place: bool,
-    /// Whether `micro` takes A's rows in place (`lda > 0`) as well as packed.
+    /// Whether `micro` takes A's rows in place ([`TileA::Rows`]) as well as
+    /// packed.
     pub reads_a_in_place: bool,
     micro: MicroFn,
     axpy: unsafe fn(f32, &[f32], &mut [f32]),
@@ -121,8 +160,8 @@ impl Kernel {
     /// One tile; see [`MicroFn`].
     ///
     /// # Safety
-    /// `a` must point to `kc * self.mr` readable floats (with `lda > 0`,
-    /// to `mr` rows of `kc` readable floats `lda` apart), `b` to `kc` rows of
+    /// `a` must point to `kc * self.mr` readable floats (as rows: each of
+    /// the first `mr` to `kc` readable floats), `b` to `kc` rows of
     /// `self.nr` readable floats each, `ldb >= self.nr` apart, and `c` to an
     /// `mr x nr` tile with row stride `ldc` that nothing else
     /// accesses meanwhile, with `1 <= mr <= self.mr` and `1 <= nr <= self.nr`;
@@ -132,8 +171,7 @@ impl Kernel {
     pub(crate) unsafe fn micro(
         &self,
         kc: usize,
-        a: *const f32,
-        lda: usize,
+        a: TileA,
         b: *const f32,
         ldb: usize,
         c: *mut f32,
@@ -144,10 +182,10 @@ impl Kernel {
         nr: usize,
         fin: Option<&TileFinish>,
     ) {
-        debug_assert!(lda == 0 || self.reads_a_in_place);
+        debug_assert!(matches!(a, TileA::Packed(_)) || self.reads_a_in_place);
         // SAFETY: pointer validity is the caller's contract; CPU support for the
         // kernel's instructions was checked when this `Kernel` was handed out.
-        unsafe { (self.micro)(kc, a, lda, b, ldb, c, ldc, alpha, beta, mr, nr, fin) }
+        unsafe { (self.micro)(kc, a, b, ldb, c, ldc, alpha, beta, mr, nr, fin) }
     }
 
     /// `y += alpha * x` over the shorter length.

@@ -52,8 +52,7 @@ pub(crate) type Native = Unfused;
 /// `ldc`, `1 <= mr <= MR`, `1 <= nr <= NR`.
 pub(crate) unsafe fn micro(
     kc: usize,
-    a: *const f32,
-    lda: usize,
+    a: super::TileA,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -66,8 +65,9 @@ pub(crate) unsafe fn micro(
 ) {
     debug_assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr));
     // Packed A only (`Kernel::reads_a_in_place` is false).
-    debug_assert_eq!(lda, 0);
-    let _ = lda;
+    let super::TileA::Packed(a) = a else {
+        unreachable!("the portable kernel reads packed A only")
+    };
     // SAFETY: the contract gives kc*MR floats at `a`.
     let a = unsafe { std::slice::from_raw_parts(a, kc * MR) };
     let mut acc = [[0f32; NR]; MR];
