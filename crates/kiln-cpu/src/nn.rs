@@ -23,7 +23,10 @@ mod winograd;
 
 pub(crate) use conv::{clamp_of, is_pointwise, prefers_positions};
 pub use conv::{conv, conv_transpose};
-pub(crate) use conv::{conv_f32, pack_conv_weights, uses_direct_kernel, ConvPack, ConvWeights};
+pub(crate) use conv::{
+    conv_f32, gathered_applies, pack_conv_weights, pack_conv_weights_gathered, uses_direct_kernel,
+    ConvPack, ConvWeights,
+};
 #[cfg(test)]
 pub(crate) use depthwise::conv_nhwc_with as depthwise_conv_nhwc_with;
 pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applies};

@@ -186,6 +186,14 @@ fn prepare_conv(
         return None;
     }
     let wv = w.as_slice::<f32>()?;
+    if nn::gathered_applies(ws, group) {
+        return Some(Kind::Conv {
+            attrs: attrs.clone(),
+            fused,
+            w_shape: ws.to_vec(),
+            packed: nn::pack_conv_weights_gathered(wv, ws),
+        });
+    }
     Some(Kind::Conv {
         attrs: attrs.clone(),
         fused,
@@ -516,7 +524,9 @@ mod tests {
                 w[1..].iter().product(),
                 nn::is_pointwise(attrs, w),
             );
-            let want = if positions {
+            let want = if nn::gathered_applies(w, attrs.group) {
+                "gathered channels-last"
+            } else if positions {
                 "for position rows"
             } else {
                 "for channel rows"

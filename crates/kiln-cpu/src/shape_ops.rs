@@ -429,13 +429,40 @@ pub fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
 /// `batch` row-major `rows x cols` matrices, each transposed. Tasks of 16
 /// output rows; each copies 16 x 16 tiles, so both sides stay in cache lines.
 fn batched_transpose(src: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = crate::buffers::take_f32(batch * rows * cols);
+    batched_transpose_into(src, batch, rows, cols, &mut out);
+    out
+}
+
+/// [`batched_transpose`] into `out` (`batch * rows * cols` floats).
+pub(crate) fn batched_transpose_into(
+    src: &[f32],
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    batched_transpose_then(src, batch, rows, cols, out, |_, _, _| {});
+}
+
+/// [`batched_transpose_into`], then `post(b, c, row)` on each output row
+/// (row `c` of matrix `b`) right after its task wrote it, while it is in
+/// cache.
+pub(crate) fn batched_transpose_then(
+    src: &[f32],
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+    post: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     use rayon::prelude::*;
     const T: usize = 16;
-    let mut out = crate::buffers::take_f32(batch * rows * cols);
-    if out.is_empty() {
-        return out;
-    }
     let mat = rows * cols;
+    assert!(src.len() >= batch * mat && out.len() == batch * mat);
+    if out.is_empty() {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     let avx512 = std::is_x86_feature_detected!("avx512f");
     // Output row block (b, c0) is out[b][c0..c0 + 16][..]: contiguous.
@@ -470,6 +497,9 @@ fn batched_transpose(src: &[f32], batch: usize, rows: usize, cols: usize) -> Vec
                 }
             }
         }
+        for (c, row) in dst.chunks_exact_mut(rows).enumerate() {
+            post(b, c0 + c, row);
+        }
     };
     // Split the output at matrix boundaries and every 16 rows within.
     let chunks: Vec<(usize, &mut [f32])> = out
@@ -486,7 +516,6 @@ fn batched_transpose(src: &[f32], batch: usize, rows: usize, cols: usize) -> Vec
     } else {
         chunks.into_iter().for_each(|(bi, d)| task(bi, d));
     }
-    out
 }
 
 /// One 16 x 16 tile: `d[c * ld_d + r] = s[r * ld_s + c]`, in registers.

@@ -5,7 +5,10 @@ use super::conv_phases::PhaseSplit;
 use super::matmul::transpose;
 use super::{float_prec, float_tensor, gemm_acc, numel, values, Prec, Real};
 use crate::{invalid, Result};
-use kiln_gemm::{sgemm, sgemm_fused, Finish, Lhs, MatRef, PackedA, PackedB, Panels, Residual, Rhs};
+use kiln_gemm::{
+    sgemm, sgemm_fused, Finish, Gather, GatherTable, Lhs, MatRef, PackedA, PackedB, Panels,
+    Residual, Rhs, GATHER_ZEROS,
+};
 use kiln_ir::{AutoPad, ConvAttrs, ConvTransposeAttrs, DType, FusedAct, Tensor};
 use rayon::prelude::*;
 
@@ -505,7 +508,13 @@ pub(crate) enum ConvWeights<'a> {
 ///   so small planes (7x7, 14x14) and batches make one tall product instead
 ///   of many narrow ones whose last column panel is mostly padding.
 ///
-/// Both are exact for any shape; the choice only affects speed.
+/// * `Gathered`: the `Positions` product with X made channels-last first,
+///   so im2col^T's row for an output position is one `Cg`-float segment of
+///   that copy per tap ([`kiln_gemm::Gather`]): the GEMM reads the segments
+///   where they lie, and nothing is packed or gathered element by element.
+///   W^T's rows are in (tap, channel) order to match.
+///
+/// All are exact for any shape; the choice only affects speed.
 ///
 /// * `Winograd` (x86-64, AVX-512; one group, 3x3, stride 1): W transformed
 ///   for Winograd F(4x4, 3x3) (see `winograd.rs`), where the 36 products
@@ -514,6 +523,7 @@ pub(crate) enum ConvWeights<'a> {
 pub(crate) enum ConvPack {
     Channels(Vec<PackedA>),
     Positions(Vec<PackedB>),
+    Gathered(GatheredWeights),
     #[cfg(target_arch = "x86_64")]
     Winograd(super::winograd::WinogradWeights),
 }
@@ -524,6 +534,7 @@ impl ConvPack {
         match self {
             ConvPack::Channels(_) => "for channel rows",
             ConvPack::Positions(_) => "for position rows",
+            ConvPack::Gathered(_) => "for position rows gathered channels-last",
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => "for Winograd F(4x4, 3x3)",
         }
@@ -533,6 +544,7 @@ impl ConvPack {
         match self {
             ConvPack::Channels(p) => p.len(),
             ConvPack::Positions(p) => p.len(),
+            ConvPack::Gathered(_) => 1,
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => 1,
         }
@@ -609,6 +621,98 @@ pub(crate) fn pack_conv_weights(w: &[f32], m: usize, group: usize, positions: bo
         ConvPack::Positions((0..group).map(|g| PackedB::new(view(g).t())).collect())
     } else {
         ConvPack::Channels((0..group).map(|g| PackedA::new(view(g))).collect())
+    }
+}
+
+/// Whether a Conv with W shape `[M, Cg, k...]` and `group` groups runs as
+/// the `Gathered` product (see [`ConvPack`]). It needs a GEMM kernel that
+/// reads A's rows in place (AVX2 or AVX-512), one group, and:
+/// * a window wider than 1x1: a strided 1x1 conv reads a quarter of X, which
+///   the channels-last copy would copy whole (ResNet-50's 256 -> 512 1x1
+///   stride 2 on 56x56: 0.57 -> 0.75 ms);
+/// * at least 8 input channels (a tap's segment; the stem's 3 would make
+///   the product mostly loop overhead);
+/// * at least 64 output channels, the AVX-512 tile's width: PP-OCR det's
+///   96 -> 24 3x3 on 160x160, whose tiles would be 3/8 live, ran 4.3 -> 5.1
+///   ms, where the `Channels` product's are all live.
+///
+/// Measured on 2 threads against the other products: ResNet-50's 3x3
+/// stride-2 convs 0.65 -> 0.59 ms (128 on 56x56) and 0.63 -> 0.52 (512 on
+/// 14x14); YOLOv8n's 128 -> 256 3x3 stride 2 on 20x20 0.26 -> 0.15 ms, and
+/// its convs 7.7 -> 6.7 ms in all.
+pub(crate) fn gathered_applies(w_shape: &[usize], group: usize) -> bool {
+    w_shape.len() >= 3
+        && group == 1
+        && w_shape[0] >= 64
+        && w_shape[1] >= 8
+        && w_shape[2..].iter().any(|&k| k > 1)
+        && kiln_gemm::gathers_in_place()
+}
+
+/// Packs W (`[M, C, k...]` = `w_shape`, f32, one group) for
+/// [`ConvPack::Gathered`]: `W^T` `[taps * C, M]`, its rows in (tap,
+/// channel) order, where W's are in (channel, tap) order.
+pub(crate) fn pack_conv_weights_gathered(w: &[f32], w_shape: &[usize]) -> ConvPack {
+    let m = w_shape.first().copied().unwrap_or(0);
+    let c = w_shape.get(1).copied().unwrap_or(0);
+    let kn: usize = w_shape.iter().skip(2).product();
+    let k = c * kn;
+    // Row (t, ci) of W^T is column (ci, t) of W.
+    let mut wt = vec![0.0f32; k * m];
+    for (mo, row) in w.chunks_exact(k.max(1)).take(m).enumerate() {
+        for ci in 0..c {
+            for t in 0..kn {
+                wt[(t * c + ci) * m + mo] = row[ci * kn + t];
+            }
+        }
+    }
+    ConvPack::Gathered(GatheredWeights {
+        packed: PackedB::new(MatRef::row_major(&wt, k, m)),
+        offsets: Default::default(),
+    })
+}
+
+/// [`ConvPack::Gathered`]'s weights, and the gather table of the last input
+/// shape it ran on (the table depends on nothing else, and building it is
+/// a loop over every position and tap: 0.16 ms for a 3x3 conv with 6400
+/// output positions, two thirds of its product).
+pub(crate) struct GatheredWeights {
+    packed: PackedB,
+    offsets: std::sync::Mutex<Option<(Vec<usize>, std::sync::Arc<GatherTable>)>>,
+}
+
+impl GatheredWeights {
+    /// The gather table for `geo` (see [`gather_offsets`]), built on the
+    /// first run with X's image shape and reused after.
+    fn offsets(&self, geo: &ConvGeometry) -> std::sync::Arc<GatherTable> {
+        let key = [&[geo.c][..], &geo.in_sp[..]].concat();
+        let mut cache = self
+            .offsets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cache {
+            Some((k, table)) if *k == key => table.clone(),
+            _ => {
+                let table = std::sync::Arc::new(GatherTable::new(gather_offsets(geo), geo.kn));
+                *cache = Some((key, table.clone()));
+                table
+            }
+        }
+    }
+}
+
+impl Clone for GatheredWeights {
+    fn clone(&self) -> Self {
+        GatheredWeights {
+            packed: self.packed.clone(),
+            offsets: Default::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for GatheredWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.packed.fmt(f)
     }
 }
 
@@ -874,6 +978,7 @@ fn conv_gemm(
     };
     match w {
         ConvWeights::Packed(ConvPack::Positions(p)) => conv_gemm_positions(geo, xv, p, src, epi, y),
+        ConvWeights::Packed(ConvPack::Gathered(p)) => conv_gemm_gathered(geo, xv, p, epi, y),
         ConvWeights::Packed(ConvPack::Channels(p)) => {
             conv_gemm_channels(geo, xv, |g| Lhs::Packed(&p[g]), src, epi, y)
         }
@@ -1028,7 +1133,7 @@ fn conv_gemm_positions(
     epi: &Epi<'_>,
     y: &mut [f32],
 ) {
-    let (c, m, cg, mg) = (geo.c, geo.m, geo.cg, geo.mg);
+    let (c, cg, mg) = (geo.c, geo.cg, geo.mg);
     let (in_n, out_n) = (geo.in_n, geo.out_n);
     let k = cg * geo.kn;
     let images_per = (IM2COL_PACK_MAX / (k * out_n).max(1)).clamp(1, geo.n.max(1));
@@ -1075,34 +1180,7 @@ fn conv_gemm_positions(
                 mg,
                 None,
             );
-            // Y planes of these images and this group: `CH_BLOCK` channels per
-            // task, each reading T's rows once for all of them.
-            const CH_BLOCK: usize = 16;
-            let tv = &*tv;
-            let g0 = gi * mg;
-            let images = &mut y[n0 * m * out_n..(n0 + nb) * m * out_n];
-            images
-                .par_chunks_mut(m * out_n)
-                .enumerate()
-                .for_each(|(ii, img)| {
-                    let planes = &mut img[g0 * out_n..(g0 + mg) * out_n];
-                    planes
-                        .par_chunks_mut(CH_BLOCK * out_n)
-                        .enumerate()
-                        .for_each(|(bi, block)| {
-                            let ch0 = bi * CH_BLOCK;
-                            let nch = block.len() / out_n;
-                            let trows = &tv[ii * out_n * mg..(ii + 1) * out_n * mg];
-                            for (pos, trow) in trows.chunks_exact(mg).enumerate() {
-                                for (j, &v) in trow[ch0..ch0 + nch].iter().enumerate() {
-                                    block[j * out_n + pos] = v;
-                                }
-                            }
-                            for (j, plane) in block.chunks_exact_mut(out_n).enumerate() {
-                                epi.apply(n0 + ii, g0 + ch0 + j, 0, plane);
-                            }
-                        });
-                });
+            positions_to_planes(tv, geo, n0, nb, gi * mg, epi, y);
         }
         n0 += nb;
     }
@@ -1110,6 +1188,132 @@ fn conv_gemm_positions(
     if let Some(buf) = planes {
         crate::buffers::recycle(buf);
     }
+}
+
+/// The `Gathered` orientation (see [`ConvPack`]): X copied channels-last
+/// (`[N, HW, C]`), then per group `T = gather(X)[N*HW_out, taps*Cg] x
+/// W_g^T` with each tap's `Cg` channels read in place, then T transposed
+/// into Y's planes with the epilogue.
+fn conv_gemm_gathered(
+    geo: &ConvGeometry,
+    xv: &[f32],
+    w: &GatheredWeights,
+    epi: &Epi<'_>,
+    y: &mut [f32],
+) {
+    let (n, c, m) = (geo.n, geo.c, geo.m);
+    let (in_n, out_n) = (geo.in_n, geo.out_n);
+    debug_assert_eq!(geo.group, 1);
+    let mut xh = crate::buffers::take_f32(n * c * in_n);
+    crate::shape_ops::batched_transpose_into(&xv[..n * c * in_n], n, c, in_n, &mut xh);
+    let table = w.offsets(geo);
+    let rows = Gather {
+        data: &xh,
+        table: &table,
+        seg_len: c,
+        images: n,
+        image_stride: in_n * c,
+    };
+    // Bias and a Relu/Clip go in the product's registers; a residual and
+    // another activation on Y's planes as the transpose writes them (on
+    // T's rows instead, a call per row of M values cost more than the
+    // activation: 1600 calls of 32 on a 40x40 plane).
+    let (clamp, rest) = epi.in_registers();
+    let finish = Finish {
+        col_bias: epi.bias,
+        clamp: (clamp != (f32::NEG_INFINITY, f32::INFINITY)).then_some(clamp),
+        ..Finish::default()
+    };
+    let mut t = crate::buffers::take_f32(n * out_n * m);
+    sgemm_fused(
+        1.0,
+        Lhs::Gather(rows),
+        Rhs::Packed(&w.packed),
+        0.0,
+        &mut t,
+        m,
+        &finish,
+        None,
+    );
+    crate::buffers::recycle(xh);
+    // Y's images are T's transposed.
+    match rest {
+        Some(rest) => {
+            crate::shape_ops::batched_transpose_then(&t, n, out_n, m, y, |ni, ch, plane| {
+                rest.apply(ni, ch, 0, plane)
+            })
+        }
+        None => crate::shape_ops::batched_transpose_into(&t, n, out_n, m, y),
+    }
+    crate::buffers::recycle(t);
+}
+
+/// For every output position of an image, each tap's first input channel
+/// in the image's channels-last copy (`[HW, C]`), or [`GATHER_ZEROS`] where
+/// the tap falls in the padding: `offsets[pos * kn + tap]`.
+fn gather_offsets(geo: &ConvGeometry) -> Vec<usize> {
+    let win = &geo.win;
+    let taps = window_taps(win, &geo.kshape);
+    let nsp = geo.in_sp.len();
+    let mut offsets = Vec::with_capacity(geo.out_n * geo.kn);
+    let mut o = vec![0usize; nsp];
+    for _ in 0..geo.out_n {
+        for offs in &taps {
+            let mut lin = 0usize;
+            let mut inside = true;
+            for a in 0..nsp {
+                let q = (o[a] * win.strides[a]) as isize + offs[a];
+                if q < 0 || q >= geo.in_sp[a] as isize {
+                    inside = false;
+                    break;
+                }
+                lin = lin * geo.in_sp[a] + q as usize;
+            }
+            offsets.push(if inside { lin * geo.c } else { GATHER_ZEROS });
+        }
+        next_index(&mut o, &win.out);
+    }
+    offsets
+}
+
+/// Rows `[images * out_n, Mg]` of a positions product (images `n0..n0 +
+/// nb`, output channels `g0..g0 + Mg`) transposed into Y's planes, the
+/// epilogue applied on the way: `CH_BLOCK` channels per task, each reading
+/// T's rows once for all of them.
+fn positions_to_planes(
+    t: &[f32],
+    geo: &ConvGeometry,
+    n0: usize,
+    nb: usize,
+    g0: usize,
+    epi: &Epi<'_>,
+    y: &mut [f32],
+) {
+    const CH_BLOCK: usize = 16;
+    let (m, mg, out_n) = (geo.m, geo.mg, geo.out_n);
+    let images = &mut y[n0 * m * out_n..(n0 + nb) * m * out_n];
+    images
+        .par_chunks_mut(m * out_n)
+        .enumerate()
+        .for_each(|(ii, img)| {
+            let planes = &mut img[g0 * out_n..(g0 + mg) * out_n];
+            planes
+                .par_chunks_mut(CH_BLOCK * out_n)
+                .enumerate()
+                .for_each(|(bi, block)| {
+                    let ch0 = bi * CH_BLOCK;
+                    let nch = block.len() / out_n;
+                    let trows = &t[ii * out_n * mg..(ii + 1) * out_n * mg];
+                    for (pos, trow) in trows.chunks_exact(mg).enumerate() {
+                        for (j, &v) in trow[ch0..ch0 + nch].iter().enumerate() {
+                            block[j * out_n + pos] = v;
+                        }
+                    }
+                    for (j, plane) in block.chunks_exact_mut(out_n).enumerate() {
+                        epi.apply(n0 + ii, g0 + ch0 + j, 0, plane);
+                    }
+                });
+        });
 }
 
 /// The im2col matrix of one group, `[Cg * k1 * ... * kn, positions]`, as a
@@ -2878,6 +3082,182 @@ mod tests {
                 let y = conv_f32(&a, &x, &ws, weights, Some(&b), Some(&res_t), act).unwrap();
                 assert_close(&f32s(&y), &want_fused, 1e-4);
             }
+        }
+    }
+
+    /// The `Gathered` product (X channels-last, each tap's channels read in
+    /// place) against the naive conv: 1-D, 2-D and 3-D windows, stride,
+    /// dilation, uneven and zero padding, a batch, channel counts below,
+    /// at and past a vector and a k block, with and without a residual,
+    /// and activations done in the product's registers (Relu, Clip) or on
+    /// the planes after (Sigmoid, SiLU).
+    #[test]
+    fn gathered_conv_matches_naive() {
+        let mut rng = Rng::new(91);
+        // (N, C, M, in spatial, kernel, strides, dilations, pads)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                1,
+                64,
+                64,
+                vec![14, 14],
+                vec![3, 3],
+                vec![2, 2],
+                vec![1, 1],
+                vec![1; 4],
+            ),
+            (
+                2,
+                16,
+                70,
+                vec![9, 11],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1, 0, 2, 1],
+            ),
+            (
+                3,
+                8,
+                64,
+                vec![7, 7],
+                vec![3, 3],
+                vec![2, 1],
+                vec![2, 2],
+                vec![2; 4],
+            ),
+            (
+                1,
+                130,
+                65,
+                vec![5, 6],
+                vec![2, 3],
+                vec![1, 2],
+                vec![1, 1],
+                vec![0; 4],
+            ),
+            (
+                1,
+                600,
+                64,
+                vec![4, 4],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![1; 4],
+            ),
+            (2, 24, 96, vec![20], vec![5], vec![3], vec![1], vec![2, 2]),
+            (
+                1,
+                9,
+                64,
+                vec![4, 5, 6],
+                vec![3, 2, 3],
+                vec![1, 2, 1],
+                vec![1, 1, 2],
+                vec![1, 0, 1, 1, 1, 0],
+            ),
+            // A window larger than the padded input along one axis.
+            (
+                1,
+                12,
+                64,
+                vec![3, 3],
+                vec![3, 3],
+                vec![1, 1],
+                vec![1, 1],
+                vec![0; 4],
+            ),
+        ];
+        let acts = [
+            FusedAct::Relu,
+            FusedAct::Clip {
+                min: -0.5,
+                max: 0.5,
+            },
+            FusedAct::Sigmoid,
+            FusedAct::Silu,
+            FusedAct::Identity,
+        ];
+        for (ci, (n, c, m, ins, ks, ss, ds, ps)) in cases.into_iter().enumerate() {
+            let mut xs = vec![n, c];
+            xs.extend(&ins);
+            let mut ws = vec![m, c];
+            ws.extend(&ks);
+            let xv = rng.vec(xs.iter().product());
+            let wv = rng.vec(ws.iter().product());
+            let bv = rng.vec(m);
+            let a = ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: ds.clone(),
+                group: 1,
+                kernel_shape: ks.clone(),
+                pads: ps.clone(),
+                strides: ss.clone(),
+            };
+            let (x, b) = (t(&xs, xv.clone()), t(&[m], bv.clone()));
+            let win =
+                resolve_window("Conv", &ins, &ks, &ss, &ds, &ps, AutoPad::NotSet, false).unwrap();
+            let (shape, want) = naive_conv(&xs, &xv, &ws, &wv, Some(&bv), 1, &win);
+            let packed = pack_conv_weights_gathered(&wv, &ws);
+            let res = rng.vec(want.len());
+            let res_t = t(&shape, res.clone());
+            for (ai, act) in acts.into_iter().enumerate() {
+                for with_res in [false, true] {
+                    let want: Vec<f32> = want
+                        .iter()
+                        .zip(&res)
+                        .map(|(&v, &r)| act.eval(if with_res { v + r } else { v }))
+                        .collect();
+                    let residual = with_res.then_some(&res_t);
+                    let y = conv_f32(
+                        &a,
+                        &x,
+                        &ws,
+                        ConvWeights::Packed(&packed),
+                        Some(&b),
+                        residual,
+                        act,
+                    )
+                    .unwrap();
+                    assert_eq!(y.shape(), &shape[..], "case {ci}");
+                    let got = f32s(&y);
+                    for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "case {ci} act {ai} residual {with_res}: y[{j}] = {g}, want {w}"
+                        );
+                    }
+                }
+            }
+            // A second run reuses the cached gather table; a batch of
+            // another size builds it again (the table is per image, so
+            // both must agree with the naive conv).
+            let mut xs2 = xs.clone();
+            xs2[0] = n + 1;
+            let xv2 = rng.vec(xs2.iter().product());
+            let (_, want2) = naive_conv(&xs2, &xv2, &ws, &wv, Some(&bv), 1, &win);
+            let y2 = conv_f32(
+                &a,
+                &t(&xs2, xv2),
+                &ws,
+                ConvWeights::Packed(&packed),
+                Some(&b),
+                None,
+                FusedAct::Identity,
+            )
+            .unwrap();
+            assert_close(&f32s(&y2), &want2, 1e-4);
         }
     }
 
