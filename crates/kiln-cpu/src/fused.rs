@@ -175,7 +175,15 @@ pub(crate) fn run_fast(
             }
         }
         FusedOp::ConvNhwc { conv, act } => {
-            match nn::depthwise_conv_nhwc(conv, get(0, "X")?, get(1, "W")?, opt(2), opt(3), *act)? {
+            let y = match packed {
+                Packed::Conv(nn::ConvPack::Gathered(w), w_shape) => {
+                    nn::conv_nhwc_gathered(conv, get(0, "X")?, w_shape, w, opt(2), opt(3), *act)?
+                }
+                _ => {
+                    nn::depthwise_conv_nhwc(conv, get(0, "X")?, get(1, "W")?, opt(2), opt(3), *act)?
+                }
+            };
+            match y {
                 Some(y) => Ok(y),
                 None => nhwc_through_nchw(conv, *act, inputs, run),
             }
@@ -607,6 +615,63 @@ mod tests {
                 &want,
                 &format!("group {group}"),
             );
+        }
+    }
+
+    #[test]
+    fn prepared_channels_last_dense_conv_matches_reference() {
+        // One-group convs prepared for the gathered product read X
+        // channels-last in place: 3x3 with stride, uneven pads and
+        // dilation, a 1-D window, a batch; every activation, with and
+        // without bias and residual, and W given or left out.
+        let cases: &[(&[usize], usize, &[usize], &[usize], &[usize], &[usize])] = &[
+            // (X [N, spatial..., C], M, kernel, strides, pads, dilations)
+            (&[1, 7, 7, 32], 64, &[3, 3], &[1, 1], &[1, 1, 1, 1], &[1, 1]),
+            (&[2, 9, 8, 16], 70, &[3, 3], &[2, 2], &[1, 0, 2, 1], &[1, 1]),
+            (&[1, 6, 6, 8], 64, &[3, 2], &[1, 1], &[2, 2, 2, 2], &[2, 1]),
+            (&[3, 12, 24], 65, &[5], &[2], &[2, 2], &[1]),
+        ];
+        for (ci, &(xs, m, k, strides, pads, dil)) in cases.iter().enumerate() {
+            let c = xs[xs.len() - 1];
+            let conv = ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: dil.to_vec(),
+                group: 1,
+                kernel_shape: k.to_vec(),
+                pads: pads.to_vec(),
+                strides: strides.to_vec(),
+            };
+            let ws: Vec<usize> = [m, c].into_iter().chain(k.iter().copied()).collect();
+            let (x, w, b) = (t(xs, 1), t(&ws, 2), t(&[m], 3));
+            for act in all_acts() {
+                let op = kiln_ir::Op::Fused(FusedOp::ConvNhwc {
+                    conv: conv.clone(),
+                    act,
+                });
+                let fop = FusedOp::ConvNhwc {
+                    conv: conv.clone(),
+                    act,
+                };
+                let out = run_reference(&fop, &[Some(&x), Some(&w)]).unwrap();
+                let res = t(out.shape(), 4);
+                let consts = [None, Some(&w)];
+                let p = crate::prepared::prepare(&op, &consts, None)
+                    .unwrap_or_else(|| panic!("case {ci}: a one-group ConvNhwc is prepared"));
+                assert!(format!("{p:?}").contains("gathered"), "{p:?}");
+                for inputs in [
+                    vec![Some(&x), Some(&w), Some(&b), Some(&res)],
+                    vec![Some(&x), None, Some(&b), Some(&res)],
+                    vec![Some(&x), Some(&w), Some(&b)],
+                    vec![Some(&x), None],
+                ] {
+                    let mut full = inputs.clone();
+                    full[1] = Some(&w);
+                    let want = run_reference(&fop, &full).unwrap();
+                    let got = p.run(&inputs, 1).unwrap();
+                    let what = format!("case {ci} {act:?} with {} inputs", inputs.len());
+                    assert_close(&got[0], &want, &what);
+                }
+            }
         }
     }
 

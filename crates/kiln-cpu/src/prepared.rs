@@ -57,11 +57,13 @@ impl std::fmt::Debug for PreparedOp {
 }
 
 enum Kind {
-    /// Conv or FusedConv with W packed per group.
+    /// Conv, FusedConv or (one group) FusedConvNhwc with W packed per group.
     Conv {
         attrs: ConvAttrs,
-        /// `Some` for FusedConv.
+        /// `Some` for FusedConv and FusedConvNhwc.
         fused: Option<FusedAct>,
+        /// FusedConvNhwc: X and Y channels-last.
+        channels_last: bool,
         w_shape: Vec<usize>,
         packed: nn::ConvPack,
     },
@@ -106,6 +108,22 @@ pub fn prepare(
         Op::Conv(attrs) => prepare_conv(attrs, None, f32_const(1)?, out_shape)?,
         Op::Fused(FusedOp::Conv { conv, act }) => {
             prepare_conv(conv, Some(*act), f32_const(1)?, out_shape)?
+        }
+        // One group: the gathered product reads X channels-last as it is.
+        // (Depthwise ones read W unpacked.)
+        Op::Fused(FusedOp::ConvNhwc { conv, act }) if conv.group == 1 => {
+            let w = f32_const(1)?;
+            let ws = w.shape();
+            if ws.len() < 3 || ws.contains(&0) {
+                return None;
+            }
+            Kind::Conv {
+                attrs: conv.clone(),
+                fused: Some(*act),
+                channels_last: true,
+                w_shape: ws.to_vec(),
+                packed: nn::pack_conv_weights_gathered(w.as_slice::<f32>()?, ws),
+            }
         }
         Op::MatMul => prepare_matmul(None, f32_const(1)?)?,
         Op::Fused(FusedOp::MatMul { act }) => prepare_matmul(Some(*act), f32_const(1)?)?,
@@ -158,6 +176,7 @@ fn prepare_conv(
         return Some(Kind::Conv {
             attrs: attrs.clone(),
             fused,
+            channels_last: false,
             w_shape: ws.to_vec(),
             packed: nn::ConvPack::Winograd(nn::WinogradWeights::new(
                 w.as_slice::<f32>()?,
@@ -190,6 +209,7 @@ fn prepare_conv(
         return Some(Kind::Conv {
             attrs: attrs.clone(),
             fused,
+            channels_last: false,
             w_shape: ws.to_vec(),
             packed: nn::pack_conv_weights_gathered(wv, ws),
         });
@@ -197,6 +217,7 @@ fn prepare_conv(
     Some(Kind::Conv {
         attrs: attrs.clone(),
         fused,
+        channels_last: false,
         w_shape: ws.to_vec(),
         packed: nn::pack_conv_weights(
             wv,
@@ -376,17 +397,19 @@ impl PreparedOp {
             Kind::Conv {
                 attrs,
                 fused,
+                channels_last,
                 w_shape,
                 packed,
             } => match fused {
-                Some(act) => fused::run_fast(
-                    &FusedOp::Conv {
-                        conv: attrs.clone(),
-                        act: *act,
-                    },
-                    inputs,
-                    fused::Packed::Conv(packed, w_shape),
-                )?,
+                Some(act) => {
+                    let (conv, act) = (attrs.clone(), *act);
+                    let op = if *channels_last {
+                        FusedOp::ConvNhwc { conv, act }
+                    } else {
+                        FusedOp::Conv { conv, act }
+                    };
+                    fused::run_fast(&op, inputs, fused::Packed::Conv(packed, w_shape))?
+                }
                 None => nn::conv_f32(
                     attrs,
                     x(0, "X")?,

@@ -1248,6 +1248,115 @@ fn conv_gemm_gathered(
     crate::buffers::recycle(t);
 }
 
+/// `FusedOp::ConvNhwc` for a one-group conv on channels-last f32 tensors
+/// (X `[N, spatial..., C]`, the residual and the result `[N, out
+/// spatial..., M]`), W packed for the gathered product: X is already the
+/// gather's source and T is Y, so nothing is transposed; bias, residual and
+/// a Relu/Clip run in the product's registers, another activation on each
+/// finished row. `Ok(None)` when there is nothing to gather (no input
+/// channels or no taps): the caller runs it through the NCHW path.
+pub(crate) fn conv_nhwc_gathered(
+    a: &ConvAttrs,
+    x: &Tensor,
+    w_shape: &[usize],
+    w: &GatheredWeights,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: FusedAct,
+) -> Result<Option<Tensor>> {
+    let xs = x.shape();
+    if xs.len() < 3 {
+        return Err(invalid!(
+            "FusedConvNhwc: X must have rank 3 or more, got {xs:?}"
+        ));
+    }
+    let c = xs[xs.len() - 1];
+    let nchw: Vec<usize> = [xs[0], c]
+        .into_iter()
+        .chain(xs[1..xs.len() - 1].iter().copied())
+        .collect();
+    let geo = conv_geometry(a, &nchw, w_shape)?;
+    if geo.group != 1 {
+        return Err(invalid!(
+            "FusedConvNhwc: weights gathered for one group, the op has {}",
+            geo.group
+        ));
+    }
+    if c == 0 || geo.kn == 0 {
+        return Ok(None);
+    }
+    let xv = x
+        .as_slice::<f32>()
+        .ok_or_else(|| invalid!("FusedConvNhwc: X must be f32 here, got {}", x.dtype()))?;
+    let (n, m) = (geo.n, geo.m);
+    let out_shape: Vec<usize> = [n]
+        .into_iter()
+        .chain(geo.win.out.iter().copied())
+        .chain([m])
+        .collect();
+    let bias = match bias {
+        Some(t) => Some(
+            t.as_slice::<f32>()
+                .filter(|b| t.rank() == 1 && b.len() == m)
+                .ok_or_else(|| {
+                    invalid!(
+                        "FusedConvNhwc: bias must be f32 [{m}], got {} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let res = match residual {
+        Some(t) => Some(
+            t.as_slice::<f32>()
+                .filter(|_| t.shape() == out_shape.as_slice())
+                .ok_or_else(|| {
+                    invalid!(
+                        "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let total = numel(&out_shape)?;
+    let mut y = crate::buffers::take_f32(total);
+    if total > 0 {
+        let table = w.offsets(&geo);
+        let rows = Gather {
+            data: xv,
+            table: &table,
+            seg_len: c,
+            images: n,
+            image_stride: geo.in_n * c,
+        };
+        let clamp = clamp_of(act);
+        let finish = Finish {
+            col_bias: bias,
+            residual: res.map(|data| Residual { data, ld: m }),
+            clamp,
+            ..Finish::default()
+        };
+        let act_rows =
+            |_row: usize, _col0: usize, vals: &mut [f32]| crate::fastmath::fused_act(act, vals);
+        let act_left = clamp.is_none() && act != FusedAct::Identity;
+        sgemm_fused(
+            1.0,
+            Lhs::Gather(rows),
+            Rhs::Packed(&w.packed),
+            0.0,
+            &mut y,
+            m,
+            &finish,
+            if act_left { Some(&act_rows) } else { None },
+        );
+    }
+    crate::util::tensor(out_shape, kiln_ir::TensorData::F32(y)).map(Some)
+}
+
 /// For every output position of an image, each tap's first input channel
 /// in the image's channels-last copy (`[HW, C]`), or [`GATHER_ZEROS`] where
 /// the tap falls in the padding: `offsets[pos * kn + tap]`.

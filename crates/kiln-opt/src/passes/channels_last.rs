@@ -11,14 +11,18 @@
 //!
 //! A region is a connected set of 2-D convs (plain or `FusedOp::Conv`) on
 //! planes of at most 14x14 that are depthwise (one input and one output
-//! channel per group) or pointwise (1x1, stride 1, no padding, one group),
-//! linked through their X or residual inputs. A region of two or more is
-//! converted when its edges need at most two Transposes per pointwise conv
-//! and four per depthwise one inside ([`worth_converting`]): then each value
-//! entering it is transposed to channels-last once, each leaving it back
-//! once, depthwise convs become `FusedOp::ConvNhwc` and pointwise ones
-//! `FusedOp::MatMul` over a transposed copy of W (`[C, M]`), and every value
-//! keeps its name and contents outside the region.
+//! channel per group), pointwise (1x1, stride 1, no padding, one group) or
+//! dense (one group, a wider window, 8+ input and 64+ output channels:
+//! ResNet's 3x3 convs), linked through their X or residual inputs. A region
+//! of two or more is converted when its edges need at most two Transposes
+//! per pointwise or dense conv and four per depthwise one inside
+//! ([`worth_converting`]): then each value entering it is transposed to
+//! channels-last once, each leaving it back once, depthwise and dense convs
+//! become `FusedOp::ConvNhwc` and pointwise ones `FusedOp::MatMul` over a
+//! transposed copy of W (`[C, M]`), and every value keeps its name and
+//! contents outside the region. (A dense conv's GEMM reads channels-last X
+//! in place and writes channels-last Y, so inside a region it needs none of
+//! the two transposes its NCHW path makes.)
 
 use crate::util::{add_constant, constant, f32_tensor, fresh_name, shape_of, Index};
 use crate::PassCtx;
@@ -33,6 +37,10 @@ const MAX_PLANE: usize = 14 * 14;
 enum Kind {
     Depthwise,
     Pointwise,
+    /// One group, a window wider than 1x1 (any stride, padding, dilation):
+    /// `FusedOp::ConvNhwc`, which the CPU backend runs as a GEMM gathering
+    /// each tap's channels from X where they lie.
+    Dense,
 }
 
 pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
@@ -79,6 +87,7 @@ pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
         let edges = edges(g, &ix, nodes);
         let depthwise = nodes.iter().filter(|i| kinds[i] == Kind::Depthwise).count();
         let transposes = edges.entering.len() + edges.leaving.len();
+        // Dense convs count as pointwise ones.
         if !worth_converting(nodes.len() - depthwise, depthwise, transposes) {
             continue;
         }
@@ -174,7 +183,40 @@ fn candidate(g: &Graph, ix: &Index, i: usize) -> Option<Kind> {
     {
         return Some(Kind::Pointwise);
     }
+    // The sizes the backend's gathered product is chosen for on NCHW
+    // tensors too (its `gathered_applies`): at least 8 input channels (a
+    // tap's segment) and 64 output channels (a full AVX-512 tile).
+    if conv.group == 1
+        && ws[1] == c
+        && (ws[2] > 1 || ws[3] > 1)
+        && c >= 8
+        && ws[0] >= 64
+        && !winograd_candidate(conv, ws, &ys)
+        && conv_bias_ok(g, n, ws[0])
+    {
+        return Some(Kind::Dense);
+    }
     None
+}
+
+/// Whether the CPU backend would run this conv as Winograd F(4x4, 3x3) on
+/// NCHW tensors (its `winograd::applies`, without the CPU check): 3x3,
+/// stride and dilation 1, 16+ channels each way, 16+ 4x4 output tiles.
+/// That beats the channels-last gathered product (ResNet-50's 256-channel
+/// 3x3 on 14x14: 0.33 against 0.51 ms), so such a conv stays outside.
+fn winograd_candidate(conv: &ConvAttrs, ws: &[usize], ys: &[Dim]) -> bool {
+    let ones = |v: &[usize]| v.iter().all(|&d| d == 1);
+    let tiles = match (ys[2].known(), ys[3].known()) {
+        (Some(h), Some(w)) => h.div_ceil(4) * w.div_ceil(4),
+        _ => 0,
+    };
+    ws[2] == 3
+        && ws[3] == 3
+        && ones(&conv.strides)
+        && ones(&conv.dilations)
+        && ws[0] >= 16
+        && ws[1] >= 16
+        && tiles >= 16
 }
 
 /// `v`'s shape: as declared or inferred (a graph output may be declared
@@ -215,9 +257,10 @@ fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
             let outside_reader = ix.readers(v).iter().any(|&j| {
                 !inside(j)
                     || g.nodes[j]
-                        .present_inputs()
+                        .inputs
+                        .iter()
                         .enumerate()
-                        .any(|(k, name)| name == v && k != 0 && k != 3)
+                        .any(|(k, name)| name.as_deref() == Some(v) && k != 0 && k != 3)
             });
             if outside_reader || ix.is_pinned(v) {
                 leaving.insert(v.to_string());
@@ -281,7 +324,7 @@ fn convert(
             }
         }
         let op = match kinds[&i] {
-            Kind::Depthwise => Op::Fused(FusedOp::ConvNhwc { conv, act }),
+            Kind::Depthwise | Kind::Dense => Op::Fused(FusedOp::ConvNhwc { conv, act }),
             Kind::Pointwise => {
                 let w = n.input(1).unwrap_or_default().to_string();
                 let wt = match w_t.get(&w) {
@@ -405,6 +448,60 @@ mod tests {
             assert_eq!(count_op(&after, "Transpose"), 2);
             assert_eq!(after.outputs, g.outputs);
         }
+    }
+
+    /// `blocks` ResNet bottlenecks on `[2, 64, hw, hw]`: 1x1 64 -> 32 with
+    /// Relu, 3x3 32 -> 64 (the given stride in the first block) with Relu,
+    /// 1x1 64 -> 64 plus the block's input where the shapes allow.
+    fn bottlenecks(hw: usize, blocks: usize, first_stride: usize) -> Graph {
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[2, 64, hw, hw]);
+        let mut cur = "x".to_string();
+        for i in 0..blocks {
+            let s = if i == 0 { first_stride } else { 1 };
+            let w1 = b.init_rand(&format!("w1_{i}"), &[32, 64, 1, 1], -0.3, 0.3);
+            let w2 = b.init_rand(&format!("w2_{i}"), &[64, 32, 3, 3], -0.3, 0.3);
+            let b2 = b.init_rand(&format!("b2_{i}"), &[64], -0.3, 0.3);
+            let w3 = b.init_rand(&format!("w3_{i}"), &[64, 64, 1, 1], -0.3, 0.3);
+            let (r, d, p) = (format!("r{i}"), format!("d{i}"), format!("p{i}"));
+            let relu = FusedAct::Relu;
+            b.node(fused(conv(1, 1, 1, 0, 1), relu), &[&cur, &w1], &[&r]);
+            b.node(fused(conv(1, 3, s, 1, 1), relu), &[&r, &w2, &b2], &[&d]);
+            if s == 1 {
+                b.node(
+                    fused(conv(1, 1, 1, 0, 1), relu),
+                    &[&d, &w3, "", &cur],
+                    &[&p],
+                );
+            } else {
+                b.node(fused(conv(1, 1, 1, 0, 1), relu), &[&d, &w3], &[&p]);
+            }
+            cur = p;
+        }
+        b.output(&cur, DType::F32);
+        b.finish()
+    }
+
+    #[test]
+    fn converts_bottlenecks_with_their_dense_convs() {
+        // 7x7, and 14x14 -> 7x7 through a stride-2 3x3.
+        for (hw, stride) in [(7, 1), (14, 2)] {
+            let g = bottlenecks(hw, 2, stride);
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 6, "{hw}x{hw}: every conv joins the region");
+            assert_eq!(count_op(&after, "FusedConvNhwc"), 2);
+            assert_eq!(count_op(&after, "FusedMatMul"), 4);
+            // x in, p1 out. (p0 is block 1's X and its residual, which
+            // has no bias before it: a residual at input 3 after an absent
+            // input 2 stays inside.)
+            assert_eq!(count_op(&after, "Transpose"), 2);
+        }
+        // On 14x14 at stride 1 the 3x3 convs have 16 Winograd tiles: they
+        // stay NCHW (Winograd is faster there), the 1x1 convs around them
+        // are lone or pairs whose edges cost more than they gain.
+        let g = bottlenecks(14, 2, 1);
+        let (after, _) = check_pass(&g, run);
+        assert_eq!(count_op(&after, "FusedConvNhwc"), 0);
     }
 
     #[test]
