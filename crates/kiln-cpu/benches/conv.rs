@@ -75,6 +75,37 @@ const CASES: &[ConvCase] = &[
         pad: 1,
     },
     // MobileNetV2 depthwise 3x3.
+    // Strided 3x3 convs: the gathered product when prepared.
+    ConvCase {
+        name: "resnet50_3x3s2_128_56to28",
+        c: 128,
+        m: 128,
+        group: 1,
+        hw: 56,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    ConvCase {
+        name: "resnet50_3x3s2_512_14to7",
+        c: 512,
+        m: 512,
+        group: 1,
+        hw: 14,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    ConvCase {
+        name: "yolov8n_3x3s2_128to256_20to10",
+        c: 128,
+        m: 256,
+        group: 1,
+        hw: 20,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
     ConvCase {
         name: "mbv2_dw3x3_32_112",
         c: 32,
