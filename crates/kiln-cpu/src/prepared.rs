@@ -66,6 +66,10 @@ enum Kind {
         channels_last: bool,
         w_shape: Vec<usize>,
         packed: nn::ConvPack,
+        /// Weights for Winograd, transformed at the first run whose output
+        /// planes make it apply, when the plan could not see them (symbolic
+        /// input sizes) and packed W for a GEMM.
+        late: std::sync::OnceLock<Option<nn::ConvPack>>,
     },
     /// MatMul or FusedMatMul with a packed 2-D B.
     MatMul {
@@ -121,6 +125,7 @@ pub fn prepare(
                 attrs: conv.clone(),
                 fused: Some(*act),
                 channels_last: true,
+                late: Default::default(),
                 w_shape: ws.to_vec(),
                 packed: nn::pack_conv_weights_gathered(w.as_slice::<f32>()?, ws),
             }
@@ -177,6 +182,7 @@ fn prepare_conv(
             attrs: attrs.clone(),
             fused,
             channels_last: false,
+            late: Default::default(),
             w_shape: ws.to_vec(),
             packed: nn::ConvPack::Winograd(nn::WinogradWeights::new(
                 w.as_slice::<f32>()?,
@@ -210,6 +216,7 @@ fn prepare_conv(
             attrs: attrs.clone(),
             fused,
             channels_last: false,
+            late: Default::default(),
             w_shape: ws.to_vec(),
             packed: nn::pack_conv_weights_gathered(wv, ws),
         });
@@ -218,6 +225,7 @@ fn prepare_conv(
         attrs: attrs.clone(),
         fused,
         channels_last: false,
+        late: Default::default(),
         w_shape: ws.to_vec(),
         packed: nn::pack_conv_weights(
             wv,
@@ -228,6 +236,55 @@ fn prepare_conv(
             }),
         ),
     })
+}
+
+/// The weights a prepared conv runs with on X of shape `x_shape`: `packed`,
+/// or, on AVX-512 when `packed` is for a GEMM and Winograd applies to this
+/// run's output planes (which the plan could not see: symbolic input sizes,
+/// as in PaddleOCR's detector, whose 96 -> 24 3x3 convs on 160x160 ran
+/// 4.4 ms each as a GEMM and 1.5 ms as Winograd), Winograd weights made
+/// once from the packed ones. A run whose planes are too small for it keeps
+/// the GEMM.
+fn late_pack<'a>(
+    attrs: &ConvAttrs,
+    w_shape: &[usize],
+    packed: &'a nn::ConvPack,
+    late: &'a std::sync::OnceLock<Option<nn::ConvPack>>,
+    x_shape: &[usize],
+) -> &'a nn::ConvPack {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let plane = match nn::conv_geometry(attrs, x_shape, w_shape) {
+            Ok(g) if g.win.out.len() == 2 => Some((g.win.out[0], g.win.out[1])),
+            _ => None,
+        };
+        let gemm = matches!(
+            packed,
+            nn::ConvPack::Channels(_) | nn::ConvPack::Positions(_)
+        );
+        if gemm
+            && plane.is_some()
+            && nn::winograd_applies(
+                w_shape,
+                attrs.group,
+                &attrs.strides,
+                &attrs.dilations,
+                plane,
+            )
+        {
+            let made = late.get_or_init(|| {
+                let w = packed.unpack()?;
+                Some(nn::ConvPack::Winograd(nn::WinogradWeights::new(
+                    &w, w_shape[0], w_shape[1],
+                )))
+            });
+            if let Some(p) = made {
+                return p;
+            }
+        }
+    }
+    let _ = (attrs, w_shape, late, x_shape);
+    packed
 }
 
 fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
@@ -400,26 +457,33 @@ impl PreparedOp {
                 channels_last,
                 w_shape,
                 packed,
-            } => match fused {
-                Some(act) => {
-                    let (conv, act) = (attrs.clone(), *act);
-                    let op = if *channels_last {
-                        FusedOp::ConvNhwc { conv, act }
-                    } else {
-                        FusedOp::Conv { conv, act }
-                    };
-                    fused::run_fast(&op, inputs, fused::Packed::Conv(packed, w_shape))?
+                late,
+            } => {
+                let packed = match *channels_last {
+                    false => late_pack(attrs, w_shape, packed, late, x(0, "X")?.shape()),
+                    true => packed,
+                };
+                match fused {
+                    Some(act) => {
+                        let (conv, act) = (attrs.clone(), *act);
+                        let op = if *channels_last {
+                            FusedOp::ConvNhwc { conv, act }
+                        } else {
+                            FusedOp::Conv { conv, act }
+                        };
+                        fused::run_fast(&op, inputs, fused::Packed::Conv(packed, w_shape))?
+                    }
+                    None => nn::conv_f32(
+                        attrs,
+                        x(0, "X")?,
+                        w_shape,
+                        nn::ConvWeights::Packed(packed),
+                        opt(2),
+                        None,
+                        FusedAct::Identity,
+                    )?,
                 }
-                None => nn::conv_f32(
-                    attrs,
-                    x(0, "X")?,
-                    w_shape,
-                    nn::ConvWeights::Packed(packed),
-                    opt(2),
-                    None,
-                    FusedAct::Identity,
-                )?,
-            },
+            }
             Kind::MatMul { fused, packed, .. } => match fused {
                 Some(act) => fused::run_fast(
                     &FusedOp::MatMul { act: *act },
@@ -611,6 +675,45 @@ mod tests {
                 check_prepared_hinted(&fused, &inputs, 1, hint);
             }
         }
+    }
+
+    #[test]
+    fn conv_planned_without_sizes_takes_winograd_once_it_sees_them() {
+        // No output hint (symbolic input sizes): W is packed for a GEMM.
+        // A run on 16x16 planes (16 Winograd tiles) makes Winograd weights
+        // from the packed ones where AVX-512 runs them; a run on 6x6
+        // planes keeps the GEMM. Both match the unprepared conv, with the
+        // bias and a Relu.
+        let mut rng = Rng::new(23);
+        let (c, m) = (16, 24);
+        let wt = t(&[m, c, 3, 3], rng.vec(m * c * 9));
+        let b = t(&[m], rng.vec(m));
+        let a = conv_attrs(1, &[1; 4], &[1, 1]);
+        let op = Op::Fused(FusedOp::Conv {
+            conv: a.clone(),
+            act: FusedAct::Relu,
+        });
+        let p = prepare(&op, &[None, Some(&wt), None], None).expect("prepared");
+        assert!(format!("{p:?}").contains("channel rows"), "{p:?}");
+        for hw in [16, 6, 16] {
+            let x = t(&[2, c, hw, hw], rng.vec(2 * c * hw * hw));
+            let inputs = [Some(&x), Some(&wt), Some(&b)];
+            let want = crate::run_op(&op, &inputs, 1).unwrap();
+            let got = p.run(&[Some(&x), None, Some(&b)], 1).unwrap();
+            assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+        }
+        let Kind::Conv { late, .. } = &p.kind else {
+            panic!("a conv");
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            assert!(
+                matches!(late.get(), Some(Some(nn::ConvPack::Winograd(_)))),
+                "Winograd weights were made"
+            );
+            return;
+        }
+        assert!(late.get().is_none(), "no Winograd off AVX-512");
     }
 
     #[test]

@@ -540,6 +540,27 @@ impl ConvPack {
         }
     }
 
+    /// W (`[M, Cg, k...]`, row-major) back from GEMM weights of one group;
+    /// None for any other packing.
+    pub(crate) fn unpack(&self) -> Option<Vec<f32>> {
+        match self {
+            ConvPack::Channels(p) if p.len() == 1 => Some(p[0].to_row_major()),
+            ConvPack::Positions(p) if p.len() == 1 => {
+                // Packed W^T: [K, M] back to [M, K].
+                let (k, m) = (p[0].rows(), p[0].cols());
+                let wt = p[0].to_row_major();
+                let mut w = vec![0.0f32; m * k];
+                for (kk, row) in wt.chunks_exact(m.max(1)).enumerate() {
+                    for (mm, &v) in row.iter().enumerate() {
+                        w[mm * k + kk] = v;
+                    }
+                }
+                Some(w)
+            }
+            _ => None,
+        }
+    }
+
     fn groups(&self) -> usize {
         match self {
             ConvPack::Channels(p) => p.len(),
