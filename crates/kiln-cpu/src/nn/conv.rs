@@ -1957,14 +1957,36 @@ fn conv_transpose_impl<T: Real>(
         .collect();
     let mut col = vec![T::ZERO; rows * in_n];
     let s_last = strides[last];
+    // A 2-D window exactly as big as the stride, unpadded (an upsampling
+    // layer: PP-OCR's 2x2 stride 2): each output takes one tap, and the
+    // taps of an output row interleave.
+    let tiles = nsp == 2
+        && kshape == strides.as_slice()
+        && pad_begin.iter().all(|&p| p == 0)
+        && dil.iter().all(|&d| d == 1);
     for ni in 0..n {
         for (gi, wtg) in wt.iter().enumerate() {
             let xg = &xv[(ni * c + gi * cg) * in_n..][..cg * in_n];
             T::product(rows, cg, in_n, wtg, xg, &mut col);
-            // col2im: scatter-add each (m, tap) row into its output plane,
-            // the planes in parallel.
             let planes = &mut y[(ni * m + gi * mg) * out_n..(ni * m + (gi + 1) * mg) * out_n];
             let col = &col;
+            if tiles {
+                planes
+                    .par_chunks_mut(out_n)
+                    .enumerate()
+                    .for_each(|(mi, yplane)| {
+                        upsample_taps(
+                            &col[mi * kn * in_n..][..kn * in_n],
+                            in_sp,
+                            &strides,
+                            out_sp[1],
+                            yplane,
+                        )
+                    });
+                continue;
+            }
+            // col2im: scatter-add each (m, tap) row into its output plane,
+            // the planes in parallel.
             planes
                 .par_chunks_mut(out_n)
                 .enumerate()
@@ -1989,6 +2011,42 @@ fn conv_transpose_impl<T: Real>(
         }
     }
     float_tensor(out_shape, y, x.dtype())
+}
+
+/// One output plane of a 2-D ConvTranspose whose window is its stride
+/// (`[sh, sw]`), unpadded: output `(iy * sh + ky, ix * sw + kx)` adds tap
+/// `(ky, kx)`'s product row `taps[(ky * sw + kx) * in_n..]` at `(iy, ix)`.
+/// One output row at a time, its taps interleaved in cache (the general
+/// col2im walks the whole plane once per tap).
+fn upsample_taps<T: Real>(
+    taps: &[T],
+    in_sp: &[usize],
+    strides: &[usize],
+    ow: usize,
+    yplane: &mut [T],
+) {
+    let (ih, iw) = (in_sp[0], in_sp[1]);
+    let (sh, sw) = (strides[0], strides[1]);
+    let in_n = ih * iw;
+    for iy in 0..ih {
+        for ky in 0..sh {
+            let orow = &mut yplane[(iy * sh + ky) * ow..][..iw * sw];
+            let tap = |kx: usize| &taps[(ky * sw + kx) * in_n + iy * iw..][..iw];
+            if sw == 2 {
+                let (t0, t1) = (tap(0), tap(1));
+                for ((o, &a), &b) in orow.chunks_exact_mut(2).zip(t0).zip(t1) {
+                    o[0] += a;
+                    o[1] += b;
+                }
+                continue;
+            }
+            for kx in 0..sw {
+                for (j, &v) in tap(kx).iter().enumerate() {
+                    orow[j * sw + kx] += v;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -2696,6 +2754,72 @@ mod tests {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "case {ci} [{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn conv_transpose_with_window_equal_to_stride_matches_the_definition() {
+        // The upsampling path (each output takes one tap, rows interleaved):
+        // 2x2 stride 2, 3x2 stride (3, 2), 1x3 stride (1, 3), with groups,
+        // output padding (extra rows and columns: bias only), a batch;
+        // against the scatter definition in f64.
+        let cases: &[(usize, usize, usize, usize, [usize; 2], [usize; 2])] = &[
+            (1, 8, 5, 1, [2, 2], [0, 0]),
+            (2, 6, 3, 2, [3, 2], [2, 1]),
+            (1, 4, 4, 1, [1, 3], [0, 2]),
+        ];
+        let mut rng = Rng::new(8);
+        for (ci, &(n, c, mg, group, k, op)) in cases.iter().enumerate() {
+            let (h, w) = (5, 7);
+            let (xv, wv, bv) = (
+                rng.vec(n * c * h * w),
+                rng.vec(c * mg * k[0] * k[1]),
+                rng.vec(mg * group),
+            );
+            let mut a = tattrs(&[0; 4], &k, &op, &[]);
+            a.conv.group = group;
+            let y = conv_transpose(
+                &a,
+                &t(&[n, c, h, w], xv.clone()),
+                &t(&[c, mg, k[0], k[1]], wv.clone()),
+                Some(&t(&[mg * group], bv.clone())),
+            )
+            .unwrap();
+            let m = mg * group;
+            let (oh, ow) = (h * k[0] + op[0], w * k[1] + op[1]);
+            assert_eq!(y.shape(), &[n, m, oh, ow], "case {ci}");
+            let cg = c / group;
+            let mut want = vec![0f64; n * m * oh * ow];
+            for ni in 0..n {
+                for mo in 0..m {
+                    let (g, mi) = (mo / mg, mo % mg);
+                    for v in &mut want[(ni * m + mo) * oh * ow..][..oh * ow] {
+                        *v = bv[mo] as f64;
+                    }
+                    for cl in 0..cg {
+                        let ch = g * cg + cl;
+                        for iy in 0..h {
+                            for ix in 0..w {
+                                let xval = xv[((ni * c + ch) * h + iy) * w + ix] as f64;
+                                for ky in 0..k[0] {
+                                    for kx in 0..k[1] {
+                                        let wval = wv[((ch * mg + mi) * k[0] + ky) * k[1] + kx];
+                                        let (oy, ox) = (iy * k[0] + ky, ix * k[1] + kx);
+                                        want[((ni * m + mo) * oh + oy) * ow + ox] +=
+                                            xval * wval as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for (i, (&got, &w)) in f32s(&y).iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "case {ci} [{i}]: {got} vs {w}"
                 );
             }
         }
