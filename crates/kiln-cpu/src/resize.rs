@@ -629,6 +629,19 @@ mod tests {
                 NearestMode::RoundPreferCeil,
                 CoordTransform::HalfPixel,
             ),
+            // Integer upscales, big enough to run in parallel.
+            (
+                &[1, 4, 41, 100],
+                &[1.0, 1.0, 2.0, 2.0],
+                NearestMode::Floor,
+                CoordTransform::Asymmetric,
+            ),
+            (
+                &[2, 3, 17, 33],
+                &[1.0, 1.0, 3.0, 3.0],
+                NearestMode::Floor,
+                CoordTransform::Asymmetric,
+            ),
         ];
         for (ci, &(shape, sc, nearest, coord)) in cases.iter().enumerate() {
             let mut a = attrs(ResizeMode::Nearest, coord);
