@@ -68,8 +68,8 @@ enum Kind {
         packed: nn::ConvPack,
         /// Weights for Winograd, transformed at the first run whose output
         /// planes make it apply, when the plan could not see them (symbolic
-        /// input sizes) and packed W for a GEMM.
-        late: std::sync::OnceLock<Option<nn::ConvPack>>,
+        /// input sizes) and packed W for a GEMM; `None` when it saw them.
+        late: Option<std::sync::OnceLock<Option<nn::ConvPack>>>,
     },
     /// MatMul or FusedMatMul with a packed 2-D B.
     MatMul {
@@ -225,7 +225,7 @@ fn prepare_conv(
         attrs: attrs.clone(),
         fused,
         channels_last: false,
-        late: Default::default(),
+        late: out_hw(out_shape).is_none().then(Default::default),
         w_shape: ws.to_vec(),
         packed: nn::pack_conv_weights(
             wv,
@@ -459,9 +459,11 @@ impl PreparedOp {
                 packed,
                 late,
             } => {
-                let packed = match *channels_last {
-                    false => late_pack(attrs, w_shape, packed, late, x(0, "X")?.shape()),
-                    true => packed,
+                let packed = match late {
+                    Some(late) if !*channels_last => {
+                        late_pack(attrs, w_shape, packed, late, x(0, "X")?.shape())
+                    }
+                    _ => packed,
                 };
                 match fused {
                     Some(act) => {
@@ -702,8 +704,11 @@ mod tests {
             let got = p.run(&[Some(&x), None, Some(&b)], 1).unwrap();
             assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
         }
-        let Kind::Conv { late, .. } = &p.kind else {
-            panic!("a conv");
+        let Kind::Conv {
+            late: Some(late), ..
+        } = &p.kind
+        else {
+            panic!("a conv planned without sizes keeps a late slot");
         };
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {

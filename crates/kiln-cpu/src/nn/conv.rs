@@ -706,14 +706,14 @@ impl GatheredWeights {
     /// The gather table for `geo` (see [`gather_offsets`]), built on the
     /// first run with X's image shape and reused after.
     fn offsets(&self, geo: &ConvGeometry) -> std::sync::Arc<GatherTable> {
-        let key = [&[geo.c][..], &geo.in_sp[..]].concat();
         let mut cache = self
             .offsets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &*cache {
-            Some((k, table)) if *k == key => table.clone(),
+            Some((k, table)) if k[0] == geo.c && k[1..] == geo.in_sp[..] => table.clone(),
             _ => {
+                let key = [&[geo.c][..], &geo.in_sp[..]].concat();
                 let table = std::sync::Arc::new(GatherTable::new(gather_offsets(geo), geo.kn));
                 *cache = Some((key, table.clone()));
                 table
@@ -1315,34 +1315,7 @@ pub(crate) fn conv_nhwc_gathered(
         .chain(geo.win.out.iter().copied())
         .chain([m])
         .collect();
-    let bias = match bias {
-        Some(t) => Some(
-            t.as_slice::<f32>()
-                .filter(|b| t.rank() == 1 && b.len() == m)
-                .ok_or_else(|| {
-                    invalid!(
-                        "FusedConvNhwc: bias must be f32 [{m}], got {} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let res = match residual {
-        Some(t) => Some(
-            t.as_slice::<f32>()
-                .filter(|_| t.shape() == out_shape.as_slice())
-                .ok_or_else(|| {
-                    invalid!(
-                        "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let (bias, res) = nhwc_bias_and_residual(bias, residual, m, &out_shape)?;
     let total = numel(&out_shape)?;
     let mut y = crate::buffers::take_f32(total);
     if total > 0 {
@@ -1376,6 +1349,45 @@ pub(crate) fn conv_nhwc_gathered(
         );
     }
     crate::util::tensor(out_shape, kiln_ir::TensorData::F32(y)).map(Some)
+}
+
+/// A channels-last conv's bias (f32 `[m]`) and residual (f32, exactly
+/// `out_shape`) as slices, or an error saying which is wrong.
+pub(crate) fn nhwc_bias_and_residual<'a>(
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+    m: usize,
+    out_shape: &[usize],
+) -> Result<(Option<&'a [f32]>, Option<&'a [f32]>)> {
+    let bias = match bias {
+        Some(t) => Some(
+            t.as_slice::<f32>()
+                .filter(|b| t.rank() == 1 && b.len() == m)
+                .ok_or_else(|| {
+                    invalid!(
+                        "FusedConvNhwc: bias must be f32 [{m}], got {} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let res = match residual {
+        Some(t) => Some(
+            t.as_slice::<f32>()
+                .filter(|_| t.shape() == out_shape)
+                .ok_or_else(|| {
+                    invalid!(
+                        "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    Ok((bias, res))
 }
 
 /// For every output position of an image, each tap's first input channel

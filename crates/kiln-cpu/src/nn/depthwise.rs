@@ -19,7 +19,7 @@
 //! The reference is `conv_reference` (im2col + GEMM) in `conv.rs`.
 
 use super::conv::{valid_range, ConvGeometry, Epi};
-use crate::{invalid, Result};
+use crate::Result;
 use kiln_ir::{ConvAttrs, FusedAct, Tensor};
 use rayon::prelude::*;
 
@@ -1291,34 +1291,7 @@ pub(crate) fn conv_nhwc_with(
         return Ok(None);
     }
     let out_shape = vec![n, g.oh, g.ow, c];
-    let b = match bias {
-        Some(t) => Some(
-            t.as_slice::<f32>()
-                .filter(|b| b.len() == c)
-                .ok_or_else(|| {
-                    invalid!(
-                        "FusedConvNhwc: bias must be f32 [{c}], got {} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let r = match res {
-        Some(t) => Some(
-            t.as_slice::<f32>()
-                .filter(|_| t.shape() == out_shape.as_slice())
-                .ok_or_else(|| {
-                    invalid!(
-                        "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let (b, r) = super::conv::nhwc_bias_and_residual(bias, res, c, &out_shape)?;
     // Relu/Clip in the kernel, unless a residual comes first.
     let clamp = super::conv::clamp_of(act).filter(|_| r.is_none());
     let bounds = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
