@@ -409,7 +409,9 @@ unsafe fn run_task(
         .map(|g| blk.kc / g.seg_len.max(1))
         .filter(|&s| s >= 2)
         .map(|s| s.min(SEG_BLOCK_MAX));
-    let mut seg_ptrs = [std::ptr::null::<f32>(); SEG_BLOCK_MAX * MAX_MR];
+    // Only a gather in whole segments needs the table: every other product's
+    // tasks skip zeroing its 4 KiB.
+    let mut seg_ptrs = seg_block.map(|_| [std::ptr::null::<f32>(); SEG_BLOCK_MAX * MAX_MR]);
     let mut pc = 0;
     while pc < k {
         let mut kc = blk.kc.min(k - pc);
@@ -440,28 +442,32 @@ unsafe fn run_task(
                         std::ptr::null()
                     }
                 })),
-                (None, Some(g)) if seg_block.is_some() => {
-                    let t0 = pc / g.seg_len;
-                    for s in 0..kc / g.seg_len {
-                        for r in 0..rows {
-                            seg_ptrs[s * MAX_MR + r] = seg_at(g, ip * mr + r, t0 + s, 0);
+                (None, Some(g)) => match seg_ptrs.as_mut() {
+                    // Whole segments, through the block's table.
+                    Some(table) => {
+                        let t0 = pc / g.seg_len;
+                        for s in 0..kc / g.seg_len {
+                            for r in 0..rows {
+                                table[s * MAX_MR + r] = seg_at(g, ip * mr + r, t0 + s, 0);
+                            }
+                        }
+                        TileA::Segments {
+                            ptrs: table.as_ptr(),
+                            seg_len: g.seg_len,
                         }
                     }
-                    TileA::Segments {
-                        ptrs: seg_ptrs.as_ptr(),
-                        seg_len: g.seg_len,
+                    // Within one segment of each row.
+                    None => {
+                        let (t, q) = (pc / g.seg_len, pc % g.seg_len);
+                        TileA::Rows(std::array::from_fn(|r| {
+                            if r < rows {
+                                seg_at(g, ip * mr + r, t, q)
+                            } else {
+                                std::ptr::null()
+                            }
+                        }))
                     }
-                }
-                (None, Some(g)) => {
-                    let (t, q) = (pc / g.seg_len, pc % g.seg_len);
-                    TileA::Rows(std::array::from_fn(|r| {
-                        if r < rows {
-                            seg_at(g, ip * mr + r, t, q)
-                        } else {
-                            std::ptr::null()
-                        }
-                    }))
-                }
+                },
                 (None, None) => TileA::Packed(job.a[ip * mr * k + pc * mr..].as_ptr()),
             };
             for jq in q0..q1 {
