@@ -153,7 +153,9 @@ impl WinogradWeights {
 /// AVX-512, one group, a 3x3 kernel, stride and dilation 1 (empty lists
 /// mean 1s), at least [`MIN_CHANNELS`] in and out, and output planes known
 /// at plan time (`out_hw`) with at least [`MIN_TILES`] 4x4 tiles and tile
-/// rows within [`MAX_ROW_BYTES`].
+/// rows within [`MAX_ROW_BYTES`]. kiln-opt's channels-last pass mirrors
+/// this rule (`winograd_candidate`) to leave such convs on NCHW: change
+/// both together.
 pub(crate) fn applies(
     ws: &[usize],
     group: usize,

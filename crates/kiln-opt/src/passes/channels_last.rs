@@ -204,6 +204,7 @@ fn candidate(g: &Graph, ix: &Index, i: usize) -> Option<Kind> {
 /// stride and dilation 1, 16+ channels each way, 16+ 4x4 output tiles.
 /// That beats the channels-last gathered product (ResNet-50's 256-channel
 /// 3x3 on 14x14: 0.33 against 0.51 ms), so such a conv stays outside.
+/// (The constants are the backend's; change both together.)
 fn winograd_candidate(conv: &ConvAttrs, ws: &[usize], ys: &[Dim]) -> bool {
     let ones = |v: &[usize]| v.iter().all(|&d| d == 1);
     let tiles = match (ys[2].known(), ys[3].known()) {
