@@ -297,27 +297,31 @@ fn layer_norm_fast(
         Some(b) => Some(param(b, "B")?),
         None => None,
     };
-    let mut y = values::<f32>(x, OP)?.into_owned();
+    // Y is written from X's rows directly (a copy of X first, normalized in
+    // place, was a third of the time of BERT's 128 x 768 rows).
+    let xv = values::<f32>(x, OP)?;
+    let mut y = crate::buffers::take_f32(xv.len());
     let mut means = vec![0.0f64; outer];
     let mut invs = vec![0.0f64; outer];
-    let rows = |chunk: &mut [f32], mc: &mut [f64], ic: &mut [f64]| {
+    let rows = |src: &[f32], dst: &mut [f32], mc: &mut [f64], ic: &mut [f64]| {
         fastmath::simd(
             #[inline(always)]
             || {
-                for ((row, m), iv) in chunk.chunks_exact_mut(inner).zip(mc).zip(ic) {
+                let pairs = src.chunks_exact(inner).zip(dst.chunks_exact_mut(inner));
+                for (((row, out), m), iv) in pairs.zip(mc).zip(ic) {
                     let (mean, inv) = mean_inv_std_f32(row, eps);
                     *m = mean;
                     *iv = inv;
                     let (mt, it) = (mean as f32, inv as f32);
                     match &bv {
                         Some(bv) => {
-                            for ((v, &s), &bb) in row.iter_mut().zip(&sv).zip(bv) {
-                                *v = (*v - mt) * it * s + bb;
+                            for (((o, &v), &s), &bb) in out.iter_mut().zip(row).zip(&sv).zip(bv) {
+                                *o = (v - mt) * it * s + bb;
                             }
                         }
                         None => {
-                            for (v, &s) in row.iter_mut().zip(&sv) {
-                                *v = (*v - mt) * it * s;
+                            for ((o, &v), &s) in out.iter_mut().zip(row).zip(&sv) {
+                                *o = (v - mt) * it * s;
                             }
                         }
                     }
@@ -326,13 +330,14 @@ fn layer_norm_fast(
         )
     };
     if y.len() < fastmath::PAR_MIN || outer < 2 {
-        rows(&mut y, &mut means, &mut invs);
+        rows(&xv, &mut y, &mut means, &mut invs);
     } else {
         let per = (fastmath::PAR_CHUNK / inner).max(1);
         y.par_chunks_mut(per * inner)
+            .zip(xv.par_chunks(per * inner))
             .zip(means.par_chunks_mut(per))
             .zip(invs.par_chunks_mut(per))
-            .for_each(|((c, m), i)| rows(c, m, i));
+            .for_each(|(((d, s), m), i)| rows(s, d, m, i));
     }
     let mut outs = vec![float_tensor(xs.to_vec(), y, x.dtype())?];
     if num_outputs > 1 {
