@@ -355,11 +355,23 @@ impl Gather<'_> {
     /// Where row `i`'s segment `t` starts in `data` (None: zeros).
     #[inline]
     pub(crate) fn segment(&self, i: usize, t: usize) -> Option<usize> {
-        let (per, segs) = (self.table.rows(), self.table.segs);
-        match self.table.offsets[(i % per) * segs + t] {
+        let (offsets, base) = self.row(i);
+        match offsets[t] {
             GATHER_ZEROS => None,
-            o => Some(o + i / per * self.image_stride),
+            o => Some(o + base),
         }
+    }
+
+    /// Row `i`'s segment offsets (in its image, [`GATHER_ZEROS`] for zeros)
+    /// and its image's offset in `data`: one division for all of a row's
+    /// segments.
+    pub(crate) fn row(&self, i: usize) -> (&[usize], usize) {
+        let (per, segs) = (self.table.rows(), self.table.segs);
+        let (img, r) = (i / per, i % per);
+        (
+            &self.table.offsets[r * segs..(r + 1) * segs],
+            img * self.image_stride,
+        )
     }
 
     /// Row `i`'s values `p0 .. p0 + out.len()` (within one segment).
