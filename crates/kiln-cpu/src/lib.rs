@@ -20,6 +20,7 @@ mod resize;
 mod rnn;
 mod shape_ops;
 mod text;
+pub mod tune;
 pub mod util;
 mod vision;
 

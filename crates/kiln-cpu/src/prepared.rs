@@ -70,6 +70,11 @@ enum Kind {
         /// planes make it apply, when the plan could not see them (symbolic
         /// input sizes) and packed W for a GEMM; `None` when it saw them.
         late: Option<std::sync::OnceLock<Option<nn::ConvPack>>>,
+        /// The strategy measured fastest on the first run (`tune.rs`), for
+        /// runs on X of that run's shape (others take `packed`, or `late`):
+        /// `None` inside keeps `packed`. `None` when not tuned (tuning off,
+        /// or not a one-group 2-D conv).
+        tuned: Option<std::sync::OnceLock<(Vec<usize>, Option<nn::ConvPack>)>>,
     },
     /// MatMul or FusedMatMul with a packed 2-D B.
     MatMul {
@@ -126,6 +131,7 @@ pub fn prepare(
                 fused: Some(*act),
                 channels_last: true,
                 late: Default::default(),
+                tuned: None,
                 w_shape: ws.to_vec(),
                 packed: nn::pack_conv_weights_gathered(w.as_slice::<f32>()?, ws),
             }
@@ -183,6 +189,7 @@ fn prepare_conv(
             fused,
             channels_last: false,
             late: Default::default(),
+            tuned: None,
             w_shape: ws.to_vec(),
             packed: nn::ConvPack::Winograd(nn::WinogradWeights::new(
                 w.as_slice::<f32>()?,
@@ -217,6 +224,7 @@ fn prepare_conv(
             fused,
             channels_last: false,
             late: Default::default(),
+            tuned: tunable(attrs, ws).then(Default::default),
             w_shape: ws.to_vec(),
             packed: nn::pack_conv_weights_gathered(wv, ws),
         });
@@ -226,6 +234,7 @@ fn prepare_conv(
         fused,
         channels_last: false,
         late: out_hw(out_shape).is_none().then(Default::default),
+        tuned: tunable(attrs, ws).then(Default::default),
         w_shape: ws.to_vec(),
         packed: nn::pack_conv_weights(
             wv,
@@ -285,6 +294,106 @@ fn late_pack<'a>(
     }
     let _ = (attrs, w_shape, late, x_shape);
     packed
+}
+
+/// Whether a prepared conv with these attributes and W shape has more than
+/// one strategy worth timing ([`tune_conv`]): tuning on, one group, 2-D.
+fn tunable(attrs: &ConvAttrs, w_shape: &[usize]) -> bool {
+    crate::tune::enabled() && attrs.group == 1 && w_shape.len() == 4
+}
+
+/// What identifies a conv's tuning problem: its shapes, window, epilogue
+/// and thread count (the choice can differ on each).
+fn tune_key(
+    attrs: &ConvAttrs,
+    fused: Option<FusedAct>,
+    w_shape: &[usize],
+    x_shape: &[usize],
+    residual: bool,
+) -> String {
+    format!(
+        "conv x{x_shape:?} w{w_shape:?} strides{:?} pads{:?} dilations{:?} {:?} act {} residual {residual} threads {}",
+        attrs.strides,
+        attrs.pads,
+        attrs.dilations,
+        attrs.auto_pad,
+        fused.map_or("none", FusedAct::name),
+        rayon::current_num_threads()
+    )
+}
+
+/// The fastest way to run a one-group conv on X of shape `x_shape` (see
+/// `tune.rs`), among the product over channel rows, over position rows,
+/// gathered channels-last (where the GEMM reads gathers in place) and
+/// Winograd (where it applies to these planes), each packed from `packed`'s
+/// weights: the choice remembered for `key`, else the fastest of them run
+/// by `run` on this run's inputs. `None` keeps `packed` (the heuristics'
+/// choice: it is also chosen when nothing else applies, when it runs under
+/// `tune.rs`'s threshold, or when a run fails, which the real run then
+/// reports).
+fn tune_conv(
+    attrs: &ConvAttrs,
+    w_shape: &[usize],
+    packed: &nn::ConvPack,
+    x_shape: &[usize],
+    key: &str,
+    run: &dyn Fn(&nn::ConvPack) -> crate::Result<Tensor>,
+) -> Option<nn::ConvPack> {
+    let w = packed.unpack_with_shape(w_shape)?;
+    let (m, c) = (*w_shape.first()?, *w_shape.get(1)?);
+    let plane = match nn::conv_geometry(attrs, x_shape, w_shape) {
+        Ok(g) if g.win.out.len() == 2 => (g.win.out[0], g.win.out[1]),
+        _ => return None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (plane, c);
+    let mut others: Vec<nn::ConvPack> = Vec::new();
+    let mine = packed.strategy();
+    for strategy in ["channels", "positions", "gathered", "winograd"] {
+        if strategy == mine {
+            continue;
+        }
+        match strategy {
+            "channels" => others.push(nn::pack_conv_weights(&w, m, 1, false)),
+            "positions" => others.push(nn::pack_conv_weights(&w, m, 1, true)),
+            "gathered" if nn::gathered_possible(w_shape, attrs.group) => {
+                others.push(nn::pack_conv_weights_gathered(&w, w_shape))
+            }
+            #[cfg(target_arch = "x86_64")]
+            "winograd"
+                if nn::winograd_applies(
+                    w_shape,
+                    attrs.group,
+                    &attrs.strides,
+                    &attrs.dilations,
+                    Some(plane),
+                ) =>
+            {
+                others.push(nn::ConvPack::Winograd(nn::WinogradWeights::new(&w, m, c)))
+            }
+            _ => {}
+        }
+    }
+    if others.is_empty() {
+        return None;
+    }
+    if let Some(name) = crate::tune::recall(key) {
+        return others.into_iter().find(|p| p.strategy() == name);
+    }
+    let all: Vec<&nn::ConvPack> = std::iter::once(packed).chain(&others).collect();
+    let mut failed = false;
+    let best = crate::tune::fastest(all.len(), |i| match run(all[i]) {
+        Ok(y) => crate::buffers::recycle_tensor(y),
+        Err(_) => failed = true,
+    });
+    if failed {
+        return None;
+    }
+    crate::tune::remember(key, all[best].strategy());
+    match best {
+        0 => None,
+        i => Some(others.swap_remove(i - 1)),
+    }
 }
 
 fn prepare_matmul(fused: Option<FusedAct>, b: &Tensor) -> Option<Kind> {
@@ -458,14 +567,9 @@ impl PreparedOp {
                 w_shape,
                 packed,
                 late,
+                tuned,
             } => {
-                let packed = match late {
-                    Some(late) if !*channels_last => {
-                        late_pack(attrs, w_shape, packed, late, x(0, "X")?.shape())
-                    }
-                    _ => packed,
-                };
-                match fused {
+                let run_with = |packed: &nn::ConvPack| match fused {
                     Some(act) => {
                         let (conv, act) = (attrs.clone(), *act);
                         let op = if *channels_last {
@@ -473,7 +577,7 @@ impl PreparedOp {
                         } else {
                             FusedOp::Conv { conv, act }
                         };
-                        fused::run_fast(&op, inputs, fused::Packed::Conv(packed, w_shape))?
+                        fused::run_fast(&op, inputs, fused::Packed::Conv(packed, w_shape))
                     }
                     None => nn::conv_f32(
                         attrs,
@@ -483,8 +587,30 @@ impl PreparedOp {
                         opt(2),
                         None,
                         FusedAct::Identity,
-                    )?,
-                }
+                    ),
+                };
+                let xs = x(0, "X")?.shape();
+                let chosen = match tuned {
+                    Some(tuned) if !*channels_last => {
+                        let (shape, chosen) = tuned.get_or_init(|| {
+                            let key = tune_key(attrs, *fused, w_shape, xs, opt(3).is_some());
+                            let chosen = tune_conv(attrs, w_shape, packed, xs, &key, &run_with);
+                            (xs.to_vec(), chosen)
+                        });
+                        // Measured on that shape only: other input sizes
+                        // (symbolic dims) keep the heuristics' choice.
+                        chosen.as_ref().filter(|_| shape.as_slice() == xs)
+                    }
+                    _ => None,
+                };
+                let packed = match (chosen, late) {
+                    (Some(chosen), _) => chosen,
+                    (None, Some(late)) if !*channels_last => {
+                        late_pack(attrs, w_shape, packed, late, xs)
+                    }
+                    _ => packed,
+                };
+                run_with(packed)?
             }
             Kind::MatMul { fused, packed, .. } => match fused {
                 Some(act) => fused::run_fast(
@@ -719,6 +845,114 @@ mod tests {
             return;
         }
         assert!(late.get().is_none(), "no Winograd off AVX-512");
+    }
+
+    /// A prepared conv with its tuning slot on (this crate's tests keep
+    /// tuning off elsewhere).
+    fn prepared_tuned(op: &Op, w: &Tensor) -> PreparedOp {
+        let mut p = prepare(op, &[None, Some(w)], None).expect("a GEMM conv is prepared");
+        match &mut p.kind {
+            Kind::Conv { tuned, .. } => *tuned = Some(Default::default()),
+            _ => panic!("a conv prepares as Kind::Conv"),
+        }
+        p
+    }
+
+    /// The strategy the tuned slot holds after a run (the heuristics' own
+    /// when it kept `packed`).
+    fn tuned_strategy(p: &PreparedOp) -> &'static str {
+        match &p.kind {
+            Kind::Conv { tuned, packed, .. } => match tuned.as_ref().and_then(|t| t.get()) {
+                Some((_, Some(chosen))) => chosen.strategy(),
+                Some((_, None)) => packed.strategy(),
+                None => panic!("the run filled the tuning slot"),
+            },
+            _ => panic!("a conv prepares as Kind::Conv"),
+        }
+    }
+
+    #[test]
+    fn tuned_convs_match_unprepared_and_remember_their_choice() {
+        // 3x3 convs with several strategies (channel rows, position rows,
+        // gathered, and Winograd on AVX-512 at stride 1), with bias,
+        // residual and activations; each is timed on its first run, and
+        // every later run uses the choice. Outputs match the plain conv.
+        let mut rng = Rng::new(41);
+        for (c, m, hw, stride, act, residual) in [
+            (32, 64, 20, 1, FusedAct::Relu, false),
+            (16, 32, 33, 2, FusedAct::Silu, false),
+            (24, 48, 12, 1, FusedAct::Identity, true),
+        ] {
+            let attrs = conv_attrs(1, &[1, 1, 1, 1], &[stride, stride]);
+            let op = Op::Fused(FusedOp::Conv {
+                conv: attrs.clone(),
+                act,
+            });
+            let x = t(&[1, c, hw, hw], rng.vec(c * hw * hw));
+            let w = t(&[m, c, 3, 3], rng.vec(m * c * 9));
+            let b = t(&[m], rng.vec(m));
+            let oh = (hw + 2 - 3) / stride + 1;
+            let r = t(&[1, m, oh, oh], rng.vec(m * oh * oh));
+            let inputs = [Some(&x), Some(&w), Some(&b), residual.then_some(&r)];
+            let want = crate::run_op(&op, &inputs, 1).unwrap();
+            let p = prepared_tuned(&op, &w);
+            for _ in 0..2 {
+                let got = p.run(&inputs, 1).unwrap();
+                assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+            }
+            let key = tune_key(&attrs, Some(act), w.shape(), x.shape(), residual);
+            let chosen = tuned_strategy(&p);
+            // Remembered for the next session with these shapes (the
+            // heuristics' own choice too, so it is not timed again).
+            assert_eq!(crate::tune::recall(&key).as_deref(), Some(chosen), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_remembered_choice_is_taken_without_timing() {
+        let mut rng = Rng::new(43);
+        let attrs = conv_attrs(1, &[1, 1, 1, 1], &[2, 2]);
+        let op = Op::Conv(attrs.clone());
+        let x = t(&[1, 8, 17, 17], rng.vec(8 * 17 * 17));
+        let w = t(&[16, 8, 3, 3], rng.vec(16 * 8 * 9));
+        let inputs = [Some(&x), Some(&w)];
+        let want = crate::run_op(&op, &inputs, 1).unwrap();
+        // Whichever strategy the heuristics pick, another one remembered.
+        let heuristic = match &prepare(&op, &[None, Some(&w)], None).unwrap().kind {
+            Kind::Conv { packed, .. } => packed.strategy(),
+            _ => unreachable!("a conv prepares as Kind::Conv"),
+        };
+        let other = if heuristic == "positions" {
+            "channels"
+        } else {
+            "positions"
+        };
+        let key = tune_key(&attrs, None, w.shape(), x.shape(), false);
+        crate::tune::remember(&key, other);
+        let p = prepared_tuned(&op, &w);
+        let got = p.run(&inputs, 1).unwrap();
+        assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+        assert_eq!(tuned_strategy(&p), other);
+        // Another input size (symbolic dims) runs the heuristics' weights,
+        // and still matches.
+        let x2 = t(&[2, 8, 9, 11], rng.vec(2 * 8 * 9 * 11));
+        let inputs2 = [Some(&x2), Some(&w)];
+        let got = p.run(&inputs2, 1).unwrap();
+        let want = crate::run_op(&op, &inputs2, 1).unwrap();
+        assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+    }
+
+    #[test]
+    fn gathered_weights_unpack_to_w() {
+        let mut rng = Rng::new(44);
+        let ws = [8, 5, 3, 2];
+        let w = rng.vec(ws.iter().product());
+        let packed = nn::pack_conv_weights_gathered(&w, &ws);
+        assert_eq!(packed.unpack_with_shape(&ws), Some(w.clone()));
+        // Shapes that do not match the packing: no weights.
+        assert_eq!(packed.unpack_with_shape(&[8, 5, 2, 2]), None);
+        let channels = nn::pack_conv_weights(&w, 8, 1, false);
+        assert_eq!(channels.unpack_with_shape(&ws), Some(w));
     }
 
     #[test]

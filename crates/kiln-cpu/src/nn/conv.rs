@@ -540,6 +540,17 @@ impl ConvPack {
         }
     }
 
+    /// The strategy's name, for the tuning cache (`tune.rs`).
+    pub(crate) fn strategy(&self) -> &'static str {
+        match self {
+            ConvPack::Channels(_) => "channels",
+            ConvPack::Positions(_) => "positions",
+            ConvPack::Gathered(_) => "gathered",
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Winograd(_) => "winograd",
+        }
+    }
+
     /// W (`[M, Cg, k...]`, row-major) back from GEMM weights of one group;
     /// None for any other packing.
     pub(crate) fn unpack(&self) -> Option<Vec<f32>> {
@@ -559,6 +570,31 @@ impl ConvPack {
             }
             _ => None,
         }
+    }
+
+    /// [`ConvPack::unpack`] for `Gathered` weights of W shape `w_shape`
+    /// (`[M, C, k...]`): W back from `W^T` in (tap, channel) row order.
+    pub(crate) fn unpack_with_shape(&self, w_shape: &[usize]) -> Option<Vec<f32>> {
+        let ConvPack::Gathered(g) = self else {
+            return self.unpack();
+        };
+        let (m, c) = (*w_shape.first()?, *w_shape.get(1)?);
+        let kn: usize = w_shape.iter().skip(2).product();
+        let (k, cols) = (g.packed.rows(), g.packed.cols());
+        if k != c * kn || cols != m {
+            return None;
+        }
+        let wt = g.packed.to_row_major();
+        let mut w = vec![0.0f32; m * k];
+        for ci in 0..c {
+            for t in 0..kn {
+                let row = &wt[(t * c + ci) * m..][..m];
+                for (mo, &v) in row.iter().enumerate() {
+                    w[mo * k + ci * kn + t] = v;
+                }
+            }
+        }
+        Some(w)
     }
 
     fn groups(&self) -> usize {
@@ -666,6 +702,17 @@ pub(crate) fn gathered_applies(w_shape: &[usize], group: usize) -> bool {
         && group == 1
         && w_shape[0] >= 64
         && w_shape[1] >= 8
+        && w_shape[2..].iter().any(|&k| k > 1)
+        && kiln_gemm::gathers_in_place()
+}
+
+/// Whether the `Gathered` product can run a conv with this W shape and
+/// group count at all (one group, a window wider than 1x1, a GEMM kernel
+/// that reads gathers in place), whatever its sizes: the candidates
+/// `tune.rs` times. [`gathered_applies`] is the heuristic's narrower rule.
+pub(crate) fn gathered_possible(w_shape: &[usize], group: usize) -> bool {
+    w_shape.len() >= 3
+        && group == 1
         && w_shape[2..].iter().any(|&k| k > 1)
         && kiln_gemm::gathers_in_place()
 }
