@@ -24,8 +24,9 @@ mod winograd;
 pub(crate) use conv::{clamp_of, is_pointwise, prefers_positions};
 pub use conv::{conv, conv_transpose};
 pub(crate) use conv::{
-    conv_f32, conv_geometry, conv_nhwc_gathered, gathered_applies, gathered_possible,
-    pack_conv_weights, pack_conv_weights_gathered, uses_direct_kernel, ConvPack, ConvWeights,
+    conv_f32, conv_geometry, conv_nhwc_gathered, direct_possible, gathered_applies,
+    gathered_possible, pack_conv_weights, pack_conv_weights_gathered, uses_direct_kernel, ConvPack,
+    ConvWeights,
 };
 #[cfg(test)]
 pub(crate) use depthwise::conv_nhwc_with as depthwise_conv_nhwc_with;

@@ -198,13 +198,13 @@ fn prepare_conv(
             )),
         });
     }
-    if ws.len() < 3
-        || group == 0
-        || m == 0
-        || m % group != 0
-        || ws[1] == 0
-        || ws[2..].contains(&0)
-        || nn::uses_direct_kernel(ws[1], &ws[2..], &attrs.strides, &attrs.dilations)
+    if ws.len() < 3 || group == 0 || m == 0 || m % group != 0 || ws[1] == 0 || ws[2..].contains(&0)
+    {
+        // Invalid (run_op reports it) or empty.
+        return None;
+    }
+    let wv = w.as_slice::<f32>()?;
+    if nn::uses_direct_kernel(ws[1], &ws[2..], &attrs.strides, &attrs.dilations)
         || nn::many_channel_applies(
             ws[1],
             &ws[2..],
@@ -213,11 +213,19 @@ fn prepare_conv(
             out_shape.and_then(|s| s.last().copied().flatten()),
         )
     {
-        // Invalid (run_op reports it), empty, or a direct kernel's (depthwise,
-        // few channels, many on wide planes: they read W unpacked).
-        return None;
+        // A direct kernel's (depthwise, few channels, many on wide planes:
+        // they read W unpacked): nothing to pack, unless tuning times it
+        // against the GEMMs.
+        return tunable(attrs, ws).then(|| Kind::Conv {
+            attrs: attrs.clone(),
+            fused,
+            channels_last: false,
+            late: None,
+            tuned: Some(Default::default()),
+            w_shape: ws.to_vec(),
+            packed: nn::ConvPack::Direct(wv.to_vec()),
+        });
     }
-    let wv = w.as_slice::<f32>()?;
     if nn::gathered_applies(ws, group) {
         return Some(Kind::Conv {
             attrs: attrs.clone(),
@@ -324,8 +332,9 @@ fn tune_key(
 
 /// The fastest way to run a one-group conv on X of shape `x_shape` (see
 /// `tune.rs`), among the product over channel rows, over position rows,
-/// gathered channels-last (where the GEMM reads gathers in place) and
-/// Winograd (where it applies to these planes), each packed from `packed`'s
+/// gathered channels-last (where the GEMM reads gathers in place), Winograd
+/// (where it applies to these planes) and the direct kernel (few input
+/// channels, or many on a stride-1 window), each packed from `packed`'s
 /// weights: the choice remembered for `key`, else the fastest of them run
 /// by `run` on this run's inputs. `None` keeps `packed` (the heuristics'
 /// choice: it is also chosen when nothing else applies, when it runs under
@@ -349,7 +358,7 @@ fn tune_conv(
     let _ = (plane, c);
     let mut others: Vec<nn::ConvPack> = Vec::new();
     let mine = packed.strategy();
-    for strategy in ["channels", "positions", "gathered", "winograd"] {
+    for strategy in ["channels", "positions", "gathered", "winograd", "direct"] {
         if strategy == mine {
             continue;
         }
@@ -370,6 +379,9 @@ fn tune_conv(
                 ) =>
             {
                 others.push(nn::ConvPack::Winograd(nn::WinogradWeights::new(&w, m, c)))
+            }
+            "direct" if nn::direct_possible(c, &w_shape[2..], &attrs.strides, &attrs.dilations) => {
+                others.push(nn::ConvPack::Direct(w.clone()))
             }
             _ => {}
         }
@@ -940,6 +952,69 @@ mod tests {
         let got = p.run(&inputs2, 1).unwrap();
         let want = crate::run_op(&op, &inputs2, 1).unwrap();
         assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+    }
+
+    #[test]
+    fn the_direct_kernel_is_a_tuning_candidate() {
+        let mut rng = Rng::new(45);
+        // A stem (3 input channels) prepared unpacked, as tuning prepares
+        // the direct kernel's convs: timed against the GEMMs, then made to
+        // take each strategy through the cache; every one matches the
+        // plain conv. And a many-channel stride-1 3x3 on planes narrower
+        // than the direct kernel takes by itself, told to take it.
+        let stem = conv_attrs(1, &[1, 1, 1, 1], &[2, 2]);
+        let x = t(&[1, 3, 40, 40], rng.vec(3 * 1600));
+        let w = t(&[16, 3, 3, 3], rng.vec(16 * 27));
+        let op = Op::Fused(FusedOp::Conv {
+            conv: stem.clone(),
+            act: FusedAct::Silu,
+        });
+        let inputs = [Some(&x), Some(&w)];
+        let want = crate::run_op(&op, &inputs, 1).unwrap();
+        let unpacked = || PreparedOp {
+            op: op.clone(),
+            kind: Kind::Conv {
+                attrs: stem.clone(),
+                fused: Some(FusedAct::Silu),
+                channels_last: false,
+                late: None,
+                tuned: Some(Default::default()),
+                w_shape: w.shape().to_vec(),
+                packed: nn::ConvPack::Direct(f32s(&w)),
+            },
+        };
+        let key = tune_key(&stem, Some(FusedAct::Silu), w.shape(), x.shape(), false);
+        for strategy in [None, Some("channels"), Some("positions"), Some("gathered")] {
+            if let Some(s) = strategy {
+                crate::tune::remember(&key, s);
+            }
+            let p = unpacked();
+            let got = p.run(&inputs, 1).unwrap();
+            assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+            match strategy {
+                // Timed: a failing candidate would leave nothing recorded.
+                None => assert!(crate::tune::recall(&key).is_some()),
+                Some("gathered") if !kiln_gemm::gathers_in_place() => {}
+                Some(s) => assert_eq!(tuned_strategy(&p), s),
+            }
+        }
+
+        let attrs = conv_attrs(1, &[1, 1, 1, 1], &[1, 1]);
+        let op = Op::Conv(attrs.clone());
+        let x = t(&[1, 12, 9, 10], rng.vec(12 * 90));
+        let w = t(&[8, 12, 3, 3], rng.vec(8 * 108));
+        let b = t(&[8], rng.vec(8));
+        let inputs = [Some(&x), Some(&w), Some(&b)];
+        let key = tune_key(&attrs, None, w.shape(), x.shape(), false);
+        crate::tune::remember(&key, "direct");
+        let p = prepared_tuned(&op, &w);
+        let got = p.run(&inputs, 1).unwrap();
+        let want = crate::run_op(&op, &inputs, 1).unwrap();
+        assert_close(&f32s(&got[0]), &f32s(&want[0]), 1e-4);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            assert_eq!(tuned_strategy(&p), "direct");
+        }
     }
 
     #[test]

@@ -526,6 +526,11 @@ pub(crate) enum ConvPack {
     Gathered(GatheredWeights),
     #[cfg(target_arch = "x86_64")]
     Winograd(super::winograd::WinogradWeights),
+    /// W as it is (`[M, Cg, k...]`), for the direct kernels
+    /// (`depthwise.rs`'s blocked one: few input channels, or many on
+    /// stride-1 windows of 3 and more), which read it unpacked. Made for
+    /// tuning (`tune.rs`), where they are one candidate among the GEMMs.
+    Direct(Vec<f32>),
 }
 
 impl ConvPack {
@@ -537,6 +542,7 @@ impl ConvPack {
             ConvPack::Gathered(_) => "for position rows gathered channels-last",
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => "for Winograd F(4x4, 3x3)",
+            ConvPack::Direct(_) => "unpacked for the direct kernel",
         }
     }
 
@@ -548,6 +554,7 @@ impl ConvPack {
             ConvPack::Gathered(_) => "gathered",
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => "winograd",
+            ConvPack::Direct(_) => "direct",
         }
     }
 
@@ -556,6 +563,7 @@ impl ConvPack {
     pub(crate) fn unpack(&self) -> Option<Vec<f32>> {
         match self {
             ConvPack::Channels(p) if p.len() == 1 => Some(p[0].to_row_major()),
+            ConvPack::Direct(w) => Some(w.clone()),
             ConvPack::Positions(p) if p.len() == 1 => {
                 // Packed W^T: [K, M] back to [M, K].
                 let (k, m) = (p[0].rows(), p[0].cols());
@@ -604,6 +612,8 @@ impl ConvPack {
             ConvPack::Gathered(_) => 1,
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => 1,
+            // Unpacked W serves any group count.
+            ConvPack::Direct(_) => 0,
         }
     }
 }
@@ -624,6 +634,20 @@ pub(crate) fn uses_direct_kernel(
 ) -> bool {
     (cg == 1 && kernel.len() <= 2)
         || super::depthwise::few_channel_applies(cg, kernel, strides, dilations)
+}
+
+/// Whether a direct kernel can run a conv with `cg` input channels per
+/// group and this window at all, whatever its plane width (the candidates
+/// `tune.rs` times): depthwise, few channels ([`uses_direct_kernel`]), or
+/// many on a stride-1 window of 3 and more on AVX-512.
+pub(crate) fn direct_possible(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+) -> bool {
+    uses_direct_kernel(cg, kernel, strides, dilations)
+        || super::depthwise::many_channel_applies(cg, kernel, strides, dilations, Some(usize::MAX))
 }
 
 /// True when a Conv whose output planes have `out_n` positions is faster as
@@ -836,6 +860,16 @@ pub(crate) fn conv_f32(
             w.as_slice::<f32>()
                 .ok_or_else(|| invalid!("Conv: W must be f32 here, got {}", w.dtype()))?,
         ),
+        ConvWeights::Packed(ConvPack::Direct(w)) => {
+            if w.len() != geo.m * geo.cg * geo.kn {
+                return Err(invalid!(
+                    "Conv: unpacked weights hold {} values, the op needs {}",
+                    w.len(),
+                    geo.m * geo.cg * geo.kn
+                ));
+            }
+            Some(&w[..])
+        }
         ConvWeights::Packed(p) => {
             if p.groups() != geo.group {
                 return Err(invalid!(
@@ -868,25 +902,7 @@ pub(crate) fn conv_f32(
             for (p, plane) in y.chunks_exact_mut(geo.out_n).enumerate() {
                 epi.apply(p / geo.m, p % geo.m, 0, plane);
             }
-        } else if uses_direct_kernel(
-            geo.cg,
-            &geo.win.kernel,
-            &geo.win.strides,
-            &geo.win.dilations,
-        ) || (wv.is_some()
-            && super::depthwise::many_channel_applies(
-                geo.cg,
-                &geo.win.kernel,
-                &geo.win.strides,
-                &geo.win.dilations,
-                geo.win.out.last().copied(),
-            ))
-        {
-            let wv = wv.ok_or_else(|| {
-                invalid!(
-                    "Conv: a direct-kernel conv needs its W unpacked (internal planning error)"
-                )
-            })?;
+        } else if let Some(wv) = wv.filter(|_| takes_direct_kernel(&geo, w)) {
             super::depthwise::direct_conv(&geo, xv, wv, &epi, &mut y);
         } else if let Some(wts) = winograd_weights(w) {
             winograd_conv(&geo, xv, wts, &epi, &mut y)?;
@@ -895,6 +911,31 @@ pub(crate) fn conv_f32(
         }
     }
     crate::util::tensor(geo.out_shape, kiln_ir::TensorData::F32(y))
+}
+
+/// Whether a conv of geometry `geo` with weights `w` runs on a direct
+/// kernel: raw weights where the shape heuristics choose one
+/// ([`uses_direct_kernel`], or many channels on wide rows), unpacked ones
+/// (`ConvPack::Direct`, a tuning choice) wherever one can run; weights
+/// packed for a GEMM or Winograd run those.
+fn takes_direct_kernel(geo: &ConvGeometry, w: ConvWeights<'_>) -> bool {
+    let win = &geo.win;
+    match w {
+        ConvWeights::Raw(_) => {
+            uses_direct_kernel(geo.cg, &win.kernel, &win.strides, &win.dilations)
+                || super::depthwise::many_channel_applies(
+                    geo.cg,
+                    &win.kernel,
+                    &win.strides,
+                    &win.dilations,
+                    win.out.last().copied(),
+                )
+        }
+        ConvWeights::Packed(ConvPack::Direct(_)) => {
+            direct_possible(geo.cg, &win.kernel, &win.strides, &win.dilations)
+        }
+        ConvWeights::Packed(_) => false,
+    }
 }
 
 /// The Winograd-transformed weights, when `w` holds them.
@@ -1054,7 +1095,7 @@ fn conv_gemm(
         ConvWeights::Packed(ConvPack::Winograd(_)) => {
             unreachable!("conv_f32 routes Winograd weights to winograd::conv")
         }
-        ConvWeights::Raw(_) => {
+        ConvWeights::Raw(_) | ConvWeights::Packed(ConvPack::Direct(_)) => {
             let wv = wv.expect("raw weights come with their values");
             let rows = geo.cg * geo.kn;
             let lhs = |g: usize| {
