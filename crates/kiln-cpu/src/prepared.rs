@@ -310,8 +310,10 @@ fn tunable(attrs: &ConvAttrs, w_shape: &[usize]) -> bool {
     crate::tune::enabled() && attrs.group == 1 && w_shape.len() == 4
 }
 
-/// What identifies a conv's tuning problem: its shapes, window, epilogue
-/// and thread count (the choice can differ on each).
+/// What identifies a conv's tuning problem: its shapes, resolved window
+/// (so unset attributes and their explicit defaults, or an `auto_pad` and
+/// the pads it means, share a key), epilogue and thread count (the choice
+/// can differ on each).
 fn tune_key(
     attrs: &ConvAttrs,
     fused: Option<FusedAct>,
@@ -319,12 +321,16 @@ fn tune_key(
     x_shape: &[usize],
     residual: bool,
 ) -> String {
+    let window = match nn::conv_geometry(attrs, x_shape, w_shape) {
+        Ok(g) => format!(
+            "strides{:?} dilations{:?} pads{:?}{:?}",
+            g.win.strides, g.win.dilations, g.win.pad_begin, g.win.pad_end
+        ),
+        // Not a valid conv: its runs fail before any tuning.
+        Err(_) => format!("{attrs:?}"),
+    };
     format!(
-        "conv x{x_shape:?} w{w_shape:?} strides{:?} pads{:?} dilations{:?} {:?} act {} residual {residual} threads {}",
-        attrs.strides,
-        attrs.pads,
-        attrs.dilations,
-        attrs.auto_pad,
+        "conv x{x_shape:?} w{w_shape:?} {window} act {} residual {residual} threads {}",
         fused.map_or("none", FusedAct::name),
         rayon::current_num_threads()
     )
@@ -1015,6 +1021,31 @@ mod tests {
         if std::is_x86_feature_detected!("avx512f") {
             assert_eq!(tuned_strategy(&p), "direct");
         }
+    }
+
+    #[test]
+    fn tuning_keys_name_the_resolved_window() {
+        let (xs, ws) = ([1, 8, 10, 10], [16, 8, 3, 3]);
+        let unset = conv_attrs(1, &[], &[]);
+        let mut explicit = conv_attrs(1, &[0, 0, 0, 0], &[1, 1]);
+        explicit.dilations = vec![1, 1];
+        assert_eq!(
+            tune_key(&unset, None, &ws, &xs, false),
+            tune_key(&explicit, None, &ws, &xs, false)
+        );
+        let mut same = conv_attrs(1, &[], &[]);
+        same.auto_pad = AutoPad::SameUpper;
+        let padded = conv_attrs(1, &[1, 1, 1, 1], &[]);
+        assert_eq!(
+            tune_key(&same, None, &ws, &xs, false),
+            tune_key(&padded, None, &ws, &xs, false)
+        );
+        // Anything that can change the choice changes the key.
+        let key = tune_key(&padded, None, &ws, &xs, false);
+        assert_ne!(key, tune_key(&unset, None, &ws, &xs, false));
+        assert_ne!(key, tune_key(&padded, Some(FusedAct::Relu), &ws, &xs, false));
+        assert_ne!(key, tune_key(&padded, None, &ws, &xs, true));
+        assert_ne!(key, tune_key(&padded, None, &ws, &[2, 8, 10, 10], false));
     }
 
     #[test]
