@@ -1043,7 +1043,10 @@ mod tests {
         // Anything that can change the choice changes the key.
         let key = tune_key(&padded, None, &ws, &xs, false);
         assert_ne!(key, tune_key(&unset, None, &ws, &xs, false));
-        assert_ne!(key, tune_key(&padded, Some(FusedAct::Relu), &ws, &xs, false));
+        assert_ne!(
+            key,
+            tune_key(&padded, Some(FusedAct::Relu), &ws, &xs, false)
+        );
         assert_ne!(key, tune_key(&padded, None, &ws, &xs, true));
         assert_ne!(key, tune_key(&padded, None, &ws, &[2, 8, 10, 10], false));
     }

@@ -605,15 +605,16 @@ impl ConvPack {
         Some(w)
     }
 
-    fn groups(&self) -> usize {
+    /// The group count the weights were packed for; `None` for unpacked W,
+    /// which serves any.
+    fn groups(&self) -> Option<usize> {
         match self {
-            ConvPack::Channels(p) => p.len(),
-            ConvPack::Positions(p) => p.len(),
-            ConvPack::Gathered(_) => 1,
+            ConvPack::Channels(p) => Some(p.len()),
+            ConvPack::Positions(p) => Some(p.len()),
+            ConvPack::Gathered(_) => Some(1),
             #[cfg(target_arch = "x86_64")]
-            ConvPack::Winograd(_) => 1,
-            // Unpacked W serves any group count.
-            ConvPack::Direct(_) => 0,
+            ConvPack::Winograd(_) => Some(1),
+            ConvPack::Direct(_) => None,
         }
     }
 }
@@ -870,16 +871,15 @@ pub(crate) fn conv_f32(
             }
             Some(&w[..])
         }
-        ConvWeights::Packed(p) => {
-            if p.groups() != geo.group {
+        ConvWeights::Packed(p) => match p.groups() {
+            Some(g) if g != geo.group => {
                 return Err(invalid!(
-                    "Conv: weights were packed for {} groups, the op has {}",
-                    p.groups(),
+                    "Conv: weights were packed for {g} groups, the op has {}",
                     geo.group
-                ));
+                ))
             }
-            None
-        }
+            _ => None,
+        },
     };
     // Every element is written below (GEMM with beta 0, depthwise planes
     // cleared first), except with no input channels, which needs zeros.
