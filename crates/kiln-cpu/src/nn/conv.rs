@@ -640,7 +640,7 @@ pub(crate) fn uses_direct_kernel(
 /// Whether a direct kernel can run a conv with `cg` input channels per
 /// group and this window at all, whatever its plane width (the candidates
 /// `tune.rs` times): depthwise, few channels ([`uses_direct_kernel`]), or
-/// many on a stride-1 window of 3 and more on AVX-512.
+/// many on a window of 3 and more at stride 1 or 2 on AVX-512.
 pub(crate) fn direct_possible(
     cg: usize,
     kernel: &[usize],
@@ -648,7 +648,7 @@ pub(crate) fn direct_possible(
     dilations: &[usize],
 ) -> bool {
     uses_direct_kernel(cg, kernel, strides, dilations)
-        || super::depthwise::many_channel_applies(cg, kernel, strides, dilations, Some(usize::MAX))
+        || super::depthwise::many_channel_possible(cg, kernel, strides, dilations)
 }
 
 /// True when a Conv whose output planes have `out_n` positions is faster as
@@ -3905,6 +3905,11 @@ mod tests {
             // channels per group take blocks of 2).
             (16, 16, 1, 30, 31, 3, 1, [1, 1, 1, 1]),
             (24, 12, 2, 29, 40, 5, 1, [2, 1, 2, 0]),
+            // Many channels at stride 2 and on narrow rows (tuning's
+            // candidates), odd sizes and uneven pads.
+            (16, 32, 1, 33, 35, 3, 2, [1, 1, 1, 1]),
+            (12, 8, 1, 9, 10, 3, 2, [0, 1, 1, 0]),
+            (10, 16, 1, 7, 6, 3, 1, [1, 1, 1, 1]),
         ] {
             let xs = [2, c, h, w];
             let x = t(&xs, rng.vec(2 * c * h * w));

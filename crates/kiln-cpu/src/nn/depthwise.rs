@@ -300,8 +300,41 @@ fn many_channel_fits(
         && out_w.is_some_and(|w| w >= MIN_MANY_CHANNEL_WIDTH)
 }
 
+/// Whether the blocked direct kernel should be timed (`tune.rs`) on a
+/// conv with more than [`MAX_DIRECT_CHANNELS`] input channels per group:
+/// AVX-512 (as [`many_channel_applies`] needs) and
+/// [`many_channel_window`]. The shape heuristics choose the kernel only
+/// where [`many_channel_applies`] says.
+pub(crate) fn many_channel_possible(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+) -> bool {
+    detect_isa() == Isa::Avx512 && many_channel_window(cg, kernel, strides, dilations)
+}
+
+/// The convs with more than [`MAX_DIRECT_CHANNELS`] input channels per
+/// group the blocked kernel can run: [`many_channel_fits`]' window at any
+/// row width, at stride 1 or 2 (through phase planes, as for few channels).
+fn many_channel_window(
+    cg: usize,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+) -> bool {
+    let ones = |v: &[usize]| v.is_empty() || (v.len() == 2 && v.iter().all(|&x| x == 1));
+    let same_stride = strides.is_empty()
+        || (strides.len() == 2 && strides[0] == strides[1] && (1..=2).contains(&strides[0]));
+    cg > MAX_DIRECT_CHANNELS
+        && kernel.len() == 2
+        && kernel.iter().all(|&k| k >= 3)
+        && same_stride
+        && ones(dilations)
+}
+
 /// A conv with few input channels per group ([`few_channel_fits`]), or many
-/// on wide planes ([`many_channel_fits`]).
+/// ([`many_channel_possible`]).
 /// Each (image, group)'s input channels are phase-split once (as the
 /// depthwise flat kernel does); then each task computes a block of `OB`
 /// output channels of one group and image together, so every input vector
@@ -316,16 +349,10 @@ fn few_channel_conv_with(
 ) {
     let win = &geo.win;
     let few = few_channel_fits(geo.cg, &win.kernel, &win.strides, &win.dilations);
-    // Any width: tuning (`tune.rs`) may choose the kernel for rows narrower
-    // than `many_channel_applies` takes by itself.
+    // Many channels at any width and stride 1 or 2: tuning (`tune.rs`) may
+    // choose the kernel where the shape heuristics would not.
     assert!(
-        few || many_channel_fits(
-            geo.cg,
-            &win.kernel,
-            &win.strides,
-            &win.dilations,
-            Some(usize::MAX)
-        ),
+        few || many_channel_window(geo.cg, &win.kernel, &win.strides, &win.dilations),
         "the blocked direct kernel does not take {geo:?}"
     );
     let g = plane2d(geo);
