@@ -71,10 +71,10 @@ enum Kind {
         /// input sizes) and packed W for a GEMM; `None` when it saw them.
         late: Option<std::sync::OnceLock<Option<nn::ConvPack>>>,
         /// The strategy measured fastest on the first run (`tune.rs`), for
-        /// runs on X of that run's shape (others take `packed`, or `late`):
-        /// `None` inside keeps `packed`. `None` when not tuned (tuning off,
-        /// or not a one-group 2-D conv).
-        tuned: Option<std::sync::OnceLock<(Vec<usize>, Option<nn::ConvPack>)>>,
+        /// runs on X of that run's shape. `None` when not tuned: tuning
+        /// off, not a one-group 2-D conv, or planned as Winograd or
+        /// channels-last.
+        tuned: Option<Box<TunedSlot>>,
     },
     /// MatMul or FusedMatMul with a packed 2-D B.
     MatMul {
@@ -221,7 +221,7 @@ fn prepare_conv(
             fused,
             channels_last: false,
             late: None,
-            tuned: Some(Default::default()),
+            tuned: Some(Box::default()),
             w_shape: ws.to_vec(),
             packed: nn::ConvPack::Direct(wv.to_vec()),
         });
@@ -232,7 +232,7 @@ fn prepare_conv(
             fused,
             channels_last: false,
             late: Default::default(),
-            tuned: tunable(attrs, ws).then(Default::default),
+            tuned: tunable(attrs, ws).then(Box::default),
             w_shape: ws.to_vec(),
             packed: nn::pack_conv_weights_gathered(wv, ws),
         });
@@ -242,7 +242,7 @@ fn prepare_conv(
         fused,
         channels_last: false,
         late: out_hw(out_shape).is_none().then(Default::default),
-        tuned: tunable(attrs, ws).then(Default::default),
+        tuned: tunable(attrs, ws).then(Box::default),
         w_shape: ws.to_vec(),
         packed: nn::pack_conv_weights(
             wv,
@@ -304,6 +304,44 @@ fn late_pack<'a>(
     packed
 }
 
+/// A prepared conv's tuning (`tune.rs`): claimed by the first run, which
+/// times the candidates outside any lock, then filled with that run's X
+/// shape and choice.
+#[derive(Default)]
+struct TunedSlot {
+    claimed: std::sync::atomic::AtomicBool,
+    done: std::sync::OnceLock<(Vec<usize>, Option<nn::ConvPack>)>,
+}
+
+impl TunedSlot {
+    /// The weights a run on X of shape `xs` takes: the tuned choice for the
+    /// shape that was tuned (`packed` when tuning kept the heuristics'
+    /// choice), made now by `tune` if no run claimed the slot yet. `None`
+    /// for other shapes (symbolic dims: the heuristics decide), and while
+    /// another run is timing: a run sharing the session, or this very
+    /// thread, which the pool may hand another run's job while it waits in
+    /// the timing's parallel loops (so `tune` never runs inside a lock).
+    fn pick<'a>(
+        &'a self,
+        xs: &[usize],
+        packed: &'a nn::ConvPack,
+        tune: impl FnOnce() -> Option<nn::ConvPack>,
+    ) -> Option<&'a nn::ConvPack> {
+        use std::sync::atomic::Ordering;
+        if self.done.get().is_none() && !self.claimed.swap(true, Ordering::AcqRel) {
+            let chosen = tune();
+            // Only the claiming run sets it.
+            let _ = self.done.set((xs.to_vec(), chosen));
+        }
+        match self.done.get() {
+            Some((shape, chosen)) if shape.as_slice() == xs => {
+                Some(chosen.as_ref().unwrap_or(packed))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Whether a prepared conv with these attributes and W shape has more than
 /// one strategy worth timing ([`tune_conv`]): tuning on, one group, 2-D.
 fn tunable(attrs: &ConvAttrs, w_shape: &[usize]) -> bool {
@@ -362,41 +400,42 @@ fn tune_conv(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (plane, c);
-    let mut others: Vec<nn::ConvPack> = Vec::new();
+    // The weights for `strategy`, where it can run this conv.
+    let build = |strategy: &str| match strategy {
+        "channels" => Some(nn::pack_conv_weights(&w, m, 1, false)),
+        "positions" => Some(nn::pack_conv_weights(&w, m, 1, true)),
+        "gathered" if nn::gathered_possible(w_shape, attrs.group) => {
+            Some(nn::pack_conv_weights_gathered(&w, w_shape))
+        }
+        #[cfg(target_arch = "x86_64")]
+        "winograd"
+            if nn::winograd_applies(
+                w_shape,
+                attrs.group,
+                &attrs.strides,
+                &attrs.dilations,
+                Some(plane),
+            ) =>
+        {
+            Some(nn::ConvPack::Winograd(nn::WinogradWeights::new(&w, m, c)))
+        }
+        "direct" if nn::direct_possible(c, &w_shape[2..], &attrs.strides, &attrs.dilations) => {
+            Some(nn::ConvPack::Direct(w.clone()))
+        }
+        _ => None,
+    };
     let mine = packed.strategy();
-    for strategy in ["channels", "positions", "gathered", "winograd", "direct"] {
-        if strategy == mine {
-            continue;
-        }
-        match strategy {
-            "channels" => others.push(nn::pack_conv_weights(&w, m, 1, false)),
-            "positions" => others.push(nn::pack_conv_weights(&w, m, 1, true)),
-            "gathered" if nn::gathered_possible(w_shape, attrs.group) => {
-                others.push(nn::pack_conv_weights_gathered(&w, w_shape))
-            }
-            #[cfg(target_arch = "x86_64")]
-            "winograd"
-                if nn::winograd_applies(
-                    w_shape,
-                    attrs.group,
-                    &attrs.strides,
-                    &attrs.dilations,
-                    Some(plane),
-                ) =>
-            {
-                others.push(nn::ConvPack::Winograd(nn::WinogradWeights::new(&w, m, c)))
-            }
-            "direct" if nn::direct_possible(c, &w_shape[2..], &attrs.strides, &attrs.dilations) => {
-                others.push(nn::ConvPack::Direct(w.clone()))
-            }
-            _ => {}
-        }
+    // A choice made before: only its weights are made.
+    if let Some(name) = crate::tune::recall(key) {
+        return if name == mine { None } else { build(&name) };
     }
+    let mut others: Vec<nn::ConvPack> = ["channels", "positions", "gathered", "winograd", "direct"]
+        .into_iter()
+        .filter(|&s| s != mine)
+        .filter_map(build)
+        .collect();
     if others.is_empty() {
         return None;
-    }
-    if let Some(name) = crate::tune::recall(key) {
-        return others.into_iter().find(|p| p.strategy() == name);
     }
     let all: Vec<&nn::ConvPack> = std::iter::once(packed).chain(&others).collect();
     let mut failed = false;
@@ -609,16 +648,10 @@ impl PreparedOp {
                 };
                 let xs = x(0, "X")?.shape();
                 let chosen = match tuned {
-                    Some(tuned) if !*channels_last => {
-                        let (shape, chosen) = tuned.get_or_init(|| {
-                            let key = tune_key(attrs, *fused, w_shape, xs, opt(3).is_some());
-                            let chosen = tune_conv(attrs, w_shape, packed, xs, &key, &run_with);
-                            (xs.to_vec(), chosen)
-                        });
-                        // Measured on that shape only: other input sizes
-                        // (symbolic dims) keep the heuristics' choice.
-                        chosen.as_ref().filter(|_| shape.as_slice() == xs)
-                    }
+                    Some(slot) if !*channels_last => slot.pick(xs, packed, || {
+                        let key = tune_key(attrs, *fused, w_shape, xs, opt(3).is_some());
+                        tune_conv(attrs, w_shape, packed, xs, &key, &run_with)
+                    }),
                     _ => None,
                 };
                 let packed = match (chosen, late) {
@@ -870,7 +903,7 @@ mod tests {
     fn prepared_tuned(op: &Op, w: &Tensor) -> PreparedOp {
         let mut p = prepare(op, &[None, Some(w)], None).expect("a GEMM conv is prepared");
         match &mut p.kind {
-            Kind::Conv { tuned, .. } => *tuned = Some(Default::default()),
+            Kind::Conv { tuned, .. } => *tuned = Some(Box::default()),
             _ => panic!("a conv prepares as Kind::Conv"),
         }
         p
@@ -880,7 +913,7 @@ mod tests {
     /// when it kept `packed`).
     fn tuned_strategy(p: &PreparedOp) -> &'static str {
         match &p.kind {
-            Kind::Conv { tuned, packed, .. } => match tuned.as_ref().and_then(|t| t.get()) {
+            Kind::Conv { tuned, packed, .. } => match tuned.as_ref().and_then(|t| t.done.get()) {
                 Some((_, Some(chosen))) => chosen.strategy(),
                 Some((_, None)) => packed.strategy(),
                 None => panic!("the run filled the tuning slot"),
@@ -927,7 +960,7 @@ mod tests {
     }
 
     #[test]
-    fn a_remembered_choice_is_taken_without_timing() {
+    fn a_remembered_choice_is_taken() {
         let mut rng = Rng::new(43);
         let attrs = conv_attrs(1, &[1, 1, 1, 1], &[2, 2]);
         let op = Op::Conv(attrs.clone());
@@ -984,7 +1017,7 @@ mod tests {
                 fused: Some(FusedAct::Silu),
                 channels_last: false,
                 late: None,
-                tuned: Some(Default::default()),
+                tuned: Some(Box::default()),
                 w_shape: w.shape().to_vec(),
                 packed: nn::ConvPack::Direct(f32s(&w)),
             },
@@ -1021,6 +1054,34 @@ mod tests {
         if std::is_x86_feature_detected!("avx512f") {
             assert_eq!(tuned_strategy(&p), "direct");
         }
+    }
+
+    #[test]
+    fn a_tuning_slot_is_filled_once_and_never_waited_on() {
+        let w: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        let packed = nn::pack_conv_weights(&w, 4, 1, false);
+        let slot = TunedSlot::default();
+        let xs = [1, 8, 5, 5];
+        // A run that re-enters while the first one times (the pool can hand
+        // this thread another run's job) takes the heuristics' weights
+        // instead of waiting on itself.
+        let got = slot.pick(&xs, &packed, || {
+            assert!(slot
+                .pick(&xs, &packed, || panic!("claimed: not timed twice"))
+                .is_none());
+            Some(nn::pack_conv_weights(&w, 4, 1, true))
+        });
+        assert_eq!(got.map(|p| p.strategy()), Some("positions"));
+        // Filled: the choice for that shape, nothing for others, no timing.
+        let again = slot.pick(&xs, &packed, || panic!("filled: not timed again"));
+        assert_eq!(again.map(|p| p.strategy()), Some("positions"));
+        assert!(slot
+            .pick(&[2, 8, 5, 5], &packed, || panic!("filled"))
+            .is_none());
+        // Tuning that keeps the heuristics' choice runs `packed`.
+        let kept = TunedSlot::default();
+        let got = kept.pick(&xs, &packed, || None);
+        assert_eq!(got.map(|p| p.strategy()), Some("channels"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! fingerprint (`kiln_hw::fingerprint`) and the node's shapes, so
 //! later sessions on this machine make it without timing.
 //!
-//! `KILN_TUNE=0` (or `off`, `false`) turns it off: the heuristics alone
+//! `KILN_TUNE=0` (or `off`, `false`, any case) turns it off: the heuristics alone
 //! decide and nothing is read or written. `KILN_TUNE_CACHE` names the file
 //! (default: `tuning.json` beside `kiln hw`'s cache, under
 //! `$XDG_CACHE_HOME/kiln` or `~/.cache/kiln`).
@@ -28,6 +28,10 @@ const ROUNDS: usize = 3;
 /// less than timing can resolve.
 const MIN_TUNED: Duration = Duration::from_micros(20);
 
+/// Bumped when a kernel change could change which strategy is fastest
+/// (it is part of the cache's fingerprint).
+const KERNELS: u32 = 1;
+
 /// Whether choices are measured and remembered (`KILN_TUNE` not `0`,
 /// `off` or `false`).
 pub fn enabled() -> bool {
@@ -36,10 +40,12 @@ pub fn enabled() -> bool {
     // heuristics choose); the tuning path has tests of its own.
     *ON.get_or_init(|| {
         !cfg!(test)
-            && !matches!(
-                std::env::var("KILN_TUNE").as_deref().map(str::trim),
-                Ok("0" | "off" | "false")
-            )
+            && !std::env::var("KILN_TUNE").is_ok_and(|v| {
+                let v = v.trim();
+                ["0", "off", "false"]
+                    .iter()
+                    .any(|no| v.eq_ignore_ascii_case(no))
+            })
     })
 }
 
@@ -72,7 +78,13 @@ fn store() -> &'static Mutex<Store> {
                         .and_then(|p| Some(p.parent()?.join("tuning.json")))
                 })
         };
-        let fingerprint = kiln_hw::fingerprint(kiln_hw::cpu());
+        // Choices hold for this hardware and these kernels: a new kiln
+        // version, or a new `KERNELS` here, starts over.
+        let fingerprint = format!(
+            "{}|kiln {}|kernels {KERNELS}",
+            kiln_hw::fingerprint(kiln_hw::cpu()),
+            env!("CARGO_PKG_VERSION")
+        );
         let file = path
             .as_deref()
             .and_then(|p| load(p, &fingerprint))
@@ -170,8 +182,9 @@ mod tests {
 
     #[test]
     fn fastest_picks_the_lowest_minimum() {
-        // Candidate 1 sleeps least; 2 is slow every time.
-        let naps = [300u64, 100, 800];
+        // Candidate 1 sleeps least, by margins a loaded machine's timer
+        // slack does not cover in all three rounds; 2 is slowest.
+        let naps = [2_000u64, 200, 4_000];
         let i = fastest(3, |i| std::thread::sleep(Duration::from_micros(naps[i])));
         assert_eq!(i, 1);
         // A first candidate under MIN_TUNED wins without timing the rest.
