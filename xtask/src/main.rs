@@ -198,6 +198,11 @@ fn bench_compare(args: &[String]) -> Result<(), String> {
 
 fn test(args: &[String]) -> Result<(), String> {
     let quick = args.iter().any(|a| a == "--quick");
+    // Every kiln the tests start tunes its convs (tune.rs) while the tests
+    // load the machine: those choices go to a file of their own, not the
+    // user's cache that later runs would take them from. (Set before any
+    // child starts; xtask runs no other threads.)
+    std::env::set_var("KILN_TUNE_CACHE", cache().join("tuning-tests.json"));
     let python = venv()?;
     run(Command::new("cargo").args(["test", "--release", "--workspace"]))?;
     run(Command::new("cargo").args(["build", "--release", "-p", "kiln-cli"]))?;
