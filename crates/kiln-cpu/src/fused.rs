@@ -207,35 +207,8 @@ pub(crate) fn run_fast(
             }
             let s = nn::matmul_shape(a.shape(), &b_shape)?;
             let n = s.n;
-            let bias = match opt(2) {
-                Some(t) => Some(
-                    t.as_slice::<f32>()
-                        .filter(|v| t.rank() == 1 && v.len() == n)
-                        .ok_or_else(|| {
-                            invalid!(
-                                "FusedMatMul: bias must be f32 [{n}], got {} {:?}",
-                                t.dtype(),
-                                t.shape()
-                            )
-                        })?,
-                ),
-                None => None,
-            };
-            let res = match opt(3) {
-                Some(t) => Some(
-                    t.as_slice::<f32>()
-                        .filter(|_| t.shape() == s.out_shape.as_slice())
-                        .ok_or_else(|| {
-                            invalid!(
-                                "FusedMatMul: residual must be f32 {:?}, got {} {:?}",
-                                s.out_shape,
-                                t.dtype(),
-                                t.shape()
-                            )
-                        })?,
-                ),
-                None => None,
-            };
+            let bias = crate::util::f32_of_shape(opt(2), &[n], "FusedMatMul: bias")?;
+            let res = crate::util::f32_of_shape(opt(3), &s.out_shape, "FusedMatMul: residual")?;
             // Bias, residual and a Relu/Clip run in the GEMM's registers;
             // any other activation after them, per finished row strip.
             let act = *act;
@@ -351,38 +324,18 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
     let out = y
         .as_slice_mut::<f32>()
         .ok_or_else(|| invalid!("{}: output is not f32", op.name()))?;
-    if let (Some(axis), Some(bias)) = (bias_axis, opt(2)) {
+    let name = op.name();
+    if let Some(axis) = bias_axis {
         let n = shape[axis];
-        let b = bias
-            .as_slice::<f32>()
-            .filter(|b| b.len() == n && bias.rank() == 1)
-            .ok_or_else(|| {
-                invalid!(
-                    "{}: bias must be f32 [{n}], got {} {:?}",
-                    op.name(),
-                    bias.dtype(),
-                    bias.shape()
-                )
-            })?;
-        for row in out.chunks_exact_mut(n.max(1)) {
-            for (v, &bv) in row.iter_mut().zip(b) {
-                *v += bv;
+        if let Some(b) = crate::util::f32_of_shape(opt(2), &[n], &format!("{name}: bias"))? {
+            for row in out.chunks_exact_mut(n.max(1)) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
             }
         }
     }
-    if let Some(res) = opt(3) {
-        let r = res
-            .as_slice::<f32>()
-            .filter(|_| res.shape() == shape.as_slice())
-            .ok_or_else(|| {
-                invalid!(
-                    "{}: residual must be f32 {:?}, got {} {:?}",
-                    op.name(),
-                    shape,
-                    res.dtype(),
-                    res.shape()
-                )
-            })?;
+    if let Some(r) = crate::util::f32_of_shape(opt(3), &shape, &format!("{name}: residual"))? {
         for (v, &rv) in out.iter_mut().zip(r) {
             *v += rv;
         }

@@ -392,6 +392,12 @@ fn tune_conv(
     key: &str,
     run: &dyn Fn(&nn::ConvPack) -> crate::Result<Tensor>,
 ) -> Option<nn::ConvPack> {
+    let mine = packed.strategy();
+    let remembered = crate::tune::recall(key);
+    if remembered.as_deref() == Some(mine) {
+        // The heuristics' own choice, made before: nothing to unpack.
+        return None;
+    }
     let w = packed.unpack_with_shape(w_shape)?;
     let (m, c) = (*w_shape.first()?, *w_shape.get(1)?);
     let plane = match nn::conv_geometry(attrs, x_shape, w_shape) {
@@ -424,10 +430,9 @@ fn tune_conv(
         }
         _ => None,
     };
-    let mine = packed.strategy();
     // A choice made before: only its weights are made.
-    if let Some(name) = crate::tune::recall(key) {
-        return if name == mine { None } else { build(&name) };
+    if let Some(name) = remembered {
+        return build(&name);
     }
     let mut others: Vec<nn::ConvPack> = ["channels", "positions", "gathered", "winograd", "direct"]
         .into_iter()

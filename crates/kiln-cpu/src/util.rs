@@ -94,6 +94,27 @@ pub fn i64_values(t: &Tensor, what: &str) -> Result<Vec<i64>> {
     t.to_i64_vec().map_err(|e| invalid!("{what}: {e}"))
 }
 
+/// An optional f32 input of exactly `shape` (a bias, a residual) as a
+/// slice; an error naming it (`what`, e.g. `"Conv: bias B"`) when it has
+/// another dtype or shape.
+pub(crate) fn f32_of_shape<'a>(
+    t: Option<&'a Tensor>,
+    shape: &[usize],
+    what: &str,
+) -> Result<Option<&'a [f32]>> {
+    let Some(t) = t else { return Ok(None) };
+    t.as_slice::<f32>()
+        .filter(|_| t.shape() == shape)
+        .map(Some)
+        .ok_or_else(|| {
+            invalid!(
+                "{what} must be f32 {shape:?}, got {} {:?}",
+                t.dtype(),
+                t.shape()
+            )
+        })
+}
+
 /// Builds a tensor, turning a shape/length mismatch into a kernel error.
 pub fn tensor(shape: Vec<usize>, data: kiln_ir::TensorData) -> Result<Tensor> {
     Tensor::new(shape, data).map_err(|e| invalid!("{e}"))

@@ -826,36 +826,8 @@ pub(crate) fn conv_f32(
     let xv = x
         .as_slice::<f32>()
         .ok_or_else(|| invalid!("Conv: X must be f32 here, got {}", x.dtype()))?;
-    let bias = match b {
-        Some(b) => Some(
-            b.as_slice::<f32>()
-                .filter(|_| b.shape() == [geo.m])
-                .ok_or_else(|| {
-                    invalid!(
-                        "Conv: bias B must be f32 [{}], got {} {:?}",
-                        geo.m,
-                        b.dtype(),
-                        b.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let res = match residual {
-        Some(r) => Some(
-            r.as_slice::<f32>()
-                .filter(|_| r.shape() == geo.out_shape.as_slice())
-                .ok_or_else(|| {
-                    invalid!(
-                        "Conv: residual must be f32 {:?} (the output's shape), got {} {:?}",
-                        geo.out_shape,
-                        r.dtype(),
-                        r.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let bias = crate::util::f32_of_shape(b, &[geo.m], "Conv: bias B")?;
+    let res = crate::util::f32_of_shape(residual, &geo.out_shape, "Conv: residual")?;
     let wv: Option<&[f32]> = match w {
         ConvWeights::Raw(w) => Some(
             w.as_slice::<f32>()
@@ -1447,34 +1419,8 @@ pub(crate) fn nhwc_bias_and_residual<'a>(
     m: usize,
     out_shape: &[usize],
 ) -> Result<(Option<&'a [f32]>, Option<&'a [f32]>)> {
-    let bias = match bias {
-        Some(t) => Some(
-            t.as_slice::<f32>()
-                .filter(|b| t.rank() == 1 && b.len() == m)
-                .ok_or_else(|| {
-                    invalid!(
-                        "FusedConvNhwc: bias must be f32 [{m}], got {} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let res = match residual {
-        Some(t) => Some(
-            t.as_slice::<f32>()
-                .filter(|_| t.shape() == out_shape)
-                .ok_or_else(|| {
-                    invalid!(
-                        "FusedConvNhwc: residual must be f32 {out_shape:?}, got {} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let bias = crate::util::f32_of_shape(bias, &[m], "FusedConvNhwc: bias")?;
+    let res = crate::util::f32_of_shape(residual, out_shape, "FusedConvNhwc: residual")?;
     Ok((bias, res))
 }
 
