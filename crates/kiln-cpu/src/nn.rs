@@ -6,6 +6,9 @@
 //! by integer MatMul, Conv (im2col), ConvTranspose, LSTM and Resize.
 
 mod conv;
+// AVX-512 only: a tuning candidate where it runs.
+#[cfg(target_arch = "x86_64")]
+mod conv_lanes;
 mod conv_phases;
 mod depthwise;
 // AVX-512 only: elsewhere depthwise convs take the per-plane kernels.
@@ -28,6 +31,8 @@ pub(crate) use conv::{
     gathered_possible, pack_conv_weights, pack_conv_weights_gathered, uses_direct_kernel, ConvPack,
     ConvWeights,
 };
+#[cfg(target_arch = "x86_64")]
+pub(crate) use conv_lanes::{possible as lanes_possible, LanesWeights};
 #[cfg(test)]
 pub(crate) use depthwise::conv_nhwc_with as depthwise_conv_nhwc_with;
 pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applies};

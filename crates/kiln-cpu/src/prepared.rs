@@ -377,8 +377,9 @@ fn tune_key(
 /// The fastest way to run a one-group conv on X of shape `x_shape` (see
 /// `tune.rs`), among the product over channel rows, over position rows,
 /// gathered channels-last (where the GEMM reads gathers in place), Winograd
-/// (where it applies to these planes) and the direct kernel (few input
-/// channels, or many on a stride-1 window), each packed from `packed`'s
+/// (where it applies to these planes), the blocked direct kernel (few
+/// input channels, or many on a stride-1 or -2 window) and the direct
+/// kernel with channels in lanes (AVX-512), each packed from `packed`'s
 /// weights: the choice remembered for `key`, else the fastest of them run
 /// by `run` on this run's inputs. `None` keeps `packed` (the heuristics'
 /// choice: it is also chosen when nothing else applies, when it runs under
@@ -428,28 +429,51 @@ fn tune_conv(
         "direct" if nn::direct_possible(c, &w_shape[2..], &attrs.strides, &attrs.dilations) => {
             Some(nn::ConvPack::Direct(w.clone()))
         }
+        #[cfg(target_arch = "x86_64")]
+        "lanes" if nn::lanes_possible(w_shape, attrs.group, &attrs.strides) => {
+            nn::LanesWeights::new(&w, w_shape).map(nn::ConvPack::Lanes)
+        }
         _ => None,
     };
     // A choice made before: only its weights are made.
     if let Some(name) = remembered {
         return build(&name);
     }
-    let mut others: Vec<nn::ConvPack> = ["channels", "positions", "gathered", "winograd", "direct"]
-        .into_iter()
-        .filter(|&s| s != mine)
-        .filter_map(build)
-        .collect();
+    let mut others: Vec<nn::ConvPack> = [
+        "channels",
+        "positions",
+        "gathered",
+        "winograd",
+        "direct",
+        "lanes",
+    ]
+    .into_iter()
+    .filter(|&s| s != mine)
+    .filter_map(build)
+    .collect();
     if others.is_empty() {
         return None;
     }
     let all: Vec<&nn::ConvPack> = std::iter::once(packed).chain(&others).collect();
     let mut failed = false;
-    let best = crate::tune::fastest(all.len(), |i| match run(all[i]) {
+    let (best, times) = crate::tune::fastest(all.len(), |i| match run(all[i]) {
         Ok(y) => crate::buffers::recycle_tensor(y),
         Err(_) => failed = true,
     });
     if failed {
         return None;
+    }
+    if !times.is_empty() {
+        let list: Vec<String> = all
+            .iter()
+            .zip(&times)
+            .map(|(p, t)| format!("{} {:.3} ms", p.strategy(), t.as_secs_f64() * 1e3))
+            .collect();
+        tracing::debug!(
+            "tuned {key}: {} -> {}",
+            list.join(", "),
+            all[best].strategy()
+        );
     }
     crate::tune::remember(key, all[best].strategy());
     match best {
@@ -916,6 +940,14 @@ mod tests {
 
     /// The strategy the tuned slot holds after a run (the heuristics' own
     /// when it kept `packed`).
+    /// Whether the channels-in-lanes kernel runs on this machine.
+    fn lanes_runs_here() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return std::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     fn tuned_strategy(p: &PreparedOp) -> &'static str {
         match &p.kind {
             Kind::Conv { tuned, packed, .. } => match tuned.as_ref().and_then(|t| t.done.get()) {
@@ -1028,7 +1060,13 @@ mod tests {
             },
         };
         let key = tune_key(&stem, Some(FusedAct::Silu), w.shape(), x.shape(), false);
-        for strategy in [None, Some("channels"), Some("positions"), Some("gathered")] {
+        for strategy in [
+            None,
+            Some("channels"),
+            Some("positions"),
+            Some("gathered"),
+            Some("lanes"),
+        ] {
             if let Some(s) = strategy {
                 crate::tune::remember(&key, s);
             }
@@ -1039,6 +1077,7 @@ mod tests {
                 // Timed: a failing candidate would leave nothing recorded.
                 None => assert!(crate::tune::recall(&key).is_some()),
                 Some("gathered") if !kiln_gemm::gathers_in_place() => {}
+                Some("lanes") if !lanes_runs_here() => {}
                 Some(s) => assert_eq!(tuned_strategy(&p), s),
             }
         }

@@ -30,7 +30,7 @@ const MIN_TUNED: Duration = Duration::from_micros(20);
 
 /// Bumped when a kernel change could change which strategy is fastest
 /// (it is part of the cache's fingerprint).
-const KERNELS: u32 = 1;
+const KERNELS: u32 = 2;
 
 /// Whether choices are measured and remembered (`KILN_TUNE` not `0`,
 /// `off` or `false`).
@@ -151,10 +151,11 @@ pub fn remember(key: &str, choice: &str) {
 /// The index of the fastest of `n` candidates, `run(i)` running candidate
 /// i once: a warm-up run of each (candidate 0 first: when it takes less
 /// than [`MIN_TUNED`] it is chosen without more runs), then [`ROUNDS`]
-/// rounds in turn; the lowest minimum wins, ties to the lower index.
-pub fn fastest(n: usize, mut run: impl FnMut(usize)) -> usize {
+/// rounds in turn; the lowest minimum wins, ties to the lower index. Also
+/// returns each candidate's minimum (empty when nothing was timed).
+pub fn fastest(n: usize, mut run: impl FnMut(usize)) -> (usize, Vec<Duration>) {
     if n <= 1 {
-        return 0;
+        return (0, Vec::new());
     }
     let mut timed = |i: usize| {
         let t = Instant::now();
@@ -162,7 +163,7 @@ pub fn fastest(n: usize, mut run: impl FnMut(usize)) -> usize {
         t.elapsed()
     };
     if timed(0) < MIN_TUNED {
-        return 0;
+        return (0, Vec::new());
     }
     for i in 1..n {
         timed(i);
@@ -173,7 +174,8 @@ pub fn fastest(n: usize, mut run: impl FnMut(usize)) -> usize {
             *b = (*b).min(timed(i));
         }
     }
-    (0..n).min_by_key(|&i| (best[i], i)).unwrap_or(0)
+    let winner = (0..n).min_by_key(|&i| (best[i], i)).unwrap_or(0);
+    (winner, best)
 }
 
 #[cfg(test)]
@@ -185,13 +187,18 @@ mod tests {
         // Candidate 1 sleeps least, by margins a loaded machine's timer
         // slack does not cover in all three rounds; 2 is slowest.
         let naps = [2_000u64, 200, 4_000];
-        let i = fastest(3, |i| std::thread::sleep(Duration::from_micros(naps[i])));
+        let (i, times) = fastest(3, |i| std::thread::sleep(Duration::from_micros(naps[i])));
         assert_eq!(i, 1);
+        assert_eq!(times.len(), 3);
+        assert!(times[1] >= Duration::from_micros(200) && times[1] < times[2]);
         // A first candidate under MIN_TUNED wins without timing the rest.
         let mut ran = vec![0usize; 3];
-        let i = fastest(3, |i| ran[i] += 1);
-        assert_eq!((i, ran), (0, vec![1, 0, 0]));
-        assert_eq!(fastest(1, |_| panic!("a single candidate is not run")), 0);
+        let (i, times) = fastest(3, |i| ran[i] += 1);
+        assert_eq!((i, ran, times), (0, vec![1, 0, 0], vec![]));
+        assert_eq!(
+            fastest(1, |_| panic!("a single candidate is not run")),
+            (0, vec![])
+        );
     }
 
     #[test]

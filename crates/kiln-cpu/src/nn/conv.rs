@@ -531,6 +531,11 @@ pub(crate) enum ConvPack {
     /// stride-1 windows of 3 and more), which read it unpacked. Made for
     /// tuning (`tune.rs`), where they are one candidate among the GEMMs.
     Direct(Vec<f32>),
+    /// W tap-major in blocks of output channels for the direct kernel with
+    /// output channels in vector lanes (`conv_lanes.rs`; x86-64, AVX-512,
+    /// one group): another tuning candidate.
+    #[cfg(target_arch = "x86_64")]
+    Lanes(super::conv_lanes::LanesWeights),
 }
 
 impl ConvPack {
@@ -543,6 +548,8 @@ impl ConvPack {
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => "for Winograd F(4x4, 3x3)",
             ConvPack::Direct(_) => "unpacked for the direct kernel",
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Lanes(_) => "for the direct kernel with channels in lanes",
         }
     }
 
@@ -555,6 +562,8 @@ impl ConvPack {
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => "winograd",
             ConvPack::Direct(_) => "direct",
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Lanes(_) => "lanes",
         }
     }
 
@@ -564,6 +573,8 @@ impl ConvPack {
         match self {
             ConvPack::Channels(p) if p.len() == 1 => Some(p[0].to_row_major()),
             ConvPack::Direct(w) => Some(w.clone()),
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Lanes(l) => Some(l.unpack()),
             ConvPack::Positions(p) if p.len() == 1 => {
                 // Packed W^T: [K, M] back to [M, K].
                 let (k, m) = (p[0].rows(), p[0].cols());
@@ -615,6 +626,8 @@ impl ConvPack {
             #[cfg(target_arch = "x86_64")]
             ConvPack::Winograd(_) => Some(1),
             ConvPack::Direct(_) => None,
+            #[cfg(target_arch = "x86_64")]
+            ConvPack::Lanes(_) => Some(1),
         }
     }
 }
@@ -878,6 +891,8 @@ pub(crate) fn conv_f32(
             super::depthwise::direct_conv(&geo, xv, wv, &epi, &mut y);
         } else if let Some(wts) = winograd_weights(w) {
             winograd_conv(&geo, xv, wts, &epi, &mut y)?;
+        } else if let Some(lanes) = lanes_weights(w) {
+            lanes_conv(&geo, xv, lanes, &epi, &mut y)?;
         } else {
             conv_gemm(&geo, xv, wv, w, &epi, &mut y);
         }
@@ -921,6 +936,35 @@ fn winograd_weights<'a>(w: ConvWeights<'a>) -> Option<&'a super::winograd::Winog
 
 #[cfg(target_arch = "x86_64")]
 use super::winograd::conv as winograd_conv;
+
+/// The channels-in-lanes weights, when `w` holds them.
+#[cfg(target_arch = "x86_64")]
+fn lanes_weights<'a>(w: ConvWeights<'a>) -> Option<&'a super::conv_lanes::LanesWeights> {
+    match w {
+        ConvWeights::Packed(ConvPack::Lanes(l)) => Some(l),
+        _ => None,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::conv_lanes::conv as lanes_conv;
+
+/// No channels-in-lanes weights off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+fn lanes_weights(_: ConvWeights<'_>) -> Option<&'static std::convert::Infallible> {
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn lanes_conv(
+    _: &ConvGeometry,
+    _: &[f32],
+    never: &std::convert::Infallible,
+    _: &Epi<'_>,
+    _: &mut [f32],
+) -> Result<()> {
+    match *never {}
+}
 
 /// No Winograd weights off x86-64.
 #[cfg(not(target_arch = "x86_64"))]
@@ -1066,6 +1110,10 @@ fn conv_gemm(
         #[cfg(target_arch = "x86_64")]
         ConvWeights::Packed(ConvPack::Winograd(_)) => {
             unreachable!("conv_f32 routes Winograd weights to winograd::conv")
+        }
+        #[cfg(target_arch = "x86_64")]
+        ConvWeights::Packed(ConvPack::Lanes(_)) => {
+            unreachable!("conv_f32 routes channels-in-lanes weights to conv_lanes::conv")
         }
         ConvWeights::Raw(_) | ConvWeights::Packed(ConvPack::Direct(_)) => {
             let wv = wv.expect("raw weights come with their values");
