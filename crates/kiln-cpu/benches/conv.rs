@@ -5,6 +5,9 @@
 //! and, where the runtime would prepare it, through `prepare` +
 //! `PreparedOp::run` (weights packed once, at plan time). Depthwise convs take
 //! the direct kernel, which `prepare` declines, so they have `run_op` only.
+//! A prepared one-group conv times its strategies on its first run and
+//! keeps the fastest (`tune.rs`; remembered in the tuning cache file, off
+//! with `KILN_TUNE=0`), as in the runtime.
 //!
 //! Throughput is `Throughput::Elements(FLOPs)` with
 //! FLOPs = 2 * N * M * (C/group) * kh * kw * OH * OW, so criterion's
@@ -153,6 +156,18 @@ const CASES: &[ConvCase] = &[
         m: 32,
         group: 1,
         hw: 224,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    },
+    // YOLOv8n's first downsampler: 3x3/2, 16->32, 160 -> 80 (tuning
+    // picks the channels-in-lanes direct kernel on AVX-512).
+    ConvCase {
+        name: "yolov8n_3x3s2_16to32_160",
+        c: 16,
+        m: 32,
+        group: 1,
+        hw: 160,
         k: 3,
         stride: 2,
         pad: 1,
