@@ -938,8 +938,6 @@ mod tests {
         p
     }
 
-    /// The strategy the tuned slot holds after a run (the heuristics' own
-    /// when it kept `packed`).
     /// Whether the channels-in-lanes kernel runs on this machine.
     fn lanes_runs_here() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -947,6 +945,9 @@ mod tests {
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
+
+    /// The strategy the tuned slot holds after a run (the heuristics' own
+    /// when it kept `packed`).
 
     fn tuned_strategy(p: &PreparedOp) -> &'static str {
         match &p.kind {

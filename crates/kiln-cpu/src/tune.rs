@@ -1,6 +1,8 @@
 //! Measured choices between kernels that compute the same thing (a conv as
-//! a GEMM over channel rows, over position rows, gathered channels-last, or
-//! by Winograd), for the cases the shape heuristics cannot settle: each
+//! a GEMM over channel rows, over position rows, gathered channels-last, by
+//! Winograd, or by the direct kernels: the blocked one with positions in
+//! lanes, and `conv_lanes` with output channels in lanes), for the cases
+//! the shape heuristics cannot settle: each
 //! candidate is timed once on the node's first real input, the fastest is
 //! kept, and the choice is remembered on disk, keyed by the hardware
 //! fingerprint (`kiln_hw::fingerprint`) and the node's shapes, so

@@ -614,7 +614,9 @@ pub fn sgemm_fused(
 /// Outputs of at least this many bytes are stored with streaming stores
 /// (AVX-512, on rows that start on a 64-byte line), which skip reading each
 /// line before writing it: a third of the last-level cache.
-/// `KILN_GEMM_STREAM_BYTES` overrides it.
+/// `KILN_GEMM_STREAM_BYTES` overrides it. (A product of depth 32 or less
+/// also streams outputs from the L2 size up, whatever this says; see the
+/// driver's `SHALLOW_K`.)
 pub fn stream_min_bytes() -> usize {
     driver::blocking_cached(kernels::selected()).stream_bytes
 }

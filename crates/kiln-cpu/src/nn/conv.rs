@@ -567,8 +567,9 @@ impl ConvPack {
         }
     }
 
-    /// W (`[M, Cg, k...]`, row-major) back from GEMM weights of one group;
-    /// None for any other packing.
+    /// W (`[M, Cg, k...]`, row-major) back from weights of one group (GEMM,
+    /// direct or channels-in-lanes); None for Winograd, gathered (see
+    /// [`ConvPack::unpack_with_shape`]) and several groups.
     pub(crate) fn unpack(&self) -> Option<Vec<f32>> {
         match self {
             ConvPack::Channels(p) if p.len() == 1 => Some(p[0].to_row_major()),
@@ -904,7 +905,7 @@ pub(crate) fn conv_f32(
 /// kernel: raw weights where the shape heuristics choose one
 /// ([`uses_direct_kernel`], or many channels on wide rows), unpacked ones
 /// (`ConvPack::Direct`, a tuning choice) wherever one can run; weights
-/// packed for a GEMM or Winograd run those.
+/// packed for a GEMM, Winograd or the channels-in-lanes kernel run those.
 fn takes_direct_kernel(geo: &ConvGeometry, w: ConvWeights<'_>) -> bool {
     let win = &geo.win;
     match w {

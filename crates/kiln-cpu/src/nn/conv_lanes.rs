@@ -13,9 +13,10 @@
 //! channels loads the tap's `OBV` weight vectors once and broadcasts one
 //! input value per position: `OBV * P` multiply-adds for `OBV + P` loads,
 //! at any stride, straight from X. The accumulators start from the bias,
-//! take Relu/Clip in registers, are transposed (16x16, in registers) into
-//! rows of positions and stored into Y's output rows; a residual or another
-//! activation runs on each finished row while it is in cache.
+//! take Relu/Clip in registers when there is no residual, are transposed
+//! (16x16, in registers) into rows of positions and stored into Y's output
+//! rows; a residual, and the activation after it or any other activation,
+//! runs on each finished row while it is in cache.
 //!
 //! Positions whose window leaves the input (the borders of padded convs)
 //! run one at a time with their taps cut to the input; a row cuts its
@@ -31,8 +32,9 @@
 //!
 //! Which convs: one group, 1-D or 2-D, horizontal stride 1 or 2, any
 //! window, vertical stride and dilation. It is a tuning candidate
-//! (`tune.rs`), timed against the GEMMs and the other direct kernel on the
-//! conv's real input, never the shape heuristics' choice.
+//! (`tune.rs`, which times 2-D convs only), timed against the GEMMs and
+//! the other direct kernels on the conv's real input, never the shape
+//! heuristics' choice.
 
 use super::conv::{ConvGeometry, Epi};
 use super::depthwise::{plane2d, Plane2d};
@@ -139,13 +141,13 @@ pub(crate) fn conv(
     }
     if geo.group != 1 || !(g.sw == 1 || g.sw == 2) || !std::is_x86_feature_detected!("avx512f") {
         return Err(invalid!(
-            "Conv: the channels-in-lanes kernel does not take {} groups, horizontal stride {}{}",
+            "Conv: the channels-in-lanes kernel takes one group and a horizontal stride of 1 or 2 on AVX-512; this conv has {} groups, horizontal stride {}{}",
             geo.group,
             g.sw,
             if std::is_x86_feature_detected!("avx512f") {
                 ""
             } else {
-                ", or a CPU without AVX-512"
+                ", and this CPU has no AVX-512"
             }
         ));
     }
@@ -228,14 +230,30 @@ struct Reach {
 
 /// The taps `k` in `0..k_count` for which `start + k * dil` lies in
 /// `0..len`, as a range (they are consecutive).
+/// (An offset that overflows, from absurd dilations, is outside.)
 fn taps_inside(start: isize, dil: usize, k_count: usize, len: usize) -> (usize, usize) {
     let inside = |k: usize| {
-        let i = start + (k * dil) as isize;
-        i >= 0 && (i as usize) < len
+        k.checked_mul(dil)
+            .and_then(|o| isize::try_from(o).ok())
+            .and_then(|o| start.checked_add(o))
+            .is_some_and(|i| i >= 0 && (i as usize) < len)
     };
     let lo = (0..k_count).find(|&k| inside(k)).unwrap_or(k_count);
     let hi = (lo..k_count).find(|&k| !inside(k)).unwrap_or(k_count);
     (lo, hi)
+}
+
+/// The output columns `first..last` whose whole window lies inside the
+/// input row (none, `first == last`, when the window is wider than the
+/// padded row or its span overflows).
+fn interior(g: &Plane2d) -> (usize, usize) {
+    let first = g.pw.div_ceil(g.sw);
+    let span = (g.kw - 1).checked_mul(g.dw).and_then(|s| s.checked_add(1));
+    let last = span
+        .and_then(|s| g.iw.checked_add(g.pw)?.checked_sub(s))
+        .map_or(0, |r| r / g.sw + 1)
+        .min(g.ow);
+    (first.min(last), last)
 }
 
 /// Positions per interior block for `OBV` vectors of channels (register
@@ -281,7 +299,8 @@ impl Job<'_> {
     /// Output rows `rows` of channel block `b` of image `ni`.
     ///
     /// # Safety
-    /// AVX-512F must be present; `y` must point at Y (`n * m * out_n`
+    /// AVX-512F must be present; `ni < n`, `b` is a block of the weights
+    /// and `rows` lies in `0..oh`; `y` must point at Y (`n * m * out_n`
     /// values), of which only this task writes these rows of this block.
     #[target_feature(enable = "avx512f")]
     unsafe fn band<const OBV: usize, const S: usize>(
@@ -315,13 +334,7 @@ impl Job<'_> {
         });
         let bounds = (_mm512_set1_ps(self.bounds.0), _mm512_set1_ps(self.bounds.1));
         let (sh, sw) = (g.sh as isize, g.sw as isize);
-        // Output columns whose whole window is inside the input.
-        let first = g.pw.div_ceil(g.sw);
-        let last = (g.iw + g.pw)
-            .checked_sub((g.kw - 1) * g.dw + 1)
-            .map_or(0, |r| r / g.sw + 1)
-            .min(g.ow);
-        let (first, last) = (first.min(last), last);
+        let (first, last) = interior(g);
         let width = pick_width(OBV, last - first);
         let ybase = y.get().add((ni * m + oc0) * self.out_n);
         let kern = Kernel {
@@ -713,6 +726,50 @@ mod tests {
                 vec![2, 2],
                 AutoPad::NotSet,
             ),
+            (
+                1,
+                5,
+                32,
+                vec![17, 30],
+                vec![3, 3],
+                vec![2, 1],
+                vec![],
+                vec![1, 1, 1, 1],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                3,
+                16,
+                vec![15, 41],
+                vec![3, 3],
+                vec![1, 2],
+                vec![2, 2],
+                vec![2, 2, 2, 2],
+                AutoPad::NotSet,
+            ),
+            (
+                1,
+                4,
+                20,
+                vec![10, 33],
+                vec![4, 4],
+                vec![2, 2],
+                vec![],
+                vec![],
+                AutoPad::SameLower,
+            ),
+            (
+                2,
+                6,
+                40,
+                vec![9, 35],
+                vec![3, 3],
+                vec![1, 1],
+                vec![],
+                vec![1, 1, 1, 1],
+                AutoPad::NotSet,
+            ),
         ];
         for (n, c, m, sp, k, strides, dilations, pads, auto_pad) in cases {
             let a = ConvAttrs {
@@ -793,11 +850,9 @@ mod tests {
                     let wt = t(&[m, c, 3, 3], rng.vec(m * c * 9));
                     let want = f32s(&conv_reference(&a, &x, &wt, None).unwrap());
                     let ow = (iw + 2 - 3) / s + 1;
-                    let interior = (iw + 1)
-                        .checked_sub(3)
-                        .map_or(0, |r| r / s + 1)
-                        .saturating_sub(1);
-                    chosen.insert((m, pick_width(if m == 16 { 1 } else { 2 }, interior)));
+                    let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
+                    let (first, last) = interior(&plane2d(&geo));
+                    chosen.insert((m, pick_width(if m == 16 { 1 } else { 2 }, last - first)));
                     let packed =
                         ConvPack::Lanes(LanesWeights::new(&f32s(&wt), &[m, c, 3, 3]).unwrap());
                     let got = conv_f32(
@@ -822,6 +877,65 @@ mod tests {
                     "width {p} for {m} channels never ran"
                 );
             }
+        }
+    }
+
+    /// Every output is written (Y starts as NaN), and NaN inputs stay NaN
+    /// through Relu and Clip in registers.
+    #[test]
+    fn lanes_conv_writes_every_output_and_keeps_nan() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(99);
+        let a = ConvAttrs {
+            auto_pad: AutoPad::NotSet,
+            dilations: vec![],
+            group: 1,
+            kernel_shape: vec![3, 3],
+            pads: vec![1, 2, 0, 1],
+            strides: vec![1, 2],
+        };
+        let (n, c, m, h, w) = (2, 3, 40, 9, 37);
+        let mut xv = rng.vec(n * c * h * w);
+        xv[5 * w + 20] = f32::NAN;
+        let x = t(&[n, c, h, w], xv);
+        let wt = t(&[m, c, 3, 3], rng.vec(m * c * 9));
+        let bias: Vec<f32> = rng.vec(m);
+        let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
+        let plain = f32s(&conv_reference(&a, &x, &wt, Some(&t(&[m], bias.clone()))).unwrap());
+        let lanes = LanesWeights::new(&f32s(&wt), wt.shape()).unwrap();
+        for act in [
+            kiln_ir::FusedAct::Relu,
+            kiln_ir::FusedAct::Clip {
+                min: -0.5,
+                max: 0.5,
+            },
+        ] {
+            let epi = Epi {
+                bias: Some(&bias),
+                res: None,
+                act,
+                m,
+                out_n: geo.out_n,
+            };
+            let mut y = vec![f32::NAN; plain.len()];
+            conv(&geo, &f32s(&x), &lanes, &epi, &mut y).unwrap();
+            let mut nans = 0;
+            for (i, (g, &p)) in y.iter().zip(&plain).enumerate() {
+                if p.is_nan() {
+                    nans += 1;
+                    assert!(g.is_nan(), "{act:?}: element {i} got {g}, want NaN");
+                } else {
+                    let w = act.eval(p);
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{act:?}: element {i} got {g}, want {w}"
+                    );
+                }
+            }
+            assert!(nans > 0, "the NaN input reaches some outputs");
         }
     }
 
@@ -854,6 +968,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("do not fit"), "{err}");
+        // Another M, another window, 1-D weights for a 2-D conv.
+        for (wv, ws) in [
+            (vec![0.0; 9 * 4 * 9], vec![9, 4, 3, 3]),
+            (vec![0.0; 8 * 4 * 15], vec![8, 4, 3, 5]),
+            (vec![0.0; 8 * 4 * 3], vec![8, 4, 3]),
+        ] {
+            let packed = ConvPack::Lanes(LanesWeights::new(&wv, &ws).unwrap());
+            let err = conv_f32(
+                &a,
+                &x,
+                &[8, 4, 3, 3],
+                ConvWeights::Packed(&packed),
+                None,
+                None,
+                kiln_ir::FusedAct::Identity,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("do not fit"), "{ws:?}: {err}");
+        }
         let strided = ConvAttrs {
             strides: vec![1, 3],
             ..a
@@ -870,6 +1003,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("horizontal stride 3"), "{err}");
+        assert!(err.to_string().contains("takes one group"), "{err}");
         assert!(!possible(&[8, 4, 3, 3], 1, &[1, 3]));
         assert!(!possible(&[8, 4, 3, 3], 2, &[1, 1]));
         assert!(!possible(&[8, 4, 3, 3, 3], 1, &[1, 1, 1]));
