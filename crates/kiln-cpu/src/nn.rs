@@ -387,6 +387,24 @@ pub(crate) mod test_util {
         }
     }
 
+    /// The reference conv (`conv_reference`) of f32 tensors computed in
+    /// f64, rounded to f32: the values the fast kernels are held to.
+    pub fn conv_reference_f64(a: &ConvAttrs, x: &Tensor, w: &Tensor, b: &Tensor) -> Vec<f32> {
+        let f64_tensor = |t: &Tensor| {
+            let v: Vec<f64> = f32s(t).iter().map(|&v| v as f64).collect();
+            Tensor::from_vec(t.shape().to_vec(), v).unwrap()
+        };
+        let exact =
+            super::conv::conv_reference(a, &f64_tensor(x), &f64_tensor(w), Some(&f64_tensor(b)))
+                .unwrap();
+        exact
+            .as_slice::<f64>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f32)
+            .collect()
+    }
+
     #[track_caller]
     pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
         assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");

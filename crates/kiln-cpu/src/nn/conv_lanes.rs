@@ -548,12 +548,7 @@ mod tests {
     use super::super::conv::{conv_f32, conv_geometry, conv_reference, ConvPack, ConvWeights};
     use super::*;
     use crate::nn::test_util::*;
-    use kiln_ir::{AutoPad, ConvAttrs, Tensor};
-
-    fn f64_tensor(t: &Tensor) -> Tensor {
-        let v: Vec<f64> = f32s(t).iter().map(|&v| v as f64).collect();
-        Tensor::from_vec(t.shape().to_vec(), v).unwrap()
-    }
+    use kiln_ir::{AutoPad, ConvAttrs};
 
     /// The kernel against the reference conv computed in f64, under every
     /// fused epilogue, on: 16- and 32-channel blocks with channel tails (1,
@@ -786,19 +781,7 @@ mod tests {
             let wt = t(&ws, rng.vec(ws.iter().product()));
             let bias = t(&[m], rng.vec(m));
             let geo = conv_geometry(&a, x.shape(), wt.shape()).unwrap();
-            let exact = conv_reference(
-                &a,
-                &f64_tensor(&x),
-                &f64_tensor(&wt),
-                Some(&f64_tensor(&bias)),
-            )
-            .unwrap();
-            let plain: Vec<f32> = exact
-                .as_slice::<f64>()
-                .unwrap()
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
+            let plain = conv_reference_f64(&a, &x, &wt, &bias);
             let res = t(&geo.out_shape, rng.vec(plain.len()));
             let lanes = LanesWeights::new(&f32s(&wt), &ws).unwrap();
             assert_eq!(lanes.unpack(), f32s(&wt), "unpack gives W back: {ws:?}");

@@ -525,10 +525,10 @@ unsafe fn output_row(
 
 #[cfg(test)]
 mod tests {
-    use super::super::conv::{conv_f32, conv_geometry, conv_reference, ConvPack, ConvWeights};
+    use super::super::conv::{conv_f32, conv_geometry, ConvPack, ConvWeights};
     use super::*;
     use crate::nn::test_util::*;
-    use kiln_ir::{AutoPad, ConvAttrs, FusedAct, Tensor};
+    use kiln_ir::{AutoPad, ConvAttrs, FusedAct};
 
     fn attrs(auto_pad: AutoPad, pads: &[usize]) -> ConvAttrs {
         ConvAttrs {
@@ -539,11 +539,6 @@ mod tests {
             pads: pads.to_vec(),
             strides: vec![1, 1],
         }
-    }
-
-    fn f64_tensor(t: &Tensor) -> Tensor {
-        let v: Vec<f64> = f32s(t).iter().map(|&v| v as f64).collect();
-        Tensor::from_vec(t.shape().to_vec(), v).unwrap()
     }
 
     /// Largest `|got - want|` over the RMS of `scale` (floating-point error
@@ -679,19 +674,7 @@ mod tests {
                     "the last case must span chunks with a boundary inside an image"
                 );
             }
-            let exact = conv_reference(
-                &a,
-                &f64_tensor(&x),
-                &f64_tensor(&wt),
-                Some(&f64_tensor(&bias)),
-            )
-            .unwrap();
-            let plain: Vec<f32> = exact
-                .as_slice::<f64>()
-                .unwrap()
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
+            let plain = conv_reference_f64(&a, &x, &wt, &bias);
             let res = t(&geo.out_shape, rng.vec(plain.len()));
             let packed = ConvPack::Winograd(WinogradWeights::new(&f32s(&wt), m, c));
             let w = ConvWeights::Packed(&packed);
