@@ -405,6 +405,20 @@ pub(crate) mod test_util {
             .collect()
     }
 
+    /// Each `got[i]` within `tol * (1 + |want[i]|)` of `want[i]`; a failure
+    /// names `what` and the element (not the whole arrays, which for a
+    /// conv's output are thousands of values).
+    #[track_caller]
+    pub fn assert_close_in(what: impl std::fmt::Display, got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}: element {i} got {g}, want {w}"
+            );
+        }
+    }
+
     #[track_caller]
     pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
         assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");

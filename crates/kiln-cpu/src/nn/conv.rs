@@ -3580,13 +3580,8 @@ mod tests {
                     )
                     .unwrap();
                     assert_eq!(y.shape(), &shape[..], "case {ci}");
-                    let got = f32s(&y);
-                    for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "case {ci} act {ai} residual {with_res}: y[{j}] = {g}, want {w}"
-                        );
-                    }
+                    let what = format!("case {ci} act {ai} residual {with_res}");
+                    assert_close_in(what, &f32s(&y), &want, 1e-4);
                 }
             }
             // A second run reuses the cached gather table; a batch of
@@ -3871,12 +3866,8 @@ mod tests {
                 &plain,
                 &res,
                 |act, with_res, got, want| {
-                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                        assert!(
-                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "case {case} {act:?} residual {with_res}: element {i} {g} vs {w}"
-                        );
-                    }
+                    let what = format!("case {case} {act:?} residual {with_res}");
+                    assert_close_in(what, got, want, 1e-4);
                 },
             );
         }

@@ -795,12 +795,8 @@ mod tests {
                 &plain,
                 &res,
                 |act, with_res, got, want| {
-                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                        assert!(
-                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "X {xs:?} W {ws:?} {act:?} residual {with_res}: element {i} got {g}, want {w}"
-                        );
-                    }
+                    let what = format!("X {xs:?} W {ws:?} {act:?} residual {with_res}");
+                    assert_close_in(what, got, want, 1e-4);
                 },
             );
         }
