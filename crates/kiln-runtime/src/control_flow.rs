@@ -34,6 +34,7 @@ pub(crate) fn execute_profiled(
         values[slot] = Some(v);
     }
     for step in &plan.steps {
+        crate::pool::rewarm();
         // Inputs are described before the step runs: a relabelling step
         // moves its input out of the slot.
         let described = profile.as_ref().map(|_| describe_inputs(step, &values));

@@ -12,7 +12,7 @@ mod value;
 mod value_pb;
 
 pub use large_alloc::LargeAligned;
-pub use pool::default_threads;
+pub use pool::{default_threads, install_warm, rewarm};
 pub use session::{IoInfo, NodeTiming, Session, SessionOptions};
 pub use value::Value;
 pub use value_pb::{read_value_pb, write_value_pb};

@@ -274,9 +274,9 @@ impl Session {
         profile: Option<&mut Vec<NodeTiming>>,
     ) -> Result<Vec<(String, Value)>> {
         let feeds = self.check_inputs(inputs)?;
-        let outs = self
-            .pool
-            .install(|| execute_profiled(&self.plan, feeds, &[], profile))?;
+        let outs = crate::pool::install_warm(&self.pool, || {
+            execute_profiled(&self.plan, feeds, &[], profile)
+        })?;
         Ok(self
             .plan
             .outputs
