@@ -58,6 +58,23 @@ pub fn node_flops(op: &Op, inputs: &[Shape], outputs: &[Shape]) -> Option<u128> 
             let base = match f {
                 FusedOp::Conv { .. } | FusedOp::ConvNhwc { .. } => conv()?,
                 FusedOp::MatMul { .. } => matmul()?,
+                // Both convs, each with its bias and activation, as the two
+                // nodes it replaces count.
+                FusedOp::PointwiseDepthwise { pw_act, .. } => {
+                    let (x, w1, wd) = (input(0)?, input(1)?, input(3)?);
+                    let per_mul =
+                        |w: &[usize]| w.iter().skip(1).map(|&d| d as u128).product::<u128>();
+                    let mid = numel(x) / (*x.get(1)? as u128).max(1) * *w1.first()? as u128;
+                    let out = out_numel()?;
+                    let pw_epilogue = present(2) as u128 + (*pw_act != FusedAct::Identity) as u128;
+                    let dw_epilogue = present(4) as u128 + (f.act() != FusedAct::Identity) as u128;
+                    return Some(
+                        2 * mid * per_mul(w1)
+                            + mid * pw_epilogue
+                            + 2 * out * per_mul(wd)
+                            + out * dw_epilogue,
+                    );
+                }
                 FusedOp::Attention { layout, .. } => {
                     // Q·Kt ([..., S, D] x [..., D, T]) and P·V ([..., S, T] x [..., T, E]),
                     // Q and V seen through their absorbed Transposes.

@@ -107,7 +107,9 @@ fn attention_reference(
 fn fast_path_applies(op: &FusedOp, inputs: &[Option<&Tensor>]) -> bool {
     let all_f32 = inputs.iter().flatten().all(|t| t.dtype() == DType::F32);
     let b_ok = match op {
-        FusedOp::Conv { .. } | FusedOp::ConvNhwc { .. } => true,
+        FusedOp::Conv { .. } | FusedOp::ConvNhwc { .. } | FusedOp::PointwiseDepthwise { .. } => {
+            true
+        }
         // Takes its own route in `run`.
         FusedOp::Attention { .. } => false,
         FusedOp::MatMul { .. } => inputs
@@ -187,6 +189,22 @@ pub(crate) fn run_fast(
                 Some(y) => Ok(y),
                 None => nhwc_through_nchw(conv, *act, inputs, run),
             }
+        }
+        FusedOp::PointwiseDepthwise { pw_act, dw, act } => {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(y) = nn::pointwise_depthwise_f32(
+                *pw_act,
+                dw,
+                *act,
+                get(0, "X")?,
+                get(1, "W1")?,
+                opt(2),
+                get(3, "Wd")?,
+                opt(4),
+            )? {
+                return Ok(y);
+            }
+            pointwise_depthwise_apart(*pw_act, dw, *act, inputs, run)
         }
         FusedOp::MatMul { act } => {
             let a = get(0, "A")?;
@@ -290,6 +308,83 @@ fn nhwc_through_nchw(
     crate::shape_ops::transpose(&run_conv(&op, &ins)?, Some(&to_last))
 }
 
+/// Whether `run` may take `FusedOp::PointwiseDepthwise` as one kernel on
+/// this CPU, rather than as its two convs: X `[n, c, h, w]` (`n` `None`
+/// when the batch is not known yet: then whether some batch would), `m`
+/// expanded channels, the depthwise conv `dw` with weights of `wd_shape`.
+/// The optimizer (`kiln-opt`'s `pw_dw` pass) fuses only such pairs, so the
+/// others keep their prepared, tuned convs. At run time the one kernel
+/// takes only the batches where it pays.
+pub fn pointwise_depthwise_one_kernel(
+    n: Option<usize>,
+    chw: [usize; 3],
+    m: usize,
+    dw: &kiln_ir::ConvAttrs,
+    wd_shape: &[usize],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return nn::pointwise_depthwise_one_kernel(n, chw, m, dw, wd_shape);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (n, chw, m, dw, wd_shape);
+        false
+    }
+}
+
+/// A pointwise conv's attributes over `spatial` axes: 1x1, stride 1, no
+/// padding, one group.
+pub(crate) fn pointwise_attrs(spatial: usize) -> kiln_ir::ConvAttrs {
+    kiln_ir::ConvAttrs {
+        auto_pad: kiln_ir::AutoPad::NotSet,
+        dilations: vec![1; spatial],
+        group: 1,
+        kernel_shape: vec![1; spatial],
+        pads: vec![0; 2 * spatial],
+        strides: vec![1; spatial],
+    }
+}
+
+/// `FusedOp::PointwiseDepthwise` as its two convs, each a `FusedOp::Conv`
+/// run by `run_conv`: the reference, and the route where the one kernel
+/// does not apply or pay. The expansion goes back to the buffer pool.
+fn pointwise_depthwise_apart(
+    pw_act: FusedAct,
+    dw: &kiln_ir::ConvAttrs,
+    act: FusedAct,
+    inputs: &[Option<&Tensor>],
+    run_conv: fn(&FusedOp, &[Option<&Tensor>]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let get = |i: usize, what: &str| {
+        opt_input(inputs, i)
+            .ok_or_else(|| invalid!("FusedPointwiseDepthwise: missing required input {i} ({what})"))
+    };
+    let x = get(0, "X")?;
+    let spatial = x.rank().checked_sub(2).filter(|&s| s > 0).ok_or_else(|| {
+        invalid!(
+            "FusedPointwiseDepthwise: X must have rank 3 or more, got {:?}",
+            x.shape()
+        )
+    })?;
+    let pointwise = FusedOp::Conv {
+        conv: pointwise_attrs(spatial),
+        act: pw_act,
+    };
+    let mid = run_conv(
+        &pointwise,
+        &[Some(x), Some(get(1, "W1")?), opt_input(inputs, 2)],
+    )?;
+    let depthwise = FusedOp::Conv {
+        conv: dw.clone(),
+        act,
+    };
+    let y = run_conv(
+        &depthwise,
+        &[Some(&mid), Some(get(3, "Wd")?), opt_input(inputs, 4)],
+    );
+    crate::buffers::recycle_tensor(mid);
+    y
+}
+
 /// The reference: the plain op, then bias, residual and activation in order.
 pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
     let get = |i: usize, what: &str| {
@@ -304,6 +399,9 @@ pub fn run_reference(op: &FusedOp, inputs: &[Option<&Tensor>]) -> Result<Tensor>
         FusedOp::Conv { conv, .. } => (nn::conv(conv, get(0, "X")?, get(1, "W")?, opt(2))?, None),
         FusedOp::ConvNhwc { conv, act } => {
             return nhwc_through_nchw(conv, *act, inputs, run_reference)
+        }
+        FusedOp::PointwiseDepthwise { pw_act, dw, act } => {
+            return pointwise_depthwise_apart(*pw_act, dw, *act, inputs, run_reference)
         }
         FusedOp::MatMul { .. } => {
             let y = nn::matmul(get(0, "A")?, get(1, "B")?)?;
@@ -454,6 +552,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `FusedOp::PointwiseDepthwise` through `run` (the one kernel where it
+    /// applies and pays, the two convs apart elsewhere) against the two
+    /// reference convs: small planes (apart), an expansion of 16.8 MB (one
+    /// kernel on AVX-512 with an L3 of 32 MB or less), strides 1 and 2, a
+    /// 5x5 window, no biases, a 1-D conv, and every activation on either
+    /// side.
+    #[test]
+    fn pointwise_depthwise_matches_the_two_convs() {
+        // (X shape, M, depthwise kernel, stride)
+        let cases: &[(&[usize], usize, usize, usize)] = &[
+            (&[1, 8, 20, 20], 30, 3, 1),
+            (&[2, 6, 15, 33], 12, 3, 2),
+            (&[1, 4, 40, 40], 18, 3, 2),
+            (&[1, 5, 9, 9], 7, 5, 1),
+            (&[2, 3, 17], 6, 3, 1),
+            (&[1, 2, 512, 512], 16, 3, 1),
+        ];
+        for (ci, &(xs, m, k, s)) in cases.iter().enumerate() {
+            let sp = xs.len() - 2;
+            let dw = ConvAttrs {
+                auto_pad: AutoPad::NotSet,
+                dilations: vec![1; sp],
+                group: m,
+                kernel_shape: vec![k; sp],
+                pads: vec![k / 2; 2 * sp],
+                strides: vec![s; sp],
+            };
+            let mut w1_shape = vec![m, xs[1]];
+            w1_shape.extend(vec![1; sp]);
+            let mut wd_shape = vec![m, 1];
+            wd_shape.extend(vec![k; sp]);
+            let (x, w1, b1, wd, bd) = (
+                t(xs, 11),
+                t(&w1_shape, 12),
+                t(&[m], 13),
+                t(&wd_shape, 14),
+                t(&[m], 15),
+            );
+            for (pw_act, act) in all_acts().into_iter().zip(all_acts().into_iter().rev()) {
+                let op = FusedOp::PointwiseDepthwise {
+                    pw_act,
+                    dw: dw.clone(),
+                    act,
+                };
+                for inputs in [
+                    vec![Some(&x), Some(&w1), Some(&b1), Some(&wd), Some(&bd)],
+                    vec![Some(&x), Some(&w1), None, Some(&wd)],
+                ] {
+                    let what =
+                        format!("case {ci} {pw_act:?} then {act:?}, {} inputs", inputs.len());
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_close(&run(&op, &inputs).unwrap(), &want, &what);
+                }
+            }
+        }
+        // Pointwise weights for other channels, and no depthwise weights:
+        // errors that say so.
+        let dw = ConvAttrs {
+            auto_pad: AutoPad::NotSet,
+            dilations: vec![1, 1],
+            group: 8,
+            kernel_shape: vec![3, 3],
+            pads: vec![1; 4],
+            strides: vec![1, 1],
+        };
+        let op = FusedOp::PointwiseDepthwise {
+            pw_act: FusedAct::Relu,
+            dw,
+            act: FusedAct::Relu,
+        };
+        let (x, w1, wd) = (
+            t(&[1, 4, 10, 10], 1),
+            t(&[8, 5, 1, 1], 2),
+            t(&[8, 1, 3, 3], 3),
+        );
+        let err = run(&op, &[Some(&x), Some(&w1), None, Some(&wd)]).unwrap_err();
+        assert!(
+            err.to_string().contains("channels") || err.to_string().contains("match"),
+            "{err}"
+        );
+        let w1 = t(&[8, 4, 1, 1], 2);
+        let err = run(&op, &[Some(&x), Some(&w1)]).unwrap_err();
+        assert!(err.to_string().contains("Wd"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ mod depthwise_tiled;
 mod matmul;
 mod norm;
 mod pool;
+// AVX-512 only (it runs on the depthwise row kernel).
+#[cfg(target_arch = "x86_64")]
+mod pw_dw;
 mod sdpa;
 // AVX-512 only: elsewhere 3x3 convs take the direct or GEMM paths.
 #[cfg(target_arch = "x86_64")]
@@ -43,6 +46,8 @@ pub use matmul::{gemm, matmul};
 pub(crate) use matmul::{gemm_acc, transpose};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};
 pub use pool::{avg_pool, global_pool, max_pool};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use pw_dw::{one_kernel as pointwise_depthwise_one_kernel, pointwise_depthwise_f32};
 pub(crate) use sdpa::attention_f32;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use winograd::{applies as winograd_applies, WinogradWeights};

@@ -51,6 +51,13 @@ impl std::fmt::Debug for PreparedOp {
                 table.cols(),
                 table.rows()
             ),
+            Kind::PointwiseDepthwise { pw: Some(pw), .. } => format!("pointwise conv {pw:?}"),
+            Kind::PointwiseDepthwise { w1, .. } => {
+                format!(
+                    "pointwise W {:?} unpacked (the direct kernel's)",
+                    w1.shape()
+                )
+            }
         };
         write!(f, "PreparedOp({}: {what})", self.op.name())
     }
@@ -93,6 +100,18 @@ enum Kind {
     /// Gather along axis 0 of a 2-D f32 table `D` that is held as the
     /// transpose `table` = D^T, shared with the product that packed it.
     Gather { table: Arc<PackedB> },
+    /// FusedPointwiseDepthwise: its pointwise conv prepared (packed, and
+    /// tuned on its first run; `None` for the few-channel ones the direct
+    /// kernel runs unpacked), for runs the one kernel does not take; and
+    /// the pointwise weights as given, for runs it does and that direct
+    /// kernel.
+    PointwiseDepthwise {
+        w1: Tensor,
+        pw: Option<Box<PreparedOp>>,
+        pw_act: FusedAct,
+        dw: ConvAttrs,
+        act: FusedAct,
+    },
 }
 
 /// Specializes `op` on its constant inputs. `constants[i]` is the input's
@@ -138,6 +157,25 @@ pub fn prepare(
         }
         Op::MatMul => prepare_matmul(None, f32_const(1)?)?,
         Op::Fused(FusedOp::MatMul { act }) => prepare_matmul(Some(*act), f32_const(1)?)?,
+        Op::Fused(FusedOp::PointwiseDepthwise { pw_act, dw, act }) => {
+            let w1 = f32_const(1)?;
+            let pw_op = Op::Fused(FusedOp::Conv {
+                conv: fused::pointwise_attrs(w1.rank().checked_sub(2)?),
+                act: *pw_act,
+            });
+            let pw = prepare(
+                &pw_op,
+                &[None, Some(w1), constants.get(2).copied().flatten()],
+                None,
+            );
+            Kind::PointwiseDepthwise {
+                w1: w1.clone(),
+                pw: pw.map(Box::new),
+                pw_act: *pw_act,
+                dw: dw.clone(),
+                act: *act,
+            }
+        }
         Op::Gemm {
             alpha,
             beta,
@@ -594,7 +632,7 @@ impl PreparedOp {
     pub fn packed_b(&self) -> Option<&Arc<PackedB>> {
         match &self.kind {
             Kind::MatMul { packed, .. } | Kind::Gemm { packed, .. } => Some(packed),
-            Kind::Conv { .. } | Kind::Gather { .. } => None,
+            Kind::Conv { .. } | Kind::Gather { .. } | Kind::PointwiseDepthwise { .. } => None,
         }
     }
 
@@ -608,8 +646,9 @@ impl PreparedOp {
         let name = self.op.name();
         // The packed input must be the one that was packed: same dtype, shape.
         let (packed_shape, packed_what) = match &self.kind {
-            Kind::Conv { w_shape, .. } => (w_shape, "W"),
-            Kind::MatMul { b_shape, .. } | Kind::Gemm { b_shape, .. } => (b_shape, "B"),
+            Kind::Conv { w_shape, .. } => (w_shape.as_slice(), "W"),
+            Kind::MatMul { b_shape, .. } | Kind::Gemm { b_shape, .. } => (b_shape.as_slice(), "B"),
+            Kind::PointwiseDepthwise { w1, .. } => (w1.shape(), "W1"),
             // Its indices are integers: none of the f32 checks below apply.
             Kind::Gather { table } => {
                 return match inputs.first().copied().flatten() {
@@ -624,7 +663,7 @@ impl PreparedOp {
         };
         let given = inputs.get(1).copied().flatten();
         if let Some(given) = given {
-            if given.dtype() != DType::F32 || given.shape() != packed_shape.as_slice() {
+            if given.dtype() != DType::F32 || given.shape() != packed_shape {
                 return Err(invalid!(
                     "{name}: {packed_what} was prepared as f32 {packed_shape:?} but the run gives {} {:?}",
                     given.dtype(),
@@ -751,6 +790,44 @@ impl PreparedOp {
                 nn::gemm_f32(*alpha, *beta, view, Rhs::Packed(packed), c)?
             }
             Kind::Gather { table } => gather_columns(table, x(1, "indices")?)?,
+            Kind::PointwiseDepthwise {
+                w1,
+                pw,
+                pw_act,
+                dw,
+                act,
+            } => {
+                let (xt, wd) = (x(0, "X")?, x(3, "Wd")?);
+                #[cfg(target_arch = "x86_64")]
+                let one =
+                    nn::pointwise_depthwise_f32(*pw_act, dw, *act, xt, w1, opt(2), wd, opt(4))?;
+                #[cfg(not(target_arch = "x86_64"))]
+                let one: Option<Tensor> = None;
+                match one {
+                    Some(y) => y,
+                    None => {
+                        let mid = match pw {
+                            Some(pw) => pw.run(&[Some(xt), None, opt(2)], 1)?.pop(),
+                            None => {
+                                let pointwise = FusedOp::Conv {
+                                    conv: fused::pointwise_attrs(w1.rank().saturating_sub(2)),
+                                    act: *pw_act,
+                                };
+                                Some(fused::run(&pointwise, &[Some(xt), Some(w1), opt(2)])?)
+                            }
+                        };
+                        let mid = mid
+                            .ok_or_else(|| invalid!("{name}: the pointwise conv gave no output"))?;
+                        let depthwise = FusedOp::Conv {
+                            conv: dw.clone(),
+                            act: *act,
+                        };
+                        let y = fused::run(&depthwise, &[Some(&mid), Some(wd), opt(4)]);
+                        crate::buffers::recycle_tensor(mid);
+                        y?
+                    }
+                }
+            }
         };
         Ok(vec![y])
     }
@@ -883,6 +960,47 @@ mod tests {
                 check_prepared_hinted(&fused, &inputs, 1, hint);
             }
         }
+    }
+
+    #[test]
+    fn prepared_pointwise_depthwise_matches_unprepared() {
+        // Small planes (the two convs apart, the pointwise one prepared) and
+        // an expansion of 16.8 MB (one kernel on AVX-512 with an L3 of 32 MB
+        // or less), with and without biases.
+        let mut rng = Rng::new(47);
+        for &(n, c, m, hw, s) in &[(2, 8, 24, 20, 1), (1, 6, 16, 31, 2), (1, 2, 16, 512, 1)] {
+            let x = t(&[n, c, hw, hw], rng.vec(n * c * hw * hw));
+            let w1 = t(&[m, c, 1, 1], rng.vec(m * c));
+            let b1 = t(&[m], rng.vec(m));
+            let wd = t(&[m, 1, 3, 3], rng.vec(m * 9));
+            let bd = t(&[m], rng.vec(m));
+            let op = Op::Fused(FusedOp::PointwiseDepthwise {
+                pw_act: FusedAct::Clip { min: 0.0, max: 6.0 },
+                dw: conv_attrs(m, &[1; 4], &[s, s]),
+                act: FusedAct::Relu,
+            });
+            check_prepared(
+                &op,
+                &[Some(&x), Some(&w1), Some(&b1), Some(&wd), Some(&bd)],
+                1,
+            );
+            check_prepared(&op, &[Some(&x), Some(&w1), None, Some(&wd)], 1);
+        }
+        // Pointwise weights given at run time in another shape than
+        // prepared: an error that names them.
+        let op = Op::Fused(FusedOp::PointwiseDepthwise {
+            pw_act: FusedAct::Relu,
+            dw: conv_attrs(8, &[1; 4], &[1, 1]),
+            act: FusedAct::Relu,
+        });
+        let (w1, wd) = (t(&[8, 4, 1, 1], rng.vec(32)), t(&[8, 1, 3, 3], rng.vec(72)));
+        let p = prepare(&op, &[None, Some(&w1)], None).expect("prepared");
+        let x = t(&[1, 5, 6, 6], rng.vec(180));
+        let other = t(&[8, 5, 1, 1], rng.vec(40));
+        let err = p
+            .run(&[Some(&x), Some(&other), None, Some(&wd)], 1)
+            .unwrap_err();
+        assert!(err.to_string().contains("W1"), "{err}");
     }
 
     #[test]

@@ -1254,6 +1254,7 @@ impl Ctx<'_> {
             Op::Fused(f) => match f {
                 crate::FusedOp::Conv { conv, .. } => self.conv(n, conv)?,
                 crate::FusedOp::ConvNhwc { conv, .. } => self.conv_nhwc(n, conv)?,
+                crate::FusedOp::PointwiseDepthwise { dw, .. } => self.pointwise_depthwise(n, dw)?,
                 crate::FusedOp::MatMul { .. } => self.matmul(n)?,
                 crate::FusedOp::Attention { layout, .. } => self.attention(n, layout)?,
             },
@@ -1579,6 +1580,36 @@ impl Ctx<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// `FusedOp::PointwiseDepthwise`: Conv's rule for the depthwise conv
+    /// (weights input 3) on X with its channels replaced by the pointwise
+    /// conv's output channels (W1's first dim). X's channels must be W1's.
+    fn pointwise_depthwise(&self, n: &Node, dw: &ConvAttrs) -> Result<NodeOut, IrError> {
+        let (xs, w1) = (self.sh(n, 0), self.sh(n, 1));
+        if let (Some(x), Some(w)) = (xs, w1) {
+            let channels = (x.get(1).and_then(Dim::known), w.get(1).and_then(Dim::known));
+            if x.len() != w.len() || matches!(channels, (Some(c), Some(wc)) if c != wc) {
+                return Err(nerr(
+                    n,
+                    format!(
+                        "input {} does not match the pointwise weights {}",
+                        format_shape(x),
+                        format_shape(w)
+                    ),
+                ));
+            }
+        }
+        self.check_same(n, 0, 3)?;
+        self.check_same(n, 0, 4)?;
+        let mid = xs.map(|x| {
+            let mut s = x.to_vec();
+            if s.len() >= 2 {
+                s[1] = w1.map_or(Dim::Unknown, |w| w[0].clone());
+            }
+            s
+        });
+        self.conv_of(n, dw, mid.as_deref(), self.sh(n, 3))
     }
 
     fn conv_of(

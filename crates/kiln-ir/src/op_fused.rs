@@ -137,6 +137,19 @@ pub enum FusedOp {
     /// depthwise convs inside a region it converts, with Transposes at the
     /// region's edges.
     ConvNhwc { conv: ConvAttrs, act: FusedAct },
+    /// A pointwise conv (1x1, stride 1, no padding, one group) from C to M
+    /// channels, its bias and `pw_act`, then a depthwise conv `dw` over
+    /// those M channels (group M, one input channel per group), its bias
+    /// and `act`. Inputs: X `[N, C, spatial...]`, W1 `[M, C, 1...]`, B1?
+    /// `[M]`, Wd `[M, 1, k...]`, Bd? `[M]`. Made by the optimizer
+    /// (`passes/pw_dw.rs`) from a MobileNet block's expansion and the
+    /// depthwise conv that alone reads it, so the backend can run the two
+    /// without writing the expansion out.
+    PointwiseDepthwise {
+        pw_act: FusedAct,
+        dw: ConvAttrs,
+        act: FusedAct,
+    },
     /// MatMul (numpy semantics), then the bias along the last axis, then the
     /// residual, then `act`. Inputs: A, B, bias? (1-D, the output's last dim),
     /// residual? (exactly the output's shape).
@@ -228,6 +241,7 @@ impl FusedOp {
         match self {
             FusedOp::Conv { .. } => "FusedConv",
             FusedOp::ConvNhwc { .. } => "FusedConvNhwc",
+            FusedOp::PointwiseDepthwise { .. } => "FusedPointwiseDepthwise",
             FusedOp::MatMul { .. } => "FusedMatMul",
             FusedOp::Attention { .. } => "FusedAttention",
         }
@@ -235,9 +249,10 @@ impl FusedOp {
 
     pub fn act(&self) -> FusedAct {
         match self {
-            FusedOp::Conv { act, .. } | FusedOp::ConvNhwc { act, .. } | FusedOp::MatMul { act } => {
-                *act
-            }
+            FusedOp::Conv { act, .. }
+            | FusedOp::ConvNhwc { act, .. }
+            | FusedOp::PointwiseDepthwise { act, .. }
+            | FusedOp::MatMul { act } => *act,
             FusedOp::Attention { .. } => FusedAct::Identity,
         }
     }

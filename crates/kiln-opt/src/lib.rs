@@ -182,6 +182,7 @@ pub fn optimize(graph: &mut Graph, opts: &OptOptions) -> Result<OptReport, OptEr
             passes::channels_last::run,
             &mut report,
         );
+        run_pass(graph, &ctx, "pw-dw", passes::pw_dw::run, &mut report);
         run_pass(graph, &ctx, "dce", passes::dce::run, &mut report);
     }
     drop_stale_types(graph);

@@ -1017,7 +1017,12 @@ impl Epi<'_> {
     /// and positions `pos0..` (C row stride `out_n`): bias, residual and a
     /// Relu/Clip done in the GEMM's registers, plus whether an activation is
     /// left for a callback ([`Epi::act_only`]).
-    fn channel_rows_finish(&self, ni: usize, g0: usize, pos0: usize) -> (Finish<'_>, bool) {
+    pub(super) fn channel_rows_finish(
+        &self,
+        ni: usize,
+        g0: usize,
+        pos0: usize,
+    ) -> (Finish<'_>, bool) {
         let clamp = clamp_of(self.act);
         let finish = Finish {
             row_bias: self.bias.map(|b| &b[g0..]),

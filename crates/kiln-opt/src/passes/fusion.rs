@@ -242,7 +242,7 @@ fn plan_at(g: &Graph, ix: &Index, i: usize) -> Option<Plan> {
         FusedOp::Conv { act: a, .. }
         | FusedOp::ConvNhwc { act: a, .. }
         | FusedOp::MatMul { act: a } => *a = act,
-        FusedOp::Attention { .. } => return None,
+        FusedOp::Attention { .. } | FusedOp::PointwiseDepthwise { .. } => return None,
     }
     let bias = match bias {
         Some(b) if !b.is_empty() => {

@@ -12,3 +12,4 @@ pub mod dce;
 pub mod fusion;
 pub mod identity;
 pub mod norm;
+pub mod pw_dw;
