@@ -4,20 +4,22 @@
 //!
 //! Run apart, the expansion writes its output (for MobileNetV2's 16 -> 96 on
 //! 112x112, 4.8 MB per image; 38 MB at batch 8) and the depthwise conv reads
-//! it back, from L3 or memory. Here a task takes one image and a group of 6
-//! expanded channels (one row panel of the GEMM microkernel): the GEMM
-//! `W1[6, C] x X[C, HW]` writes those 6 planes, with the bias and Relu/Clip
-//! done in its registers, into a thread-local scratch that stays in L2
-//! (300 KB at 112x112), and the depthwise row kernel (`depthwise_rows`)
-//! reads them from there into Y. Nothing of the expansion reaches memory.
-//! X is read once per group, from L2 or L3.
+//! it back, from L3 or memory. Here a task takes one image and a band of
+//! output rows: it packs the band's input rows of X once, then per group of
+//! 6 expanded channels (one row panel of the GEMM microkernel) the GEMM
+//! `W1[6, C] x X[C, band]` writes those 6 channels' rows, with the bias and
+//! Relu/Clip done in its registers, into a thread-local scratch that stays
+//! in L1/L2, and the depthwise row kernel (`depthwise_rows`) reads them from
+//! there into Y. Nothing of the expansion reaches memory. The rows a band's
+//! window shares with the next one (1 at stride 2, 2 at stride 1) are
+//! computed by both.
 //!
 //! The reference is the two convs run apart.
 
 use super::conv::Epi;
 use super::depthwise::Plane2d;
 use crate::{invalid, Result};
-use kiln_gemm::{Lhs, MatRef, Rhs};
+use kiln_gemm::{Lhs, MatRef, PackedB, Rhs};
 use kiln_ir::{ConvAttrs, FusedAct, Tensor};
 use rayon::prelude::*;
 
@@ -58,9 +60,11 @@ pub(crate) fn applies(g: &Plane2d) -> bool {
 /// threads (Zen 5, 1 MB L2, 32 MB L3), apart against one kernel, in
 /// MobileNetV2: at batch 8, 16 -> 96 on 112x112 (38 MB) 2.64 -> 2.20-2.43
 /// ms. Where the expansion stays in the caches one kernel was no faster
-/// (batch 8, 24 -> 144 on 56x56: 1.37-1.38 both ways; 32 -> 192 on 28x28,
-/// 0.53-0.60 -> 0.54-0.59) or slower (batch 1, 16 -> 96 on 112x112, 0.23
-/// -> 0.29 ms: X is read again from L3 for each group of channels).
+/// or slower: batch 8, 24 -> 144 on 56x56, 1.37-1.38 ms both ways; batch 1
+/// (the pair alone in a model, with one kernel forced), 16 -> 96 on 112x112
+/// 0.29 apart against 0.30-0.32 ms, 24 -> 144 on 56x56 0.17 against 0.26,
+/// 32 -> 192 on 28x28 0.12 against 0.26 (thin bands there: the rows two
+/// bands share are computed twice, and the packed X is not amortized).
 fn pays(n: usize, m: usize, plane: usize) -> bool {
     let l3 = kiln_hw::cpu().caches.l3.unwrap_or(8 << 20);
     let expansion = n
@@ -166,7 +170,7 @@ pub(crate) fn pointwise_depthwise_f32(
 
 /// Y `[n, m, oh, ow]` from X `[n, c, ih, iw]`.
 pub(crate) fn run(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32]) {
-    run_in_bands(p, n, x, y, band_rows(p, &p.g))
+    run_in_bands(p, n, x, y, band_rows(n, p, &p.g))
 }
 
 /// [`run`] in tasks of `band` output rows (tests try every band).
@@ -203,14 +207,11 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
         out_n: ohw,
     };
     let band = band.clamp(1, g.oh.max(1));
-    let (bands, groups) = (g.oh.div_ceil(band), p.m.div_ceil(GROUP));
+    let bands = g.oh.div_ceil(band);
     let out = super::SharedOut(y.as_mut_ptr());
-    // Groups vary fastest: a thread's consecutive tasks read the same rows
-    // of X, from its L2.
-    (0..n * bands * groups).into_par_iter().for_each(|t| {
-        let (ni, rest) = (t / (bands * groups), t % (bands * groups));
-        let (o0, g0) = ((rest / groups) * band, (rest % groups) * GROUP);
-        let (o1, rows) = ((o0 + band).min(g.oh), GROUP.min(p.m - g0));
+    (0..n * bands).into_par_iter().for_each(|t| {
+        let (ni, o0) = (t / bands, (t % bands) * band);
+        let o1 = (o0 + band).min(g.oh);
         // The band's input rows, and its geometry as a plane of its own:
         // padding above only in the first band, below where the rows run
         // out (the row kernel reads rows past `ih` as zeros).
@@ -223,64 +224,69 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
             ..*g
         };
         let (sub_hw, sub_ohw) = (sub.ih * g.iw, sub.oh * g.ow);
+        // The band's X, packed once for all its channel groups: read in
+        // place, its C rows lie a plane apart, and the microkernel's loads
+        // from that many streams ran at half the packed rate.
+        let xi = &x[ni * p.c * hw + top * g.iw..(ni + 1) * p.c * hw];
+        let b = PackedB::new(MatRef::new(xi, p.c, sub_hw, hw, 1));
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() < rows * sub_hw {
-                s.resize(rows * sub_hw, 0.0);
+            if s.len() < GROUP * sub_hw {
+                s.resize(GROUP * sub_hw, 0.0);
             }
-            let planes = &mut s[..rows * sub_hw];
-            let a = MatRef::row_major(&p.w1[g0 * p.c..(g0 + rows) * p.c], rows, p.c);
-            let xi = &x[ni * p.c * hw + top * g.iw..(ni + 1) * p.c * hw];
-            let b = MatRef::new(xi, p.c, sub_hw, hw, 1);
-            let (finish, act_left) = epi1.channel_rows_finish(ni, g0, 0);
-            let act = |_row: usize, _col0: usize, vals: &mut [f32]| epi1.act_only(vals);
-            kiln_gemm::sgemm_fused(
-                1.0,
-                Lhs::Mat(a),
-                Rhs::Mat(b),
-                0.0,
-                planes,
-                sub_hw,
-                &finish,
-                if act_left { Some(&act) } else { None },
-            );
-            for j in 0..rows {
-                let ch = g0 + j;
-                // SAFETY: task t alone writes output rows o0..o1 of channels
-                // g0..g0 + rows of image ni, inside `y` (length asserted);
-                // `y` outlives the loop.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out.get().add((ni * p.m + ch) * ohw + o0 * g.ow),
-                        sub_ohw,
-                    )
-                };
-                super::depthwise_rows::plane(
-                    &sub,
-                    &planes[j * sub_hw..(j + 1) * sub_hw],
-                    &p.wd[ch * 9..(ch + 1) * 9],
-                    dst,
-                    // (No residual: the plane kernel's positions need not
-                    // be the band's.)
-                    &epi2,
-                    ni,
-                    ch,
+            for g0 in (0..p.m).step_by(GROUP) {
+                let rows = GROUP.min(p.m - g0);
+                let planes = &mut s[..rows * sub_hw];
+                let a = MatRef::row_major(&p.w1[g0 * p.c..(g0 + rows) * p.c], rows, p.c);
+                let (finish, act_left) = epi1.channel_rows_finish(ni, g0, 0);
+                let act = |_row: usize, _col0: usize, vals: &mut [f32]| epi1.act_only(vals);
+                kiln_gemm::sgemm_fused(
+                    1.0,
+                    Lhs::Mat(a),
+                    Rhs::Packed(&b),
+                    0.0,
+                    planes,
+                    sub_hw,
+                    &finish,
+                    if act_left { Some(&act) } else { None },
                 );
+                for j in 0..rows {
+                    let ch = g0 + j;
+                    // SAFETY: task t alone writes output rows o0..o1 of
+                    // image ni (every channel), inside `y` (length
+                    // asserted); `y` outlives the loop.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.get().add((ni * p.m + ch) * ohw + o0 * g.ow),
+                            sub_ohw,
+                        )
+                    };
+                    super::depthwise_rows::plane(
+                        &sub,
+                        &planes[j * sub_hw..(j + 1) * sub_hw],
+                        &p.wd[ch * 9..(ch + 1) * 9],
+                        dst,
+                        // (No residual: the plane kernel's positions need
+                        // not be the band's.)
+                        &epi2,
+                        ni,
+                        ch,
+                    );
+                }
             }
         })
     });
 }
 
-/// Output rows per task: as many as keep the band's rows of X (`c`
-/// channels) within a quarter of L2, and enough bands for 4 tasks per
-/// thread.
-fn band_rows(p: &PwDw<'_>, g: &Plane2d) -> usize {
+/// Output rows per task: as many as keep the band's packed X (`c`
+/// channels) within a quarter of L2, and enough bands over the batch for 4
+/// tasks per thread.
+fn band_rows(n: usize, p: &PwDw<'_>, g: &Plane2d) -> usize {
     let l2 = kiln_hw::cpu().caches.l2.unwrap_or(512 << 10);
-    let row_bytes = p.c.max(GROUP) * g.iw * std::mem::size_of::<f32>();
+    let row_bytes = p.c.max(1) * g.iw * std::mem::size_of::<f32>();
     let rows_in = (l2 / 4 / row_bytes.max(1)).max(g.kh);
     let by_cache = ((rows_in - g.kh) / g.sh + 1).max(1);
-    let groups = p.m.div_ceil(GROUP);
-    let want_bands = (4 * rayon::current_num_threads()).div_ceil(groups.max(1));
+    let want_bands = (4 * rayon::current_num_threads()).div_ceil(n.max(1));
     by_cache
         .min(g.oh.div_ceil(want_bands.max(1)))
         .clamp(1, g.oh.max(1))
