@@ -388,7 +388,7 @@ mod tests {
             };
             let mut got = vec![f32::NAN; n * m * oh * ow];
             run(&p, n, &f32s(&x), &mut got);
-            assert_close_in(&format!("case {ci}"), &got, &f32s(&want), 1e-4);
+            assert_close_in(format!("case {ci}"), &got, &f32s(&want), 1e-4);
             for band in 1..=oh {
                 got.fill(f32::NAN);
                 run_in_bands(&p, n, &f32s(&x), &mut got, band);
