@@ -141,6 +141,10 @@ pub(crate) fn pointwise_depthwise_f32(
             w1.shape()
         ));
     }
+    // No input channels: the expansion is its bias alone (the two convs).
+    if c == 0 {
+        return Ok(None);
+    }
     let Some(g) = one_kernel_plan(&[n, c, h, w], m, dw, wd.shape())? else {
         return Ok(None);
     };
@@ -179,6 +183,7 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
     let (hw, ohw) = (g.ih * g.iw, g.oh * g.ow);
     assert!(
         applies(g)
+            && p.c > 0
             && x.len() == n * p.c * hw
             && y.len() == n * p.m * ohw
             && p.w1.len() == p.m * p.c
@@ -189,7 +194,7 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
         p.c,
         p.m
     );
-    if y.is_empty() || p.c == 0 {
+    if y.is_empty() {
         return;
     }
     let epi1 = Epi {
@@ -215,8 +220,13 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
         // The band's input rows, and its geometry as a plane of its own:
         // padding above only in the first band, below where the rows run
         // out (the row kernel reads rows past `ih` as zeros).
-        let top = (o0 * g.sh).saturating_sub(g.ph);
-        let bottom = ((o1 - 1) * g.sh + g.kh).saturating_sub(g.ph).min(g.ih);
+        // (A band past the input's last row, under a bottom pad wider than
+        // the window, reads only padding: no rows.)
+        let top = (o0 * g.sh).saturating_sub(g.ph).min(g.ih);
+        let bottom = ((o1 - 1) * g.sh + g.kh)
+            .saturating_sub(g.ph)
+            .min(g.ih)
+            .max(top);
         let sub = Plane2d {
             ih: bottom - top,
             ph: g.ph.saturating_sub(o0 * g.sh),
@@ -229,11 +239,14 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
         // from that many streams ran at half the packed rate.
         let xi = &x[ni * p.c * hw + top * g.iw..(ni + 1) * p.c * hw];
         let b = PackedB::new(MatRef::new(xi, p.c, sub_hw, hw, 1));
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < GROUP * sub_hw {
-                s.resize(GROUP * sub_hw, 0.0);
-            }
+        // Taken out of the thread-local for the task, not borrowed: a GEMM
+        // big enough to run in parallel lets rayon start another band task
+        // on this thread while this one waits.
+        let mut s = SCRATCH.with(|c| c.take());
+        if s.len() < GROUP * sub_hw {
+            s.resize(GROUP * sub_hw, 0.0);
+        }
+        {
             for g0 in (0..p.m).step_by(GROUP) {
                 let rows = GROUP.min(p.m - g0);
                 let planes = &mut s[..rows * sub_hw];
@@ -274,7 +287,8 @@ fn run_in_bands(p: &PwDw<'_>, n: usize, x: &[f32], y: &mut [f32], band: usize) {
                     );
                 }
             }
-        })
+        }
+        SCRATCH.with(|c| c.replace(s));
     });
 }
 
@@ -324,23 +338,29 @@ mod tests {
             return;
         }
         let clip = FusedAct::Clip { min: 0.0, max: 6.0 };
+        let (id, relu, hs) = (FusedAct::Identity, FusedAct::Relu, FusedAct::HardSwish);
+        // (N, C, M, H, W, stride, pad begin, pad end, acts): channel counts
+        // that leave a partial group (a last group of one runs the GEMM's
+        // one-row path), TF-style stride-2 padding (0 before, 1 after), a
+        // pad past the window at the end (bands wholly in it read no rows),
+        // and a band GEMM big enough to run in parallel (its wait may start
+        // another band on the same thread).
         let cases = [
-            (1, 16, 96, 20, 20, 2, clip, clip),
-            (2, 24, 144, 15, 17, 1, clip, FusedAct::Identity),
-            (1, 8, 10, 9, 30, 2, FusedAct::Relu, FusedAct::Relu),
-            (1, 5, 7, 8, 8, 1, FusedAct::Identity, clip),
-            (
-                3,
-                32,
-                12,
-                28,
-                28,
-                1,
-                FusedAct::HardSwish,
-                FusedAct::HardSwish,
-            ),
+            (1, 16, 96, 20, 20, 2, 1, 1, clip, clip),
+            (2, 24, 144, 15, 17, 1, 1, 1, clip, id),
+            (1, 8, 10, 9, 30, 2, 1, 1, relu, relu),
+            (1, 5, 7, 8, 8, 1, 1, 1, id, clip),
+            (3, 32, 12, 28, 28, 1, 1, 1, hs, hs),
+            (1, 6, 13, 16, 18, 2, 0, 1, relu, clip),
+            (1, 4, 8, 8, 10, 1, 1, 5, clip, relu),
+            (2, 3, 9, 7, 12, 2, 2, 6, id, id),
+            (2, 64, 7, 64, 64, 1, 1, 1, relu, id),
         ];
-        for (ci, &(n, c, m, h, w, s, act1, act2)) in cases.iter().enumerate() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a test pool");
+        for (ci, &(n, c, m, h, w, s, pb, pe, act1, act2)) in cases.iter().enumerate() {
             let x = tensor(&[n, c, h, w], ci as u64 + 1);
             let w1 = tensor(&[m, c, 1, 1], ci as u64 + 11);
             let b1 = tensor(&[m], ci as u64 + 21);
@@ -351,7 +371,10 @@ mod tests {
                 act: act1,
             };
             let dw = FusedOp::Conv {
-                conv: conv_attrs(3, s, 1, m),
+                conv: ConvAttrs {
+                    pads: vec![pb, pb, pe, pe],
+                    ..conv_attrs(3, s, 0, m)
+                },
                 act: act2,
             };
             let mid = fused::run_reference(&pw, &[Some(&x), Some(&w1), Some(&b1)])
@@ -368,8 +391,8 @@ mod tests {
                 sw: s,
                 dh: 1,
                 dw: 1,
-                ph: 1,
-                pw: 1,
+                ph: pb,
+                pw: pb,
                 oh,
                 ow,
             };
@@ -387,11 +410,11 @@ mod tests {
                 g,
             };
             let mut got = vec![f32::NAN; n * m * oh * ow];
-            run(&p, n, &f32s(&x), &mut got);
+            pool.install(|| run(&p, n, &f32s(&x), &mut got));
             assert_close_in(format!("case {ci}"), &got, &f32s(&want), 1e-4);
             for band in 1..=oh {
                 got.fill(f32::NAN);
-                run_in_bands(&p, n, &f32s(&x), &mut got, band);
+                pool.install(|| run_in_bands(&p, n, &f32s(&x), &mut got, band));
                 assert_close_in(
                     format!("case {ci}, bands of {band} rows"),
                     &got,

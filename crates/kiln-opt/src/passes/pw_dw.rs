@@ -102,16 +102,19 @@ fn plan_at(g: &Graph, ix: &Index, i: usize, takes: Takes) -> Option<Plan> {
         return None;
     }
     let (m, c) = (w1[0], xs[1].known()?);
-    let ones = |v: &[usize]| v.iter().all(|&d| d == 1);
+    // Each attribute absent or of the conv's rank (a wrong length is an
+    // error the Conv itself must still report), and the identity.
+    let ones = |v: &[usize]| (v.is_empty() || v.len() == 2) && v.iter().all(|&d| d == 1);
     let pointwise = pw_conv.group == 1
         && w1[1] == c
         && w1[2] == 1
         && w1[3] == 1
         && ones(&pw_conv.strides)
         && ones(&pw_conv.dilations)
+        && ones(&pw_conv.kernel_shape)
+        && (pw_conv.pads.is_empty() || pw_conv.pads.len() == 4)
         && pw_conv.pads.iter().all(|&p| p == 0)
-        && matches!(pw_conv.auto_pad, AutoPad::NotSet | AutoPad::Valid)
-        && (pw_conv.kernel_shape.is_empty() || ones(&pw_conv.kernel_shape));
+        && matches!(pw_conv.auto_pad, AutoPad::NotSet | AutoPad::Valid);
     let depthwise = m > 0 && dw_conv.group == m && wd[0] == m && wd[1] == 1;
     if !pointwise || !depthwise || !bias_ok(g, pw, m) || !bias_ok(g, dw, m) {
         return None;
@@ -235,11 +238,21 @@ mod tests {
             ty: kiln_ir::ValueType::new(DType::F32, None),
         });
         assert_eq!(check_pass(&g, run_all).1, 0);
-        // A strided or padded "pointwise" conv, a grouped (not depthwise)
-        // second conv, a residual on the expansion.
+        // A strided or padded "pointwise" conv, one padded SAME, one whose
+        // strides have the wrong length (the Conv's error must stay), a
+        // grouped (not depthwise) second conv, a residual on the expansion.
+        let same = ConvAttrs {
+            auto_pad: AutoPad::SameUpper,
+            ..conv(1, 1, 1, 0)
+        };
+        let bad_strides = ConvAttrs {
+            strides: vec![1],
+            ..conv(1, 1, 1, 0)
+        };
         for (pw, dw, residual) in [
             (conv(1, 1, 2, 0), conv(48, 3, 1, 1), false),
             (conv(1, 1, 1, 1), conv(48, 3, 1, 1), false),
+            (same, conv(48, 3, 1, 1), false),
             (conv(1, 1, 1, 0), conv(24, 3, 1, 1), false),
             (conv(1, 1, 1, 0), conv(48, 3, 1, 1), true),
         ] {
@@ -259,6 +272,25 @@ mod tests {
             let g = b.finish();
             assert_eq!(check_pass(&g, run_all).1, 0);
         }
+        // (Not run: the original graph is invalid.)
+        let mut b = Builder::new();
+        b.input("x", DType::F32, &[1, 48, 12, 12]);
+        let we = b.init_rand("we", &[48, 48, 1, 1], -0.5, 0.5);
+        let wd = b.init_rand("wd", &[48, 1, 3, 3], -0.5, 0.5);
+        b.node(fused(bad_strides, CLIP), &["x", &we], &["e"]);
+        b.node(fused(conv(48, 3, 1, 1), CLIP), &["e", &wd], &["y"]);
+        b.output("y", DType::F32);
+        // (Not inferred: inference rejects the strides.)
+        let mut g = b.g;
+        g.value_types.insert(
+            "e".into(),
+            kiln_ir::ValueType::new(
+                DType::F32,
+                Some([1, 48, 12, 12].iter().map(|&d| Dim::Known(d)).collect()),
+            ),
+        );
+        let ctx = crate::test_util::ctx_for(&g);
+        assert_eq!(run_all(&mut g, &ctx), 0);
     }
 
     /// `run` fuses exactly the pairs the CPU backend runs as one kernel:
