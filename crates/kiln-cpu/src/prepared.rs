@@ -1066,7 +1066,6 @@ mod tests {
 
     /// The strategy the tuned slot holds after a run (the heuristics' own
     /// when it kept `packed`).
-
     fn tuned_strategy(p: &PreparedOp) -> &'static str {
         match &p.kind {
             Kind::Conv { tuned, packed, .. } => match tuned.as_ref().and_then(|t| t.done.get()) {
