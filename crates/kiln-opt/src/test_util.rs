@@ -3,9 +3,33 @@
 //! graph still validates, re-infers and computes the same outputs.
 
 use crate::PassCtx;
-use kiln_ir::{DType, Dim, Graph, Node, Op, Tensor, ValueInfo, ValueType};
+use kiln_ir::{
+    AutoPad, ConvAttrs, DType, Dim, FusedAct, FusedOp, Graph, Node, Op, Tensor, ValueInfo,
+    ValueType,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+/// A 2-D conv's attributes: a square `k` window, the same stride, padding
+/// and dilation on both axes.
+pub fn conv2d(group: usize, k: usize, stride: usize, pad: usize, dil: usize) -> ConvAttrs {
+    ConvAttrs {
+        auto_pad: AutoPad::NotSet,
+        dilations: vec![dil, dil],
+        group,
+        kernel_shape: vec![k, k],
+        pads: vec![pad; 4],
+        strides: vec![stride, stride],
+    }
+}
+
+/// `FusedOp::Conv` with these attributes and activation.
+pub fn fused_conv(conv: ConvAttrs, act: FusedAct) -> Op {
+    Op::Fused(FusedOp::Conv { conv, act })
+}
+
+/// Relu6, as MobileNets write it: Clip to [0, 6].
+pub const RELU6: FusedAct = FusedAct::Clip { min: 0.0, max: 6.0 };
 
 pub struct Builder {
     pub g: Graph,

@@ -383,24 +383,8 @@ fn transposed_weight(g: &mut Graph, w: &str, in_place: bool) -> String {
 mod tests {
     use super::*;
     use crate::test_util::*;
+    use crate::test_util::{conv2d as conv, fused_conv as fused, RELU6 as CLIP};
     use kiln_ir::Op;
-
-    fn conv(group: usize, k: usize, stride: usize, pad: usize, dil: usize) -> ConvAttrs {
-        ConvAttrs {
-            auto_pad: AutoPad::NotSet,
-            dilations: vec![dil, dil],
-            group,
-            kernel_shape: vec![k, k],
-            pads: vec![pad; 4],
-            strides: vec![stride, stride],
-        }
-    }
-
-    fn fused(c: ConvAttrs, act: FusedAct) -> Op {
-        Op::Fused(FusedOp::Conv { conv: c, act })
-    }
-
-    const CLIP: FusedAct = FusedAct::Clip { min: 0.0, max: 6.0 };
 
     /// `blocks` MobileNetV2 blocks on `[2, 16, hw, hw]`: a fused 1x1 expand
     /// to 32 channels with Clip, a fused 3x3 depthwise (stride 1, or the

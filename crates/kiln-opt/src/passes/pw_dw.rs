@@ -146,7 +146,7 @@ fn plan_at(g: &Graph, ix: &Index, i: usize, takes: Takes) -> Option<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{check_pass, count_op, Builder};
+    use crate::test_util::{check_pass, count_op, fused_conv as fused, Builder, RELU6 as CLIP};
 
     /// The pass fusing every pair it can prove safe.
     fn run_all(g: &mut Graph, _ctx: &PassCtx) -> usize {
@@ -154,21 +154,8 @@ mod tests {
     }
 
     fn conv(group: usize, k: usize, stride: usize, pad: usize) -> ConvAttrs {
-        ConvAttrs {
-            auto_pad: AutoPad::NotSet,
-            dilations: vec![1, 1],
-            group,
-            kernel_shape: vec![k, k],
-            pads: vec![pad; 4],
-            strides: vec![stride, stride],
-        }
+        crate::test_util::conv2d(group, k, stride, pad, 1)
     }
-
-    fn fused(c: ConvAttrs, act: FusedAct) -> Op {
-        Op::Fused(FusedOp::Conv { conv: c, act })
-    }
-
-    const CLIP: FusedAct = FusedAct::Clip { min: 0.0, max: 6.0 };
 
     /// MobileNetV2 blocks on `[2, 16, hw, hw]`: a 1x1 expansion to 48
     /// channels with `act`, a 3x3 depthwise conv (the given stride in the
@@ -293,59 +280,41 @@ mod tests {
         assert_eq!(run_all(&mut g, &ctx), 0);
     }
 
-    /// `run` fuses exactly the pairs the CPU backend runs as one kernel:
-    /// on small planes none; on a MobileNetV2 stem block at batch 8 (a 38
-    /// MB expansion) the pair, where the CPU has AVX-512.
+    /// `run` fuses exactly the pairs the CPU backend may run as one kernel:
+    /// none on small planes at a known batch.
     #[test]
     fn fuses_what_the_backend_runs_as_one_kernel() {
         let g = blocks(20, 2, 1, CLIP);
         assert_eq!(check_pass(&g, run).1, 0);
-        let mut b = Builder::new();
-        b.input("x", DType::F32, &[8, 16, 112, 112]);
-        let we = b.init_rand("we", &[96, 16, 1, 1], -0.5, 0.5);
-        let wd = b.init_rand("wd", &[96, 1, 3, 3], -0.5, 0.5);
-        b.node(fused(conv(1, 1, 1, 0), CLIP), &["x", &we], &["e"]);
-        b.node(fused(conv(96, 3, 2, 1), CLIP), &["e", &wd], &["y"]);
-        b.output("y", DType::F32);
-        let g = b.finish();
-        let takes = kiln_cpu::fused::pointwise_depthwise_one_kernel(
-            Some(8),
-            [16, 112, 112],
-            96,
-            &conv(96, 3, 2, 1),
-            &[96, 1, 3, 3],
-        );
-        let (after, n) = check_pass(&g, run);
-        assert_eq!(n, takes as usize);
-        assert_eq!(count_op(&after, "FusedPointwiseDepthwise"), takes as usize);
-        if !takes {
-            eprintln!("this CPU runs the pair apart (no AVX-512 or a big L3): nothing fused");
+        // A MobileNetV2 stem block at batch 8 (a 38 MB expansion); and a
+        // batch known only at run time, fused wherever the kernel takes the
+        // pair's window (the backend picks per run), on 20x20 too.
+        for (batch, c, m, hw, stride) in [(Some(8), 16, 96, 112, 2), (None, 16, 48, 20, 1)] {
+            let mut b = Builder::new();
+            let n = batch.map_or(Dim::Named("N".into()), Dim::Known);
+            let dims = vec![n, Dim::Known(c), Dim::Known(hw), Dim::Known(hw)];
+            b.input_dims("x", DType::F32, dims);
+            let we = b.init_rand("we", &[m, c, 1, 1], -0.5, 0.5);
+            let wd = b.init_rand("wd", &[m, 1, 3, 3], -0.5, 0.5);
+            b.node(fused(conv(1, 1, 1, 0), CLIP), &["x", &we], &["e"]);
+            b.node(fused(conv(m, 3, stride, 1), CLIP), &["e", &wd], &["y"]);
+            b.output("y", DType::F32);
+            let g = b.finish();
+            let takes = kiln_cpu::fused::pointwise_depthwise_one_kernel(
+                batch,
+                [c, hw, hw],
+                m,
+                &conv(m, 3, stride, 1),
+                &[m, 1, 3, 3],
+            );
+            let (after, fused_pairs) = check_pass(&g, run);
+            assert_eq!(fused_pairs, takes as usize, "batch {batch:?}");
+            assert_eq!(count_op(&after, "FusedPointwiseDepthwise"), takes as usize);
+            if !takes {
+                eprintln!(
+                    "batch {batch:?}: this CPU runs the pair apart (no AVX-512, or a big L3)"
+                );
+            }
         }
-        // A batch known only at run time: fused wherever the kernel takes
-        // the pair's window (the backend picks per run); on 20x20 too.
-        let mut b = Builder::new();
-        let dims = vec![
-            Dim::Named("N".into()),
-            Dim::Known(16),
-            Dim::Known(20),
-            Dim::Known(20),
-        ];
-        b.input_dims("x", DType::F32, dims);
-        let we = b.init_rand("we", &[48, 16, 1, 1], -0.5, 0.5);
-        let wd = b.init_rand("wd", &[48, 1, 3, 3], -0.5, 0.5);
-        b.node(fused(conv(1, 1, 1, 0), CLIP), &["x", &we], &["e"]);
-        b.node(fused(conv(48, 3, 1, 1), CLIP), &["e", &wd], &["y"]);
-        b.output("y", DType::F32);
-        let g = b.finish();
-        let takes = kiln_cpu::fused::pointwise_depthwise_one_kernel(
-            None,
-            [16, 20, 20],
-            48,
-            &conv(48, 3, 1, 1),
-            &[48, 1, 3, 3],
-        );
-        let (after, n) = check_pass(&g, run);
-        assert_eq!(n, takes as usize);
-        assert_eq!(count_op(&after, "FusedPointwiseDepthwise"), takes as usize);
     }
 }
