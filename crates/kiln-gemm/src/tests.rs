@@ -965,3 +965,26 @@ fn gathered_a_out_of_bounds_panics() {
         None,
     );
 }
+
+/// Products with a few column panels that fall in uneven blocks (the 9
+/// panels of a 14x14 MobileNetV2 expansion, 196 x 96 x 576), which the
+/// driver cuts one panel per block on 2 threads: every tile still written
+/// once, with and without the epilogue.
+#[test]
+fn few_uneven_column_panels_match_reference() {
+    let kernel = kernels::selected();
+    let p = pool(2);
+    for (case, &(m, k, n)) in [
+        (196, 96, 576),
+        (49, 576, 160),
+        (392, 960, 320),
+        (100, 64, 300),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let layouts = (LAYOUTS[case % 2], LAYOUTS[0]);
+        let epi = case % 2 == 0;
+        p.install(|| check_case(kernel, (m, k, n), layouts, 1.0, 0.0, n, epi, case as u64));
+    }
+}
