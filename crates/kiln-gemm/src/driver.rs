@@ -361,7 +361,7 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
             }
         }
     }
-    let (mut nb, mut mb) = (nb.clamp(1, np), mb.clamp(1, mp));
+    let (mut nb, mb) = (nb.clamp(1, np), mb.clamp(1, mp));
     // A few column panels in uneven blocks (9 in 4: 3, 2, 2, 2) leave one
     // thread a block more at the end: one panel per block instead, with
     // rows cut as before, so every task is the same size. (MobileNetV2's
@@ -370,7 +370,6 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
     // YOLOv8n unchanged.)
     if parallel && nb > 1 && !np.is_multiple_of(nb) && np <= 16 && mb > 1 {
         nb = np;
-        mb = mb.min(mp);
     }
     // Streaming stores skip the cache, so only an output the general
     // epilogue does not read back right away streams; and only on a kernel
