@@ -104,13 +104,13 @@ enum Kind {
     /// tuned on its first run; `None` for the few-channel ones the direct
     /// kernel runs unpacked), for runs the one kernel does not take; and
     /// the pointwise weights as given, for runs it does and that direct
-    /// kernel.
+    /// kernel. The two convs' ops are built here once; the one kernel's
+    /// attributes are the node's own (`PreparedOp::op`).
     PointwiseDepthwise {
         w1: Tensor,
         pw: Option<Box<PreparedOp>>,
-        pw_act: FusedAct,
-        dw: ConvAttrs,
-        act: FusedAct,
+        pointwise: FusedOp,
+        depthwise: FusedOp,
     },
 }
 
@@ -159,21 +159,23 @@ pub fn prepare(
         Op::Fused(FusedOp::MatMul { act }) => prepare_matmul(Some(*act), f32_const(1)?)?,
         Op::Fused(FusedOp::PointwiseDepthwise { pw_act, dw, act }) => {
             let w1 = f32_const(1)?;
-            let pw_op = Op::Fused(FusedOp::Conv {
+            let pointwise = FusedOp::Conv {
                 conv: fused::pointwise_attrs(w1.rank().checked_sub(2)?),
                 act: *pw_act,
-            });
+            };
             let pw = prepare(
-                &pw_op,
+                &Op::Fused(pointwise.clone()),
                 &[None, Some(w1), constants.get(2).copied().flatten()],
                 None,
             );
             Kind::PointwiseDepthwise {
                 w1: w1.clone(),
                 pw: pw.map(Box::new),
-                pw_act: *pw_act,
-                dw: dw.clone(),
-                act: *act,
+                pointwise,
+                depthwise: FusedOp::Conv {
+                    conv: dw.clone(),
+                    act: *act,
+                },
             }
         }
         Op::Gemm {
@@ -793,14 +795,17 @@ impl PreparedOp {
             Kind::PointwiseDepthwise {
                 w1,
                 pw,
-                pw_act,
-                dw,
-                act,
+                pointwise,
+                depthwise,
             } => {
                 let (xt, wd) = (x(0, "X")?, x(3, "Wd")?);
                 #[cfg(target_arch = "x86_64")]
-                let one =
-                    nn::pointwise_depthwise_f32(*pw_act, dw, *act, xt, w1, opt(2), wd, opt(4))?;
+                let one = match &self.op {
+                    Op::Fused(FusedOp::PointwiseDepthwise { pw_act, dw, act }) => {
+                        nn::pointwise_depthwise_f32(*pw_act, dw, *act, xt, w1, opt(2), wd, opt(4))?
+                    }
+                    _ => None,
+                };
                 #[cfg(not(target_arch = "x86_64"))]
                 let one: Option<Tensor> = None;
                 match one {
@@ -808,21 +813,11 @@ impl PreparedOp {
                     None => {
                         let mid = match pw {
                             Some(pw) => pw.run(&[Some(xt), None, opt(2)], 1)?.pop(),
-                            None => {
-                                let pointwise = FusedOp::Conv {
-                                    conv: fused::pointwise_attrs(w1.rank().saturating_sub(2)),
-                                    act: *pw_act,
-                                };
-                                Some(fused::run(&pointwise, &[Some(xt), Some(w1), opt(2)])?)
-                            }
+                            None => Some(fused::run(pointwise, &[Some(xt), Some(w1), opt(2)])?),
                         };
                         let mid = mid
                             .ok_or_else(|| invalid!("{name}: the pointwise conv gave no output"))?;
-                        let depthwise = FusedOp::Conv {
-                            conv: dw.clone(),
-                            act: *act,
-                        };
-                        let y = fused::run(&depthwise, &[Some(&mid), Some(wd), opt(4)]);
+                        let y = fused::run(depthwise, &[Some(&mid), Some(wd), opt(4)]);
                         crate::buffers::recycle_tensor(mid);
                         y?
                     }
