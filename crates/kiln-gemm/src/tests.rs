@@ -988,3 +988,48 @@ fn few_uneven_column_panels_match_reference() {
         p.install(|| check_case(kernel, (m, k, n), layouts, 1.0, 0.0, n, epi, case as u64));
     }
 }
+
+/// A transposed view packed into B panels (16 x 16 blocks in registers on
+/// AVX-512, the rest element by element) lands where the plain definition
+/// puts it: every column count and depth around the block size, a
+/// panel start past column 0, and column strides beyond the depth.
+#[test]
+fn transposed_b_panels_pack_like_the_definition() {
+    for &(k, cols, nr, j0, extra) in &[
+        (64, 64, 64, 0, 0),
+        (64, 128, 64, 64, 704),
+        (16, 16, 16, 0, 0),
+        (17, 33, 64, 0, 3),
+        (15, 70, 64, 0, 1),
+        (33, 100, 64, 48, 5),
+        (1, 5, 16, 2, 0),
+        (48, 31, 16, 16, 9),
+    ] {
+        let cs = k + extra;
+        let n = j0 + cols;
+        // Column c's k values at c * cs (row stride 1), NaN in the gaps.
+        let mut store = vec![f32::NAN; n * cs];
+        for c in 0..n {
+            for p in 0..k {
+                store[c * cs + p] = (c * 1000 + p) as f32;
+            }
+        }
+        let b = MatRef::new(&store, k, n, 1, cs);
+        let mut got = vec![-1.0f32; nr * k];
+        crate::pack::pack_b_panel(b, j0, nr, &mut got);
+        for p in 0..k {
+            for c in 0..nr {
+                let want = if j0 + c < n {
+                    ((j0 + c) * 1000 + p) as f32
+                } else {
+                    0.0
+                };
+                assert_eq!(
+                    got[p * nr + c],
+                    want,
+                    "k {k} cols {cols} nr {nr} j0 {j0}: ({p}, {c})"
+                );
+            }
+        }
+    }
+}
