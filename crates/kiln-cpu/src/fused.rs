@@ -908,7 +908,7 @@ mod tests {
 
     /// Attention cases: (Q, Kt, V shapes, mask shape). Row counts that do and
     /// do not divide into blocks, one key, long keys (blocks of 8 rows), more
-    /// heads than threads, rank 2 and 3.
+    /// heads than threads, rank 2 and 3, blocks of hundreds of rows.
     fn attention_shapes() -> Vec<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>)> {
         vec![
             (
@@ -943,6 +943,15 @@ mod tests {
             ),
             (vec![3, 6, 4], vec![3, 4, 6], vec![3, 6, 2], vec![3, 6, 6]),
             (vec![40, 12], vec![12, 40], vec![40, 12], vec![40, 1]),
+            // Few keys and many query rows: blocks of more rows than the
+            // kernel keeps the row sums of on the stack (256), on up to 64
+            // pool threads.
+            (
+                vec![1, 1, 20000, 4],
+                vec![1, 1, 4, 6],
+                vec![1, 1, 6, 5],
+                vec![1, 1, 1, 6],
+            ),
         ]
     }
 

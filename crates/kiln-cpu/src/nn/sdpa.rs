@@ -14,7 +14,6 @@
 //! order. `fused::run_reference` composes the unfused ops and is the test
 //! reference.
 
-use super::norm::softmax_row;
 use crate::{invalid, Result};
 use kiln_gemm::{sgemm, Lhs, MatRef, Rhs};
 use kiln_ir::{AttnLayout, AttnMask, AttnScale, Tensor, TensorData};
@@ -158,10 +157,14 @@ pub(crate) fn attention_f32(
             let o = unsafe { std::slice::from_raw_parts_mut(optr.get().add(o0), n * e) };
             block(qb, kb, vb, (n, d, t, e), alpha, &prep, o);
         } else {
-            let mut o = vec![0f32; n * e];
-            block(qb, kb, vb, (n, d, t, e), alpha, &prep, &mut o);
+            // Every float of the block's rows is written by `block`.
+            let mut o = OUT_ROWS.with(|c| c.take());
+            if o.len() < n * e {
+                o.resize(n * e, 0.0);
+            }
+            block(qb, kb, vb, (n, d, t, e), alpha, &prep, &mut o[..n * e]);
             assert!(n == 0 || o0 + (n - 1) * o_row + e <= out_len);
-            for (i, row) in o.chunks_exact(e.max(1)).enumerate() {
+            for (i, row) in o[..n * e].chunks_exact(e.max(1)).enumerate() {
                 // SAFETY: row i0 + i of head b lies at o0 + i * o_row, e
                 // contiguous floats inside `out` (asserted); no other task
                 // writes that row, and `out` outlives the loop.
@@ -169,6 +172,7 @@ pub(crate) fn attention_f32(
                     std::ptr::copy_nonoverlapping(row.as_ptr(), optr.get().add(o0 + i * o_row), e)
                 };
             }
+            OUT_ROWS.with(|c| c.replace(o));
         }
     });
     Ok(Some(crate::util::tensor(
@@ -274,8 +278,23 @@ impl Prep<'_> {
     }
 }
 
+thread_local! {
+    /// A task's output rows, where the output's rows are not contiguous
+    /// (taken out and put back like `SCORES`).
+    static OUT_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's scores. Taken out for the task and put back after, not
+    /// borrowed across it: the GEMMs may run nested parallel work, and a
+    /// block this thread steals meanwhile then takes a fresh buffer.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One block of `n` query rows: `out = softmax(prep(alpha Q_blk · Kt)) · V`,
 /// where `prep` scales and masks the scores of each block row in place.
+///
+/// The softmax's division by each row's sum is applied to the row's `e`
+/// outputs after the `P · V` product instead of to its `t` probabilities
+/// before it (`(p / s) · V` as `(p · V) / s`: a rounding apart, and half
+/// the work where `t = 2e`, as in BERT's 128 keys of 64-wide heads).
 #[allow(clippy::too_many_arguments)]
 fn block(
     q: MatRef<'_>,
@@ -286,34 +305,60 @@ fn block(
     prep: &Prep<'_>,
     out: &mut [f32],
 ) {
-    // A fresh buffer per task: the GEMMs below may run nested parallel work,
-    // and a thread that steals another block meanwhile must not share it.
     if t == 0 {
         // Softmax over no keys leaves nothing to weigh: P · V is empty sums.
         out.fill(0.0);
         return;
     }
     // (With d == 0 the GEMM writes zeros: beta is 0 and the sums are empty.)
-    let mut scores = vec![0f32; n * t];
-    sgemm(alpha, Lhs::Mat(q), Rhs::Mat(kt), 0.0, &mut scores, t, None);
-    let mut tmp = Vec::new();
-    for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-        crate::fastmath::simd(
+    let mut scores = SCORES.with(|c| c.take());
+    // Every score is written by the GEMM (beta 0) before it is read; the
+    // zeros are only there on growth.
+    if scores.len() < n * t {
+        scores.resize(n * t, 0.0);
+    }
+    let sc = &mut scores[..n * t];
+    sgemm(alpha, Lhs::Mat(q), Rhs::Mat(kt), 0.0, sc, t, None);
+    let mut inv_sums = [0f32; MAX_ROWS_ON_STACK];
+    let mut inv_heap = Vec::new();
+    let inv: &mut [f32] = if n <= MAX_ROWS_ON_STACK {
+        &mut inv_sums[..n]
+    } else {
+        inv_heap.resize(n, 0.0);
+        &mut inv_heap
+    };
+    for (i, row) in sc.chunks_exact_mut(t).enumerate() {
+        let max = crate::fastmath::simd(
             #[inline(always)]
-            || prep.apply(i, row),
+            || {
+                prep.apply(i, row);
+                crate::fastmath::max_of(row)
+            },
         );
-        softmax_row(row, false, &mut tmp);
+        inv[i] = 1.0 / crate::fastmath::exp_shift_sum(row, max);
     }
     sgemm(
         1.0,
-        Lhs::Mat(MatRef::row_major(&scores, n, t)),
+        Lhs::Mat(MatRef::row_major(sc, n, t)),
         Rhs::Mat(v),
         0.0,
         out,
         e,
         None,
     );
+    crate::fastmath::simd(
+        #[inline(always)]
+        || {
+            for (row, &s) in out.chunks_exact_mut(e.max(1)).zip(inv.iter()) {
+                row.iter_mut().for_each(|x| *x *= s);
+            }
+        },
+    );
+    SCORES.with(|c| c.replace(scores));
 }
+
+/// Rows of a block whose inverse sums live on the stack.
+const MAX_ROWS_ON_STACK: usize = 256;
 
 enum MaskVals<'a> {
     Add(&'a [f32]),
