@@ -234,12 +234,47 @@ fn take_along_axis<T: Clone>(
     out
 }
 
+/// A copy of `d`, f32 data in a recycled buffer. (The runtime moves a
+/// relabelled input into its output where this was its last reader; a copy
+/// is left where another reader keeps it, as GPT-2's keys and values,
+/// which are graph outputs too: fresh buffers page-faulted on every run.)
+fn copy_data(d: &TensorData) -> TensorData {
+    match d {
+        TensorData::F32(v) => {
+            let mut out = crate::buffers::take_f32(v.len());
+            out.copy_from_slice(v);
+            TensorData::F32(out)
+        }
+        d => d.clone(),
+    }
+}
+
+/// [`take_along_axis`] into `out` (`outer * len * inner` values).
+fn copy_along_axis<T: Copy>(
+    src: &[T],
+    outer: usize,
+    dim: usize,
+    inner: usize,
+    off: usize,
+    len: usize,
+    out: &mut [T],
+) {
+    let run = len * inner;
+    if run == 0 {
+        return;
+    }
+    for (o, dst) in out.chunks_exact_mut(run).enumerate().take(outer) {
+        let start = (o * dim + off) * inner;
+        dst.copy_from_slice(&src[start..start + run]);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Reshape, Flatten, Squeeze, Unsqueeze: new shape, same buffer.
 // ---------------------------------------------------------------------------
 
 pub fn reshape(x: &Tensor, s: &Tensor, allowzero: bool) -> Result<Tensor> {
-    tensor(reshape_shape(x, s, allowzero)?, x.data().clone())
+    tensor(reshape_shape(x, s, allowzero)?, copy_data(x.data()))
 }
 
 /// The output shape of Reshape (every check included, nothing copied).
@@ -307,7 +342,7 @@ pub(crate) fn reshape_shape(x: &Tensor, s: &Tensor, allowzero: bool) -> Result<V
 }
 
 pub fn flatten(x: &Tensor, axis: i64) -> Result<Tensor> {
-    tensor(flatten_shape(x, axis)?, x.data().clone())
+    tensor(flatten_shape(x, axis)?, copy_data(x.data()))
 }
 
 /// The output shape of Flatten.
@@ -326,7 +361,7 @@ pub(crate) fn flatten_shape(x: &Tensor, axis: i64) -> Result<Vec<usize>> {
 }
 
 pub fn squeeze(x: &Tensor, axes: Option<&Tensor>) -> Result<Tensor> {
-    tensor(squeeze_shape(x, axes)?, x.data().clone())
+    tensor(squeeze_shape(x, axes)?, copy_data(x.data()))
 }
 
 /// The output shape of Squeeze.
@@ -359,7 +394,7 @@ pub(crate) fn squeeze_shape(x: &Tensor, axes: Option<&Tensor>) -> Result<Vec<usi
 }
 
 pub fn unsqueeze(x: &Tensor, axes: &Tensor) -> Result<Tensor> {
-    tensor(unsqueeze_shape(x, axes)?, x.data().clone())
+    tensor(unsqueeze_shape(x, axes)?, copy_data(x.data()))
 }
 
 /// The output shape of Unsqueeze.
@@ -972,7 +1007,16 @@ pub fn split(x: &Tensor, split: Option<&Tensor>, axis: i64, parts: usize) -> Res
     for &len in &sizes {
         let mut out_shape = shape.to_vec();
         out_shape[ax] = len;
-        let data = map_data!(x.data(), v => take_along_axis(v, outer, dim, inner, off, len));
+        let data = match x.data() {
+            // f32 parts into recycled buffers: fresh ones page-faulted on
+            // every run (GPT-2's QKV Split, 3 x 384 KiB a layer: 86 us).
+            TensorData::F32(v) => {
+                let mut out = crate::buffers::take_f32(outer * len * inner);
+                copy_along_axis(v, outer, dim, inner, off, len, &mut out);
+                TensorData::F32(out)
+            }
+            d => map_data!(d, v => take_along_axis(v, outer, dim, inner, off, len)),
+        };
         outs.push(tensor(out_shape, data)?);
         off += len;
     }
