@@ -944,10 +944,10 @@ mod tests {
             (vec![3, 6, 4], vec![3, 4, 6], vec![3, 6, 2], vec![3, 6, 6]),
             (vec![40, 12], vec![12, 40], vec![40, 12], vec![40, 1]),
             // Few keys and many query rows: blocks of more rows than the
-            // kernel keeps the row sums of on the stack (256), on up to 64
-            // pool threads.
+            // kernel keeps the row sums of on the stack (256) on pools of up
+            // to 64 threads (rows per block: S / (4 * threads)).
             (
-                vec![1, 1, 20000, 4],
+                vec![1, 1, 70000, 4],
                 vec![1, 1, 4, 6],
                 vec![1, 1, 6, 5],
                 vec![1, 1, 1, 6],

@@ -232,7 +232,7 @@ pub(crate) fn pack_b_panel(b: MatRef<'_>, j0: usize, nr: usize, dst: &mut [f32])
 }
 
 /// Columns `j0 .. j0 + cols` of a transposed view (column c's `k` values
-/// contiguous from `data[c * cs]`) into an `nr`-wide panel. In 16 x 16
+/// contiguous from `data[c * cs]`, c from `j0`) into an `nr`-wide panel. In 16 x 16
 /// blocks: each reads 16 runs of 16 floats and writes 16 rows of 16, where
 /// a column at a time wrote every float to its own line (attention's
 /// `Q · K^T`, whose K^T is such a view: a tenth of the head's time).
@@ -293,8 +293,10 @@ fn pack_b_transposed(
 /// loads, four rounds of 16 shuffles (floats, pairs, 128-bit quarters
 /// twice), 16 stores.
 ///
+/// Panics unless `out` holds `15 * ld + 16` floats and `ld >= 16`.
+///
 /// # Safety
-/// The CPU must support AVX-512F, and `out` must hold `15 * ld + 16` floats.
+/// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16_avx512(rows: [&[f32; 16]; 16], out: &mut [f32], ld: usize) {

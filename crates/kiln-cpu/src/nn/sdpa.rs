@@ -18,6 +18,7 @@ use crate::{invalid, Result};
 use kiln_gemm::{sgemm, Lhs, MatRef, Rhs};
 use kiln_ir::{AttnLayout, AttnMask, AttnScale, Tensor, TensorData};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Scores per task, at most (floats: 256 KiB, so a block's scores stay in
 /// L2 while they are softmaxed and multiplied by V).
@@ -158,21 +159,22 @@ pub(crate) fn attention_f32(
             block(qb, kb, vb, (n, d, t, e), alpha, &prep, o);
         } else {
             // Every float of the block's rows is written by `block`.
-            let mut o = OUT_ROWS.with(|c| c.take());
-            if o.len() < n * e {
-                o.resize(n * e, 0.0);
-            }
-            block(qb, kb, vb, (n, d, t, e), alpha, &prep, &mut o[..n * e]);
-            assert!(n == 0 || o0 + (n - 1) * o_row + e <= out_len);
-            for (i, row) in o[..n * e].chunks_exact(e.max(1)).enumerate() {
-                // SAFETY: row i0 + i of head b lies at o0 + i * o_row, e
-                // contiguous floats inside `out` (asserted); no other task
-                // writes that row, and `out` outlives the loop.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), optr.get().add(o0 + i * o_row), e)
-                };
-            }
-            OUT_ROWS.with(|c| c.replace(o));
+            with_scratch(&OUT_ROWS, n * e, |o| {
+                block(qb, kb, vb, (n, d, t, e), alpha, &prep, o);
+                assert!(n == 0 || o0 + (n - 1) * o_row + e <= out_len);
+                for (i, row) in o.chunks_exact(e.max(1)).enumerate() {
+                    // SAFETY: row i0 + i of head b lies at o0 + i * o_row, e
+                    // contiguous floats inside `out` (asserted); no other task
+                    // writes that row, and `out` outlives the loop.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            row.as_ptr(),
+                            optr.get().add(o0 + i * o_row),
+                            e,
+                        )
+                    };
+                }
+            });
         }
     });
     Ok(Some(crate::util::tensor(
@@ -279,13 +281,35 @@ impl Prep<'_> {
 }
 
 thread_local! {
-    /// A task's output rows, where the output's rows are not contiguous
-    /// (taken out and put back like `SCORES`).
-    static OUT_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A task's scores. Taken out for the task and put back after, not
-    /// borrowed across it: the GEMMs may run nested parallel work, and a
-    /// block this thread steals meanwhile then takes a fresh buffer.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's output rows, where the output's rows are not contiguous.
+    static OUT_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's scores.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Floats a thread keeps in each of its scratch buffers between tasks;
+/// bigger ones (few keys and wide rows) are freed after the task.
+const SCRATCH_KEEP: usize = 1 << 18;
+
+/// Runs `f` on `len` floats of this thread's `buf` (contents unspecified:
+/// `f` must write before it reads). The buffer is taken out for the call and
+/// put back after, not borrowed across it: the GEMMs in `f` may run nested
+/// parallel work, and a block this thread steals meanwhile then takes a
+/// fresh buffer.
+fn with_scratch<R>(
+    buf: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut v = buf.with(|c| c.take());
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    let r = f(&mut v[..len]);
+    if v.capacity() <= SCRATCH_KEEP {
+        buf.with(|c| c.replace(v));
+    }
+    r
 }
 
 /// One block of `n` query rows: `out = softmax(prep(alpha Q_blk · Kt)) · V`,
@@ -294,7 +318,9 @@ thread_local! {
 /// The softmax's division by each row's sum is applied to the row's `e`
 /// outputs after the `P · V` product instead of to its `t` probabilities
 /// before it (`(p / s) · V` as `(p · V) / s`: a rounding apart, and half
-/// the work where `t = 2e`, as in BERT's 128 keys of 64-wide heads).
+/// the work where `t = 2e`, as in BERT's 128 keys of 64-wide heads; the
+/// sums before the division are at most `t` times larger, which overflows
+/// only for values within a factor `t` of `f32::MAX`).
 #[allow(clippy::too_many_arguments)]
 fn block(
     q: MatRef<'_>,
@@ -311,13 +337,24 @@ fn block(
         return;
     }
     // (With d == 0 the GEMM writes zeros: beta is 0 and the sums are empty.)
-    let mut scores = SCORES.with(|c| c.take());
-    // Every score is written by the GEMM (beta 0) before it is read; the
-    // zeros are only there on growth.
-    if scores.len() < n * t {
-        scores.resize(n * t, 0.0);
-    }
-    let sc = &mut scores[..n * t];
+    // Every score is written by the GEMM (beta 0) before it is read.
+    with_scratch(&SCORES, n * t, |sc| {
+        block_scores(q, kt, v, (n, t, e), alpha, prep, sc, out)
+    });
+}
+
+/// [`block`] with its scores buffer `sc` (`n x t`).
+#[allow(clippy::too_many_arguments)]
+fn block_scores(
+    q: MatRef<'_>,
+    kt: MatRef<'_>,
+    v: MatRef<'_>,
+    (n, t, e): (usize, usize, usize),
+    alpha: f32,
+    prep: &Prep<'_>,
+    sc: &mut [f32],
+    out: &mut [f32],
+) {
     sgemm(alpha, Lhs::Mat(q), Rhs::Mat(kt), 0.0, sc, t, None);
     let mut inv_sums = [0f32; MAX_ROWS_ON_STACK];
     let mut inv_heap = Vec::new();
@@ -354,7 +391,6 @@ fn block(
             }
         },
     );
-    SCORES.with(|c| c.replace(scores));
 }
 
 /// Rows of a block whose inverse sums live on the stack.
