@@ -26,6 +26,9 @@ pub(crate) struct Blocking {
     pub kc: usize,
     /// NR-panels of B per task (the `kc x ncb*NR` B block fills about half of L2).
     pub ncb: usize,
+    /// `ncb` was set by `KILN_GEMM_NCB` (else a product with shallower k
+    /// blocks widens it, keeping the B block's bytes).
+    pub ncb_fixed: bool,
     /// Most MR-panels of A per task.
     pub mcb: usize,
     /// C of at least this many bytes is stored with streaming stores (see
@@ -57,15 +60,21 @@ pub(crate) fn blocking(kernel: &Kernel) -> Blocking {
     let l1 = caches.l1d.unwrap_or(32 << 10).clamp(16 << 10, 256 << 10);
     let l2 = caches.l2.unwrap_or(512 << 10).clamp(128 << 10, 8 << 20);
     let f = std::mem::size_of::<f32>();
-    // The A micro-panel (MR x kc) takes about a third of L1, leaving room for
-    // the B rows streaming through and the C tile.
-    let mut kc = (l1 / 3 / (kernel.mr * f)).clamp(64, 512);
+    // The A micro-panel (MR x kc) takes up to half of L1, leaving room for
+    // the B rows streaming through and the C tile. (A third, at most 512,
+    // split BERT's and GPT-2's k = 768 into 512 + 256, each block storing
+    // and reloading C: on 2 threads, packed B streaming from memory, one
+    // block of 768 made 1024 x 768 x 3072 413 -> 473 GFLOP/s (median) and
+    // GPT-2's LM head 1024 x 768 x 50257 434 -> 461; 128 x 768 x 3072
+    // 420 -> 434.)
+    let mut kc = (l1 / 2 / (kernel.mr * f)).clamp(64, 1024);
     if let Some(v) = env_usize("KILN_GEMM_KC") {
         kc = v.max(1);
     }
     // The B block (kc x ncb*NR) fills about half of L2.
     let mut ncb = (l2 / 2 / (kc * kernel.nr * f)).max(1);
-    if let Some(v) = env_usize("KILN_GEMM_NCB") {
+    let ncb_env = env_usize("KILN_GEMM_NCB");
+    if let Some(v) = ncb_env {
         ncb = v.max(1);
     }
     let mut mcb = (192 / kernel.mr).max(1);
@@ -90,6 +99,7 @@ pub(crate) fn blocking(kernel: &Kernel) -> Blocking {
     Blocking {
         kc,
         ncb,
+        ncb_fixed: ncb_env.is_some(),
         mcb,
         stream_bytes,
         shallow_stream_bytes,
@@ -312,6 +322,17 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
         None => assert!(job.b.len() >= n.div_ceil(kern.nr) * kern.nr * k),
     }
     let blk = blocking_cached(kern);
+    let kc = balanced_kc(blk.kc, k);
+    let blk = Blocking {
+        kc,
+        // The B block keeps its size in bytes: wider for shallower blocks.
+        ncb: if blk.ncb_fixed {
+            blk.ncb
+        } else {
+            (blk.ncb * blk.kc / kc).max(1)
+        },
+        ..blk
+    };
     let mp = m.div_ceil(kern.mr);
     let np = n.div_ceil(kern.nr);
     let threads = rayon::current_num_threads().max(1);
@@ -402,6 +423,16 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// The k block for a product of depth `k`: at most `max`, with the blocks
+/// as even as multiples of 8 allow (3072 in three blocks of 1024; 1100 in
+/// two of 552 rather than 1024 and 76, whose short block pays a whole C
+/// store and reload for little work).
+pub(crate) fn balanced_kc(max: usize, k: usize) -> usize {
+    let max = max.max(1);
+    let blocks = k.div_ceil(max).max(1);
+    k.div_ceil(blocks).next_multiple_of(8).min(max)
 }
 
 /// One task: A panels `p0..p1` against B panels `q0..q1`, all of k; the

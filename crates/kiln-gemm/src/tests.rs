@@ -1033,3 +1033,22 @@ fn transposed_b_panels_pack_like_the_definition() {
         }
     }
 }
+
+/// k blocks: as few as the limit allows, as even as multiples of 8 allow,
+/// never over the limit, covering k.
+#[test]
+fn k_blocks_are_few_and_even() {
+    use crate::driver::balanced_kc;
+    assert_eq!(balanced_kc(1024, 768), 768);
+    assert_eq!(balanced_kc(1024, 3072), 1024);
+    assert_eq!(balanced_kc(1024, 1100), 552);
+    assert_eq!(balanced_kc(1024, 27), 32);
+    assert_eq!(balanced_kc(512, 768), 384);
+    for max in [1usize, 7, 64, 500, 512, 1024] {
+        for k in (1..5000).step_by(37) {
+            let kc = balanced_kc(max, k);
+            assert!(kc >= 1 && kc <= max, "max {max} k {k}: kc {kc}");
+            assert_eq!(k.div_ceil(kc), k.div_ceil(max), "max {max} k {k}: kc {kc}");
+        }
+    }
+}
