@@ -27,10 +27,24 @@ fn main() {
     let q = Tensor::from_vec(qkv_shape.clone(), vals(n, 1)).expect("Q");
     let k = Tensor::from_vec(qkv_shape.clone(), vals(n, 2)).expect("K");
     let v = Tensor::from_vec(qkv_shape, vals(n, 3)).expect("V");
-    let mask = Tensor::from_vec(vec![b, 1, 1, s], vec![0f32; b * s]).expect("mask");
+    // CAUSAL=1: GPT-2's causal mask, a bool [1, 1, S, S] selecting the
+    // scores to keep (`Where`); else BERT's additive [B, 1, 1, S] one.
+    let causal = std::env::var_os("CAUSAL").is_some();
+    let (mask, kind) = if causal {
+        let keep: Vec<bool> = (0..s * s).map(|i| i % s <= i / s).collect();
+        let m = Tensor::from_vec(vec![1, 1, s, s], keep).expect("mask");
+        let kind = AttnMask::Where {
+            fill: f32::MIN,
+            keep_if_true: true,
+        };
+        (m, kind)
+    } else {
+        let m = Tensor::from_vec(vec![b, 1, 1, s], vec![0f32; b * s]).expect("mask");
+        (m, AttnMask::Add)
+    };
     let op = FusedOp::Attention {
         scale: AttnScale::Div(8.0),
-        mask: AttnMask::Add,
+        mask: kind,
         layout: AttnLayout {
             inputs: [
                 Some(vec![0, 2, 1, 3]),
