@@ -496,9 +496,10 @@ mod tests {
             want.as_slice::<f32>().unwrap(),
         );
         for (i, (g, w)) in g.iter().zip(w).enumerate() {
-            // NaN where the reference has NaN (a fully masked attention row).
+            // NaN where the reference has NaN (a fully masked attention row),
+            // infinities where it has the same.
             assert!(
-                (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                 "{what}: element {i}: got {g}, want {w}"
             );
         }
@@ -1005,6 +1006,69 @@ mod tests {
                     let want = run_reference(&op, &inputs).unwrap();
                     assert_close(&fast, &want, &what);
                     assert_close(&run(&op, &inputs).unwrap(), &want, &what);
+                }
+            }
+        }
+    }
+
+    /// Masks that replace whole runs of trailing keys: causal (per query
+    /// row) and padding (the same for every row), whose masked keys the
+    /// kernel leaves out where their probabilities are exactly 0. Fills far
+    /// below the scores (left out), -inf, and one within the scores' range
+    /// (kept: e^(fill - max) is not 0); V with an infinity in a masked row
+    /// (kept, so 0 x inf gives the reference's NaN); a row with no key kept.
+    #[test]
+    fn attention_with_trailing_masked_keys_matches_reference() {
+        let (h, s, d, e) = (3, 70, 8, 5);
+        let q = t(&[1, h, s, d], 21);
+        let kt = t(&[1, h, d, s], 22);
+        let v = t(&[1, h, s, e], 23);
+        let mut v_inf = v.as_slice::<f32>().unwrap().to_vec();
+        v_inf[(s - 1) * e + 2] = f32::INFINITY;
+        let v_inf = Tensor::from_vec(vec![1, h, s, e], v_inf).unwrap();
+        let causal: Vec<bool> = (0..s * s).map(|i| i % s <= i / s).collect();
+        let causal = Tensor::from_vec(vec![1, 1, s, s], causal).unwrap();
+        let padding: Vec<bool> = (0..s).map(|j| j < 41).collect();
+        let padding = Tensor::from_vec(vec![1, 1, 1, s], padding).unwrap();
+        let mut no_key: Vec<bool> = (0..s * s).map(|i| i % s <= i / s).collect();
+        no_key[5 * s..6 * s].iter_mut().for_each(|c| *c = false);
+        let no_key = Tensor::from_vec(vec![1, 1, s, s], no_key).unwrap();
+        for (mi, m) in [&causal, &padding, &no_key].into_iter().enumerate() {
+            for fill in [f32::MIN, -1e4, f32::NEG_INFINITY, -3.0] {
+                for (vi, vv) in [&v, &v_inf].into_iter().enumerate() {
+                    let mask = AttnMask::Where {
+                        fill,
+                        keep_if_true: true,
+                    };
+                    let op = FusedOp::Attention {
+                        scale: AttnScale::Div(8.0),
+                        mask,
+                        layout: AttnLayout::default(),
+                    };
+                    let inputs = [Some(&q), Some(&kt), Some(vv), Some(m)];
+                    let what = format!("mask {mi} fill {fill} v {vi}");
+                    let fast = nn::attention_f32(
+                        &q,
+                        &kt,
+                        vv,
+                        Some(m),
+                        AttnScale::Div(8.0),
+                        mask,
+                        &AttnLayout::default(),
+                    )
+                    .unwrap()
+                    .expect("the fast kernel takes these inputs");
+                    let want = run_reference(&op, &inputs).unwrap();
+                    assert_close(&fast, &want, &what);
+                    // The infinity in V's last row reaches the outputs as
+                    // NaN where the reference has it (rows that mask it).
+                    if vi == 1 && mi == 0 {
+                        let w = want.as_slice::<f32>().unwrap();
+                        assert!(
+                            w[2].is_nan() || fill == -3.0,
+                            "{what}: reference has no NaN"
+                        );
+                    }
                 }
             }
         }
