@@ -1,6 +1,6 @@
 //! Time of one fused attention op on BERT-base's layout (heads split out of
 //! `[B, S, 768]` by the absorbed Transposes, an additive `[B, 1, 1, S]` mask,
-//! scores divided by 8): `cargo run --release -p kiln-cpu --example attn_rate
+//! or with `CAUSAL=1` GPT-2's causal `Where` mask, scores divided by 8): `cargo run --release -p kiln-cpu --example attn_rate
 //! -- [S] [B] [THREADS]` (defaults 128, 1, 2). Prints the best and median of
 //! 200 runs and the GFLOP/s of the two products.
 

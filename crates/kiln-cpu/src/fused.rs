@@ -1060,8 +1060,9 @@ mod tests {
                     .expect("the fast kernel takes these inputs");
                     let want = run_reference(&op, &inputs).unwrap();
                     assert_close(&fast, &want, &what);
-                    // The infinity in V's last row reaches the outputs as
-                    // NaN where the reference has it (rows that mask it).
+                    // (A check of the case itself, not of the kernel: the
+                    // infinity in V's last row makes the reference NaN
+                    // where rows mask it, which the kernel must then match.)
                     if vi == 1 && mi == 0 {
                         let w = want.as_slice::<f32>().unwrap();
                         assert!(

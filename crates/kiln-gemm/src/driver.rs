@@ -22,7 +22,8 @@ use std::sync::{Mutex, OnceLock};
 /// Cache-derived block sizes for one kernel.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Blocking {
-    /// k per block.
+    /// Most k per block (a product's blocks are evened out below it, see
+    /// [`balanced_kc`]).
     pub kc: usize,
     /// NR-panels of B per task (the `kc x ncb*NR` B block fills about half of L2).
     pub ncb: usize,
@@ -382,7 +383,7 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
             }
         }
     }
-    let (mut nb, mb) = (nb.clamp(1, np), mb.clamp(1, mp));
+    let (mut nb, mut mb) = (nb.clamp(1, np), mb.clamp(1, mp));
     // A few column panels in uneven blocks (9 in 4: 3, 2, 2, 2) leave one
     // thread a block more at the end: one panel per block instead, with
     // rows cut as before, so every task is the same size. (MobileNetV2's
@@ -393,15 +394,14 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
         nb = np;
     }
     // Few equal tasks that the threads cannot share evenly (17 on 2: one
-    // thread does 9 while the other waits after 8): cut the rows once more
-    // for each thread short. (ResNet-50's 56x56 1x1 convs as position
+    // thread does 9 while the other waits after 8): cut the rows into a few
+    // more blocks so they can, when that adds fewer tasks than threads. (ResNet-50's 56x56 1x1 convs as position
     // rows, 3136 x 576 x 64 and 3136 x 64 x 256 on 2 threads: 17 -> 18
     // tasks, 405 -> 450 and 307 -> 390 GFLOP/s.)
-    let mut mb = mb;
     let tasks = nb * mb;
     if parallel && tasks < 16 * threads && !tasks.is_multiple_of(threads) {
         let even = (mb..=mp).find(|&r| (nb * r).is_multiple_of(threads));
-        if let Some(r) = even.filter(|&r| r - mb < threads) {
+        if let Some(r) = even.filter(|&r| (r - mb) * nb < threads) {
             mb = r;
         }
     }
@@ -443,7 +443,7 @@ pub(crate) fn gemm_packed(job: &Job<'_>, c: &mut [f32]) {
 /// two of 552 rather than 1024 and 76, whose short block pays a whole C
 /// store and reload for little work).
 pub(crate) fn balanced_kc(max: usize, k: usize) -> usize {
-    let max = max.max(1);
+    let (max, k) = (max.max(1), k.max(1));
     let blocks = k.div_ceil(max).max(1);
     k.div_ceil(blocks).next_multiple_of(8).min(max)
 }

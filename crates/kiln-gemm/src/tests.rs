@@ -411,7 +411,8 @@ fn streamed_stores_match_reference_at_every_line_offset() {
     }
 }
 
-/// Edge-case dimensions for one kernel: around MR, NR, KC and the task block.
+/// Edge-case dimensions for one kernel: around MR, NR, the most k per block
+/// (kc + 1 runs as two even blocks) and the task block.
 fn edge_dims(kernel: &Kernel) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let blk = blocking(kernel);
     let (mr, nr, kc) = (kernel.mr, kernel.nr, blk.kc);
@@ -589,7 +590,7 @@ fn direct_b_matches_reference() {
     check_b_in_place_grid(
         &[1, 5, 6, 7, 24, 64],
         |nr| vec![nr, nr + 1, 2 * nr + 13, 3 * nr],
-        &[1, 7, 700],
+        &[1, 7, 700, 2100],
         |_, m| m > 1,
     );
 }

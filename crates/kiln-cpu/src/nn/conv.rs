@@ -3510,6 +3510,18 @@ mod tests {
                 vec![1, 1],
                 vec![1; 4],
             ),
+            // Channels past the most k per block (1024 here): k blocks
+            // start inside a tap's segment.
+            (
+                1,
+                1100,
+                64,
+                vec![3, 3],
+                vec![2, 2],
+                vec![1, 1],
+                vec![1, 1],
+                vec![0; 4],
+            ),
             (2, 24, 96, vec![20], vec![5], vec![3], vec![1], vec![2, 2]),
             (
                 1,

@@ -110,7 +110,7 @@ pub(crate) fn attention_f32(
     // A scale the Q.Kt product applies as its alpha instead of a pass over
     // the scores: a multiplier, or a division by a power of two (BERT's
     // sqrt(64)), exactly a multiplication by its inverse. The same values
-    // while a head's depth fits one k block of the GEMM (512); deeper, alpha
+    // while a head's depth fits one k block of the GEMM (up to 1024); deeper, alpha
     // scales each block's partial sum, a rounding apart. Any other division
     // stays a division, in the pass over the scores.
     let (alpha, left_scale) = match scale {
@@ -130,9 +130,9 @@ pub(crate) fn attention_f32(
     let blocks_wanted = (TASKS_PER_THREAD * threads).div_ceil(batch.max(1));
     let max_rows = (MAX_BLOCK_SCORES / t.max(1)).max(8);
     let mut rows = s.div_ceil(blocks_wanted).clamp(1, max_rows);
-    // Under a mask that differs by row (causal), blocks of half the queries
-    // at most, 16 rows at least: each leaves out the keys masked for all its
-    // rows, a quarter of them on average. (GPT-2's 128 x 128 heads, one
+    // Under a mask that may differ by row (causal), blocks of at most half
+    // the queries (a cap of 16 rows at the least): each leaves out the keys
+    // masked for all its rows, a quarter of them on average. (GPT-2's 128 x 128 heads, one
     // thread: whole heads 0.385 ms for 12, halves 0.356, quarters 0.39,
     // eighths 0.50: smaller blocks pack K^T more often and run smaller
     // products.)
@@ -146,6 +146,7 @@ pub(crate) fn attention_f32(
     let direct = o_row == e;
     let optr = super::SharedOut(out.as_mut_ptr());
     let out_len = out.len();
+    let no_skip = std::sync::atomic::AtomicBool::new(false);
     (0..batch * per_head).into_par_iter().for_each(|task| {
         let (b, blk) = (task / per_head, task % per_head);
         let i0 = blk * rows;
@@ -156,6 +157,7 @@ pub(crate) fn attention_f32(
             mask: mask.as_ref(),
             b,
             i0,
+            no_skip: &no_skip,
         };
         let qb = qo.rows(b, i0, n);
         let (kb, vb) = (ko.rows(b, 0, d), vo.rows(b, 0, t));
@@ -271,6 +273,9 @@ struct Prep<'a> {
     /// The head, and the block's first query row.
     b: usize,
     i0: usize,
+    /// Set when a block found that its masked keys could not be left out
+    /// (`Prep::live_keys`), so the op's other blocks do not try.
+    no_skip: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Prep<'_> {
@@ -278,6 +283,9 @@ impl Prep<'_> {
     /// in each of the block's `n` rows (and keeps at least one key in
     /// each): `live` and the fill.
     fn live_keys(&self, n: usize, t: usize) -> Option<(usize, f32)> {
+        if self.no_skip.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         self.mask?.live_keys(self.b, self.i0, n, t)
     }
 
@@ -356,7 +364,10 @@ fn block(
     // Keys that a `Where` mask replaces for every row of the block (the
     // future of a causal mask, the padding at a sequence's end) are left out
     // of both products when their probabilities come out exactly 0 and V's
-    // rows there are finite (0 x inf would be NaN): the same sums, less work.
+    // rows there are finite (0 x inf would be NaN): the same sums up to
+    // rounding (the products' and the row sum's order of additions differ
+    // with the number of keys), less work. Once a block finds the fill
+    // within reach of its scores, the op's other blocks stop trying.
     if let Some((live, fill)) = prep.live_keys(n, t) {
         let finite = (live..t).all(|p| (0..e).all(|c| v.at(p, c).is_finite()));
         if finite {
@@ -378,6 +389,8 @@ fn block(
             if done {
                 return;
             }
+            prep.no_skip
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
     // Every score is written by the GEMM (beta 0) before it is read.
@@ -541,7 +554,9 @@ impl<'a> MaskView<'a> {
             return None;
         }
         let mut live = 0;
-        for i in i0..i0 + n {
+        // A mask broadcast along the query axis has one row for all.
+        let rows = if self.row_stride == 0 { n.min(1) } else { n };
+        for i in i0..i0 + rows {
             let base = self.batch_base[b] + i * self.row_stride;
             // A row that keeps no key is all fill: its probabilities are
             // not 0, so nothing is left out.
@@ -554,8 +569,9 @@ impl<'a> MaskView<'a> {
         Some((live, fill))
     }
 
-    /// Whether the mask differs from one query row to the next (a causal
-    /// mask), so that blocks of fewer rows leave out more keys.
+    /// Whether a `Where` mask may differ from one query row to the next (it
+    /// is not broadcast along the query axis, as a causal mask is not), so
+    /// that blocks of fewer rows may leave out more keys.
     fn varies_by_row(&self) -> bool {
         matches!(self.vals, MaskVals::Where { .. }) && self.row_stride != 0 && self.col_stride == 1
     }
@@ -597,7 +613,47 @@ impl<'a> MaskView<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{exact_inverse, last_kept};
+    use super::{exact_inverse, last_kept, MaskVals, MaskView};
+
+    /// The keys a block may leave out: after the last one any of its rows
+    /// keeps under a causal or padding `Where` mask; none under an additive
+    /// mask, when the block's last row keeps every key, or when a row keeps
+    /// none.
+    #[test]
+    fn live_keys_of_causal_and_padding_masks() {
+        let s = 40;
+        let causal: Vec<bool> = (0..s * s).map(|i| i % s <= i / s).collect();
+        let scores = [1, 2, s, s];
+        let where_mask = |cond: &'static [bool], ms: &[usize]| {
+            MaskView::new(
+                MaskVals::Where {
+                    cond,
+                    fill: f32::MIN,
+                    keep_if_true: true,
+                },
+                ms,
+                &scores,
+            )
+            .unwrap()
+        };
+        let causal: &'static [bool] = Box::leak(causal.into_boxed_slice());
+        let m = where_mask(causal, &[1, 1, s, s]);
+        assert_eq!(m.live_keys(1, 0, 16, s), Some((16, f32::MIN)));
+        assert_eq!(m.live_keys(0, 16, 8, s), Some((24, f32::MIN)));
+        assert_eq!(m.live_keys(0, 32, 8, s), None);
+        let pad: Vec<bool> = (0..s).map(|j| j < 29).collect();
+        let pad: &'static [bool] = Box::leak(pad.into_boxed_slice());
+        let m = where_mask(pad, &[1, 1, 1, s]);
+        assert_eq!(m.live_keys(1, 0, s, s), Some((29, f32::MIN)));
+        let mut none = vec![true; s * s];
+        none[3 * s..4 * s].iter_mut().for_each(|c| *c = false);
+        let none: &'static [bool] = Box::leak(none.into_boxed_slice());
+        let m = where_mask(none, &[1, 1, s, s]);
+        assert_eq!(m.live_keys(0, 0, 8, s), None);
+        let add = vec![-1e9f32; s];
+        let m = MaskView::new(MaskVals::Add(&add), &[1, 1, 1, s], &scores).unwrap();
+        assert_eq!(m.live_keys(0, 0, 8, s), None);
+    }
 
     #[test]
     fn last_kept_finds_the_last_match() {
