@@ -222,16 +222,20 @@ fn take_along_axis<T: Clone>(
     off: usize,
     len: usize,
 ) -> Vec<T> {
-    let run = len * inner;
-    let mut out = Vec::with_capacity(outer * run);
-    if run == 0 {
+    let mut out = Vec::with_capacity(outer * len * inner);
+    if len * inner == 0 {
         return out;
     }
     for o in 0..outer {
-        let start = (o * dim + off) * inner;
-        out.extend_from_slice(&src[start..start + run]);
+        out.extend_from_slice(axis_run(src, o, dim, inner, off, len));
     }
     out
+}
+
+/// Outer index `o`'s run of [`take_along_axis`]: `len * inner` values.
+fn axis_run<T>(src: &[T], o: usize, dim: usize, inner: usize, off: usize, len: usize) -> &[T] {
+    let start = (o * dim + off) * inner;
+    &src[start..start + len * inner]
 }
 
 /// A copy of `d`; f32 data from 1 MiB up into a recycled buffer (fresh
@@ -265,8 +269,7 @@ fn copy_along_axis<T: Copy + Send + Sync>(
         return;
     }
     let copy = |(o, dst): (usize, &mut [T])| {
-        let start = (o * dim + off) * inner;
-        dst.copy_from_slice(&src[start..start + run]);
+        dst.copy_from_slice(axis_run(src, o, dim, inner, off, len));
     };
     let out = &mut out[..outer * run];
     if out.len() >= PAR_COPY_MIN && rayon::current_num_threads() > 1 {

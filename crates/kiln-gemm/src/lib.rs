@@ -12,6 +12,8 @@ mod driver;
 mod gemv;
 mod kernels;
 mod pack;
+#[cfg(target_arch = "x86_64")]
+pub use pack::transpose16;
 #[cfg(test)]
 mod tests;
 

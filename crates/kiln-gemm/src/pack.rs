@@ -289,9 +289,8 @@ fn pack_b_transposed(
     }
 }
 
-/// `out[j * ld + i] = rows[i][j]` for a 16 x 16 block, in registers: 16
-/// loads, four rounds of 16 shuffles (floats, pairs, 128-bit quarters
-/// twice), 16 stores.
+/// `out[j * ld + i] = rows[i][j]` for a 16 x 16 block, in registers
+/// ([`transpose16`]).
 ///
 /// Panics unless `out` holds `15 * ld + 16` floats and `ld >= 16`.
 ///
@@ -305,40 +304,52 @@ unsafe fn transpose16_avx512(rows: [&[f32; 16]; 16], out: &mut [f32], ld: usize)
     // SAFETY: each row is 16 readable floats, and `out` holds row j's 16
     // floats at j * ld (asserted); AVX-512F is the caller's contract.
     unsafe {
-        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].as_ptr()));
-        // a[2g], a[2g+1]: rows 2g and 2g+1 interleaved, low / high pairs of
-        // each 128-bit quarter.
-        let a: [__m512; 16] = std::array::from_fn(|i| {
-            let (x, y) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(x, y)
-            } else {
-                _mm512_unpackhi_ps(x, y)
-            }
-        });
-        // b[4g + m], quarter q: rows 4g..4g+4 at column 4q + m.
-        let b: [__m512; 16] = std::array::from_fn(|i| {
-            let (g, m) = (i / 4, i % 4);
-            let (x, y) = (
-                _mm512_castps_pd(a[4 * g + m / 2]),
-                _mm512_castps_pd(a[4 * g + 2 + m / 2]),
-            );
-            _mm512_castpd_ps(if m % 2 == 0 {
-                _mm512_unpacklo_pd(x, y)
-            } else {
-                _mm512_unpackhi_pd(x, y)
-            })
-        });
-        for m in 0..4 {
-            let c = _mm512_shuffle_f32x4::<0x88>(b[m], b[4 + m]);
-            let d = _mm512_shuffle_f32x4::<0xdd>(b[m], b[4 + m]);
-            let e = _mm512_shuffle_f32x4::<0x88>(b[8 + m], b[12 + m]);
-            let f = _mm512_shuffle_f32x4::<0xdd>(b[8 + m], b[12 + m]);
-            let o = out.as_mut_ptr();
-            _mm512_storeu_ps(o.add(m * ld), _mm512_shuffle_f32x4::<0x88>(c, e));
-            _mm512_storeu_ps(o.add((4 + m) * ld), _mm512_shuffle_f32x4::<0x88>(d, f));
-            _mm512_storeu_ps(o.add((8 + m) * ld), _mm512_shuffle_f32x4::<0xdd>(c, e));
-            _mm512_storeu_ps(o.add((12 + m) * ld), _mm512_shuffle_f32x4::<0xdd>(d, f));
+        let mut v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].as_ptr()));
+        transpose16(&mut v);
+        for (j, row) in v.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(j * ld), *row);
         }
+    }
+}
+
+/// In-register transpose of a 16x16 block: afterwards `v[j]` lane `i` is the
+/// old `v[i]` lane `j`. (Used by the packing of transposed B panels here and
+/// by kiln-cpu's channels-last tiles.)
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    // Interleave row pairs: t[2i] = (a0 b0 a1 b1 | a4 b4 a5 b5 | ...),
+    // t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..16 / 2 {
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    // Groups of four rows: q[4g + k] holds, in 128-bit lane L, column
+    // 4L + k of rows 4g..4g + 4.
+    let mut q = [_mm512_setzero_ps(); 16];
+    for gi in 0..4 {
+        let (a, b, c, d) = (t[4 * gi], t[4 * gi + 1], t[4 * gi + 2], t[4 * gi + 3]);
+        q[4 * gi] = _mm512_shuffle_ps::<0x44>(a, c);
+        q[4 * gi + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+        q[4 * gi + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        q[4 * gi + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+    }
+    // Column 4L + k: lane L of q[k], q[4 + k], q[8 + k], q[12 + k].
+    for k in 0..4 {
+        let (g0, g1, g2, g3) = (q[k], q[4 + k], q[8 + k], q[12 + k]);
+        let even01 = _mm512_shuffle_f32x4::<0x88>(g0, g1);
+        let odd01 = _mm512_shuffle_f32x4::<0xDD>(g0, g1);
+        let even23 = _mm512_shuffle_f32x4::<0x88>(g2, g3);
+        let odd23 = _mm512_shuffle_f32x4::<0xDD>(g2, g3);
+        v[k] = _mm512_shuffle_f32x4::<0x88>(even01, even23);
+        v[8 + k] = _mm512_shuffle_f32x4::<0xDD>(even01, even23);
+        v[4 + k] = _mm512_shuffle_f32x4::<0x88>(odd01, odd23);
+        v[12 + k] = _mm512_shuffle_f32x4::<0xDD>(odd01, odd23);
     }
 }

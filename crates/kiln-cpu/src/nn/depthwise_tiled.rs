@@ -684,42 +684,8 @@ unsafe fn unpack_band(
     }
 }
 
-/// In-register transpose of a 16x16 block: afterwards `v[j]` lane `i` is the
-/// old `v[i]` lane `j`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-pub(crate) unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; LANES]) {
-    use std::arch::x86_64::*;
-    // Interleave row pairs: t[2i] = (a0 b0 a1 b1 | a4 b4 a5 b5 | ...),
-    // t[2i + 1] = (a2 b2 a3 b3 | ...) for rows a = 2i, b = 2i + 1.
-    let mut t = [_mm512_setzero_ps(); LANES];
-    for i in 0..LANES / 2 {
-        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-    }
-    // Groups of four rows: q[4g + k] holds, in 128-bit lane L, column
-    // 4L + k of rows 4g..4g + 4.
-    let mut q = [_mm512_setzero_ps(); LANES];
-    for gi in 0..4 {
-        let (a, b, c, d) = (t[4 * gi], t[4 * gi + 1], t[4 * gi + 2], t[4 * gi + 3]);
-        q[4 * gi] = _mm512_shuffle_ps::<0x44>(a, c);
-        q[4 * gi + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
-        q[4 * gi + 2] = _mm512_shuffle_ps::<0x44>(b, d);
-        q[4 * gi + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
-    }
-    // Column 4L + k: lane L of q[k], q[4 + k], q[8 + k], q[12 + k].
-    for k in 0..4 {
-        let (g0, g1, g2, g3) = (q[k], q[4 + k], q[8 + k], q[12 + k]);
-        let even01 = _mm512_shuffle_f32x4::<0x88>(g0, g1);
-        let odd01 = _mm512_shuffle_f32x4::<0xDD>(g0, g1);
-        let even23 = _mm512_shuffle_f32x4::<0x88>(g2, g3);
-        let odd23 = _mm512_shuffle_f32x4::<0xDD>(g2, g3);
-        v[k] = _mm512_shuffle_f32x4::<0x88>(even01, even23);
-        v[8 + k] = _mm512_shuffle_f32x4::<0xDD>(even01, even23);
-        v[4 + k] = _mm512_shuffle_f32x4::<0x88>(odd01, odd23);
-        v[12 + k] = _mm512_shuffle_f32x4::<0xDD>(odd01, odd23);
-    }
-}
+/// In-register 16x16 transpose (shared with the GEMM's packing).
+pub(crate) use kiln_gemm::transpose16;
 
 #[cfg(test)]
 mod tests {
