@@ -25,7 +25,9 @@ pub struct BenchArgs {
     /// name bind to the model's inputs in order. Inputs not given are random.
     #[arg(long = "input", short = 'i', value_name = "[NAME=]PATH")]
     pub inputs: Vec<String>,
-    /// Value of a symbolic dimension for random inputs, as NAME=VALUE (default 1).
+    /// Value of a symbolic dimension, as NAME=VALUE: fixed at load, so the
+    /// plan is compiled for it (as ONNX Runtime's free dimension overrides),
+    /// and used for random inputs (other symbolic dims there: 1).
     #[arg(long = "dim", value_name = "NAME=VALUE")]
     pub dims: Vec<String>,
     /// Timed runs.
@@ -85,6 +87,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     let options = SessionOptions {
         threads: args.threads,
         optimize: !args.no_optimize,
+        fixed_dims: dims.clone(),
         ..SessionOptions::default()
     };
     let t0 = Instant::now();

@@ -30,7 +30,9 @@ pub struct RunArgs {
     /// order. Repeat for several inputs.
     #[arg(long = "input", short = 'i', value_name = "[NAME=]PATH")]
     pub inputs: Vec<String>,
-    /// Value of a symbolic dimension for random inputs, as NAME=VALUE (default 1).
+    /// Value of a symbolic dimension, as NAME=VALUE: fixed at load, so the
+    /// plan is compiled for it (as ONNX Runtime's free dimension overrides),
+    /// and used for random inputs (other symbolic dims there: 1).
     #[arg(long = "dim", value_name = "NAME=VALUE")]
     pub dims: Vec<String>,
     /// Write every output into this folder.
@@ -58,7 +60,11 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let dims = parse_dims(&args.dims)?;
     let t0 = Instant::now();
-    let session = Session::load(&args.model, &SessionOptions::default())?;
+    let options = SessionOptions {
+        fixed_dims: dims.clone(),
+        ..SessionOptions::default()
+    };
+    let session = Session::load(&args.model, &options)?;
     let load_time = t0.elapsed();
 
     let random = args.inputs.is_empty();

@@ -19,6 +19,11 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
     /// Run the graph optimizer (folding, fusion) before compiling the plan.
     pub optimize: bool,
+    /// Symbolic input dims fixed at load, by name (as ONNX Runtime's free
+    /// dimension overrides and OpenVINO's reshape do): shapes are inferred,
+    /// folded and the plan compiled for these sizes, and every run's inputs
+    /// must have them. Names the model's inputs do not use are ignored.
+    pub fixed_dims: Vec<(String, usize)>,
 }
 
 impl Default for SessionOptions {
@@ -27,6 +32,7 @@ impl Default for SessionOptions {
             load: LoadOptions::default(),
             threads: None,
             optimize: true,
+            fixed_dims: Vec::new(),
         }
     }
 }
@@ -90,6 +96,25 @@ pub struct Session {
     parameters: (usize, usize),
 }
 
+/// Replaces each graph input's named dims listed in `fixed` by their sizes.
+fn fix_input_dims(graph: &mut Graph, fixed: &[(String, usize)]) {
+    if fixed.is_empty() {
+        return;
+    }
+    for input in &mut graph.inputs {
+        let Some(shape) = input.ty.shape.as_mut() else {
+            continue;
+        };
+        for d in shape.iter_mut() {
+            if let Dim::Named(name) = d {
+                if let Some(&(_, v)) = fixed.iter().find(|(n, _)| n == name) {
+                    *d = Dim::Known(v);
+                }
+            }
+        }
+    }
+}
+
 impl Session {
     pub fn load(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let _allocs = crate::load_alloc::LoadAllocs::begin();
@@ -115,6 +140,7 @@ impl Session {
         let pool = crate::pool::shared_pool(threads).map_err(Error::Resource)?;
         let threads = pool.current_num_threads();
         let mut graph = model.graph;
+        fix_input_dims(&mut graph, &options.fixed_dims);
         let report = kiln_ir::infer::infer_graph(&mut graph, &HashMap::new())
             .map_err(|e| Error::InvalidModel(e.to_string()))?;
         for w in &report.warnings {

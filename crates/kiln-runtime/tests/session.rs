@@ -76,6 +76,72 @@ fn input_errors_name_the_input_and_the_expectation() {
 }
 
 #[test]
+fn fixed_dims_compile_for_their_sizes_and_bind_every_run() {
+    // y = relu(x + b), and r = x reshaped to its own shape: with N fixed
+    // at 2, the Shape is folded into a constant at load.
+    let mut g = add_relu();
+    g.outputs
+        .push(vi("r", DType::F32, vec![Dim::named("N"), Dim::Known(3)]));
+    g.nodes.push(node(
+        "shape",
+        Op::Shape {
+            start: 0,
+            end: None,
+        },
+        &["x"],
+        &["xs"],
+    ));
+    g.nodes.push(node(
+        "reshape",
+        Op::Reshape { allowzero: false },
+        &["x", "xs"],
+        &["r"],
+    ));
+    let options = kiln_runtime::SessionOptions {
+        fixed_dims: vec![("N".into(), 2), ("unused".into(), 7)],
+        ..Default::default()
+    };
+    let s = kiln_runtime::Session::from_model_with(common::model(g.clone()), &options).unwrap();
+    assert_eq!(s.inputs()[0].shape_string(), "[2, 3]");
+    assert_eq!(s.outputs()[0].shape_string(), "[2, 3]");
+    assert!(
+        !s.graph()
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, Op::Shape { .. })),
+        "the Shape of a fixed-size input is a constant"
+    );
+    let x = Tensor::from_vec(vec![2, 3], vec![1.0f32, 2.0, 3.0, -4.0, 5.0, -6.0]).unwrap();
+    let out = s.run(vec![("x".into(), x)]).unwrap();
+    assert_eq!(f32s(&out[0].1), vec![2.0, 0.0, 3.5, 0.0, 0.0, 0.0]);
+    assert_eq!(out[1].1.shape(), &[2, 3]);
+    // Another batch is refused, naming the input and the fixed shape.
+    let e = s
+        .run(vec![(
+            "x".into(),
+            Tensor::from_vec(vec![4, 3], vec![0.0f32; 12]).unwrap(),
+        )])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'x'") && e.contains("[2, 3]"), "{e}");
+    // Without fixed dims the same graph keeps N symbolic and runs any batch.
+    let s = session(g).unwrap();
+    assert_eq!(s.inputs()[0].shape_string(), "[N, 3]");
+    let out = s
+        .run(vec![(
+            "x".into(),
+            Tensor::from_vec(vec![4, 3], vec![0.0f32; 12]).unwrap(),
+        )])
+        .unwrap();
+    assert_eq!(out[1].1.shape(), &[4, 3]);
+    assert!(s
+        .graph()
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, Op::Shape { .. })));
+}
+
+#[test]
 fn symbolic_dims_must_agree_across_inputs() {
     let g = Graph {
         inputs: vec![

@@ -29,13 +29,18 @@ pub fn node(name: &str, op: Op, inputs: &[&str], outputs: &[&str]) -> Node {
     }
 }
 
-/// A session over `graph` as if loaded from an opset-17 model.
-pub fn session(graph: Graph) -> Result<Session, Error> {
-    Session::from_model(Model {
+/// `graph` as if loaded from an opset-17 model.
+pub fn model(graph: Graph) -> Model {
+    Model {
         graph,
         ir_version: 8,
         opset: 17,
         opset_imports: vec![(String::new(), 17)],
         producer: "test".into(),
-    })
+    }
+}
+
+/// A session over `graph` as if loaded from an opset-17 model.
+pub fn session(graph: Graph) -> Result<Session, Error> {
+    Session::from_model(model(graph))
 }
