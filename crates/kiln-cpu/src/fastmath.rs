@@ -653,14 +653,20 @@ fn max_generic(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
-/// Sum of `v` accumulated in f64: eight independent lanes (so the loop
-/// vectorizes), then the lanes in order, plus the tail.
+/// Partial sums of [`sum_f64`] and the normalizations' f64 statistics:
+/// four vectors of f64 on AVX-512, so the adds do not wait on each other
+/// (one vector's chain made LayerNorm's statistics latency-bound).
+pub const F64_SUMS: usize = 32;
+
+/// Sum of `v` accumulated in f64: [`F64_SUMS`] independent lanes (so the
+/// loop vectorizes), then the lanes in order, plus the tail. Inlined, so it
+/// takes its caller's vector width (`simd`).
 #[inline(always)]
 pub fn sum_f64(v: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut chunks = v.chunks_exact(8);
+    let mut acc = [0.0f64; F64_SUMS];
+    let mut chunks = v.chunks_exact(F64_SUMS);
     for c in &mut chunks {
-        for i in 0..8 {
+        for i in 0..F64_SUMS {
             acc[i] += c[i] as f64;
         }
     }
