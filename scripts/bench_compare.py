@@ -9,10 +9,13 @@ For every model and batch size this script
      ORT output: max abs diff, and max abs diff over max |ORT|),
   3. times each runtime in its own process, alternating A B C A B C for
      --rounds rounds, each run doing the same --warmup and --iterations
-     (bounded by --max-seconds per run):
-       kiln      `kiln bench MODEL --json --threads T -i NAME=FILE ...`
+     (bounded by --max-seconds per run), each compiling the model for the
+     inputs' sizes of its symbolic dims:
+       kiln      `kiln bench MODEL --json --threads T -i NAME=FILE ...
+                 --dim NAME=SIZE ...`
        ORT       this script's `--runner ort`: all graph optimizations,
-                 intra_op_num_threads=T, inter_op_num_threads=1, sequential
+                 intra_op_num_threads=T, inter_op_num_threads=1, sequential,
+                 free dimension overrides for the symbolic dims
        OpenVINO  this script's `--runner openvino` (when the openvino package
                  imports): CPU, INFERENCE_NUM_THREADS=T, precision hint f32,
                  LATENCY performance hint, shapes made static first
@@ -94,11 +97,21 @@ def timed_loop(run, warmup: int, iterations: int, max_seconds: float) -> tuple[l
     return lat, warmed
 
 
+def fixed_dims(d: Path) -> dict[str, int]:
+    """The symbolic input dims and their sizes in these inputs (written by
+    bench_case): every runtime compiles for those shapes."""
+    f = d / "dims.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
 def runner_ort(args) -> dict:
     import onnxruntime as ort
     feeds = load_inputs(Path(args.inputs))
     t0 = time.perf_counter()
     so = ort.SessionOptions()
+    # Static shapes, as kiln (--dim) and OpenVINO (reshape) get them.
+    for name, size in fixed_dims(Path(args.inputs)).items():
+        so.add_free_dimension_override_by_name(name, size)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
@@ -125,7 +138,8 @@ def runner_openvino(args) -> dict:
     core = ov.Core()
     model = core.read_model(args.model)
     # Static shapes, the ones of these inputs: what a latency benchmark of
-    # one input size compiles for (kiln and ORT see the same shapes).
+    # one input size compiles for (kiln and ORT get the same sizes for the
+    # models' symbolic dims).
     model.reshape({name: ov.PartialShape(list(a.shape)) for name, a in feeds.items()})
     compiled = core.compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": args.threads,
@@ -209,6 +223,8 @@ def agreement(kiln: Path, model: Path, in_dir: Path, work: Path, threads: int,
     cmd = [str(kiln), "run", str(model), "--output-dir", str(kiln_dir), "--show", "0"]
     for name, file in manifest.items():
         cmd += ["--input", f"{name}={in_dir / file}"]
+    for name, size in fixed_dims(in_dir).items():
+        cmd += ["--dim", f"{name}={size}"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -266,6 +282,12 @@ def bench_case(name: str, path: Path, batch: int, args, work: Path, log) -> dict
         manifest[iname] = file
     (in_dir / "inputs.json").write_text(json.dumps(manifest))
     shapes = {k: list(v.shape) for k, v in feeds.items()}
+    sym = {}
+    for inp in gi.get_inputs():
+        for d, size in zip(inp.shape, shapes.get(inp.name, [])):
+            if isinstance(d, str):
+                sym[d] = size
+    (in_dir / "dims.json").write_text(json.dumps(sym))
 
     case = {"model": name, "batch": batch, "shapes": shapes, "runs": {}, "errors": {}}
     log(f"{name} batch {batch}: checking kiln run against onnxruntime")
@@ -277,6 +299,8 @@ def bench_case(name: str, path: Path, batch: int, args, work: Path, log) -> dict
     kiln_cmd = [str(args.kiln), "bench", str(path), "--json", *common]
     for iname, file in manifest.items():
         kiln_cmd += ["--input", f"{iname}={in_dir / file}"]
+    for dname, size in sym.items():
+        kiln_cmd += ["--dim", f"{dname}={size}"]
     runners = {"kiln": kiln_cmd}
     py = [sys.executable, __file__, "--model", str(path), "--inputs", str(in_dir), *common]
     runners["onnxruntime"] = py + ["--runner", "ort"]
@@ -363,6 +387,8 @@ def report(path: Path, cases: list[dict], runtimes: list[str], args, hw: dict | 
              "- latency: median of every timed iteration of all rounds; RSS: the largest peak "
              "RSS (VmHWM) of the runtime's process over the rounds (the ORT/OpenVINO runners "
              "are Python processes, so their RSS includes the interpreter and numpy)",
+             "- shapes: each runtime compiles the model for these inputs' sizes of its "
+             "symbolic dims (kiln `--dim`, ORT free dimension overrides, OpenVINO reshape)",
              "- kiln/fastest: kiln's median over the fastest peer's median (below 1: kiln is faster)",
              "- agreement: `kiln run` vs ORT outputs on the same inputs; max abs diff, and max "
              "abs diff over max |ORT output| (worst output)",

@@ -139,6 +139,16 @@ def build_cases(d):
     # Usage errors exit 2.
     cases.append(("unknown flag", ["run", good, "--frobnicate"], 2, []))
     cases.append(("bad --dim", ["run", good, "--dim", "N"], 2, ["NAME=VALUE"]))
+    cases.append(("--dim twice", ["run", good, "--dim", "N=1", "--dim", "N=2"], 2,
+                  ["N", "twice"]))
+
+    # --dim fixes a symbolic dim at load: an input of another size is refused,
+    # naming the input, the fixed shape and the dim.
+    sym = save("relu_sym.onnx", model([helper.make_node("Relu", ["x"], ["y"])],
+                                      [vi("x", TensorProto.FLOAT, ["N", 3])],
+                                      [vi("y", TensorProto.FLOAT, ["N", 3])]))
+    cases.append(("input against a fixed --dim", ["run", sym, "--dim", "N=4", "--input", x], 1,
+                  ["'x'", "[4, 3]", "N=4"]))
     return cases
 
 

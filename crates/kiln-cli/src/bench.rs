@@ -26,8 +26,9 @@ pub struct BenchArgs {
     #[arg(long = "input", short = 'i', value_name = "[NAME=]PATH")]
     pub inputs: Vec<String>,
     /// Value of a symbolic dimension, as NAME=VALUE: fixed at load, so the
-    /// plan is compiled for it (as ONNX Runtime's free dimension overrides),
-    /// and used for random inputs (other symbolic dims there: 1).
+    /// plan is compiled for it (as ONNX Runtime's free dimension overrides;
+    /// with --no-optimize too); inputs given with --input must then have
+    /// it. Random inputs use it (other symbolic dims there: 1).
     #[arg(long = "dim", value_name = "NAME=VALUE")]
     pub dims: Vec<String>,
     /// Timed runs.
@@ -93,6 +94,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     let t0 = Instant::now();
     let session = Session::load(&model, &options)?;
     let load = t0.elapsed();
+    crate::run::warn_unused_dims(&session, &dims);
 
     let inputs = build_inputs(session.inputs(), &args.inputs, &dims, args.server.seed)?;
     let bindings = bind_dims(session.inputs(), &inputs);

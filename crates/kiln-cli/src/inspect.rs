@@ -29,16 +29,8 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
         },
     )?;
     let graph = session.graph();
-    let mut bindings = HashMap::new();
-    for spec in &args.dims {
-        let (k, v) = spec
-            .split_once('=')
-            .ok_or_else(|| Failure::usage(format!("--dim '{spec}' must be NAME=VALUE")))?;
-        let v = v
-            .parse()
-            .map_err(|_| Failure::usage(format!("--dim '{spec}': not a number")))?;
-        bindings.insert(k.to_string(), v);
-    }
+    let bindings: HashMap<String, usize> =
+        crate::run::parse_dims(&args.dims)?.into_iter().collect();
     let mut histogram: BTreeMap<&str, usize> = BTreeMap::new();
     count_ops(graph, &mut histogram);
     let (params, param_bytes) = session.parameter_stats();

@@ -31,8 +31,9 @@ pub struct RunArgs {
     #[arg(long = "input", short = 'i', value_name = "[NAME=]PATH")]
     pub inputs: Vec<String>,
     /// Value of a symbolic dimension, as NAME=VALUE: fixed at load, so the
-    /// plan is compiled for it (as ONNX Runtime's free dimension overrides),
-    /// and used for random inputs (other symbolic dims there: 1).
+    /// plan is compiled for it (as ONNX Runtime's free dimension overrides);
+    /// inputs given with --input must then have it. Random inputs use it
+    /// (other symbolic dims there: 1).
     #[arg(long = "dim", value_name = "NAME=VALUE")]
     pub dims: Vec<String>,
     /// Write every output into this folder.
@@ -65,6 +66,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         ..SessionOptions::default()
     };
     let session = Session::load(&args.model, &options)?;
+    warn_unused_dims(&session, &dims);
     let load_time = t0.elapsed();
 
     let random = args.inputs.is_empty();
@@ -105,20 +107,35 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 pub(crate) fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failure> {
-    specs
-        .iter()
-        .map(|s| {
-            let (name, value) = s
-                .split_once('=')
-                .ok_or_else(|| Failure::usage(format!("--dim '{s}' must be NAME=VALUE")))?;
-            let value = value.parse::<usize>().map_err(|_| {
-                Failure::usage(format!(
-                    "--dim '{s}': '{value}' is not a non-negative integer"
-                ))
-            })?;
-            Ok((name.to_string(), value))
-        })
-        .collect()
+    let mut dims: Vec<(String, usize)> = Vec::with_capacity(specs.len());
+    for s in specs {
+        let (name, value) = s
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(format!("--dim '{s}' must be NAME=VALUE")))?;
+        let value = value.parse::<usize>().map_err(|_| {
+            Failure::usage(format!(
+                "--dim '{s}': '{value}' is not a non-negative integer"
+            ))
+        })?;
+        if dims.iter().any(|(n, _)| n == name) {
+            return Err(Failure::usage(format!("--dim {name} is given twice")));
+        }
+        dims.push((name.to_string(), value));
+    }
+    Ok(dims)
+}
+
+/// Warns about `--dim` names that no input of the session's model fixed
+/// (a typo benchmarks the model with that dim left symbolic).
+pub(crate) fn warn_unused_dims(session: &Session, dims: &[(String, usize)]) {
+    for (name, _) in dims {
+        let prefix = format!("{name}=");
+        if !session.fixed_dims().iter().any(|f| f.starts_with(&prefix)) {
+            eprintln!(
+                "warning: --dim {name}: no tensor input of the model (without a default) has a dim named '{name}'"
+            );
+        }
+    }
 }
 
 fn print_value(name: &str, v: &Value, show: usize) {

@@ -653,25 +653,45 @@ fn max_generic(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
-/// Partial sums of [`sum_f64`] and the normalizations' f64 statistics:
-/// four vectors of f64 on AVX-512, so the adds do not wait on each other
-/// (one vector's chain made LayerNorm's statistics latency-bound).
-pub const F64_SUMS: usize = 32;
+/// Partial sums of [`sum_f64_by`]: four vectors of f64 on AVX-512, so the
+/// adds do not wait on each other (one vector's chain made LayerNorm's
+/// statistics latency-bound).
+const F64_SUMS: usize = 32;
 
-/// Sum of `v` accumulated in f64: [`F64_SUMS`] independent lanes (so the
-/// loop vectorizes), then the lanes in order, plus the tail. Inlined, so it
-/// takes its caller's vector width (`simd`).
+/// Sum of `v` accumulated in f64 (see [`sum_f64_by`]).
 #[inline(always)]
 pub fn sum_f64(v: &[f32]) -> f64 {
+    sum_f64_by(v, |x| x as f64)
+}
+
+/// Sum of `f` over `v`, accumulated in f64: [`F64_SUMS`] independent lanes
+/// over runs of that many values, then 8 lanes over the rest's runs of 8,
+/// then the last few in order, the lanes folded pairwise. Inlined, so it
+/// vectorizes at its caller's width (`simd`), and short rows (a 7x7 pooling
+/// window) do not end in a long scalar tail.
+#[inline(always)]
+pub fn sum_f64_by(v: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0.0f64; F64_SUMS];
     let mut chunks = v.chunks_exact(F64_SUMS);
     for c in &mut chunks {
         for i in 0..F64_SUMS {
-            acc[i] += c[i] as f64;
+            acc[i] += f(c[i]);
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
-    acc.iter().sum::<f64>() + tail
+    let mut eights = chunks.remainder().chunks_exact(8);
+    for c in &mut eights {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
+        }
+    }
+    let mut width = F64_SUMS;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    eights.remainder().iter().fold(acc[0], |s, &x| s + f(x))
 }
 
 /// Sum of `v` in 16 interleaved partial sums (pairwise-ish, and vectorizable).
@@ -730,6 +750,34 @@ pub fn exp_shift_sum(v: &mut [f32], shift: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sum_f64` and `sum_f64_by` against a plain sum in order, on every
+    /// length up to past two runs of 32 (each path: runs of 32, of 8, the
+    /// last few, and their mixes) of mixed magnitudes and signs.
+    #[test]
+    fn f64_sums_match_a_plain_sum_at_every_length() {
+        let vals: Vec<f32> = (0..100)
+            .map(|i| {
+                let m = [1e-3f32, 1.0, 1e4][i % 3];
+                m * ((i * 37 % 19) as f32 - 9.0)
+            })
+            .collect();
+        for len in 0..vals.len() {
+            let v = &vals[..len];
+            let plain: f64 = v.iter().map(|&x| x as f64).sum();
+            let sq: f64 = v.iter().map(|&x| (x as f64 - 0.5).powi(2)).sum();
+            let got = sum_f64(v);
+            let got_sq = sum_f64_by(v, |x| (x as f64 - 0.5).powi(2));
+            assert!(
+                (got - plain).abs() <= 1e-9 * (1.0 + plain.abs()),
+                "len {len}: {got} vs {plain}"
+            );
+            assert!(
+                (got_sq - sq).abs() <= 1e-9 * sq.max(1.0),
+                "len {len}: {got_sq} vs {sq}"
+            );
+        }
+    }
 
     /// Every level this CPU can run, so each build of the kernels is tested.
     fn levels() -> Vec<Level> {

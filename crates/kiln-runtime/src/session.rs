@@ -22,7 +22,10 @@ pub struct SessionOptions {
     /// Symbolic input dims fixed at load, by name (as ONNX Runtime's free
     /// dimension overrides and OpenVINO's reshape do): shapes are inferred,
     /// folded and the plan compiled for these sizes, and every run's inputs
-    /// must have them. Names the model's inputs do not use are ignored.
+    /// must have them. Applies to tensor inputs without a default; names no
+    /// such input uses are ignored ([`Session::fixed_dims`] lists the ones
+    /// used). A name given twice, or sizes that make an input's element
+    /// count overflow, are errors.
     pub fixed_dims: Vec<(String, usize)>,
 }
 
@@ -94,25 +97,59 @@ pub struct Session {
     warnings: Vec<String>,
     /// (elements, bytes) of the model's weights after optimization.
     parameters: (usize, usize),
+    /// The symbolic dims fixed at load that some input used, as `N=2`
+    /// (named in input errors).
+    fixed: Vec<String>,
 }
 
-/// Replaces each graph input's named dims listed in `fixed` by their sizes.
-fn fix_input_dims(graph: &mut Graph, fixed: &[(String, usize)]) {
-    if fixed.is_empty() {
-        return;
+/// Replaces the named dims listed in `fixed` by their sizes in the shapes
+/// of the graph's tensor inputs, and returns those it replaced, as `N=2`.
+/// Inputs with a default (an initializer) keep their shapes: runs that
+/// leave them out feed the default, whatever its size. Sequence and
+/// optional inputs keep theirs too (their elements' dims are not bound
+/// across inputs).
+fn fix_input_dims(graph: &mut Graph, fixed: &[(String, usize)]) -> Result<Vec<String>> {
+    let mut applied: Vec<String> = Vec::new();
+    for (i, (name, _)) in fixed.iter().enumerate() {
+        if fixed[..i].iter().any(|(n, _)| n == name) {
+            return Err(Error::Input(format!("dim '{name}' is fixed twice")));
+        }
     }
     for input in &mut graph.inputs {
+        if input.ty.kind != ValueKind::Tensor || graph.initializers.contains_key(&input.name) {
+            continue;
+        }
         let Some(shape) = input.ty.shape.as_mut() else {
             continue;
         };
+        let mut touched = false;
         for d in shape.iter_mut() {
-            if let Dim::Named(name) = d {
-                if let Some(&(_, v)) = fixed.iter().find(|(n, _)| n == name) {
-                    *d = Dim::Known(v);
+            let Dim::Named(name) = d else { continue };
+            if let Some((n, v)) = fixed.iter().find(|(n, _)| n == name) {
+                let said = format!("{n}={v}");
+                if !applied.contains(&said) {
+                    applied.push(said);
                 }
+                *d = Dim::Known(*v);
+                touched = true;
             }
         }
+        if !touched {
+            continue;
+        }
+        let count = shape
+            .iter()
+            .filter_map(Dim::known)
+            .try_fold(1usize, |acc, d| acc.checked_mul(d));
+        if count.is_none_or(|c| c > isize::MAX as usize / 16) {
+            return Err(Error::Input(format!(
+                "input '{}' would have {} with the fixed dims: too many elements",
+                input.name,
+                format_shape(shape)
+            )));
+        }
     }
+    Ok(applied)
 }
 
 impl Session {
@@ -140,9 +177,14 @@ impl Session {
         let pool = crate::pool::shared_pool(threads).map_err(Error::Resource)?;
         let threads = pool.current_num_threads();
         let mut graph = model.graph;
-        fix_input_dims(&mut graph, &options.fixed_dims);
-        let report = kiln_ir::infer::infer_graph(&mut graph, &HashMap::new())
-            .map_err(|e| Error::InvalidModel(e.to_string()))?;
+        let fixed = fix_input_dims(&mut graph, &options.fixed_dims)?;
+        let report = kiln_ir::infer::infer_graph(&mut graph, &HashMap::new()).map_err(|e| {
+            if fixed.is_empty() {
+                Error::InvalidModel(e.to_string())
+            } else {
+                Error::InvalidModel(format!("with dims fixed at {}: {e}", fixed.join(", ")))
+            }
+        })?;
         for w in &report.warnings {
             tracing::warn!("{w}");
         }
@@ -216,7 +258,14 @@ impl Session {
             outputs,
             warnings: report.warnings,
             parameters,
+            fixed,
         })
+    }
+
+    /// The dims fixed at load (`SessionOptions::fixed_dims`) that some input
+    /// used, as `N=2`.
+    pub fn fixed_dims(&self) -> &[String] {
+        &self.fixed
     }
 
     /// The model's inputs (including ones with defaults, which may be left out).
@@ -299,7 +348,13 @@ impl Session {
         inputs: Vec<(String, Value)>,
         profile: Option<&mut Vec<NodeTiming>>,
     ) -> Result<Vec<(String, Value)>> {
-        let feeds = self.check_inputs(inputs)?;
+        let feeds = self.check_inputs(inputs).map_err(|e| match e {
+            Error::Input(msg) if !self.fixed.is_empty() => Error::Input(format!(
+                "{msg} (dims fixed at load: {})",
+                self.fixed.join(", ")
+            )),
+            e => e,
+        })?;
         let outs = crate::pool::install_warm(&self.pool, || {
             execute_profiled(&self.plan, feeds, &[], profile)
         })?;

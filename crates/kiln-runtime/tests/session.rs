@@ -123,7 +123,21 @@ fn fixed_dims_compile_for_their_sizes_and_bind_every_run() {
         )])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("'x'") && e.contains("[2, 3]"), "{e}");
+    assert!(
+        e.contains("'x'") && e.contains("[2, 3]") && e.contains("fixed at load: N=2"),
+        "{e}"
+    );
+    assert_eq!(s.fixed_dims(), ["N=2"]);
+    // A name given twice is refused.
+    let twice = kiln_runtime::SessionOptions {
+        fixed_dims: vec![("N".into(), 2), ("N".into(), 3)],
+        ..Default::default()
+    };
+    let e = kiln_runtime::Session::from_model_with(common::model(g.clone()), &twice)
+        .err()
+        .expect("N fixed twice")
+        .to_string();
+    assert!(e.contains("'N'") && e.contains("twice"), "{e}");
     // Without fixed dims the same graph keeps N symbolic and runs any batch.
     let s = session(g).unwrap();
     assert_eq!(s.inputs()[0].shape_string(), "[N, 3]");
@@ -139,6 +153,45 @@ fn fixed_dims_compile_for_their_sizes_and_bind_every_run() {
         .nodes
         .iter()
         .any(|n| matches!(n.op, Op::Shape { .. })));
+}
+
+#[test]
+fn fixed_dims_bind_every_input_but_those_with_defaults() {
+    // a, b: [N]; c: [N] with a default of 3 values. With N fixed at 2, a
+    // and b take [2]; c keeps [N], so leaving it out feeds its default.
+    let mut g = Graph {
+        inputs: vec![
+            vi("a", DType::F32, vec![Dim::named("N")]),
+            vi("b", DType::F32, vec![Dim::named("N")]),
+            vi("c", DType::F32, vec![Dim::named("N")]),
+        ],
+        outputs: vec![
+            vi("y", DType::F32, vec![Dim::named("N")]),
+            vi("z", DType::F32, vec![Dim::named("N")]),
+        ],
+        nodes: vec![
+            node("add", Op::Binary(BinaryOp::Add), &["a", "b"], &["y"]),
+            node("neg", Op::Unary(UnaryOp::Neg), &["c"], &["z"]),
+        ],
+        ..Default::default()
+    };
+    g.initializers
+        .insert("c".into(), Arc::new(Tensor::vector(vec![1.0f32, 2.0, 3.0])));
+    let options = kiln_runtime::SessionOptions {
+        fixed_dims: vec![("N".into(), 2)],
+        ..Default::default()
+    };
+    let s = kiln_runtime::Session::from_model_with(common::model(g), &options).unwrap();
+    let shapes: Vec<String> = s.inputs().iter().map(|i| i.shape_string()).collect();
+    assert_eq!(shapes, ["[2]", "[2]", "[N]"]);
+    let out = s
+        .run(vec![
+            ("a".into(), Tensor::vector(vec![1.0f32, 2.0])),
+            ("b".into(), Tensor::vector(vec![10.0f32, 20.0])),
+        ])
+        .unwrap();
+    assert_eq!(f32s(&out[0].1), vec![11.0, 22.0]);
+    assert_eq!(f32s(&out[1].1), vec![-1.0, -2.0, -3.0]);
 }
 
 #[test]

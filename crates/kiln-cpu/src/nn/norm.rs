@@ -232,27 +232,16 @@ fn layer_norm_impl<T: Real>(
 }
 
 /// Mean and 1/sqrt(var + eps) of an f32 row: two passes accumulated in f64
-/// ([`crate::fastmath::F64_SUMS`] independent lanes, so the loops vectorize
-/// and the adds overlap), like [`mean_inv_std`].
+/// (`fastmath::sum_f64_by`: independent lanes, so the loops vectorize and
+/// the adds overlap), like [`mean_inv_std`].
 #[inline(always)]
 fn mean_inv_std_f32(v: &[f32], eps: f32) -> (f64, f64) {
-    use crate::fastmath::F64_SUMS;
     let n = v.len() as f64;
     let mean = crate::fastmath::sum_f64(v) / n;
-    let mut acc = [0.0f64; F64_SUMS];
-    let mut chunks = v.chunks_exact(F64_SUMS);
-    for c in &mut chunks {
-        for i in 0..F64_SUMS {
-            let d = c[i] as f64 - mean;
-            acc[i] += d * d;
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| (x as f64 - mean) * (x as f64 - mean))
-        .sum();
-    let var = (acc.iter().sum::<f64>() + tail) / n;
+    let var = crate::fastmath::sum_f64_by(v, |x| {
+        let d = x as f64 - mean;
+        d * d
+    }) / n;
     (mean, 1.0 / (var + eps as f64).sqrt())
 }
 
