@@ -129,8 +129,7 @@ pub(crate) fn parse_dims(specs: &[String]) -> Result<Vec<(String, usize)>, Failu
 /// (a typo benchmarks the model with that dim left symbolic).
 pub(crate) fn warn_unused_dims(session: &Session, dims: &[(String, usize)]) {
     for (name, _) in dims {
-        let prefix = format!("{name}=");
-        if !session.fixed_dims().iter().any(|f| f.starts_with(&prefix)) {
+        if !session.fixed_dims().iter().any(|(n, _)| n == name) {
             eprintln!(
                 "warning: --dim {name}: no tensor input of the model (without a default) has a dim named '{name}'"
             );

@@ -97,19 +97,25 @@ pub struct Session {
     warnings: Vec<String>,
     /// (elements, bytes) of the model's weights after optimization.
     parameters: (usize, usize),
-    /// The symbolic dims fixed at load that some input used, as `N=2`
-    /// (named in input errors).
-    fixed: Vec<String>,
+    /// The symbolic dims fixed at load that some input used (named in
+    /// input errors).
+    fixed: Vec<(String, usize)>,
+}
+
+/// Fixed dims as `N=2, S=128`, for messages.
+fn fixed_text(fixed: &[(String, usize)]) -> String {
+    let parts: Vec<String> = fixed.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    parts.join(", ")
 }
 
 /// Replaces the named dims listed in `fixed` by their sizes in the shapes
-/// of the graph's tensor inputs, and returns those it replaced, as `N=2`.
+/// of the graph's tensor inputs, and returns those it replaced.
 /// Inputs with a default (an initializer) keep their shapes: runs that
 /// leave them out feed the default, whatever its size. Sequence and
 /// optional inputs keep theirs too (their elements' dims are not bound
 /// across inputs).
-fn fix_input_dims(graph: &mut Graph, fixed: &[(String, usize)]) -> Result<Vec<String>> {
-    let mut applied: Vec<String> = Vec::new();
+fn fix_input_dims(graph: &mut Graph, fixed: &[(String, usize)]) -> Result<Vec<(String, usize)>> {
+    let mut applied: Vec<(String, usize)> = Vec::new();
     for (i, (name, _)) in fixed.iter().enumerate() {
         if fixed[..i].iter().any(|(n, _)| n == name) {
             return Err(Error::Input(format!("dim '{name}' is fixed twice")));
@@ -125,12 +131,11 @@ fn fix_input_dims(graph: &mut Graph, fixed: &[(String, usize)]) -> Result<Vec<St
         let mut touched = false;
         for d in shape.iter_mut() {
             let Dim::Named(name) = d else { continue };
-            if let Some((n, v)) = fixed.iter().find(|(n, _)| n == name) {
-                let said = format!("{n}={v}");
-                if !applied.contains(&said) {
-                    applied.push(said);
+            if let Some(f) = fixed.iter().find(|(n, _)| n == name) {
+                if !applied.contains(f) {
+                    applied.push(f.clone());
                 }
-                *d = Dim::Known(*v);
+                *d = Dim::Known(f.1);
                 touched = true;
             }
         }
@@ -182,7 +187,7 @@ impl Session {
             if fixed.is_empty() {
                 Error::InvalidModel(e.to_string())
             } else {
-                Error::InvalidModel(format!("with dims fixed at {}: {e}", fixed.join(", ")))
+                Error::InvalidModel(format!("with dims fixed at {}: {e}", fixed_text(&fixed)))
             }
         })?;
         for w in &report.warnings {
@@ -263,8 +268,8 @@ impl Session {
     }
 
     /// The dims fixed at load (`SessionOptions::fixed_dims`) that some input
-    /// used, as `N=2`.
-    pub fn fixed_dims(&self) -> &[String] {
+    /// used, with their sizes.
+    pub fn fixed_dims(&self) -> &[(String, usize)] {
         &self.fixed
     }
 
@@ -351,7 +356,7 @@ impl Session {
         let feeds = self.check_inputs(inputs).map_err(|e| match e {
             Error::Input(msg) if !self.fixed.is_empty() => Error::Input(format!(
                 "{msg} (dims fixed at load: {})",
-                self.fixed.join(", ")
+                fixed_text(&self.fixed)
             )),
             e => e,
         })?;

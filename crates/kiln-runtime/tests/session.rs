@@ -127,7 +127,7 @@ fn fixed_dims_compile_for_their_sizes_and_bind_every_run() {
         e.contains("'x'") && e.contains("[2, 3]") && e.contains("fixed at load: N=2"),
         "{e}"
     );
-    assert_eq!(s.fixed_dims(), ["N=2"]);
+    assert_eq!(s.fixed_dims(), [("N".to_string(), 2)]);
     // A name given twice is refused.
     let twice = kiln_runtime::SessionOptions {
         fixed_dims: vec![("N".into(), 2), ("N".into(), 3)],

@@ -80,10 +80,9 @@ pub fn run(g: &mut Graph, _ctx: &PassCtx) -> usize {
     }
     let mut converted = 0;
     for nodes in &regions(g, &ix, &kinds) {
-        if !region_pays(g, &ix, &kinds, nodes) {
+        let Some(edges) = paying_edges(g, &ix, &kinds, nodes) else {
             continue;
-        }
-        let edges = edges(g, &ix, nodes);
+        };
         // Weights only this region's pointwise convs read are replaced by
         // their transposes under the same name (no second copy).
         let own: HashSet<String> = nodes
@@ -242,13 +241,18 @@ fn regions(g: &Graph, ix: &Index, kinds: &HashMap<usize, Kind>) -> Vec<Vec<usize
     out
 }
 
-/// Whether a region's convs pay for the Transposes at its edges
+/// A region's edges, where its convs pay for the Transposes there
 /// ([`worth_converting`]; dense convs count as pointwise ones).
-fn region_pays(g: &Graph, ix: &Index, kinds: &HashMap<usize, Kind>, nodes: &[usize]) -> bool {
+fn paying_edges(
+    g: &Graph,
+    ix: &Index,
+    kinds: &HashMap<usize, Kind>,
+    nodes: &[usize],
+) -> Option<Edges> {
     let edges = edges(g, ix, nodes);
     let depthwise = nodes.iter().filter(|i| kinds[i] == Kind::Depthwise).count();
     let transposes = edges.entering.len() + edges.leaving.len();
-    worth_converting(nodes.len() - depthwise, depthwise, transposes)
+    worth_converting(nodes.len() - depthwise, depthwise, transposes).then_some(edges)
 }
 
 /// The candidates that may join a region: those on planes up to
@@ -268,7 +272,7 @@ fn admit_mid_planes(
         .filter(|r| {
             r.iter()
                 .any(|i| found[i] == (Kind::Depthwise, Size::MidOut))
-                && region_pays(g, ix, &all, r)
+                && paying_edges(g, ix, &all, r).is_some()
         })
         .flatten()
         .collect();
