@@ -664,6 +664,9 @@ mod tests {
             (3, 5, 6, 7, [3, 3], [2, 1], [0, 1, 1, 0], [1, 1]),
             (1, 1, 1, 64, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
             (1, 60, 40, 16, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            // More bands x blocks than the AVX-512 kernel makes tasks: a
+            // task takes several blocks, the last group and block partial.
+            (9, 7, 7, 168, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
         ];
         let acts = [
             FusedAct::Identity,
