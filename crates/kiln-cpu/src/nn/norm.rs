@@ -232,16 +232,13 @@ fn layer_norm_impl<T: Real>(
 }
 
 /// Mean and 1/sqrt(var + eps) of an f32 row: two passes accumulated in f64
-/// (`fastmath::sum_f64_by`: independent lanes, so the loops vectorize and
-/// the adds overlap), like [`mean_inv_std`].
+/// (`fastmath::sum_f64` and `sum_sq_dev_f64`: independent lanes, so the
+/// adds overlap), like [`mean_inv_std`].
 #[inline(always)]
 fn mean_inv_std_f32(v: &[f32], eps: f32) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = crate::fastmath::sum_f64(v) / n;
-    let var = crate::fastmath::sum_f64_by(v, |x| {
-        let d = x as f64 - mean;
-        d * d
-    }) / n;
+    let var = crate::fastmath::sum_sq_dev_f64(v, mean) / n;
     (mean, 1.0 / (var + eps as f64).sqrt())
 }
 
