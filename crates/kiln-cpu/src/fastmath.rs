@@ -700,8 +700,10 @@ fn max_generic(v: &[f32]) -> f32 {
 /// statistics latency-bound).
 const F64_SUMS: usize = 32;
 
-/// Sum of `v` accumulated in f64 (see [`sum_f64_by`]; on AVX-512 the same
-/// in intrinsics, [`sum_sq_dev_f64`]).
+/// Sum of `v` accumulated in f64: [`sum_f64_by`], or on AVX-512 the same
+/// sum in intrinsics (as in [`sum_sq_dev_f64`]; the partial sums are
+/// grouped differently, so the last bits may differ). LayerNorm's mean,
+/// ReduceSum/ReduceMean and global average pooling use it.
 #[inline(always)]
 pub fn sum_f64(v: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
@@ -848,6 +850,19 @@ mod tests {
                     (got_sq - sq).abs() <= 1e-9 * sq.max(1.0),
                     "len {len}: {got_sq} vs {sq}"
                 );
+            }
+        }
+        // Values near a big mean: the deviations are small, so a lane past
+        // the end counted by mistake (adding mean^2 = 1e6) cannot hide.
+        let near: Vec<f32> = (0..100).map(|i| 1000.0 + (i % 7) as f32 * 0.25).collect();
+        for len in 0..near.len() {
+            let v = &near[..len];
+            let sq: f64 = v.iter().map(|&x| (x as f64 - 1000.0).powi(2)).sum();
+            for got in [
+                sum_sq_dev_f64(v, 1000.0),
+                sum_f64_by(v, |x| (x as f64 - 1000.0).powi(2)),
+            ] {
+                assert!((got - sq).abs() <= 1e-9, "len {len}: {got} vs {sq}");
             }
         }
     }

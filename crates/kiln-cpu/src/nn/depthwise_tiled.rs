@@ -9,7 +9,7 @@
 //!
 //! 1. a band of input rows of the 16 planes is transposed (16x16 blocks) into
 //!    a zero-padded tile `tile[row][col][lane]`, so every tap of every output
-//!    is one aligned vector load;
+//!    is one vector load;
 //! 2. each output position is `bias + sum over taps of tile[...] * w[tap]`,
 //!    eight positions at a time in registers, with Relu/Clip applied there;
 //! 3. the band's outputs are transposed back into the 16 output planes.
@@ -140,8 +140,8 @@ pub(super) fn nhwc_applies(g: &Plane2d) -> bool {
 /// Depthwise conv on channels-last tensors: `x` is `[n, ih, iw, c]`, `y`
 /// `[n, oh, ow, c]`, `w` `[c, kh * kw]`; the bias per channel and a
 /// `(lo, hi)` clamp in registers (a residual or any other activation is the
-/// caller's, after). One task per image, band of output rows and block of
-/// 16 channels: the block's input rows of the band are copied into the
+/// caller's, after). A task per image, band of output rows and block of 16
+/// channels (several blocks of a band when that would make many tasks): the block's input rows of the band are copied into the
 /// zero-padded tile (16 neighbouring channels are already one vector, so
 /// nothing is transposed, unlike [`conv`]), and its outputs are stored
 /// straight into `y`.
@@ -172,32 +172,45 @@ pub(super) fn conv_nhwc(
     let ob = band_rows(g);
     let (bands, blocks) = (g.oh.div_ceil(ob), c.div_ceil(LANES));
     let wb = lane_weights(w, bias, c, taps);
+    // Blocks of a band taken together by one task, so that there are about
+    // TASKS_PER_THREAD tasks per thread: a task per block made 480 tasks of
+    // 49 positions each for MobileNetV2's 7x7 layers at batch 8.
+    let tasks_max = TASKS_PER_THREAD * rayon::current_num_threads();
+    let group = (n * bands * blocks).div_ceil(tasks_max).clamp(1, blocks);
+    let groups = blocks.div_ceil(group);
     let out = super::SharedOut(y.as_mut_ptr());
-    (0..n * bands * blocks).into_par_iter().for_each(|t| {
-        let (ni, rest) = (t / (bands * blocks), t % (bands * blocks));
-        let (oy0, c0) = ((rest / blocks) * ob, (rest % blocks) * LANES);
+    (0..n * bands * groups).into_par_iter().for_each(|t| {
+        let (ni, rest) = (t / (bands * groups), t % (bands * groups));
+        let (oy0, first) = ((rest / groups) * ob, (rest % groups) * group);
         let xs = &x[ni * in_img..(ni + 1) * in_img];
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            // SAFETY: `nhwc_applies` (asserted) checked AVX-512F. Task t
-            // writes only channels c0..c0 + 16 (fewer at the end) of output
-            // rows oy0..oy0 + ob of image ni, inside `y` (its length was
-            // asserted); tasks' pieces are disjoint and `y` outlives the loop.
-            unsafe {
-                block_nhwc(
-                    g,
-                    c,
-                    xs,
-                    &wb[(c0 / LANES) * (taps + 1) * LANES..][..(taps + 1) * LANES],
-                    clamp,
-                    (c0, oy0),
-                    out.get().add(ni * out_img),
-                    &mut s,
-                )
+            for blk in first..(first + group).min(blocks) {
+                // SAFETY: `nhwc_applies` (asserted) checked AVX-512F. This
+                // writes only channels blk * 16.. (16, fewer at the end) of
+                // output rows oy0..oy0 + ob of image ni, inside `y` (its
+                // length was asserted); tasks' pieces are disjoint and `y`
+                // outlives the loop.
+                unsafe {
+                    block_nhwc(
+                        g,
+                        c,
+                        xs,
+                        &wb[blk * (taps + 1) * LANES..][..(taps + 1) * LANES],
+                        clamp,
+                        (blk * LANES, oy0),
+                        out.get().add(ni * out_img),
+                        &mut s,
+                    )
+                }
             }
         })
     });
 }
+
+/// About this many tasks per thread for [`conv_nhwc`]: enough to balance
+/// the threads, few enough that scheduling stays small next to the work.
+const TASKS_PER_THREAD: usize = 16;
 
 /// Every 16-channel block's weight vectors, then its bias vector (lane l of
 /// a block's vector t is its channel l's tap t; zeros past the last
@@ -290,7 +303,6 @@ unsafe fn block_nhwc(
         }
         let taps = Taps {
             w: wb.as_ptr(),
-            wstep: LANES,
             kh: g.kh,
             kw: g.kw,
             krow: g.dh * cols * LANES,
@@ -382,7 +394,6 @@ unsafe fn block_avx512(
         let tp = tile.as_ptr();
         let taps = Taps {
             w: wv.as_ptr(),
-            wstep: LANES,
             kh: g.kh,
             kw: g.kw,
             krow,
@@ -450,13 +461,11 @@ fn block_scratch<'s>(
     (wv, bv, tile, &mut rest[..out_len])
 }
 
-/// The taps of one block: weight vectors (`kh * kw`, 16 lanes each, `wstep`
-/// floats apart) and the input strides (of the tile, or of channels-last X
-/// read in place) between kernel rows, kernel columns and neighbouring
-/// output positions.
+/// The taps of one block: weight vectors (`kh * kw`, 16 lanes each, one
+/// after another) and the tile strides between kernel rows, kernel columns
+/// and neighbouring output positions.
 struct Taps {
     w: *const f32,
-    wstep: usize,
     kh: usize,
     kw: usize,
     krow: usize,
@@ -515,14 +524,14 @@ unsafe fn band<const K3: bool>(
 /// unused otherwise).
 ///
 /// # Safety
-/// AVX-512F; with `K3`, `taps.w` holds nine vectors `taps.wstep` apart.
+/// AVX-512F; with `K3`, `taps.w` holds nine vectors.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn weight_regs<const K3: bool>(taps: &Taps) -> [std::arch::x86_64::__m512; 9] {
     use std::arch::x86_64::*;
     if K3 {
         // SAFETY: the caller's contract.
-        std::array::from_fn(|t| unsafe { _mm512_loadu_ps(taps.w.add(t * taps.wstep)) })
+        std::array::from_fn(|t| unsafe { _mm512_loadu_ps(taps.w.add(t * LANES)) })
     } else {
         [_mm512_setzero_ps(); 9]
     }
@@ -575,17 +584,17 @@ unsafe fn row_positions<const K3: bool>(
     }
 }
 
-/// `N` neighbouring output positions from the input at `src` (the first
-/// position's first tap: in the tile, or in channels-last X) into `dst` (`N`
-/// vectors, `dst_step` floats apart): bias plus every tap, clamped to
+/// `N` neighbouring output positions from the tile at `src` (the first
+/// position's first tap) into `dst` (`N` vectors, `dst_step` floats
+/// apart): bias plus every tap, clamped to
 /// `(lo, hi)`, each position its own accumulator. With `K3` the kernel is
 /// 3x3 and its weight vectors are `w`; otherwise they are read from
 /// `taps.w` (and `w` is unused).
 ///
 /// # Safety
-/// AVX-512F; `taps.w` holds `kh * kw` vectors `taps.wstep` apart; every
+/// AVX-512F; `taps.w` holds `kh * kw` vectors; every
 /// read `src + ky * krow + kx * kcol + j * step` (j < N) lies inside the
-/// caller's input, and the 16 floats at `dst + j * dst_step` inside its
+/// caller's tile, and the 16 floats at `dst + j * dst_step` inside its
 /// output.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -612,7 +621,7 @@ unsafe fn positions<const N: usize, const K3: bool>(
                 let wt = if K3 {
                     w[ky * 3 + kx]
                 } else {
-                    _mm512_loadu_ps(taps.w.add((ky * kw + kx) * taps.wstep))
+                    _mm512_loadu_ps(taps.w.add((ky * kw + kx) * LANES))
                 };
                 let p = prow.add(kx * taps.kcol);
                 for (j, a) in acc.iter_mut().enumerate() {
