@@ -322,6 +322,12 @@ fn conv_bias_ok(g: &Graph, n: &Node, m: usize) -> bool {
 struct Edges {
     entering: BTreeSet<String>,
     leaving: BTreeSet<String>,
+    /// Of `leaving`, those only GlobalAveragePools read (and nothing sees
+    /// outside the graph): they leave as a mean over the channels-last
+    /// positions, `[N, 1, 1, C]`, stored as the pool's `[N, C, 1, 1]`, so
+    /// no Transpose (MobileNetV2's last 7x7 value: 1.25 MB transposed per
+    /// image only to be averaged).
+    pooled: BTreeSet<String>,
 }
 
 fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
@@ -349,7 +355,27 @@ fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
             }
         }
     }
-    Edges { entering, leaving }
+    let pooled = leaving
+        .iter()
+        .filter(|v| {
+            let readers = ix.readers(v);
+            !ix.is_pinned(v)
+                && !readers.is_empty()
+                && readers.iter().all(|&j| {
+                    let n = &g.nodes[j];
+                    matches!(n.op, Op::GlobalAveragePool)
+                        && n.inputs.len() == 1
+                        && n.input(0) == Some(v.as_str())
+                        && n.outputs.len() == 1
+                })
+        })
+        .cloned()
+        .collect();
+    Edges {
+        entering,
+        leaving,
+        pooled,
+    }
 }
 
 /// `[N, C, H, W]` as `[N, H, W, C]`.
@@ -426,7 +452,9 @@ fn convert(
         node.op = op;
         node.inputs = inputs;
         node.outputs = vec![Some(last[&out].clone())];
-        if e.leaving.contains(&out) {
+        if e.pooled.contains(&out) {
+            pool_channels_last(g, &out, &last[&out], &mut new_nodes);
+        } else if e.leaving.contains(&out) {
             new_nodes.push(Node {
                 name: fresh_name(g, &format!("{out}_to_nchw")),
                 op: Op::Transpose {
@@ -438,6 +466,51 @@ fn convert(
         }
     }
     g.nodes.extend(new_nodes);
+}
+
+/// Rewrites every GlobalAveragePool of `out` (see `Edges::pooled`) to read
+/// its channels-last form `nhwc` instead: a ReduceMean over the positions
+/// (axes 1 and 2, kept), `[N, 1, 1, C]`, then a Reshape to the pool's
+/// `[N, C, 1, 1]` (the same values in the same order).
+fn pool_channels_last(g: &mut Graph, out: &str, nhwc: &str, new_nodes: &mut Vec<Node>) {
+    let readers: Vec<usize> = (0..g.nodes.len())
+        .filter(|&j| g.nodes[j].input(0) == Some(out))
+        .collect();
+    if readers.is_empty() {
+        return;
+    }
+    let axes = add_constant(g, "pool_axes", i64_tensor(vec![1, 2]));
+    // 0: N as it is; -1: C.
+    let dims = add_constant(g, "pool_dims", i64_tensor(vec![0, -1, 1, 1]));
+    for j in readers {
+        let pooled_out = g.nodes[j].outputs[0].clone().unwrap_or_default();
+        let mean = fresh_name(g, &format!("{pooled_out}_nhwc"));
+        if let Some(s) = shape(g, nhwc) {
+            let t = vec![s[0].clone(), Dim::Known(1), Dim::Known(1), s[3].clone()];
+            g.value_types
+                .insert(mean.clone(), ValueType::new(DType::F32, Some(t)));
+        }
+        let name = g.nodes[j].name.clone();
+        let n = &mut g.nodes[j];
+        n.op = Op::Reduce {
+            op: kiln_ir::ReduceOp::Mean,
+            keepdims: true,
+            noop_with_empty_axes: false,
+        };
+        n.inputs = vec![Some(nhwc.to_string()), Some(axes.clone())];
+        n.outputs = vec![Some(mean.clone())];
+        new_nodes.push(Node {
+            name: fresh_name(g, &format!("{name}_to_nchw")),
+            op: Op::Reshape { allowzero: false },
+            inputs: vec![Some(mean), Some(dims.clone())],
+            outputs: vec![Some(pooled_out)],
+        });
+    }
+}
+
+fn i64_tensor(v: Vec<i64>) -> kiln_ir::Tensor {
+    let n = v.len();
+    kiln_ir::Tensor::from_vec(vec![n], v).expect("a vector's shape matches its length")
 }
 
 /// Pointwise W `[M, C, 1, 1]` transposed to `[C, M]`: under W's own name
@@ -652,6 +725,37 @@ mod tests {
         let (after, n) = check_pass(&g, run);
         assert_eq!(n, 3);
         assert_eq!(count_op(&after, "Transpose"), 4);
+    }
+
+    #[test]
+    fn a_value_only_pooled_leaves_without_a_transpose() {
+        // The blocks' last value read only by a GlobalAveragePool: a mean
+        // over the channels-last positions instead of a Transpose. When the
+        // value is also a graph output, it is transposed back for that.
+        for also_output in [false, true] {
+            let mut g = mobilenet_blocks(7, 2, 1, 1);
+            g.nodes.push(Node {
+                name: "pool".into(),
+                op: Op::GlobalAveragePool,
+                inputs: vec![Some("p1".into())],
+                outputs: vec![Some("pooled".into())],
+            });
+            let pooled = kiln_ir::ValueInfo {
+                name: "pooled".into(),
+                ty: ValueType::new(DType::F32, None),
+            };
+            if also_output {
+                g.outputs.push(pooled);
+            } else {
+                g.outputs = vec![pooled];
+            }
+            let (after, n) = check_pass(&g, run);
+            assert_eq!(n, 6);
+            let (transposes, means) = if also_output { (2, 0) } else { (1, 1) };
+            assert_eq!(count_op(&after, "Transpose"), transposes, "{also_output}");
+            assert_eq!(count_op(&after, "ReduceMean"), means, "{also_output}");
+            assert_eq!(count_op(&after, "GlobalAveragePool"), 1 - means);
+        }
     }
 
     #[test]
