@@ -703,7 +703,8 @@ const F64_SUMS: usize = 32;
 /// Sum of `v` accumulated in f64: [`sum_f64_by`], or on AVX-512 the same
 /// sum in intrinsics (as in [`sum_sq_dev_f64`]; the partial sums are
 /// grouped differently, so the last bits may differ). LayerNorm's mean,
-/// ReduceSum/ReduceMean and global average pooling use it.
+/// ReduceSum/ReduceMean over contiguous runs and global average pooling use
+/// it.
 #[inline(always)]
 pub fn sum_f64(v: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]

@@ -674,6 +674,12 @@ mod tests {
             FusedAct::Clip { min: 0.0, max: 6.0 },
             FusedAct::HardSwish,
         ];
+        // Two threads whatever the machine: the AVX-512 kernel's tasks per
+        // thread decide how many blocks a task takes.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a test pool");
         for (ci, &(n, h, w, c, k, strides, pads, dil)) in cases.iter().enumerate() {
             let conv = ConvAttrs {
                 auto_pad: AutoPad::NotSet,
@@ -702,17 +708,20 @@ mod tests {
                     // Each channels-last kernel itself (the AVX-512 one where
                     // the CPU has it, and the portable one), not the NCHW route.
                     for allow_tiled in [true, false] {
-                        let direct = nn::depthwise_conv_nhwc_with(
-                            &conv,
-                            &x,
-                            &wt,
-                            inputs.get(2).copied().flatten(),
-                            inputs.get(3).copied().flatten(),
-                            act,
-                            allow_tiled,
-                        )
-                        .unwrap()
-                        .unwrap_or_else(|| panic!("{what}: no channels-last kernel took it"));
+                        let direct = pool
+                            .install(|| {
+                                nn::depthwise_conv_nhwc_with(
+                                    &conv,
+                                    &x,
+                                    &wt,
+                                    inputs.get(2).copied().flatten(),
+                                    inputs.get(3).copied().flatten(),
+                                    act,
+                                    allow_tiled,
+                                )
+                            })
+                            .unwrap()
+                            .unwrap_or_else(|| panic!("{what}: no channels-last kernel took it"));
                         assert_close(&direct, &want, &format!("{what}, tiled {allow_tiled}"));
                     }
                 }

@@ -141,8 +141,8 @@ pub(super) fn nhwc_applies(g: &Plane2d) -> bool {
 /// `[n, oh, ow, c]`, `w` `[c, kh * kw]`; the bias per channel and a
 /// `(lo, hi)` clamp in registers (a residual or any other activation is the
 /// caller's, after). A task per image, band of output rows and block of 16
-/// channels (several blocks of a band when that would make many tasks): the block's input rows of the band are copied into the
-/// zero-padded tile (16 neighbouring channels are already one vector, so
+/// channels (several blocks of a band when that would make many tasks):
+/// the block's input rows of the band are copied into the zero-padded tile (16 neighbouring channels are already one vector, so
 /// nothing is transposed, unlike [`conv`]), and its outputs are stored
 /// straight into `y`.
 #[allow(clippy::too_many_arguments)]
