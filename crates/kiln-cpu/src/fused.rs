@@ -130,6 +130,10 @@ pub(crate) enum Packed<'a> {
     Conv(&'a nn::ConvPack, &'a [usize]),
     /// MatMul's 2-D B packed.
     MatMul(&'a PackedB),
+    /// A channels-last depthwise conv's W as the AVX-512 kernel reads it
+    /// (`depthwise_tiled::lane_weights`); W is still given, for the other
+    /// kernels.
+    DepthwiseLanes(&'a [f32]),
 }
 
 /// The fast fused kernel; every present input must be f32. With `packed`, the
@@ -182,7 +186,12 @@ pub(crate) fn run_fast(
                     nn::conv_nhwc_gathered(conv, get(0, "X")?, w_shape, w, opt(2), opt(3), *act)?
                 }
                 _ => {
-                    nn::depthwise_conv_nhwc(conv, get(0, "X")?, get(1, "W")?, opt(2), opt(3), *act)?
+                    let lanes = match packed {
+                        Packed::DepthwiseLanes(l) => Some(l),
+                        _ => None,
+                    };
+                    let (x, w) = (get(0, "X")?, get(1, "W")?);
+                    nn::depthwise_conv_nhwc(conv, x, w, opt(2), opt(3), *act, lanes)?
                 }
             };
             match y {
@@ -705,6 +714,25 @@ mod tests {
                     let what = format!("case {ci} {act:?} with {} inputs", inputs.len());
                     let want = run_reference(&op, &inputs).unwrap();
                     assert_close(&run_fast(&op, &inputs, Packed::None).unwrap(), &want, &what);
+                    // Prepared (W in vector lanes on AVX-512), W given or
+                    // left out as the runtime does once it is prepared.
+                    let node = kiln_ir::Op::Fused(op.clone());
+                    let prepared = crate::prepared::prepare(&node, &[None, Some(&wt)], None);
+                    #[cfg(target_arch = "x86_64")]
+                    assert_eq!(
+                        prepared.is_some(),
+                        std::is_x86_feature_detected!("avx512f"),
+                        "{what}: prepared where the AVX-512 kernel runs"
+                    );
+                    if let Some(p) = prepared {
+                        assert!(format!("{p:?}").contains("vector lanes"), "{p:?}");
+                        let mut no_w = inputs.clone();
+                        no_w[1] = None;
+                        for given in [&inputs, &no_w] {
+                            let got = pool.install(|| p.run(given, 1)).unwrap();
+                            assert_close(&got[0], &want, &format!("{what}, prepared"));
+                        }
+                    }
                     // Each channels-last kernel itself (the AVX-512 one where
                     // the CPU has it, and the portable one), not the NCHW route.
                     for allow_tiled in [true, false] {
@@ -717,6 +745,7 @@ mod tests {
                                     inputs.get(2).copied().flatten(),
                                     inputs.get(3).copied().flatten(),
                                     act,
+                                    None,
                                     allow_tiled,
                                 )
                             })
@@ -753,7 +782,7 @@ mod tests {
             };
             let inputs = [Some(&x), Some(&w), Some(&b)];
             assert!(
-                nn::depthwise_conv_nhwc(&conv, &x, &w, Some(&b), None, FusedAct::Relu)
+                nn::depthwise_conv_nhwc(&conv, &x, &w, Some(&b), None, FusedAct::Relu, None)
                     .unwrap()
                     .is_none()
             );

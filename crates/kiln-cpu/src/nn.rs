@@ -40,6 +40,8 @@ pub(crate) use conv_lanes::{possible as lanes_possible, LanesWeights};
 pub(crate) use depthwise::conv_nhwc_with as depthwise_conv_nhwc_with;
 pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applies};
 #[cfg(target_arch = "x86_64")]
+pub(crate) use depthwise_tiled::lane_weights as depthwise_lane_weights;
+#[cfg(target_arch = "x86_64")]
 pub(crate) use depthwise_tiled::transpose16;
 pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};

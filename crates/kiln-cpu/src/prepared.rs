@@ -58,6 +58,7 @@ impl std::fmt::Debug for PreparedOp {
                     w1.shape()
                 )
             }
+            Kind::DepthwiseNhwc { w, .. } => format!("W {:?} in vector lanes", w.shape()),
         };
         write!(f, "PreparedOp({}: {what})", self.op.name())
     }
@@ -112,6 +113,11 @@ enum Kind {
         pointwise: FusedOp,
         depthwise: FusedOp,
     },
+    /// FusedConvNhwc of a depthwise conv: W as given (for the kernels other
+    /// than AVX-512's and the NCHW route) and laid out in vector lanes for
+    /// the AVX-512 one, once here rather than on every run.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    DepthwiseNhwc { w: Tensor, lanes: Vec<f32> },
 }
 
 /// Specializes `op` on its constant inputs. `constants[i]` is the input's
@@ -153,6 +159,20 @@ pub fn prepare(
                 tuned: None,
                 w_shape: ws.to_vec(),
                 packed: nn::pack_conv_weights_gathered(w.as_slice::<f32>()?, ws),
+            }
+        }
+        // Depthwise: W in vector lanes for the AVX-512 kernel.
+        #[cfg(target_arch = "x86_64")]
+        Op::Fused(FusedOp::ConvNhwc { conv, .. }) if std::is_x86_feature_detected!("avx512f") => {
+            let w = f32_const(1)?;
+            let ws = w.shape();
+            // [C, 1, kh, kw] with a group per channel.
+            if ws.len() != 4 || ws[1] != 1 || ws[0] != conv.group || ws.contains(&0) {
+                return None;
+            }
+            Kind::DepthwiseNhwc {
+                lanes: nn::depthwise_lane_weights(w.as_slice::<f32>()?, ws[0], ws[2] * ws[3]),
+                w: w.clone(),
             }
         }
         Op::MatMul => prepare_matmul(None, f32_const(1)?)?,
@@ -634,7 +654,10 @@ impl PreparedOp {
     pub fn packed_b(&self) -> Option<&Arc<PackedB>> {
         match &self.kind {
             Kind::MatMul { packed, .. } | Kind::Gemm { packed, .. } => Some(packed),
-            Kind::Conv { .. } | Kind::Gather { .. } | Kind::PointwiseDepthwise { .. } => None,
+            Kind::Conv { .. }
+            | Kind::Gather { .. }
+            | Kind::PointwiseDepthwise { .. }
+            | Kind::DepthwiseNhwc { .. } => None,
         }
     }
 
@@ -651,6 +674,7 @@ impl PreparedOp {
             Kind::Conv { w_shape, .. } => (w_shape.as_slice(), "W"),
             Kind::MatMul { b_shape, .. } | Kind::Gemm { b_shape, .. } => (b_shape.as_slice(), "B"),
             Kind::PointwiseDepthwise { w1, .. } => (w1.shape(), "W1"),
+            Kind::DepthwiseNhwc { w, .. } => (w.shape(), "W"),
             // Its indices are integers: none of the f32 checks below apply.
             Kind::Gather { table } => {
                 return match inputs.first().copied().flatten() {
@@ -822,6 +846,17 @@ impl PreparedOp {
                         y?
                     }
                 }
+            }
+            Kind::DepthwiseNhwc { w, lanes } => {
+                let Op::Fused(op) = &self.op else {
+                    return Err(invalid!(
+                        "{name}: prepared as a channels-last depthwise conv"
+                    ));
+                };
+                let mut given: Vec<Option<&Tensor>> = inputs.to_vec();
+                given.resize(given.len().max(2), None);
+                given[1] = Some(w);
+                fused::run_fast(op, &given, fused::Packed::DepthwiseLanes(lanes))?
             }
         };
         Ok(vec![y])

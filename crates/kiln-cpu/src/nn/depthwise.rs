@@ -1282,13 +1282,13 @@ fn taps5(dst: &mut [f32], s: [&[f32]; 5], w: [f32; 5]) {
     }
 }
 
-/// Test hook: the kernel this CPU runs a depthwise conv of this geometry on.
 /// `FusedOp::ConvNhwc` for a 2-D depthwise conv (one input and one output
 /// channel per group) on channels-last f32 tensors: X `[N, H, W, C]`, the
 /// residual and the result `[N, OH, OW, C]`, with bias, residual and `act`.
-/// On AVX-512 the channel-tiled kernel (`depthwise_tiled::conv_nhwc`), else
-/// [`nhwc_rows`]. `Ok(None)` for any other conv: the caller then runs it
-/// through the NCHW path.
+/// On AVX-512 the channel-tiled kernel (`depthwise_tiled::conv_nhwc`), on
+/// `lanes`, W laid out by `depthwise_tiled::lane_weights` when the plan
+/// made them (else here), otherwise [`nhwc_rows`]. `Ok(None)` for any other
+/// conv: the caller then runs it through the NCHW path.
 pub(crate) fn conv_nhwc(
     a: &ConvAttrs,
     x: &Tensor,
@@ -1296,11 +1296,13 @@ pub(crate) fn conv_nhwc(
     bias: Option<&Tensor>,
     res: Option<&Tensor>,
     act: FusedAct,
+    lanes: Option<&[f32]>,
 ) -> Result<Option<Tensor>> {
-    conv_nhwc_with(a, x, w, bias, res, act, true)
+    conv_nhwc_with(a, x, w, bias, res, act, lanes, true)
 }
 
 /// [`conv_nhwc`], with the AVX-512 kernel allowed or not (tests run both).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_nhwc_with(
     a: &ConvAttrs,
     x: &Tensor,
@@ -1308,6 +1310,7 @@ pub(crate) fn conv_nhwc_with(
     bias: Option<&Tensor>,
     res: Option<&Tensor>,
     act: FusedAct,
+    lanes: Option<&[f32]>,
     allow_tiled: bool,
 ) -> Result<Option<Tensor>> {
     let (Some(xv), Some(wv)) = (x.as_slice::<f32>(), w.as_slice::<f32>()) else {
@@ -1334,12 +1337,22 @@ pub(crate) fn conv_nhwc_with(
     let tiled = allow_tiled && super::depthwise_tiled::nhwc_applies(&g);
     #[cfg(not(target_arch = "x86_64"))]
     let tiled = {
-        let _ = allow_tiled;
+        let _ = (allow_tiled, lanes);
         false
     };
     if tiled {
         #[cfg(target_arch = "x86_64")]
-        super::depthwise_tiled::conv_nhwc(&g, n, c, xv, wv, b, bounds, &mut y);
+        {
+            let built;
+            let lanes = match lanes {
+                Some(l) => l,
+                None => {
+                    built = super::depthwise_tiled::lane_weights(wv, c, g.kh * g.kw);
+                    &built
+                }
+            };
+            super::depthwise_tiled::conv_nhwc(&g, n, c, xv, lanes, b, bounds, &mut y);
+        }
     } else {
         nhwc_rows(&g, n, c, xv, wv, b, bounds, &mut y);
     }

@@ -28,6 +28,13 @@ const LANES: usize = 16;
 /// between the transpose and the taps.
 const TILE_BYTES: usize = 48 * 1024;
 
+/// A block's bias vector and its Relu/Clip bounds (lo, hi), in registers.
+type Bounds = (
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+    std::arch::x86_64::__m512,
+);
+
 /// Output positions accumulated together (independent FMA chains).
 const POS_BLOCK: usize = 8;
 
@@ -151,7 +158,7 @@ pub(super) fn conv_nhwc(
     n: usize,
     c: usize,
     x: &[f32],
-    w: &[f32],
+    lanes: &[f32],
     bias: Option<&[f32]>,
     clamp: (f32, f32),
     y: &mut [f32],
@@ -165,13 +172,12 @@ pub(super) fn conv_nhwc(
     assert!(
         x.len() == n * in_img
             && y.len() == n * out_img
-            && w.len() == c * taps
+            && lanes.len() == c.div_ceil(LANES) * taps * LANES
             && bias.is_none_or(|b| b.len() == c),
         "channels-last depthwise buffers do not match {n} images of {c} channels of {g:?}"
     );
     let ob = band_rows(g);
     let (bands, blocks) = (g.oh.div_ceil(ob), c.div_ceil(LANES));
-    let wb = lane_weights(w, bias, c, taps);
     // Blocks of a band taken together by one task, so that there are about
     // TASKS_PER_THREAD tasks per thread: a task per block made 480 tasks of
     // 49 positions each for MobileNetV2's 7x7 layers at batch 8.
@@ -196,7 +202,8 @@ pub(super) fn conv_nhwc(
                         g,
                         c,
                         xs,
-                        &wb[blk * (taps + 1) * LANES..][..(taps + 1) * LANES],
+                        &lanes[blk * taps * LANES..][..taps * LANES],
+                        bias,
                         clamp,
                         (blk * LANES, oy0),
                         out.get().add(ni * out_img),
@@ -212,28 +219,26 @@ pub(super) fn conv_nhwc(
 /// the threads, few enough that scheduling stays small next to the work.
 const TASKS_PER_THREAD: usize = 16;
 
-/// Every 16-channel block's weight vectors, then its bias vector (lane l of
-/// a block's vector t is its channel l's tap t; zeros past the last
-/// channel), block after block: built once per call, where building them
-/// per task (band and block) cost 1.2% of MobileNetV2 at batch 1.
-fn lane_weights(w: &[f32], bias: Option<&[f32]>, c: usize, taps: usize) -> Vec<f32> {
-    let per_block = (taps + 1) * LANES;
-    let mut wb = vec![0f32; c.div_ceil(LANES) * per_block];
+/// The weights `w` (`[c, taps]`) as [`conv_nhwc`] reads them: every
+/// 16-channel block's weight vectors, block after block (lane l of a
+/// block's vector t is its channel l's tap t; zeros past the last channel).
+/// The plan builds them once (`prepared.rs`); laid out per call they took
+/// 3-6 us a conv on one thread, before the conv's parallel part.
+pub(crate) fn lane_weights(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
+    let per_block = taps * LANES;
+    let mut lanes = vec![0f32; c.div_ceil(LANES) * per_block];
     for (ci, wc) in w.chunks_exact(taps).take(c).enumerate() {
-        let block = &mut wb[(ci / LANES) * per_block..][..per_block];
+        let block = &mut lanes[(ci / LANES) * per_block..][..per_block];
         for (t, &v) in wc.iter().enumerate() {
             block[t * LANES + ci % LANES] = v;
         }
-        if let Some(&b) = bias.and_then(|b| b.get(ci)) {
-            block[taps * LANES + ci % LANES] = b;
-        }
     }
-    wb
+    lanes
 }
 
 /// One band of one 16-channel block of [`conv_nhwc`]: output rows `oy0..`
 /// (up to [`band_rows`]) of channels `c0..` of the image whose input is `xs`
-/// and output starts at `y`; `wb` is the block's part of [`lane_weights`].
+/// and output starts at `y`; `wl` is the block's part of [`lane_weights`].
 ///
 /// # Safety
 /// AVX-512F; `y` points to the image's `oh * ow * c` output floats, and no
@@ -244,7 +249,8 @@ unsafe fn block_nhwc(
     g: &Plane2d,
     c: usize,
     xs: &[f32],
-    wb: &[f32],
+    wl: &[f32],
+    bias: Option<&[f32]>,
     (lo, hi): (f32, f32),
     (c0, oy0): (usize, usize),
     y: *mut f32,
@@ -265,7 +271,12 @@ unsafe fn block_nhwc(
     // The padded tile: tile column j holds input column j - pw.
     let ncopy = g.iw.min(cols.saturating_sub(g.pw));
     let lead = g.pw.min(cols);
-    assert!(xs.len() >= g.ih * g.iw * c && c0 + nch <= c && wb.len() == (taps + 1) * LANES);
+    assert!(
+        xs.len() >= g.ih * g.iw * c
+            && c0 + nch <= c
+            && wl.len() == taps * LANES
+            && bias.is_none_or(|b| b.len() >= c)
+    );
     // SAFETY (whole body): every input read is channel c0 + l < c (masked
     // past nch) of a position inside the image (asserted above); tile and
     // band buffer writes stay inside their slices; output stores are the
@@ -302,7 +313,7 @@ unsafe fn block_nhwc(
             }
         }
         let taps = Taps {
-            w: wb.as_ptr(),
+            w: wl.as_ptr(),
             kh: g.kh,
             kw: g.kw,
             krow: g.dh * cols * LANES,
@@ -310,7 +321,10 @@ unsafe fn block_nhwc(
             step: g.sw * LANES,
         };
         let bounds = (
-            _mm512_loadu_ps(wb.as_ptr().add(taps.kh * taps.kw * LANES)),
+            match bias {
+                Some(b) => _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(c0)),
+                None => _mm512_setzero_ps(),
+            },
             _mm512_set1_ps(lo),
             _mm512_set1_ps(hi),
         );
@@ -502,11 +516,7 @@ unsafe fn band<const K3: bool>(
     dst: Dst,
     ow: usize,
     rows: usize,
-    bounds: (
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-    ),
+    bounds: Bounds,
 ) {
     // SAFETY (whole body): the weight vectors and every tile read and
     // output write lie inside the caller's buffers (this function's
@@ -552,11 +562,7 @@ unsafe fn row_positions<const K3: bool>(
     out: *mut f32,
     dst_step: usize,
     count: usize,
-    bounds: (
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-    ),
+    bounds: Bounds,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -604,11 +610,7 @@ unsafe fn positions<const N: usize, const K3: bool>(
     src: *const f32,
     dst: *mut f32,
     dst_step: usize,
-    (bias, lo, hi): (
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-        std::arch::x86_64::__m512,
-    ),
+    (bias, lo, hi): Bounds,
 ) {
     use std::arch::x86_64::*;
     let (kh, kw) = if K3 { (3, 3) } else { (taps.kh, taps.kw) };
