@@ -55,8 +55,6 @@ unsafe fn tile<const R: usize>(
     nr: usize,
     fin: Option<&super::TileFinish>,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut b = b;
     // SAFETY (whole body): `a` has kc*MR floats, or R rows of kc floats, or
     // segments of R rows of seg_len floats whose pointers `ptrs` holds,
     // and `b` kc rows of NR floats, ldb apart; step p of a segment reads
@@ -64,18 +62,24 @@ unsafe fn tile<const R: usize>(
     // inside the mr x nr tile: full vectors only when nr == 16, element-wise
     // otherwise.
     unsafe {
-        match a {
+        // Each arm starts its own sums (see the AVX-512 tile: zeroed at the
+        // top, the segment loop's stack-held sums cost every tile a memset).
+        let acc = match a {
             super::TileA::Segments { ptrs, seg_len } => {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                let mut b = b;
                 for seg in 0..kc / seg_len {
                     let rows = std::array::from_fn(|r| *ptrs.add(seg * super::MAX_MR + r));
                     (acc, b) = steps::<R>(acc, rows, 1, seg_len, b, ldb);
                 }
+                acc
             }
             _ => {
                 let (rows, a_step, _) = super::tile_rows::<R>(a, MR, 0);
-                (acc, _) = steps::<R>(acc, rows, a_step, kc, b, ldb);
+                let zero = [[_mm256_setzero_ps(); 2]; R];
+                steps::<R>(zero, rows, a_step, kc, b, ldb).0
             }
-        }
+        };
         let va = _mm256_set1_ps(alpha);
         if nr == NR {
             let vb = _mm256_set1_ps(beta);
