@@ -1264,8 +1264,8 @@ where
 }
 
 /// A buffer of `n` values that the caller overwrites entirely: for f32, one
-/// from the pool of big buffers (`crate::buffers`, no zeroing, likely still
-/// in cache from its last use), else zeros.
+/// from the buffer pool (`crate::buffers`, no zeroing) from 4 KiB up, else
+/// zeros.
 fn out_vec<O: Copy + Default + 'static>(n: usize) -> Vec<O> {
     if std::any::TypeId::of::<O>() == std::any::TypeId::of::<f32>() {
         let mut v = std::mem::ManuallyDrop::new(crate::buffers::take_f32(n));

@@ -238,8 +238,9 @@ fn axis_run<T>(src: &[T], o: usize, dim: usize, inner: usize, off: usize, len: u
     &src[start..start + len * inner]
 }
 
-/// A copy of `d`; f32 data from 1 MiB up into a recycled buffer (fresh
-/// ones page-fault on every run), copied on the pool when big. (The runtime
+/// A copy of `d`; f32 data from 4 KiB up into a recycled buffer
+/// (`crate::buffers`: no zeroing, and big fresh ones page-fault on every
+/// run), copied on the pool when big. (The runtime
 /// moves a relabelled input into its output where this was its last
 /// reader; a copy is left where another reader keeps it, as GPT-2's keys
 /// and values, which are graph outputs too.)
@@ -1045,8 +1046,8 @@ pub fn split(x: &Tensor, split: Option<&Tensor>, axis: i64, parts: usize) -> Res
         let mut out_shape = shape.to_vec();
         out_shape[ax] = len;
         let data = match x.data() {
-            // f32 parts from 1 MiB up into recycled buffers (fresh ones
-            // page-fault on every run), copied on the pool when big:
+            // f32 parts from 4 KiB up into recycled buffers (big fresh
+            // ones page-fault on every run), copied on the pool when big:
             // GPT-2's QKV Split at batch 8 (3 x 3 MiB a layer), 12 ops
             // 8.4 -> 4.8 ms on 2 threads.
             TensorData::F32(v) => {
