@@ -29,11 +29,11 @@ pub const MIN_BYTES: usize = 1 << 20;
 const MAX_POOL_BYTES: usize = 128 << 20;
 /// Smallest buffer of the small tier.
 pub const SMALL_MIN_BYTES: usize = 4 << 10;
-/// Most bytes, and most buffers, the small tier keeps idle.
+/// Most bytes, and most buffers, the small tier keeps idle (the oldest go).
 const MAX_SMALL_BYTES: usize = 16 << 20;
 const MAX_SMALL_BUFS: usize = 256;
 
-/// One tier's idle buffers and their bytes (capacities).
+/// One tier's idle buffers, oldest first, and their bytes (capacities).
 struct Tier {
     bufs: Vec<Vec<f32>>,
     bytes: usize,
@@ -48,10 +48,64 @@ impl Tier {
     }
 
     fn remove(&mut self, i: usize) -> Vec<f32> {
-        // Order matters only in the small tier (most recent last).
         let b = self.bufs.remove(i);
         self.bytes -= b.capacity() * 4;
         b
+    }
+
+    /// Big tier: the smallest buffer that holds `n` without wasting over a
+    /// third of it.
+    fn take_big(&mut self, n: usize) -> Option<Vec<f32>> {
+        let best = self
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= n && b.capacity() - n <= b.capacity() / 3)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| self.remove(i))
+    }
+
+    /// Small tier: the smallest buffer that holds `n` within twice its size
+    /// (repeated shapes get their own buffers back), the most recently given
+    /// back among equals (`min_by_key` keeps the first minimum it meets).
+    fn take_small(&mut self, n: usize) -> Option<Vec<f32>> {
+        let best = self
+            .bufs
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, b)| b.capacity() >= n && b.capacity() <= n.saturating_mul(2))
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| self.remove(i))
+    }
+
+    /// Big tier: keeps `v` if it fits under the byte limit, else hands it
+    /// back (to be freed).
+    fn put_big(&mut self, v: Vec<f32>) -> Option<Vec<f32>> {
+        let bytes = v.capacity() * 4;
+        if self.bytes + bytes > MAX_POOL_BYTES {
+            return Some(v);
+        }
+        self.bytes += bytes;
+        self.bufs.push(v);
+        None
+    }
+
+    /// Small tier: keeps `v` as the newest buffer, handing back the oldest
+    /// ones (to be freed) until the tier is within its limits.
+    fn put_small(&mut self, v: Vec<f32>) -> Vec<Vec<f32>> {
+        let bytes = v.capacity() * 4;
+        let mut evicted = Vec::new();
+        while !self.bufs.is_empty()
+            && (self.bufs.len() >= MAX_SMALL_BUFS || self.bytes + bytes > MAX_SMALL_BYTES)
+        {
+            evicted.push(self.remove(0));
+        }
+        self.bytes += bytes;
+        self.bufs.push(v);
+        evicted
     }
 }
 
@@ -71,35 +125,14 @@ fn pool() -> std::sync::MutexGuard<'static, Pool> {
 }
 
 /// A buffer of `n` f32s whose contents are unspecified (stale values from an
-/// earlier use, or zeros): the caller must overwrite every element.
+/// earlier use, or zeros; NaN in this crate's unit tests): the caller must
+/// overwrite every element.
 pub fn take_f32(n: usize) -> Vec<f32> {
     let bytes = n.saturating_mul(4);
     let found = if bytes >= MIN_BYTES {
-        let mut p = pool();
-        // The smallest buffer that holds n without wasting over a third.
-        let best = p
-            .big
-            .bufs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= n && b.capacity() - n <= b.capacity() / 3)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        best.map(|i| p.big.remove(i))
+        pool().big.take_big(n)
     } else if bytes >= SMALL_MIN_BYTES {
-        let mut p = pool();
-        // The smallest that holds n within twice its size (repeated shapes
-        // get their own buffers back), the most recent among equals.
-        let recent = p
-            .small
-            .bufs
-            .iter()
-            .enumerate()
-            .rev()
-            .filter(|(_, b)| b.capacity() >= n && b.capacity() <= n.saturating_mul(2))
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        recent.map(|i| p.small.remove(i))
+        pool().small.take_small(n)
     } else {
         None
     };
@@ -123,32 +156,21 @@ pub fn take_f32(n: usize) -> Vec<f32> {
     b
 }
 
-/// Gives a buffer back for reuse (or frees it when small or its tier is full).
+/// Gives a buffer back for reuse: under [`SMALL_MIN_BYTES`] it is freed, a
+/// big one too when its tier is full, a small one makes its tier free its
+/// oldest buffers when full. (Buffers are freed outside the lock.)
 pub fn recycle(v: Vec<f32>) {
     let bytes = v.capacity() * 4;
     if bytes < SMALL_MIN_BYTES {
         return;
     }
-    let mut p = pool();
     if bytes >= MIN_BYTES {
-        if p.big.bytes + bytes <= MAX_POOL_BYTES {
-            p.big.bytes += bytes;
-            p.big.bufs.push(v);
-        }
-        return;
+        let rejected = pool().big.put_big(v);
+        drop(rejected);
+    } else {
+        let evicted = pool().small.put_small(v);
+        drop(evicted);
     }
-    // Room for the newest buffer: the oldest go (freed outside the lock).
-    let small = &mut p.small;
-    let mut evicted = Vec::new();
-    while !small.bufs.is_empty()
-        && (small.bufs.len() >= MAX_SMALL_BUFS || small.bytes + bytes > MAX_SMALL_BYTES)
-    {
-        evicted.push(small.remove(0));
-    }
-    small.bytes += bytes;
-    small.bufs.push(v);
-    drop(p);
-    drop(evicted);
 }
 
 /// [`recycle`] for a tensor's f32 storage; other dtypes are just dropped.
@@ -158,71 +180,101 @@ pub fn recycle_tensor(t: Tensor) {
     }
 }
 
-/// Bytes held idle in the pool's big and small tiers (for tests and
-/// diagnostics).
-pub fn pooled_bytes() -> (usize, usize) {
-    let p = pool();
-    (p.big.bytes, p.small.bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    // The pool is global: an odd size keeps other tests' requests off it.
-    #[test]
-    fn big_buffers_come_back_and_small_ones_do_not() {
-        let n = MIN_BYTES + 12_347; // over 4 MiB of f32
-        let mut a = take_f32(n);
-        assert_eq!(a.len(), n);
-        a.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
-        let ptr = a.as_ptr();
-        let before = pooled_bytes().0;
-        recycle(a);
-        assert_eq!(pooled_bytes().0, before + n * 4);
-        // A slightly smaller request reuses it: same memory, right length.
-        let b = take_f32(n - 100);
-        assert_eq!(b.len(), n - 100);
-        assert_eq!(b.as_ptr(), ptr);
-        assert_eq!(pooled_bytes().0, before);
-        // Far smaller requests do not take a buffer that would waste most of it.
-        recycle(b);
-        let c = take_f32(n / 2);
-        assert_ne!(c.as_ptr(), ptr);
-        assert!(c.iter().all(|v| v.is_nan()), "unit tests get NaN buffers");
-        // Growing within capacity keeps the memory.
-        let d = take_f32(n);
-        assert_eq!(d.as_ptr(), ptr);
-        assert_eq!(d.len(), n);
-        // Small buffers are not pooled.
-        let before = pooled_bytes().0;
-        recycle(vec![0.0; 16]);
-        recycle_tensor(Tensor::from_vec(vec![2], vec![1i64, 2]).unwrap());
-        assert_eq!(pooled_bytes().0, before);
-        recycle_tensor(Tensor::from_vec(vec![n], d).unwrap());
-        assert_eq!(pooled_bytes().0, before + n * 4);
-        drop(c);
+    fn buf(n: usize) -> Vec<f32> {
+        vec![1.0; n]
     }
 
-    // The small tier hands back the most recent of equal buffers that fit,
-    // and keeps their stale contents (no zeroing). Odd sizes keep other tests'
-    // buffers (the pool is global) out of the way.
+    // On a tier of its own: the global pool is shared with every other
+    // test running meanwhile.
     #[test]
-    fn small_buffers_come_back_most_recent_first() {
-        let n = 3 * 1021; // 12 KiB
-        let a = take_f32(n);
-        let b = take_f32(n);
+    fn big_tier_gives_the_smallest_fit_and_keeps_to_its_bytes() {
+        let n = MIN_BYTES / 4 + 12_347;
+        let mut t = Tier::new();
+        let (a, b) = (buf(n), buf(2 * n));
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        recycle(a);
-        recycle(b);
-        let c = take_f32(n - 7);
-        assert_eq!(c.as_ptr(), pb, "the most recent buffer first");
-        let d = take_f32(n);
-        assert_eq!(d.as_ptr(), pa);
-        // Far smaller requests do not take a buffer that would waste much.
-        recycle(d);
-        let e = take_f32(n / 3);
-        assert_ne!(e.as_ptr(), pa);
-        drop((c, e));
+        assert!(t.put_big(b).is_none() && t.put_big(a).is_none());
+        assert_eq!(t.bytes, 3 * n * 4);
+        // A slightly smaller request takes the smaller buffer.
+        let got = t.take_big(n - 100).expect("a fit");
+        assert_eq!(got.as_ptr(), pa);
+        assert_eq!(t.bytes, 2 * n * 4);
+        // Half of the bigger one would be wasted: no fit.
+        assert!(t.take_big(n).is_none());
+        assert_eq!(t.take_big(2 * n - 5).map(|v| v.as_ptr()), Some(pb));
+        assert_eq!((t.bufs.len(), t.bytes), (0, 0));
+        // Past the byte limit a buffer is handed back.
+        let mut full = Tier::new();
+        full.bytes = MAX_POOL_BYTES - 4;
+        assert!(full.put_big(buf(n)).is_some());
+        assert_eq!(full.bytes, MAX_POOL_BYTES - 4);
+    }
+
+    #[test]
+    fn small_tier_gives_the_most_recent_of_equal_fits() {
+        let n = 3 * 1021; // 12 KiB
+        let mut t = Tier::new();
+        let (a, b, big) = (buf(n), buf(n), buf(3 * n));
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        assert!(t.put_small(a).is_empty());
+        assert!(t.put_small(big).is_empty());
+        assert!(t.put_small(b).is_empty());
+        assert_eq!(t.bytes, 5 * n * 4);
+        // b, the most recent of the two that fit, then a.
+        assert_eq!(t.take_small(n - 7).map(|v| v.as_ptr()), Some(pb));
+        assert_eq!(t.take_small(n).map(|v| v.as_ptr()), Some(pa));
+        // The 3n buffer is more than twice n: not handed out for it.
+        assert!(t.take_small(n).is_none());
+        assert!(t.take_small(2 * n).is_some());
+        assert_eq!((t.bufs.len(), t.bytes), (0, 0));
+    }
+
+    #[test]
+    fn small_tier_evicts_its_oldest_buffers() {
+        let mut t = Tier::new();
+        let first = buf(2048);
+        let p_first = first.as_ptr();
+        assert!(t.put_small(first).is_empty());
+        for _ in 1..MAX_SMALL_BUFS {
+            assert!(t.put_small(buf(2048)).is_empty());
+        }
+        assert_eq!(t.bufs.len(), MAX_SMALL_BUFS);
+        // One more: the oldest goes.
+        let evicted = t.put_small(buf(2048));
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].as_ptr(), p_first);
+        assert_eq!(
+            (t.bufs.len(), t.bytes),
+            (MAX_SMALL_BUFS, MAX_SMALL_BUFS * 2048 * 4)
+        );
+        // Bytes: a buffer that needs room for itself pushes out as many as
+        // it takes.
+        let mut t = Tier::new();
+        let quarter = MAX_SMALL_BYTES / 4 / 4; // floats
+        for _ in 0..4 {
+            assert!(t.put_small(buf(quarter)).is_empty());
+        }
+        assert_eq!(t.bytes, MAX_SMALL_BYTES);
+        let evicted = t.put_small(buf(2 * quarter));
+        assert_eq!(evicted.len(), 2);
+        assert_eq!(t.bytes, MAX_SMALL_BYTES);
+    }
+
+    // Through the global functions: the right length, whatever the pool
+    // holds, and NaN (this crate's tests) so unwritten output shows.
+    #[test]
+    fn taken_buffers_have_the_asked_length() {
+        for n in [0, 100, 3 * 1021, MIN_BYTES / 4 + 12_347] {
+            let v = take_f32(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|x| x.is_nan()));
+            recycle(v);
+            let again = take_f32(n.saturating_sub(3));
+            assert_eq!(again.len(), n.saturating_sub(3));
+        }
+        recycle_tensor(Tensor::from_vec(vec![2], vec![1i64, 2]).unwrap());
     }
 }

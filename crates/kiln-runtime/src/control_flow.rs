@@ -64,8 +64,9 @@ pub(crate) fn execute_profiled(
             ));
         }
         for &slot in &step.frees {
-            // A big f32 buffer nothing else holds goes back to the kernels'
-            // pool instead of to the OS (see kiln_cpu::buffers).
+            // An f32 buffer of 4 KiB or more that nothing else holds goes
+            // back to the kernels' pool instead of to malloc (see
+            // kiln_cpu::buffers).
             if let Some(Val::Tensor(t)) = values[slot].take() {
                 if let Ok(t) = Arc::try_unwrap(t) {
                     kiln_cpu::buffers::recycle_tensor(t);

@@ -90,8 +90,10 @@ unsafe fn tile<const R: usize, const V: usize, const PARTIAL: bool>(
     // and `b` kc rows of NR floats, ldb apart (contract); step p of a
     // segment reads row r's value at rows[r] + p * a_step (r < R) and
     // b[..16*V], then advances b by ldb, ending at most one past B's
-    // panel. Prefetches
-    // never fault, even past the end of the buffer.
+    // panel. C's tile (mr x nr, ldc apart) is the caller's: whole vectors
+    // are stored unless PARTIAL (then the last one masked to `nr`), and
+    // streamed only when nr == 16 * V on aligned lines. Prefetches never
+    // fault, even past the end of the buffer.
     unsafe {
         // The C tile is read (or written) at the end; start fetching it now,
         // unless it is only written, by streaming stores, which need no line
