@@ -178,13 +178,6 @@ pub fn optimize(graph: &mut Graph, opts: &OptOptions) -> Result<OptReport, OptEr
         run_pass(
             graph,
             &ctx,
-            "split-matmul",
-            passes::split_matmul::run,
-            &mut report,
-        );
-        run_pass(
-            graph,
-            &ctx,
             "channels-last",
             passes::channels_last::run,
             &mut report,

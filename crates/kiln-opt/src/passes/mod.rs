@@ -13,4 +13,3 @@ pub mod fusion;
 pub mod identity;
 pub mod norm;
 pub mod pw_dw;
-pub mod split_matmul;
