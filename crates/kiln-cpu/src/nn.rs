@@ -38,8 +38,9 @@ pub(crate) use conv::{
 pub(crate) use conv_lanes::{possible as lanes_possible, LanesWeights};
 #[cfg(test)]
 pub(crate) use depthwise::conv_nhwc_with as depthwise_conv_nhwc_with;
-pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applies};
 #[cfg(target_arch = "x86_64")]
+pub(crate) use depthwise::MAX_NHWC_TAPS;
+pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applies};
 pub(crate) use depthwise_tiled::lane_weights as depthwise_lane_weights;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use depthwise_tiled::transpose16;

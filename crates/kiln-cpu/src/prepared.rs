@@ -170,6 +170,10 @@ pub fn prepare(
             if ws.len() != 4 || ws[1] != 1 || ws[0] != conv.group || ws.contains(&0) {
                 return None;
             }
+            // Bigger kernels run through NCHW (see `nn::conv_nhwc`).
+            if ws[2] * ws[3] > nn::MAX_NHWC_TAPS {
+                return None;
+            }
             Kind::DepthwiseNhwc {
                 lanes: nn::depthwise_lane_weights(w.as_slice::<f32>()?, ws[0], ws[2] * ws[3]),
                 w: w.clone(),

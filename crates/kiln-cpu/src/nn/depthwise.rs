@@ -1376,7 +1376,7 @@ pub(crate) fn conv_nhwc_with(
 /// contiguous channels that the compiler vectorizes (built for the CPU's
 /// vector ISA by `fastmath::simd`); then the `(lo, hi)` clamp, NaN kept.
 /// Most taps of a kernel [`nhwc_rows`] takes (larger ones go through NCHW).
-const MAX_NHWC_TAPS: usize = 64;
+pub(crate) const MAX_NHWC_TAPS: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
 fn nhwc_rows(

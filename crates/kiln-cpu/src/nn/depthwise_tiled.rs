@@ -227,13 +227,22 @@ const TASKS_PER_THREAD: usize = 16;
 pub(crate) fn lane_weights(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
     let per_block = taps * LANES;
     let mut lanes = vec![0f32; c.div_ceil(LANES) * per_block];
-    for (ci, wc) in w.chunks_exact(taps).take(c).enumerate() {
-        let block = &mut lanes[(ci / LANES) * per_block..][..per_block];
-        for (t, &v) in wc.iter().enumerate() {
-            block[t * LANES + ci % LANES] = v;
-        }
+    for (b, out) in lanes.chunks_exact_mut(per_block).enumerate() {
+        let c0 = b * LANES;
+        fill_block_lanes(&w[c0 * taps..], LANES.min(c - c0), taps, out);
     }
     lanes
+}
+
+/// One block's weight vectors: lane l of vector t is channel l's tap t of
+/// `ws` (the block's filters, `[nch, taps]`), 0 past `nch`; `out` holds
+/// `taps` vectors.
+fn fill_block_lanes(ws: &[f32], nch: usize, taps: usize, out: &mut [f32]) {
+    for (t, v) in out.chunks_exact_mut(LANES).enumerate() {
+        for (l, e) in v.iter_mut().enumerate() {
+            *e = if l < nch { ws[l * taps + t] } else { 0.0 };
+        }
+    }
 }
 
 /// One band of one 16-channel block of [`conv_nhwc`]: output rows `oy0..`
@@ -267,7 +276,7 @@ unsafe fn block_nhwc(
     let tile_len = rows_in * cols * LANES;
     // A partial block's outputs go through a band buffer, then masked stores.
     let out_len = if full { 0 } else { rows_out * g.ow * LANES };
-    let (_, _, tile, otile) = block_scratch(scratch, &[], None, 0, 0, tile_len, out_len);
+    let (_, tile, otile) = scratch_parts(scratch, 0, tile_len, out_len);
     // The padded tile: tile column j holds input column j - pw.
     let ncopy = g.iw.min(cols.saturating_sub(g.pw));
     let lead = g.pw.min(cols);
@@ -385,8 +394,8 @@ unsafe fn block_avx512(
     let ob = band_rows(g);
     let tile_len = tile_rows(g, ob) * cols * LANES;
     let out_len = ob * g.ow * LANES;
-    let bias = epi.bias.map(|b| &b[c0..]);
-    let (wv, bv, tile, otile) = block_scratch(scratch, ws, bias, nch, taps, tile_len, out_len);
+    let (wv, tile, otile) = scratch_parts(scratch, taps * LANES, tile_len, out_len);
+    fill_block_lanes(ws, nch, taps, wv);
 
     // The block's outputs, transposed out a band at a time: read their
     // lines now, while the tiles are packed and computed (MobileNetV2 b8,
@@ -395,7 +404,14 @@ unsafe fn block_avx512(
     // Bias and Relu/Clip in registers; a residual or other activation after.
     let ((lo, hi), rest) = epi.in_registers();
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-    let bias = _mm512_loadu_ps(bv.as_ptr());
+    let bias = match epi.bias {
+        // SAFETY: the block's nch channels from c0 lie inside the bias
+        // (one per channel); the masked load reads only those.
+        Some(b) => unsafe {
+            _mm512_maskz_loadu_ps((1u32 << nch).wrapping_sub(1) as u16, b[c0..].as_ptr())
+        },
+        None => _mm512_setzero_ps(),
+    };
     // Tile strides (floats) between kernel rows, kernel columns and
     // neighbouring output positions.
     let (krow, kcol, step) = (g.dh * cols * LANES, g.dw * LANES, g.sw * LANES);
@@ -439,40 +455,23 @@ unsafe fn block_avx512(
     }
 }
 
-/// A 16-channel block's scratch, each part 64-byte aligned: the weight
-/// vectors (lane l of vector t is channel l's tap t of `ws`, the block's
-/// filters `[nch, taps]`; 0 past `nch`), the bias vector (`bias` starts at
-/// the block's first channel), the padded tile and the output band.
-#[allow(clippy::type_complexity)]
-fn block_scratch<'s>(
-    scratch: &'s mut Vec<f32>,
-    ws: &[f32],
-    bias: Option<&[f32]>,
-    nch: usize,
-    taps: usize,
+/// A task's scratch cut into parts of `w_len` (a block's weight vectors),
+/// `tile_len` (the padded tile) and `out_len` (the output band) floats,
+/// each 64-byte aligned (the lengths are whole vectors).
+fn scratch_parts(
+    scratch: &mut Vec<f32>,
+    w_len: usize,
     tile_len: usize,
     out_len: usize,
-) -> (&'s [f32], &'s [f32], &'s mut [f32], &'s mut [f32]) {
-    let need = (taps + 1) * LANES + tile_len + out_len + LANES;
+) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    let need = w_len + tile_len + out_len + LANES;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
     let skew = scratch.as_ptr().align_offset(64).min(LANES);
-    let (wv, rest) = scratch[skew..].split_at_mut(taps * LANES);
-    let (bv, rest) = rest.split_at_mut(LANES);
+    let (wv, rest) = scratch[skew..].split_at_mut(w_len);
     let (tile, rest) = rest.split_at_mut(tile_len);
-    for (t, v) in wv.chunks_exact_mut(LANES).enumerate() {
-        for (l, e) in v.iter_mut().enumerate() {
-            *e = if l < nch { ws[l * taps + t] } else { 0.0 };
-        }
-    }
-    for (l, e) in bv.iter_mut().enumerate() {
-        *e = match bias {
-            Some(b) if l < nch => b[l],
-            _ => 0.0,
-        };
-    }
-    (wv, bv, tile, &mut rest[..out_len])
+    (wv, tile, &mut rest[..out_len])
 }
 
 /// The taps of one block: weight vectors (`kh * kw`, 16 lanes each, one

@@ -31,7 +31,7 @@
 use crate::util::{add_constant, constant, f32_tensor, fresh_name, shape_of, Index};
 use crate::PassCtx;
 use kiln_ir::{AutoPad, ConvAttrs, DType, Dim, FusedAct, FusedOp, Graph, Node, Op, ValueType};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// The largest input or output plane (H x W) of a conv in a region, but for
 /// the mid planes of [`MAX_MID_PLANE`].
@@ -337,9 +337,10 @@ struct Edges {
     /// Of `leaving`, those only GlobalAveragePools read (and nothing sees
     /// outside the graph): they leave as a mean over the channels-last
     /// positions, `[N, 1, 1, C]`, stored as the pool's `[N, C, 1, 1]`, so
-    /// no Transpose (MobileNetV2's last 7x7 value: 1.25 MB transposed per
-    /// image only to be averaged).
-    pooled: BTreeSet<String>,
+    /// no Transpose (MobileNetV2's last 7x7 value: 1280 x 49 floats, 251
+    /// KB, transposed per image only to be averaged). With each its channel
+    /// count C.
+    pooled: BTreeMap<String, usize>,
 }
 
 fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
@@ -369,11 +370,10 @@ fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
     }
     let pooled = leaving
         .iter()
-        .filter(|v| {
+        .filter_map(|v| {
             let readers = ix.readers(v);
-            let channels = shape(g, v).and_then(|s| s.get(1)?.known());
-            channels.is_some()
-                && !ix.is_pinned(v)
+            let c = shape(g, v).and_then(|s| s.get(1)?.known())?;
+            let only_pools = !ix.is_pinned(v)
                 && !readers.is_empty()
                 && readers.iter().all(|&j| {
                     let n = &g.nodes[j];
@@ -381,9 +381,9 @@ fn edges(g: &Graph, ix: &Index, nodes: &[usize]) -> Edges {
                         && n.inputs.len() == 1
                         && n.input(0) == Some(v.as_str())
                         && n.outputs.len() == 1
-                })
+                });
+            only_pools.then(|| (v.clone(), c))
         })
-        .cloned()
         .collect();
     Edges {
         entering,
@@ -466,8 +466,8 @@ fn convert(
         node.op = op;
         node.inputs = inputs;
         node.outputs = vec![Some(last[&out].clone())];
-        if e.pooled.contains(&out) {
-            pool_channels_last(g, &out, &last[&out], &mut new_nodes);
+        if let Some(&c) = e.pooled.get(&out) {
+            pool_channels_last(g, &out, &last[&out], c, &mut new_nodes);
         } else if e.leaving.contains(&out) {
             new_nodes.push(Node {
                 name: fresh_name(g, &format!("{out}_to_nchw")),
@@ -486,17 +486,10 @@ fn convert(
 /// its channels-last form `nhwc` instead: a ReduceMean over the positions
 /// (axes 1 and 2, kept), `[N, 1, 1, C]`, then a Reshape to the pool's
 /// `[N, C, 1, 1]` (the same values in the same order).
-fn pool_channels_last(g: &mut Graph, out: &str, nhwc: &str, new_nodes: &mut Vec<Node>) {
+fn pool_channels_last(g: &mut Graph, out: &str, nhwc: &str, c: usize, new_nodes: &mut Vec<Node>) {
     let readers: Vec<usize> = (0..g.nodes.len())
         .filter(|&j| g.nodes[j].input(0) == Some(out))
         .collect();
-    if readers.is_empty() {
-        return;
-    }
-    // `Edges::pooled` checked that C is known.
-    let Some(c) = shape(g, out).and_then(|s| s.get(1)?.known()) else {
-        return;
-    };
     let axes = add_constant(g, "pool_axes", i64_tensor(vec![1, 2]));
     // 0: N as it is (0 images too).
     let dims = add_constant(g, "pool_dims", i64_tensor(vec![0, c as i64, 1, 1]));
