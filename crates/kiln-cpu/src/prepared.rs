@@ -268,7 +268,7 @@ fn prepare_conv(
         return None;
     }
     let wv = w.as_slice::<f32>()?;
-    if nn::uses_direct_kernel(ws[1], &ws[2..], &attrs.strides, &attrs.dilations)
+    if nn::uses_direct_kernel(group, ws[1], &ws[2..], &attrs.strides, &attrs.dilations)
         || nn::many_channel_applies(
             ws[1],
             &ws[2..],
@@ -490,7 +490,15 @@ fn tune_conv(
         {
             Some(nn::ConvPack::Winograd(nn::WinogradWeights::new(&w, m, c)))
         }
-        "direct" if nn::direct_possible(c, &w_shape[2..], &attrs.strides, &attrs.dilations) => {
+        "direct"
+            if nn::direct_possible(
+                attrs.group,
+                c,
+                &w_shape[2..],
+                &attrs.strides,
+                &attrs.dilations,
+            ) =>
+        {
             Some(nn::ConvPack::Direct(w.clone()))
         }
         #[cfg(target_arch = "x86_64")]
@@ -1342,6 +1350,11 @@ mod tests {
             !kiln_gemm::reads_b_in_place(256, 1024, 49)
         );
         assert!(nn::prefers_positions(49, 512, 4608, true));
+        // A handful of positions (an STFT conv's 4 frames): position rows
+        // whatever the depth or channel count.
+        assert!(nn::prefers_positions(4, 258, 256, false));
+        assert!(nn::prefers_positions(9, 64, 64, false));
+        assert!(!nn::prefers_positions(16, 64, 64, false));
     }
 
     #[test]
@@ -1437,7 +1450,7 @@ mod tests {
         // vector kernel for them; with dilation it is a GEMM again, so packed.
         let stem_w = t(&[8, 3, 3, 3], rng.vec(216));
         let stem = conv_attrs(1, &[1; 4], &[2, 2]);
-        let direct = nn::uses_direct_kernel(3, &[3, 3], &[2, 2], &[]);
+        let direct = nn::uses_direct_kernel(1, 3, &[3, 3], &[2, 2], &[]);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
             || (std::arch::is_x86_feature_detected!("avx2")

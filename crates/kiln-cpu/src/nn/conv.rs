@@ -638,16 +638,28 @@ impl ConvPack {
 const IM2COL_PACK_MAX: usize = 1 << 20;
 
 /// True when a direct kernel (in `depthwise.rs`, reading W unpacked) runs
-/// this conv instead of a GEMM: depthwise (one input channel per group, 1 or
-/// 2 spatial axes), or few input channels per group (see
-/// `few_channel_applies`). Empty strides/dilations mean 1s.
+/// this conv instead of a GEMM: depthwise or channel multipliers (one input
+/// channel per group, several groups, 1 or 2 spatial axes), or few input
+/// channels per group (see `few_channel_applies`). Empty strides/dilations
+/// mean 1s.
+///
+/// One input channel in one group (a waveform's first conv, a grayscale
+/// stem) is a GEMM: there every output channel reads the same plane, which
+/// the direct kernel would lay out again per output channel, and a wide
+/// window of few outputs runs a tap loop per output vector (2 threads,
+/// direct against GEMM: Silero VAD's STFT conv, 1 -> 258 channels of a
+/// 256-tap window at stride 128 over 640 samples, 0.62 against 0.035 ms;
+/// wav2vec2's 1 -> 512, 10 taps at stride 5 over 16000 samples, 2.68
+/// against 0.24 ms; 3x3 stride 2 on 224x224 0.10 against 0.074; 1 -> 32
+/// 3x3 on 28x28 and 7x7 stride 2 on 224x224 the same).
 pub(crate) fn uses_direct_kernel(
+    group: usize,
     cg: usize,
     kernel: &[usize],
     strides: &[usize],
     dilations: &[usize],
 ) -> bool {
-    (cg == 1 && kernel.len() <= 2)
+    (cg == 1 && group > 1 && kernel.len() <= 2)
         || super::depthwise::few_channel_applies(cg, kernel, strides, dilations)
 }
 
@@ -656,12 +668,13 @@ pub(crate) fn uses_direct_kernel(
 /// `tune.rs` times): depthwise, few channels ([`uses_direct_kernel`]), or
 /// many on a window of 3 and more at stride 1 or 2 on AVX-512.
 pub(crate) fn direct_possible(
+    group: usize,
     cg: usize,
     kernel: &[usize],
     strides: &[usize],
     dilations: &[usize],
 ) -> bool {
-    uses_direct_kernel(cg, kernel, strides, dilations)
+    uses_direct_kernel(group, cg, kernel, strides, dilations)
         || super::depthwise::many_channel_possible(cg, kernel, strides, dilations)
 }
 
@@ -681,7 +694,7 @@ pub(crate) fn direct_possible(
 /// 0.045 ms on 2 threads, where the `Positions` product's three passes
 /// (pack, multiply, transpose) each waited on the other core's data.
 pub(crate) fn prefers_positions(out_n: usize, mg: usize, k: usize, pointwise: bool) -> bool {
-    if out_n == 0 || out_n > 256 || k < 512 || mg < 128 {
+    if out_n == 0 || out_n > 256 || mg == 0 {
         return false;
     }
     if pointwise && kiln_gemm::reads_b_in_place(mg, k, out_n) {
@@ -693,7 +706,16 @@ pub(crate) fn prefers_positions(out_n: usize, mg: usize, k: usize, pointwise: bo
         (rows as f64 / (rows.div_ceil(mr) * mr) as f64)
             * (cols as f64 / (cols.div_ceil(nr) * nr) as f64)
     };
-    eff(out_n, mg) > eff(mg, out_n)
+    let (positions, channels) = (eff(out_n, mg), eff(mg, out_n));
+    // A few positions per plane leave most of each channel-rows tile empty
+    // (Silero VAD's STFT conv: 4 positions of a 64-wide tile, 258
+    // channels, k 256: 0.034 -> 0.028 ms on 2 threads, most of it the
+    // run's fixed costs); then the packing costs less
+    // than the empty lanes, whatever the depth.
+    if positions >= 4.0 * channels {
+        return true;
+    }
+    k >= 512 && mg >= 128 && positions > channels
 }
 
 /// Whether a Conv with these attributes and W shape (`[M, Cg, k...]`) is
@@ -910,7 +932,7 @@ fn takes_direct_kernel(geo: &ConvGeometry, w: ConvWeights<'_>) -> bool {
     let win = &geo.win;
     match w {
         ConvWeights::Raw(_) => {
-            uses_direct_kernel(geo.cg, &win.kernel, &win.strides, &win.dilations)
+            uses_direct_kernel(geo.group, geo.cg, &win.kernel, &win.strides, &win.dilations)
                 || super::depthwise::many_channel_applies(
                     geo.cg,
                     &win.kernel,
@@ -920,7 +942,7 @@ fn takes_direct_kernel(geo: &ConvGeometry, w: ConvWeights<'_>) -> bool {
                 )
         }
         ConvWeights::Packed(ConvPack::Direct(_)) => {
-            direct_possible(geo.cg, &win.kernel, &win.strides, &win.dilations)
+            direct_possible(geo.group, geo.cg, &win.kernel, &win.strides, &win.dilations)
         }
         ConvWeights::Packed(_) => false,
     }
@@ -3189,6 +3211,31 @@ mod tests {
             ),
             // 1-D: general and depthwise.
             (2, 3, 4, 1, vec![17], vec![5], vec![2], vec![1], vec![2, 1]),
+            // One input channel in one group (a GEMM, not the depthwise
+            // kernel): an STFT-like wide window over few positions, and a
+            // grayscale 3x3 stride-2 stem.
+            (
+                1,
+                1,
+                20,
+                1,
+                vec![80],
+                vec![32],
+                vec![16],
+                vec![1],
+                vec![0, 0],
+            ),
+            (
+                2,
+                1,
+                6,
+                1,
+                vec![9, 11],
+                vec![3, 3],
+                vec![2, 2],
+                vec![1, 1],
+                vec![1; 4],
+            ),
             (1, 4, 4, 4, vec![33], vec![3], vec![1], vec![1], vec![1, 1]),
             (1, 4, 4, 4, vec![33], vec![5], vec![2], vec![1], vec![0, 3]),
             // 3-D: general and depthwise (no direct kernel: im2col path).
@@ -3428,7 +3475,7 @@ mod tests {
             // Both GEMM orientations, whichever the shape would pick.
             for positions in [false, true] {
                 let packed = pack_conv_weights(&wv, m, group, positions);
-                let weights = if uses_direct_kernel(c / group, &ks, &ss, &ds) {
+                let weights = if uses_direct_kernel(group, c / group, &ks, &ss, &ds) {
                     ConvWeights::Raw(&w)
                 } else {
                     ConvWeights::Packed(&packed)
