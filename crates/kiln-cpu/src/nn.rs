@@ -44,9 +44,9 @@ pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applie
 pub(crate) use depthwise_tiled::lane_weights as depthwise_lane_weights;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use depthwise_tiled::transpose16;
+pub(crate) use matmul::gemm_acc;
 pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB};
 pub use matmul::{gemm, matmul};
-pub(crate) use matmul::{gemm_acc, transpose};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};
 pub use pool::{avg_pool, global_pool, max_pool};
 #[cfg(target_arch = "x86_64")]
@@ -149,6 +149,14 @@ pub(crate) trait Real:
         c.fill(Self::ZERO);
         matmul::gemm_acc(m, k, n, a, b, c);
     }
+    /// `c += a * b^T` (`a` `m x k`, `b` `n x k`, both row-major, as RNN
+    /// weights are stored): `b` transposed, then the reference core; f32 runs
+    /// `kiln_gemm::sgemm` on `b` as a transposed view instead (no copy), tested
+    /// against it.
+    fn product_bt_acc(m: usize, k: usize, n: usize, a: &[Self], b: &[Self], c: &mut [Self]) {
+        let bt = matmul::transpose(&b[..n * k], n, k);
+        matmul::gemm_acc(m, k, n, a, &bt, c);
+    }
 }
 
 impl Real for f32 {
@@ -192,6 +200,17 @@ impl Real for f32 {
             MatRef::row_major(&b[..k * n], k, n),
         );
         sgemm(1.0, Lhs::Mat(a), Rhs::Mat(b), 0.0, &mut c[..m * n], n, None);
+    }
+    fn product_bt_acc(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        use kiln_gemm::{sgemm, Lhs, MatRef, Rhs};
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        let (a, b) = (
+            MatRef::row_major(&a[..m * k], m, k),
+            MatRef::row_major(&b[..n * k], n, k).t(),
+        );
+        sgemm(1.0, Lhs::Mat(a), Rhs::Mat(b), 1.0, &mut c[..m * n], n, None);
     }
 }
 

@@ -5,7 +5,7 @@
 //! (`[S*B, I] x W^T`); every step then adds `H_{t-1} x R^T` and applies the
 //! gates. Gate order in W, R and B is i, o, f, c; peepholes P are i, o, f.
 
-use crate::nn::{float_prec, float_tensor, gemm_acc, values, Prec, Real};
+use crate::nn::{float_prec, float_tensor, values, Prec, Real};
 use crate::{invalid, Result};
 use kiln_ir::{Activation, DType, LstmAttrs, RnnDirection, Tensor, TensorData};
 
@@ -209,8 +209,10 @@ fn lstm_impl<T: Real>(
     for d in 0..dirs {
         let reverse = a.direction == RnnDirection::Reverse || d == 1;
         let [fa, ga, ha] = acts[d];
-        let wt = crate::nn::transpose(&wv[d * g4 * isz..(d + 1) * g4 * isz], g4, isz);
-        let rt = crate::nn::transpose(&rv[d * g4 * hs..(d + 1) * g4 * hs], g4, hs);
+        // W and R as stored, `[4H, input]` and `[4H, H]`: the products read
+        // them transposed (for f32 as a view, not a copy per run).
+        let wd = &wv[d * g4 * isz..(d + 1) * g4 * isz];
+        let rd = &rv[d * g4 * hs..(d + 1) * g4 * hs];
         // Input projections of every step, with both biases folded in.
         let mut xw = vec![T::ZERO; sl * bs * g4];
         if let Some(bv) = &bv {
@@ -221,7 +223,7 @@ fn lstm_impl<T: Real>(
                 row.copy_from_slice(&bias);
             }
         }
-        gemm_acc(sl * bs, isz, g4, &xv, &wt, &mut xw);
+        T::product_bt_acc(sl * bs, isz, g4, &xv, wd, &mut xw);
         let peep: &[T] = match &pv {
             Some(pv) => &pv[d * 3 * hs..(d + 1) * 3 * hs],
             None => &zeros,
@@ -232,7 +234,7 @@ fn lstm_impl<T: Real>(
         let mut hr = vec![T::ZERO; bs * g4];
         for step in 0..sl {
             hr.fill(T::ZERO);
-            gemm_acc(bs, hs, g4, &h, &rt, &mut hr);
+            T::product_bt_acc(bs, hs, g4, &h, rd, &mut hr);
             for (bi, &len) in lens.iter().enumerate() {
                 if step >= len {
                     continue;
@@ -931,6 +933,87 @@ mod tests {
                 &yr[tt * step..(tt + 1) * step],
                 &yf[(sl - 1 - tt) * step..(sl - tt) * step],
             );
+        }
+    }
+
+    /// The f32 products (`kiln_gemm` on W and R as transposed views) against
+    /// the f64 reference core, on odd shapes: `c += a * b^T` alone, then a
+    /// whole bidirectional LSTM with biases and initial states.
+    #[test]
+    fn f32_products_match_the_reference() {
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+        };
+        for (m, k, n) in [(1, 128, 512), (3, 5, 7), (17, 33, 20), (0, 4, 4), (2, 0, 3)] {
+            let a: Vec<f64> = (0..m * k).map(|_| rnd()).collect();
+            let b: Vec<f64> = (0..n * k).map(|_| rnd()).collect();
+            let c0: Vec<f64> = (0..m * n).map(|_| rnd()).collect();
+            let mut want = c0.clone();
+            f64::product_bt_acc(m, k, n, &a, &b, &mut want);
+            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let mut got = f(&c0);
+            f32::product_bt_acc(m, k, n, &f(&a), &f(&b), &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{m}x{k}x{n}: {g} vs {w}"
+                );
+            }
+        }
+        let (sl, bs, isz, hs) = (4, 3, 6, 5);
+        let shapes: [Vec<usize>; 6] = [
+            vec![sl, bs, isz],
+            vec![2, 4 * hs, isz],
+            vec![2, 4 * hs, hs],
+            vec![2, 8 * hs],
+            vec![2, bs, hs],
+            vec![2, bs, hs],
+        ];
+        let data: Vec<Vec<f64>> = shapes
+            .iter()
+            .map(|s| {
+                (0..s.iter().product::<usize>())
+                    .map(|_| rnd() * 0.5)
+                    .collect()
+            })
+            .collect();
+        let run = |f64s: bool| -> Vec<Vec<f64>> {
+            let ts: Vec<Tensor> = shapes
+                .iter()
+                .zip(&data)
+                .map(|(s, d)| {
+                    if f64s {
+                        Tensor::from_vec(s.clone(), d.clone()).unwrap()
+                    } else {
+                        t(s, d.iter().map(|&x| x as f32).collect())
+                    }
+                })
+                .collect();
+            let ins = [
+                Some(&ts[0]),
+                Some(&ts[1]),
+                Some(&ts[2]),
+                Some(&ts[3]),
+                None,
+                Some(&ts[4]),
+                Some(&ts[5]),
+            ];
+            lstm(&attrs(RnnDirection::Bidirectional, hs), &ins, 3)
+                .unwrap()
+                .iter()
+                .map(|o| o.to_f64_vec().unwrap())
+                .collect()
+        };
+        let (want, got) = (run(true), run(false));
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(w.len(), g.len());
+            for (a, b) in w.iter().zip(g) {
+                assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+            }
         }
     }
 

@@ -48,9 +48,22 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Compiles `graph`. `outer` names the values visible from enclosing graphs.
-    pub fn compile(graph: &Graph, outer: &HashSet<String>) -> Result<Plan> {
+    /// Compiles a subgraph. `outer` names the values visible from enclosing
+    /// graphs; `outer_consts` holds those of them that are fixed weights
+    /// (enclosing initializers no caller can override), which the subgraph
+    /// takes as its own constants, so its kernels are prepared on them as
+    /// at the top level (a model that wraps its whole body in an `If` on a
+    /// run-time input, such as Silero VAD's sample rate, would otherwise
+    /// run every conv and matmul on unpacked weights).
+    fn compile_sub(
+        graph: &Graph,
+        outer: &HashSet<String>,
+        outer_consts: std::collections::BTreeMap<String, Arc<Tensor>>,
+    ) -> Result<Plan> {
         let mut inits = graph.initializers.clone();
+        for (name, t) in outer_consts {
+            inits.entry(name).or_insert(t);
+        }
         Plan::compile_with(graph, &mut inits, false, outer)
     }
 
@@ -159,7 +172,13 @@ impl Plan {
             let mut subplans = Vec::new();
             let mut subplan_outer = Vec::new();
             for sub in node.op.subgraphs() {
-                let plan = Plan::compile(sub, &visible_below).map_err(|e| match e {
+                let consts = sub
+                    .outer_reads()
+                    .into_iter()
+                    .filter(|name| !overridable.contains(name.as_str()))
+                    .filter_map(|name| inits.get(&name).map(|t| (name, Arc::clone(t))))
+                    .collect();
+                let plan = Plan::compile_sub(sub, &visible_below, consts).map_err(|e| match e {
                     Error::InvalidModel(m) => Error::InvalidModel(format!(
                         "in a subgraph of node '{}' ({}): {m}",
                         node.name,
