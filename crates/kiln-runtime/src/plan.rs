@@ -471,3 +471,76 @@ fn find_tied_tables(
     }
     ties
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{DType, Dim, Node, ValueInfo, ValueType};
+
+    fn node(name: &str, op: Op, inputs: &[&str], outputs: &[&str]) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| Some(s.to_string())).collect(),
+            outputs: outputs.iter().map(|s| Some(s.to_string())).collect(),
+        }
+    }
+
+    fn vi(name: &str, shape: &[usize]) -> ValueInfo {
+        ValueInfo {
+            name: name.into(),
+            ty: ValueType::new(
+                DType::F32,
+                Some(shape.iter().map(|&d| Dim::Known(d)).collect()),
+            ),
+        }
+    }
+
+    /// A branch's MatMul on an enclosing initializer is prepared on it (the
+    /// branch holds it as a constant, not as an outer value); one on an
+    /// initializer the caller may override (a graph input with a default)
+    /// still reads it from outside, unprepared.
+    #[test]
+    fn subgraphs_prepare_on_fixed_enclosing_weights() {
+        let branch = |out: &str, w: &str| Graph {
+            outputs: vec![vi(out, &[1, 3])],
+            nodes: vec![node("mm", Op::MatMul, &["x", w], &[out])],
+            ..Default::default()
+        };
+        let mut g = Graph {
+            inputs: vec![
+                vi("x", &[1, 4]),
+                ValueInfo {
+                    name: "cond".into(),
+                    ty: ValueType::new(DType::Bool, Some(vec![])),
+                },
+                vi("w_default", &[4, 3]),
+            ],
+            outputs: vec![vi("y", &[1, 3])],
+            nodes: vec![node(
+                "if",
+                Op::If {
+                    then_branch: Box::new(branch("t", "w_fixed")),
+                    else_branch: Box::new(branch("e", "w_default")),
+                },
+                &["cond"],
+                &["y"],
+            )],
+            ..Default::default()
+        };
+        for name in ["w_fixed", "w_default"] {
+            let w = Tensor::from_vec(vec![4, 3], (0..12).map(|v| v as f32).collect()).unwrap();
+            g.initializers.insert(name.into(), Arc::new(w));
+        }
+        let mut inits = g.initializers.clone();
+        let plan = Plan::compile_releasing(&g, &mut inits).unwrap();
+        let step = &plan.steps[0];
+        let (then_plan, else_plan) = (&step.subplans[0], &step.subplans[1]);
+        assert!(then_plan.steps[0].prepared.is_some());
+        assert!(then_plan.outer.iter().all(|(n, _)| n != "w_fixed"));
+        assert!(else_plan.steps[0].prepared.is_none());
+        assert!(else_plan.outer.iter().any(|(n, _)| n == "w_default"));
+        // The enclosing graph keeps both: the branches read them.
+        assert!(inits.contains_key("w_fixed") && inits.contains_key("w_default"));
+    }
+}
