@@ -3,7 +3,7 @@
 //!
 //! Float kernels are generic over [`Real`] (f32 and f64). f16 and bf16 tensors are
 //! computed in f32 and converted back. The GEMM core ([`gemm_acc`]) is also used
-//! by integer MatMul, Conv (im2col), ConvTranspose, LSTM and Resize.
+//! by integer MatMul, Conv (im2col), ConvTranspose, f64 LSTM and Resize.
 
 mod conv;
 // AVX-512 only: a tuning candidate where it runs.
@@ -44,8 +44,9 @@ pub(crate) use depthwise::{conv_nhwc as depthwise_conv_nhwc, many_channel_applie
 pub(crate) use depthwise_tiled::lane_weights as depthwise_lane_weights;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use depthwise_tiled::transpose16;
-pub(crate) use matmul::gemm_acc;
-pub(crate) use matmul::{f32_slice, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB};
+pub(crate) use matmul::{
+    f32_slice, gemm_acc, gemm_f32, matmul_f32, matmul_f32_fused, matmul_shape, MatmulB,
+};
 pub use matmul::{gemm, matmul};
 pub use norm::{batch_norm, instance_norm, layer_norm, softmax};
 pub use pool::{avg_pool, global_pool, max_pool};
@@ -149,14 +150,42 @@ pub(crate) trait Real:
         c.fill(Self::ZERO);
         matmul::gemm_acc(m, k, n, a, b, c);
     }
-    /// `c += a * b^T` (`a` `m x k`, `b` `n x k`, both row-major, as RNN
-    /// weights are stored): `b` transposed, then the reference core; f32 runs
-    /// `kiln_gemm::sgemm` on `b` as a transposed view instead (no copy), tested
-    /// against it.
-    fn product_bt_acc(m: usize, k: usize, n: usize, a: &[Self], b: &[Self], c: &mut [Self]) {
-        let bt = matmul::transpose(&b[..n * k], n, k);
-        matmul::gemm_acc(m, k, n, a, &bt, c);
+    /// A matrix `b` (`n x k` row-major, as RNN weights are stored) made
+    /// ready, once, for products by its transpose ([`Real::product_bt`]).
+    type Bt;
+    /// `b` transposed (the reference core's operand); f32 packs `b^T` for
+    /// `kiln_gemm` instead.
+    fn prepare_bt(b: &[Self], n: usize, k: usize) -> Self::Bt;
+    /// `c = a * b^T`, or `c += a * b^T` with `acc` (`a` `m x k` row-major,
+    /// `bt` from [`Real::prepare_bt`] of an `n x k` matrix): the reference
+    /// core; f32 runs `kiln_gemm::sgemm`, tested against it.
+    #[allow(clippy::too_many_arguments)]
+    fn product_bt(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        bt: &Self::Bt,
+        c: &mut [Self],
+        acc: bool,
+    );
+}
+
+/// [`Real::product_bt`] on the reference core, `bt` already transposed.
+fn reference_product_bt<T: MatElem>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[T],
+    bt: &[T],
+    c: &mut [T],
+    acc: bool,
+) {
+    let c = &mut c[..m * n];
+    if !acc {
+        c.fill(T::ZERO);
     }
+    matmul::gemm_acc(m, k, n, a, bt, c);
 }
 
 impl Real for f32 {
@@ -201,20 +230,49 @@ impl Real for f32 {
         );
         sgemm(1.0, Lhs::Mat(a), Rhs::Mat(b), 0.0, &mut c[..m * n], n, None);
     }
-    fn product_bt_acc(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    type Bt = kiln_gemm::PackedB;
+    fn prepare_bt(b: &[f32], n: usize, k: usize) -> kiln_gemm::PackedB {
+        kiln_gemm::PackedB::new(kiln_gemm::MatRef::row_major(&b[..n * k], n, k).t())
+    }
+    fn product_bt(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        bt: &kiln_gemm::PackedB,
+        c: &mut [f32],
+        acc: bool,
+    ) {
         use kiln_gemm::{sgemm, Lhs, MatRef, Rhs};
+        let c = &mut c[..m * n];
         if m == 0 || n == 0 || k == 0 {
+            if !acc {
+                c.fill(0.0);
+            }
             return;
         }
-        let (a, b) = (
-            MatRef::row_major(&a[..m * k], m, k),
-            MatRef::row_major(&b[..n * k], n, k).t(),
-        );
-        sgemm(1.0, Lhs::Mat(a), Rhs::Mat(b), 1.0, &mut c[..m * n], n, None);
+        let a = MatRef::row_major(&a[..m * k], m, k);
+        let beta = if acc { 1.0 } else { 0.0 };
+        sgemm(1.0, Lhs::Mat(a), Rhs::Packed(bt), beta, c, n, None);
     }
 }
 
 impl Real for f64 {
+    type Bt = Vec<f64>;
+    fn prepare_bt(b: &[f64], n: usize, k: usize) -> Vec<f64> {
+        matmul::transpose(&b[..n * k], n, k)
+    }
+    fn product_bt(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f64],
+        bt: &Vec<f64>,
+        c: &mut [f64],
+        acc: bool,
+    ) {
+        reference_product_bt(m, k, n, a, bt, c, acc)
+    }
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
     #[inline(always)]

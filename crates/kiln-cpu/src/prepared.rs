@@ -490,15 +490,7 @@ fn tune_conv(
         {
             Some(nn::ConvPack::Winograd(nn::WinogradWeights::new(&w, m, c)))
         }
-        "direct"
-            if nn::direct_possible(
-                attrs.group,
-                c,
-                &w_shape[2..],
-                &attrs.strides,
-                &attrs.dilations,
-            ) =>
-        {
+        "direct" if nn::direct_possible(c, &w_shape[2..], &attrs.strides, &attrs.dilations) => {
             Some(nn::ConvPack::Direct(w.clone()))
         }
         #[cfg(target_arch = "x86_64")]
@@ -1350,11 +1342,6 @@ mod tests {
             !kiln_gemm::reads_b_in_place(256, 1024, 49)
         );
         assert!(nn::prefers_positions(49, 512, 4608, true));
-        // A handful of positions (an STFT conv's 4 frames): position rows
-        // whatever the depth or channel count.
-        assert!(nn::prefers_positions(4, 258, 256, false));
-        assert!(nn::prefers_positions(9, 64, 64, false));
-        assert!(!nn::prefers_positions(16, 64, 64, false));
     }
 
     #[test]
@@ -1446,6 +1433,12 @@ mod tests {
         // Depthwise: read unpacked by the direct kernel.
         let dw = Op::Conv(conv_attrs(4, &[1; 4], &[1, 1]));
         assert!(prepare(&dw, &[None, Some(&w)], None).is_none());
+        // One input channel in one group (a grayscale stem, an STFT): a
+        // GEMM, so packed; and prepared or not, it computes the same.
+        let single = Op::Conv(conv_attrs(1, &[1; 4], &[2, 2]));
+        assert!(prepare(&single, &[None, Some(&w)], None).is_some());
+        let x = t(&[1, 1, 9, 11], rng.vec(99));
+        check_prepared(&single, &[Some(&x), Some(&w)], 1);
         // Few input channels (an RGB stem), likewise where this CPU has the
         // vector kernel for them; with dilation it is a GEMM again, so packed.
         let stem_w = t(&[8, 3, 3, 3], rng.vec(216));

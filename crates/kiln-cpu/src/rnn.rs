@@ -209,10 +209,11 @@ fn lstm_impl<T: Real>(
     for d in 0..dirs {
         let reverse = a.direction == RnnDirection::Reverse || d == 1;
         let [fa, ga, ha] = acts[d];
-        // W and R as stored, `[4H, input]` and `[4H, H]`: the products read
-        // them transposed (for f32 as a view, not a copy per run).
-        let wd = &wv[d * g4 * isz..(d + 1) * g4 * isz];
-        let rd = &rv[d * g4 * hs..(d + 1) * g4 * hs];
+        // W and R are stored `[4H, input]` and `[4H, H]`; the products take
+        // them transposed, made ready once per direction (f32: packed for
+        // the GEMM, which every time step then reads as it is).
+        let wt = T::prepare_bt(&wv[d * g4 * isz..(d + 1) * g4 * isz], g4, isz);
+        let rt = T::prepare_bt(&rv[d * g4 * hs..(d + 1) * g4 * hs], g4, hs);
         // Input projections of every step, with both biases folded in.
         let mut xw = vec![T::ZERO; sl * bs * g4];
         if let Some(bv) = &bv {
@@ -223,7 +224,7 @@ fn lstm_impl<T: Real>(
                 row.copy_from_slice(&bias);
             }
         }
-        T::product_bt_acc(sl * bs, isz, g4, &xv, wd, &mut xw);
+        T::product_bt(sl * bs, isz, g4, &xv, &wt, &mut xw, true);
         let peep: &[T] = match &pv {
             Some(pv) => &pv[d * 3 * hs..(d + 1) * 3 * hs],
             None => &zeros,
@@ -233,8 +234,7 @@ fn lstm_impl<T: Real>(
         let mut c = c_init[d * bs * hs..(d + 1) * bs * hs].to_vec();
         let mut hr = vec![T::ZERO; bs * g4];
         for step in 0..sl {
-            hr.fill(T::ZERO);
-            T::product_bt_acc(bs, hs, g4, &h, rd, &mut hr);
+            T::product_bt(bs, hs, g4, &h, &rt, &mut hr, false);
             for (bi, &len) in lens.iter().enumerate() {
                 if step >= len {
                     continue;
@@ -941,27 +941,26 @@ mod tests {
     /// whole bidirectional LSTM with biases and initial states.
     #[test]
     fn f32_products_match_the_reference() {
-        let mut seed = 7u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
-        };
+        let mut rng = crate::nn::test_util::Rng::new(7);
+        let mut rnd = move || rng.f32() as f64;
         for (m, k, n) in [(1, 128, 512), (3, 5, 7), (17, 33, 20), (0, 4, 4), (2, 0, 3)] {
             let a: Vec<f64> = (0..m * k).map(|_| rnd()).collect();
             let b: Vec<f64> = (0..n * k).map(|_| rnd()).collect();
             let c0: Vec<f64> = (0..m * n).map(|_| rnd()).collect();
-            let mut want = c0.clone();
-            f64::product_bt_acc(m, k, n, &a, &b, &mut want);
             let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-            let mut got = f(&c0);
-            f32::product_bt_acc(m, k, n, &f(&a), &f(&b), &mut got);
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "{m}x{k}x{n}: {g} vs {w}"
-                );
+            let (bt64, bt32) = (f64::prepare_bt(&b, n, k), f32::prepare_bt(&f(&b), n, k));
+            for acc in [true, false] {
+                let mut want = c0.clone();
+                f64::product_bt(m, k, n, &a, &bt64, &mut want, acc);
+                // NaN where the product overwrites: it must not be read.
+                let mut got = if acc { f(&c0) } else { vec![f32::NAN; m * n] };
+                f32::product_bt(m, k, n, &f(&a), &bt32, &mut got, acc);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}x{k}x{n} acc {acc}: {g} vs {w}"
+                    );
+                }
             }
         }
         let (sl, bs, isz, hs) = (4, 3, 6, 5);

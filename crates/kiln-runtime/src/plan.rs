@@ -2,9 +2,10 @@
 //! slots, with each value freed after its last use.
 
 use crate::{Error, Result};
+use kiln_cpu::PreparedOp;
 use kiln_ir::{Graph, Op, Tensor};
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
 
 /// One node, resolved to slots.
 pub(crate) struct Step {
@@ -19,8 +20,9 @@ pub(crate) struct Step {
     /// For each subplan, the slots here that feed its `outer` values, in order.
     pub subplan_outer: Vec<Vec<usize>>,
     /// The kernel specialized on the node's constant inputs (packed weights),
-    /// made once here instead of on every run.
-    pub prepared: Option<kiln_cpu::PreparedOp>,
+    /// made once here instead of on every run; shared with the steps of
+    /// other plans of the session prepared from the same node and weights.
+    pub prepared: Option<Arc<PreparedOp>>,
     /// Inputs whose constant was freed because `prepared` holds its data
     /// (packed): (input index, dtype and shape), for profiles.
     pub held: Vec<(usize, (kiln_ir::DType, Vec<usize>))>,
@@ -54,17 +56,27 @@ impl Plan {
     /// takes as its own constants, so its kernels are prepared on them as
     /// at the top level (a model that wraps its whole body in an `If` on a
     /// run-time input, such as Silero VAD's sample rate, would otherwise
-    /// run every conv and matmul on unpacked weights).
+    /// run every conv and matmul on unpacked weights). Like the top level,
+    /// it lets go of a weight once all its readers hold it packed. Returns
+    /// the plan and the names of `outer_consts` it still holds (the
+    /// enclosing plan may release the others).
     fn compile_sub(
         graph: &Graph,
         outer: &HashSet<String>,
-        outer_consts: std::collections::BTreeMap<String, Arc<Tensor>>,
-    ) -> Result<Plan> {
+        outer_consts: BTreeMap<String, Arc<Tensor>>,
+        shared: &mut SharedPrepared,
+    ) -> Result<(Plan, Vec<String>)> {
         let mut inits = graph.initializers.clone();
-        for (name, t) in outer_consts {
-            inits.entry(name).or_insert(t);
-        }
-        Plan::compile_with(graph, &mut inits, false, outer)
+        let handed: Vec<String> = outer_consts.keys().cloned().collect();
+        // (`outer_reads` leaves out the subgraph's own names: nothing here
+        // replaces one of its values.)
+        inits.extend(outer_consts);
+        let plan = Plan::compile_with(graph, &mut inits, true, outer, shared)?;
+        let kept = handed
+            .into_iter()
+            .filter(|n| inits.contains_key(n))
+            .collect();
+        Ok((plan, kept))
     }
 
     /// Compiles a top-level graph whose initializers the caller moved into
@@ -72,18 +84,27 @@ impl Plan {
     /// packed is removed from `inits` as soon as its last reader is prepared,
     /// so the original and the packed copy of every weight never all coexist
     /// (that would double a model's peak memory); those steps get None for it.
+    /// A weight that subgraphs read counts as read by each node holding
+    /// them, a read done once no subgraph of the node keeps the original.
     pub fn compile_releasing(
         graph: &Graph,
-        inits: &mut std::collections::BTreeMap<String, Arc<Tensor>>,
+        inits: &mut BTreeMap<String, Arc<Tensor>>,
     ) -> Result<Plan> {
-        Plan::compile_with(graph, inits, true, &HashSet::new())
+        Plan::compile_with(
+            graph,
+            inits,
+            true,
+            &HashSet::new(),
+            &mut SharedPrepared::default(),
+        )
     }
 
     fn compile_with(
         graph: &Graph,
-        inits: &mut std::collections::BTreeMap<String, Arc<Tensor>>,
+        inits: &mut BTreeMap<String, Arc<Tensor>>,
         release: bool,
         outer: &HashSet<String>,
+        shared: &mut SharedPrepared,
     ) -> Result<Plan> {
         // The initializers may have been moved out of `graph` into `inits`:
         // they are available values all the same.
@@ -113,18 +134,22 @@ impl Plan {
         // Initializers the caller cannot override: safe to specialize kernels on.
         let overridable: HashSet<&str> = graph.inputs.iter().map(|i| i.name.as_str()).collect();
         // Per fixed initializer, how many reads are left before it could be
-        // released: node inputs, plus "never" for graph outputs and values
-        // subgraphs read.
+        // released: node inputs, one per node whose subgraphs read it, and
+        // "never" for graph outputs.
         let mut reads_left: HashMap<String, usize> = HashMap::new();
         if release {
             for node in &graph.nodes {
                 for name in node.present_inputs() {
                     *reads_left.entry(name.to_string()).or_default() += 1;
                 }
-                for sub in node.op.subgraphs() {
-                    for name in sub.outer_reads() {
-                        reads_left.insert(name, usize::MAX);
-                    }
+                let by_subgraphs: HashSet<String> = node
+                    .op
+                    .subgraphs()
+                    .iter()
+                    .flat_map(|sub| sub.outer_reads())
+                    .collect();
+                for name in by_subgraphs {
+                    *reads_left.entry(name).or_default() += 1;
                 }
             }
             for o in &graph.outputs {
@@ -171,21 +196,32 @@ impl Plan {
             let mut reads: Vec<usize> = ins.iter().flatten().copied().collect();
             let mut subplans = Vec::new();
             let mut subplan_outer = Vec::new();
+            // Weights handed down to the subgraphs: whether some subgraph
+            // still holds the original.
+            let mut handed: BTreeMap<String, bool> = BTreeMap::new();
             for sub in node.op.subgraphs() {
-                let consts = sub
+                let consts: BTreeMap<String, Arc<Tensor>> = sub
                     .outer_reads()
                     .into_iter()
                     .filter(|name| !overridable.contains(name.as_str()))
                     .filter_map(|name| inits.get(&name).map(|t| (name, Arc::clone(t))))
                     .collect();
-                let plan = Plan::compile_sub(sub, &visible_below, consts).map_err(|e| match e {
-                    Error::InvalidModel(m) => Error::InvalidModel(format!(
-                        "in a subgraph of node '{}' ({}): {m}",
-                        node.name,
-                        node.op.name()
-                    )),
-                    other => other,
-                })?;
+                for name in consts.keys() {
+                    handed.entry(name.clone()).or_insert(false);
+                }
+                let (plan, kept) = Plan::compile_sub(sub, &visible_below, consts, shared).map_err(
+                    |e| match e {
+                        Error::InvalidModel(m) => Error::InvalidModel(format!(
+                            "in a subgraph of node '{}' ({}): {m}",
+                            node.name,
+                            node.op.name()
+                        )),
+                        other => other,
+                    },
+                )?;
+                for name in kept {
+                    handed.insert(name, true);
+                }
                 let feeds: Vec<usize> = plan
                     .outer
                     .iter()
@@ -212,13 +248,13 @@ impl Plan {
                 .collect();
             reads_per_step.push(reads);
             let prepared = if node.op.subgraphs().is_empty() {
-                let constants: Vec<Option<&Tensor>> = node
+                let constants: Vec<Option<&Arc<Tensor>>> = node
                     .inputs
                     .iter()
                     .map(|o| {
                         o.as_deref()
                             .filter(|n| !overridable.contains(n))
-                            .and_then(|n| inits.get(n).map(|t| &**t))
+                            .and_then(|n| inits.get(n))
                     })
                     .collect();
                 if constants.iter().any(Option::is_some) {
@@ -230,7 +266,7 @@ impl Plan {
                         .and_then(|name| graph.value_type(name))
                         .and_then(|t| t.shape)
                         .map(|dims| dims.iter().map(|d| d.known()).collect());
-                    kiln_cpu::prepare(&node.op, &constants, out_shape.as_deref())
+                    shared.prepare(&node.op, &constants, out_shape)
                 } else {
                     None
                 }
@@ -259,6 +295,13 @@ impl Plan {
             if let Some(name) = release_now {
                 holders.release(&name, inits, &slots, &mut steps, &mut reads_per_step);
             }
+            // A weight no subgraph of this node holds unpacked: this node's
+            // read of it is done.
+            for (name, _) in handed.into_iter().filter(|(_, kept)| !kept) {
+                if holders.read_done(&name) {
+                    holders.release(&name, inits, &slots, &mut steps, &mut reads_per_step);
+                }
+            }
         }
         // The Gathers of tied tables read the products' panels, which exist now.
         let step_of: HashMap<usize, usize> =
@@ -272,7 +315,8 @@ impl Plan {
             let shared = steps[pi]
                 .prepared
                 .as_ref()
-                .and_then(|p| kiln_cpu::prepare_gather_from(&steps[gi].op, &tie.shape, p));
+                .and_then(|p| kiln_cpu::prepare_gather_from(&steps[gi].op, &tie.shape, p))
+                .map(Arc::new);
             match shared {
                 Some(p) => {
                     steps[gi].prepared = Some(p);
@@ -366,6 +410,70 @@ fn slot_of(name: &str, slots: &mut HashMap<String, usize>) -> usize {
     *slots.entry(name.to_string()).or_insert(n)
 }
 
+/// Prepared kernels shared by all the plans compiled for one session: the
+/// sibling branches of an `If` that read the same enclosing weights (an
+/// exported decoder's with-cache and without-cache branches) hold one
+/// packing between them, not one each.
+#[derive(Default)]
+pub(crate) struct SharedPrepared {
+    /// Keyed by the address of the node's first constant input.
+    by_first: HashMap<usize, Vec<PreparedFor>>,
+}
+
+/// What a shared prepared kernel was made from.
+struct PreparedFor {
+    op: Op,
+    /// Per input, the constant it was prepared on. Weak, so the entry does
+    /// not keep a released weight alive; while it exists the allocation is
+    /// not reused, so the same address is the same tensor.
+    constants: Vec<Option<Weak<Tensor>>>,
+    out_shape: Option<Vec<Option<usize>>>,
+    prepared: Arc<PreparedOp>,
+}
+
+impl SharedPrepared {
+    /// The kernel of `op` prepared on `constants` (`kiln_cpu::prepare`),
+    /// made once per op, constants and output shape.
+    fn prepare(
+        &mut self,
+        op: &Op,
+        constants: &[Option<&Arc<Tensor>>],
+        out_shape: Option<Vec<Option<usize>>>,
+    ) -> Option<Arc<PreparedOp>> {
+        let first = constants.iter().flatten().next()?;
+        let key = Arc::as_ptr(first) as usize;
+        let same = |e: &PreparedFor| {
+            e.op == *op
+                && e.out_shape == out_shape
+                && e.constants.len() == constants.len()
+                && e.constants
+                    .iter()
+                    .zip(constants)
+                    .all(|(w, c)| match (w, c) {
+                        (None, None) => true,
+                        (Some(w), Some(c)) => std::ptr::eq(w.as_ptr(), Arc::as_ptr(c)),
+                        _ => false,
+                    })
+        };
+        if let Some(e) = self
+            .by_first
+            .get(&key)
+            .and_then(|v| v.iter().find(|e| same(e)))
+        {
+            return Some(Arc::clone(&e.prepared));
+        }
+        let plain: Vec<Option<&Tensor>> = constants.iter().map(|c| c.map(|t| &**t)).collect();
+        let prepared = Arc::new(kiln_cpu::prepare(op, &plain, out_shape.as_deref())?);
+        self.by_first.entry(key).or_default().push(PreparedFor {
+            op: op.clone(),
+            constants: constants.iter().map(|c| c.map(Arc::downgrade)).collect(),
+            out_shape,
+            prepared: Arc::clone(&prepared),
+        });
+        Some(prepared)
+    }
+}
+
 /// Which weights prepared steps hold packed, and when each original can go.
 #[derive(Default)]
 struct Holders {
@@ -386,19 +494,26 @@ impl Holders {
             .entry(name.to_string())
             .or_default()
             .push((step, idx));
-        let left = self
-            .reads_left
-            .get_mut(name)
-            .filter(|l| **l != usize::MAX)?;
-        *left -= 1;
-        (*left == 0).then(|| name.to_string())
+        self.read_done(name).then(|| name.to_string())
+    }
+
+    /// One read of weight `name` needs the original no more. Returns
+    /// whether that was its last read.
+    fn read_done(&mut self, name: &str) -> bool {
+        match self.reads_left.get_mut(name) {
+            Some(left) if *left != usize::MAX && *left > 0 => {
+                *left -= 1;
+                *left == 0
+            }
+            _ => false,
+        }
     }
 
     /// Frees weight `name`: its holders get None for it and stop reading its slot.
     fn release(
         &mut self,
         name: &str,
-        inits: &mut std::collections::BTreeMap<String, Arc<Tensor>>,
+        inits: &mut BTreeMap<String, Arc<Tensor>>,
         slots: &HashMap<String, usize>,
         steps: &mut [Step],
         reads_per_step: &mut [Vec<usize>],
@@ -407,7 +522,8 @@ impl Holders {
             return;
         };
         let slot = slots[name];
-        for &(si, idx) in &self.by_weight[name] {
+        // (A weight only subgraphs read has no holder here.)
+        for &(si, idx) in self.by_weight.get(name).into_iter().flatten() {
             steps[si].inputs[idx] = None;
             steps[si].held.push((idx, (t.dtype(), t.shape().to_vec())));
             reads_per_step[si].retain(|&s| s != slot);
@@ -441,7 +557,7 @@ struct Tie {
 /// from those panels, so D need not be kept as well.
 fn find_tied_tables(
     graph: &Graph,
-    inits: &std::collections::BTreeMap<String, Arc<Tensor>>,
+    inits: &BTreeMap<String, Arc<Tensor>>,
     overridable: &HashSet<&str>,
 ) -> Vec<Tie> {
     let constant = |name: Option<&str>| {
@@ -496,51 +612,188 @@ mod tests {
         }
     }
 
-    /// A branch's MatMul on an enclosing initializer is prepared on it (the
-    /// branch holds it as a constant, not as an outer value); one on an
-    /// initializer the caller may override (a graph input with a default)
-    /// still reads it from outside, unprepared.
-    #[test]
-    fn subgraphs_prepare_on_fixed_enclosing_weights() {
-        let branch = |out: &str, w: &str| Graph {
+    fn weight() -> Arc<Tensor> {
+        Arc::new(Tensor::from_vec(vec![4, 3], (0..12).map(|v| v as f32).collect()).unwrap())
+    }
+
+    /// A branch computing `out = x * w`.
+    fn matmul_branch(out: &str, w: &str) -> Graph {
+        Graph {
             outputs: vec![vi(out, &[1, 3])],
             nodes: vec![node("mm", Op::MatMul, &["x", w], &[out])],
             ..Default::default()
-        };
+        }
+    }
+
+    /// `y = If(cond, then, else)` over input x `[1, 4]`, with `inits`.
+    fn if_graph(then_g: Graph, else_g: Graph, inits: &[&str], w_input: bool) -> Graph {
+        let mut inputs = vec![
+            vi("x", &[1, 4]),
+            ValueInfo {
+                name: "cond".into(),
+                ty: ValueType::new(DType::Bool, Some(vec![])),
+            },
+        ];
+        if w_input {
+            inputs.push(vi("w_default", &[4, 3]));
+        }
         let mut g = Graph {
-            inputs: vec![
-                vi("x", &[1, 4]),
-                ValueInfo {
-                    name: "cond".into(),
-                    ty: ValueType::new(DType::Bool, Some(vec![])),
-                },
-                vi("w_default", &[4, 3]),
-            ],
+            inputs,
             outputs: vec![vi("y", &[1, 3])],
             nodes: vec![node(
                 "if",
                 Op::If {
-                    then_branch: Box::new(branch("t", "w_fixed")),
-                    else_branch: Box::new(branch("e", "w_default")),
+                    then_branch: Box::new(then_g),
+                    else_branch: Box::new(else_g),
                 },
                 &["cond"],
                 &["y"],
             )],
             ..Default::default()
         };
-        for name in ["w_fixed", "w_default"] {
-            let w = Tensor::from_vec(vec![4, 3], (0..12).map(|v| v as f32).collect()).unwrap();
-            g.initializers.insert(name.into(), Arc::new(w));
+        for name in inits {
+            g.initializers.insert(name.to_string(), weight());
         }
+        g
+    }
+
+    /// A branch's MatMul on an enclosing initializer is prepared on it (the
+    /// branch holds it as a constant, not as an outer value), and the
+    /// enclosing plan lets the original go; one on an initializer the
+    /// caller may override (a graph input with a default) still reads it
+    /// from outside, unprepared, and it stays.
+    #[test]
+    fn subgraphs_prepare_on_fixed_enclosing_weights() {
+        let g = if_graph(
+            matmul_branch("t", "w_fixed"),
+            matmul_branch("e", "w_default"),
+            &["w_fixed", "w_default"],
+            true,
+        );
         let mut inits = g.initializers.clone();
         let plan = Plan::compile_releasing(&g, &mut inits).unwrap();
         let step = &plan.steps[0];
         let (then_plan, else_plan) = (&step.subplans[0], &step.subplans[1]);
         assert!(then_plan.steps[0].prepared.is_some());
         assert!(then_plan.outer.iter().all(|(n, _)| n != "w_fixed"));
+        assert!(then_plan.constants.is_empty());
         assert!(else_plan.steps[0].prepared.is_none());
         assert!(else_plan.outer.iter().any(|(n, _)| n == "w_default"));
-        // The enclosing graph keeps both: the branches read them.
-        assert!(inits.contains_key("w_fixed") && inits.contains_key("w_default"));
+        assert!(!inits.contains_key("w_fixed") && inits.contains_key("w_default"));
+        assert!(plan.released.iter().any(|(n, _)| n == "w_fixed"));
+    }
+
+    /// Two branches reading the same weight share one packing, and the
+    /// original goes once both hold it.
+    #[test]
+    fn sibling_branches_share_one_packing() {
+        let g = if_graph(
+            matmul_branch("t", "w"),
+            matmul_branch("e", "w"),
+            &["w"],
+            false,
+        );
+        let mut inits = g.initializers.clone();
+        let plan = Plan::compile_releasing(&g, &mut inits).unwrap();
+        let step = &plan.steps[0];
+        let (a, b) = (
+            step.subplans[0].steps[0].prepared.as_ref().unwrap(),
+            step.subplans[1].steps[0].prepared.as_ref().unwrap(),
+        );
+        assert!(Arc::ptr_eq(a, b));
+        assert!(!inits.contains_key("w"));
+    }
+
+    /// A weight some branch also reads unpacked (here as its output) stays,
+    /// in the enclosing plan and in that branch; an If nested in a branch
+    /// is prepared on the outermost weights too.
+    #[test]
+    fn weights_read_unpacked_stay_and_nested_branches_prepare() {
+        let passthrough = Graph {
+            outputs: vec![vi("w", &[4, 3])],
+            ..Default::default()
+        };
+        let nested = Graph {
+            outputs: vec![vi("inner", &[1, 3])],
+            nodes: vec![node(
+                "inner_if",
+                Op::If {
+                    then_branch: Box::new(matmul_branch("n_t", "w")),
+                    else_branch: Box::new(matmul_branch("n_e", "w")),
+                },
+                &["cond"],
+                &["inner"],
+            )],
+            ..Default::default()
+        };
+        let g = if_graph(nested, passthrough, &["w"], false);
+        let mut inits = g.initializers.clone();
+        let plan = Plan::compile_releasing(&g, &mut inits).unwrap();
+        let step = &plan.steps[0];
+        let inner = &step.subplans[0].steps[0];
+        assert!(inner.subplans[0].steps[0].prepared.is_some());
+        assert!(inner.subplans[1].steps[0].prepared.is_some());
+        assert!(!step.subplans[1].constants.is_empty());
+        assert!(inits.contains_key("w"));
+    }
+
+    /// A Loop body input named like an enclosing initializer is the body's
+    /// own value: not replaced by the weight, not prepared on it.
+    #[test]
+    fn a_body_input_shadowing_a_weight_stays_an_input() {
+        let body = Graph {
+            inputs: vec![
+                ValueInfo {
+                    name: "i".into(),
+                    ty: ValueType::new(DType::I64, Some(vec![])),
+                },
+                ValueInfo {
+                    name: "c_in".into(),
+                    ty: ValueType::new(DType::Bool, Some(vec![])),
+                },
+                vi("w", &[4, 3]),
+            ],
+            outputs: vec![
+                ValueInfo {
+                    name: "c_out".into(),
+                    ty: ValueType::new(DType::Bool, Some(vec![])),
+                },
+                vi("w_out", &[4, 3]),
+                vi("scan", &[1, 3]),
+            ],
+            nodes: vec![
+                node("keep", Op::Identity, &["c_in"], &["c_out"]),
+                node("carry", Op::Identity, &["w"], &["w_out"]),
+                node("mm", Op::MatMul, &["x", "w"], &["scan"]),
+            ],
+            ..Default::default()
+        };
+        let mut g = Graph {
+            inputs: vec![
+                vi("x", &[1, 4]),
+                ValueInfo {
+                    name: "n".into(),
+                    ty: ValueType::new(DType::I64, Some(vec![])),
+                },
+                vi("start", &[4, 3]),
+            ],
+            outputs: vec![vi("last", &[4, 3]), vi("all", &[2, 1, 3])],
+            nodes: vec![node(
+                "loop",
+                Op::Loop {
+                    body: Box::new(body),
+                },
+                &["n", "", "start"],
+                &["last", "all"],
+            )],
+            ..Default::default()
+        };
+        g.nodes[0].inputs[1] = None;
+        g.initializers.insert("w".into(), weight());
+        let mut inits = g.initializers.clone();
+        let plan = Plan::compile_releasing(&g, &mut inits).unwrap();
+        let body = &plan.steps[0].subplans[0];
+        assert!(body.constants.is_empty());
+        assert!(body.steps.iter().all(|s| s.prepared.is_none()));
     }
 }

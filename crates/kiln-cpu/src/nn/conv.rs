@@ -664,17 +664,18 @@ pub(crate) fn uses_direct_kernel(
 }
 
 /// Whether a direct kernel can run a conv with `cg` input channels per
-/// group and this window at all, whatever its plane width (the candidates
-/// `tune.rs` times): depthwise, few channels ([`uses_direct_kernel`]), or
-/// many on a window of 3 and more at stride 1 or 2 on AVX-512.
+/// group and this window at all, whatever its plane width or groups (the
+/// candidates `tune.rs` times): one input channel per group (also in one
+/// group, which [`uses_direct_kernel`] leaves to the GEMM), few channels,
+/// or many on a window of 3 and more at stride 1 or 2 on AVX-512.
 pub(crate) fn direct_possible(
-    group: usize,
     cg: usize,
     kernel: &[usize],
     strides: &[usize],
     dilations: &[usize],
 ) -> bool {
-    uses_direct_kernel(group, cg, kernel, strides, dilations)
+    (cg == 1 && kernel.len() <= 2)
+        || super::depthwise::few_channel_applies(cg, kernel, strides, dilations)
         || super::depthwise::many_channel_possible(cg, kernel, strides, dilations)
 }
 
@@ -694,7 +695,7 @@ pub(crate) fn direct_possible(
 /// 0.045 ms on 2 threads, where the `Positions` product's three passes
 /// (pack, multiply, transpose) each waited on the other core's data.
 pub(crate) fn prefers_positions(out_n: usize, mg: usize, k: usize, pointwise: bool) -> bool {
-    if out_n == 0 || out_n > 256 || mg == 0 {
+    if out_n == 0 || out_n > 256 || k < 512 || mg < 128 {
         return false;
     }
     if pointwise && kiln_gemm::reads_b_in_place(mg, k, out_n) {
@@ -706,16 +707,7 @@ pub(crate) fn prefers_positions(out_n: usize, mg: usize, k: usize, pointwise: bo
         (rows as f64 / (rows.div_ceil(mr) * mr) as f64)
             * (cols as f64 / (cols.div_ceil(nr) * nr) as f64)
     };
-    let (positions, channels) = (eff(out_n, mg), eff(mg, out_n));
-    // A few positions per plane leave most of each channel-rows tile empty
-    // (Silero VAD's STFT conv: 4 positions of a 64-wide tile, 258
-    // channels, k 256: 0.034 -> 0.028 ms on 2 threads, most of it the
-    // run's fixed costs); then the packing costs less
-    // than the empty lanes, whatever the depth.
-    if positions >= 4.0 * channels {
-        return true;
-    }
-    k >= 512 && mg >= 128 && positions > channels
+    eff(out_n, mg) > eff(mg, out_n)
 }
 
 /// Whether a Conv with these attributes and W shape (`[M, Cg, k...]`) is
@@ -942,7 +934,7 @@ fn takes_direct_kernel(geo: &ConvGeometry, w: ConvWeights<'_>) -> bool {
                 )
         }
         ConvWeights::Packed(ConvPack::Direct(_)) => {
-            direct_possible(geo.group, geo.cg, &win.kernel, &win.strides, &win.dilations)
+            direct_possible(geo.cg, &win.kernel, &win.strides, &win.dilations)
         }
         ConvWeights::Packed(_) => false,
     }
@@ -3722,6 +3714,23 @@ mod tests {
     }
 
     /// Depthwise through every instruction set this CPU has must agree.
+    /// Which convs the direct kernels take by default, and which they can
+    /// take when tuning picks them.
+    #[test]
+    fn direct_kernel_routing() {
+        // Depthwise and channel multipliers: direct.
+        assert!(uses_direct_kernel(8, 1, &[3, 3], &[1, 1], &[]));
+        assert!(uses_direct_kernel(4, 1, &[5], &[2], &[]));
+        // One input channel in one group: a GEMM, though the direct kernel
+        // could run it.
+        assert!(!uses_direct_kernel(1, 1, &[256], &[128], &[]));
+        assert!(!uses_direct_kernel(1, 1, &[3, 3], &[2, 2], &[]));
+        assert!(direct_possible(1, &[3, 3], &[2, 2], &[]));
+        // 3-D windows: no direct kernel.
+        assert!(!uses_direct_kernel(4, 1, &[3, 3, 3], &[], &[]));
+        assert!(!direct_possible(1, &[3, 3, 3], &[], &[]));
+    }
+
     #[test]
     fn depthwise_isas_agree() {
         let mut rng = Rng::new(78);
